@@ -1,0 +1,367 @@
+"""Dataset, keypoint-schema, hyperparameter and inference-settings specs.
+
+Everything that depends on the keypoint count K is derived here from one :class:`KeypointSchema`:
+the class count (1 + K), the head's channel layout and the training-target layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import yaml
+
+from kapao.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Constants of the method (facts from the official KAPAO models/training)
+STRIDES: tuple[int, ...] = (8, 16, 32, 64)
+ANCHORS: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((19, 27), (44, 40), (38, 94)),  # P3/8
+    ((96, 68), (86, 152), (180, 137)),  # P4/16
+    ((140, 301), (303, 264), (238, 542)),  # P5/32
+    ((436, 615), (739, 380), (925, 792)),  # P6/64
+)
+OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss weight per level
+MAX_STRIDE = max(STRIDES)
+DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
+
+BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}
+BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeypointSchema:
+    """The keypoint definition of a dataset; the single source of K, flip order and OKS sigmas."""
+
+    names: tuple[str, ...]
+    flip_index: tuple[int, ...]  # flip_index[k] = keypoint that k becomes after a left-right flip
+    sigmas: tuple[float, ...]  # OKS sigmas, one per keypoint
+    skeleton: tuple[tuple[int, int], ...] = ()  # 0-based keypoint pairs, for drawing only
+    kp_bbox: float = 0.05  # keypoint-object side as a fraction of max(input h, w)
+
+    def __post_init__(self) -> None:
+        k = len(self.names)
+        if k < 1:
+            raise ConfigError("keypoint schema: 'kpt_names' must list at least one keypoint")
+        if len(set(self.names)) != k:
+            raise ConfigError("keypoint schema: 'kpt_names' has duplicate names")
+        if sorted(self.flip_index) != list(range(k)):
+            raise ConfigError(f"keypoint schema: 'flip_idx' must be a permutation of 0..{k - 1}, got {list(self.flip_index)}")
+        if any(self.flip_index[self.flip_index[i]] != i for i in range(k)):
+            raise ConfigError("keypoint schema: 'flip_idx' must swap pairs (applying it twice must give the identity)")
+        if len(self.sigmas) != k or any(s <= 0 for s in self.sigmas):
+            raise ConfigError(f"keypoint schema: 'sigmas' needs {k} positive values, got {len(self.sigmas)}")
+        for a, b in self.skeleton:
+            if not (0 <= a < k and 0 <= b < k):
+                raise ConfigError(f"keypoint schema: skeleton edge ({a}, {b}) is outside 0..{k - 1}")
+        if not 0 < self.kp_bbox < 1:
+            raise ConfigError(f"keypoint schema: 'kp_bbox' must be in (0, 1), got {self.kp_bbox}")
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_classes(self) -> int:
+        """Person class plus one keypoint-object class per keypoint type."""
+        return 1 + len(self.names)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return ("person", *self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kpt_names": list(self.names),
+            "flip_idx": list(self.flip_index),
+            "sigmas": list(self.sigmas),
+            "skeleton": [list(e) for e in self.skeleton],
+            "kp_bbox": self.kp_bbox,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "config") -> "KeypointSchema":
+        """Build from YAML keys; missing sigmas fall back to DEFAULT_SIGMA with a warning."""
+        if "kpt_names" not in d:
+            raise ConfigError(f"{where}: missing 'kpt_names' (the list of keypoint names)")
+        names = tuple(str(n) for n in d["kpt_names"])
+        flip = d.get("flip_idx")
+        if flip is None:
+            raise ConfigError(f"{where}: missing 'flip_idx' (left-right flip permutation; use 0..K-1 if there are no pairs)")
+        sigmas = d.get("sigmas")
+        if sigmas is None:
+            import warnings
+
+            warnings.warn(f"{where}: no 'sigmas' given; using {DEFAULT_SIGMA} for every keypoint in OKS", stacklevel=2)
+            sigmas = [DEFAULT_SIGMA] * len(names)
+        try:
+            return cls(
+                names=names,
+                flip_index=tuple(int(i) for i in flip),
+                sigmas=tuple(float(s) for s in sigmas),
+                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", []) or []),
+                kp_bbox=float(d.get("kp_bbox", 0.05)),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Channel layout of one anchor's prediction vector: box(4), objectness(1), classes(1+K), keypoints(2K).
+
+    Every consumer (decode, loss, export) slices predictions through this, never by literal offsets.
+    """
+
+    num_keypoints: int
+
+    box: ClassVar[slice] = slice(0, 4)  # x, y, w, h
+    obj: ClassVar[int] = 4
+
+    @property
+    def num_classes(self) -> int:
+        return 1 + self.num_keypoints
+
+    @property
+    def cls(self) -> slice:
+        return slice(5, 5 + self.num_classes)
+
+    @property
+    def kpt(self) -> slice:
+        start = 5 + self.num_classes
+        return slice(start, start + 2 * self.num_keypoints)
+
+    @property
+    def num_outputs(self) -> int:
+        return 5 + self.num_classes + 2 * self.num_keypoints
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """Columns of the collated training-target tensor (M, 6 + 3K), one row per object.
+
+    [image index in batch, class, cx, cy, w, h, x_1, y_1, v_1, ..., x_K, y_K, v_K]; coordinates are
+    normalised to the network-input width/height (0..1). Class 0 rows are pose objects (box + K
+    keypoints); class k+1 rows are keypoint objects of keypoint k, whose keypoint columns are all 0.
+    """
+
+    num_keypoints: int
+
+    image: ClassVar[int] = 0
+    cls: ClassVar[int] = 1
+    box: ClassVar[slice] = slice(2, 6)
+
+    @property
+    def kpt(self) -> slice:
+        return slice(6, 6 + 3 * self.num_keypoints)
+
+    @property
+    def width(self) -> int:
+        return 6 + 3 * self.num_keypoints
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A dataset YAML, resolved: root folder, per-split image folders and annotation files, schema."""
+
+    name: str
+    root: Path
+    images: Mapping[str, Path]  # split -> image folder
+    annotations: Mapping[str, Path]  # split -> COCO-format keypoint JSON
+    schema: KeypointSchema
+    source: str  # where the config came from (file path or built-in name)
+
+    def split(self, split: str) -> tuple[Path, Path]:
+        """(image folder, annotation file) of a split, with an error saying what is missing."""
+        if split not in self.images or split not in self.annotations:
+            have = sorted(set(self.images) & set(self.annotations))
+            raise ConfigError(f"dataset {self.name} ({self.source}) has no '{split}' split; it has: {', '.join(have) or 'none'}")
+        return self.images[split], self.annotations[split]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "path": str(self.root)}
+        for s in SPLITS:
+            if s in self.images:
+                d[s] = str(self.images[s])
+            if s in self.annotations:
+                d[f"{s}_annotations"] = str(self.annotations[s])
+        return {**d, **self.schema.to_dict()}
+
+
+def builtin_config_file(name: str) -> Path:
+    """Path of a YAML that ships inside the package (works from a wheel as well as a checkout)."""
+    try:
+        return Path(str(resources.files("kapao.configs") / name))
+    except ModuleNotFoundError:  # imported from a source tree that is not installed: read ../data
+        return Path(__file__).resolve().parents[1] / "data" / name
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+_DATASET_KEYS = {"base", "name", "path", *SPLITS, *(f"{s}_annotations" for s in SPLITS),
+                 "kpt_names", "flip_idx", "sigmas", "skeleton", "kp_bbox"}
+
+
+def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
+    """Read a dataset YAML (short name or path) and merge it over its `base:` chain."""
+    if depth > 4:
+        raise ConfigError(f"dataset config {spec}: 'base:' chain is too deep (circular?)")
+    text = str(spec)
+    if text in BUILTIN_DATASETS:
+        path, builtin = builtin_config_file(BUILTIN_DATASETS[text]), True
+    else:
+        path, builtin = Path(text).expanduser(), False
+        if not path.exists():
+            names = ", ".join(BUILTIN_DATASETS)
+            raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
+    data = _read_yaml(path)
+    unknown = set(data) - _DATASET_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_DATASET_KEYS))}")
+    # A relative root is resolved where it is written: next to a user's YAML, or, for a built-in
+    # config, under $KAPAO_DATASETS (default: the current directory).
+    if "path" in data:
+        root = Path(str(data["path"])).expanduser()
+        if not root.is_absolute():
+            anchor = Path(os.environ.get("KAPAO_DATASETS", ".")) if builtin else path.parent
+            root = anchor / root
+        data["path"] = str(root)
+    if "base" in data:
+        base, _ = _resolve_dataset_yaml(data.pop("base"), depth + 1)
+        data = {**base, **data}
+    data.setdefault("name", text if builtin else path.stem)
+    return data, (f"built-in '{text}'" if builtin else str(path))
+
+
+def load_dataset_config(spec: str | os.PathLike) -> DatasetConfig:
+    """Load a dataset config by short name (`coco`, `crowdpose`) or YAML path."""
+    data, source = _resolve_dataset_yaml(spec)
+    if "path" not in data:
+        raise ConfigError(f"dataset config {source}: missing 'path' (the dataset root folder)")
+    root = Path(data["path"])
+    images = {s: root / str(data[s]) for s in SPLITS if data.get(s)}
+    annotations = {s: root / str(data[f"{s}_annotations"]) for s in SPLITS if data.get(f"{s}_annotations")}
+    schema = KeypointSchema.from_dict(data, where=f"dataset config {source}")
+    return DatasetConfig(name=str(data["name"]), root=root, images=images, annotations=annotations,
+                         schema=schema, source=source)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hyp:
+    """Training hyperparameters (loss gains, optimiser schedule, augmentation)."""
+
+    # optimiser and schedule
+    lr0: float = 0.01
+    lrf: float = 0.2  # final lr = lr0 * lrf (cosine)
+    momentum: float = 0.937
+    weight_decay: float = 5e-4  # scaled by batch/nominal_batch; conv weights only
+    nominal_batch: int = 64  # gradients are accumulated up to this batch size
+    warmup_epochs: float = 3.0
+    warmup_min_iters: int = 1000
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    # loss
+    box: float = 0.05
+    obj: float = 0.7
+    cls: float = 0.3
+    kp: float = 0.025
+    anchor_t: float = 4.0
+    # augmentation
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.9
+    shear: float = 0.0
+    perspective: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"hyperparameter '{f.name}' must be a non-negative number, got {v!r}")
+        for name in ("fliplr", "mosaic"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"hyperparameter '{name}' is a probability and must be in [0, 1]")
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "hyp") -> "Hyp":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
+                      for k, v in d.items()})
+
+
+def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
+    """Load hyperparameters from a built-in name (`default`) or a YAML path; missing keys keep defaults."""
+    text = "default" if spec is None else str(spec)
+    path = builtin_config_file(BUILTIN_HYPS[text]) if text in BUILTIN_HYPS else Path(text).expanduser()
+    if not path.exists():
+        raise ConfigError(f"hyperparameter file not found: {text} (built-in: {', '.join(BUILTIN_HYPS)})")
+    return Hyp.from_dict(_read_yaml(path), where=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Thresholds of decode -> NMS -> keypoint-object fusion, passed as one object."""
+
+    conf: float = 0.7  # pose-object (person) score threshold
+    iou: float = 0.45  # pose-object NMS IoU
+    max_det: int = 300
+    conf_kp: float = 0.5  # keypoint-object score threshold
+    iou_kp: float = 0.45  # keypoint-object NMS IoU
+    conf_kp_person: float = 0.2  # poses above this score take part in fusion
+    tolerance: float = 25.0  # fusion distance in original-image pixels
+    fuse: bool = True  # fuse keypoint objects into poses
+
+    def __post_init__(self) -> None:
+        for name in ("conf", "iou", "conf_kp", "iou_kp", "conf_kp_person"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"'{name}' must be in [0, 1], got {v}")
+        if self.max_det < 1:
+            raise ConfigError(f"'max_det' must be at least 1, got {self.max_det}")
+        if self.tolerance < 0:
+            raise ConfigError(f"'tolerance' must be non-negative, got {self.tolerance}")
+
+    def replace(self, **changes: Any) -> "InferenceSettings":
+        """A copy with the given fields changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PREDICT_SETTINGS = InferenceSettings()  # the official demos' thresholds
+VAL_SETTINGS = InferenceSettings(conf=0.001, iou=0.65, max_det=300, conf_kp=0.2, iou_kp=0.25,
+                                 conf_kp_person=0.3, tolerance=50.0)

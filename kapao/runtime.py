@@ -1,0 +1,52 @@
+"""Where a run executes and writes: device selection and incrementing `runs/<verb>/expN` folders."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from kapao.errors import ConfigError
+
+
+def select_device(spec: str | int | None = None) -> torch.device:
+    """Parse `cpu`, `0`, `cuda:1`, `mps` or None (first GPU if any, else CPU) into a device.
+
+    A GPU list such as `0,1` selects its first entry; multi-GPU launching is train's business.
+    """
+    text = "" if spec is None else str(spec).strip().lower()
+    if text in ("", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps: Apple MPS is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    text = text.removeprefix("cuda:").removeprefix("cuda")
+    ids = [t for t in text.split(",") if t != ""]
+    if not ids or not all(t.isdigit() for t in ids):
+        raise ConfigError(f"--device '{spec}': expected cpu, mps, a GPU index (0) or a list (0,1)")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [i for i in ids if int(i) >= n]
+    if bad:
+        have = f"GPUs 0..{n - 1}" if n else "no CUDA GPU"
+        raise ConfigError(f"--device '{spec}': this machine has {have}; use --device cpu" + (f" or 0..{n - 1}" if n else ""))
+    return torch.device(f"cuda:{ids[0]}")
+
+
+def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = False) -> Path:
+    """Create and return `project/name`, or `project/nameN` with the next free N (exp, exp2, exp3 …)."""
+    project = Path(project)
+    path = project / name
+    if exist_ok:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    project.mkdir(parents=True, exist_ok=True)
+    taken = {p.name for p in project.iterdir()}
+    if name in taken:
+        pattern = re.compile(rf"^{re.escape(name)}(\d+)$")
+        nums = [int(m.group(1)) for t in taken if (m := pattern.match(t))]
+        path = project / f"{name}{max(nums, default=1) + 1}"
+    path.mkdir(parents=True)
+    return path
