@@ -249,6 +249,7 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
         data["path"] = str(root)
     if "base" in data:
         base, _ = _resolve_dataset_yaml(data.pop("base"), depth + 1)
+        base.pop("name")  # a derived dataset is named after its own file unless it says otherwise
         data = {**base, **data}
     data.setdefault("name", text if builtin else path.stem)
     return data, (f"built-in '{text}'" if builtin else str(path))

@@ -1,0 +1,138 @@
+"""Input sources for predict: image files, folders, globs, video files, webcams and streams.
+
+Every source yields :class:`Frame` items (BGR uint8 images plus where they came from), so predict
+treats a folder of images and a video the same way.
+"""
+from __future__ import annotations
+
+import glob
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from kapao.config import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from kapao.errors import DataError
+
+STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+@dataclass
+class Frame:
+    """One image to run on: `image` (H, W, 3) BGR uint8; `frame` is the index within a video, else None."""
+
+    image: np.ndarray
+    path: str  # file (image or video) or stream it came from
+    frame: int | None = None
+
+
+@dataclass
+class SourceSpec:
+    """A resolved SOURCE argument: what kind it is and the concrete files or stream."""
+
+    kind: str  # "images", "video", "mixed" (a folder with both) or "stream"
+    items: list[str]  # image files, video files, or one stream/webcam address
+    skipped: int = 0  # non-image/non-video files ignored in a folder or glob
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def is_video(self, item: str) -> bool:
+        return self.kind == "stream" or Path(item).suffix.lower() in VIDEO_SUFFIXES
+
+
+def default_source() -> Path:
+    """Sample images that ship inside the installed ultralytics package (bus.jpg, zidane.jpg)."""
+    import ultralytics
+
+    return Path(ultralytics.__file__).parent / "assets"
+
+
+def _classify(files: list[Path], what: str) -> SourceSpec:
+    images = [str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    videos = [str(f) for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    skipped = len(files) - len(images) - len(videos)
+    if not images and not videos:
+        raise DataError(f"{what} holds no image or video files ({skipped} other files); "
+                        f"supported: {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)}")
+    if images and videos:  # a folder with both: images first, then each video
+        return SourceSpec("mixed", images + videos, skipped)
+    return SourceSpec("images" if images else "video", images or videos, skipped)
+
+
+def resolve_source(source: str | int | Path | None) -> SourceSpec:
+    """Turn a SOURCE argument into a SourceSpec, with a clear error for anything unusable."""
+    if source is None:
+        source = default_source()
+    text = str(source)
+    if text.isdigit():
+        return SourceSpec("stream", [text])
+    if text.lower().startswith(STREAM_PREFIXES):
+        return SourceSpec("stream", [text])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        if not files:
+            raise DataError(f"folder {path} is empty; give an image, a video, a folder of images or a glob")
+        return _classify(files, f"folder {path}")
+    if path.is_file():
+        return _classify([path], f"file {path}")
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"glob '{text}' matches no files")
+        return _classify(files, f"glob '{text}'")
+    raise DataError(f"source '{text}' does not exist; give an image, video, folder, glob, webcam index (0) or stream URL")
+
+
+class VideoReader:
+    """Frames of a video file or stream, decoded in a background thread so decoding overlaps inference."""
+
+    def __init__(self, address: str, prefetch: int = 8) -> None:
+        self.address = address
+        cap_arg: str | int = int(address) if address.isdigit() else address
+        self.cap = cv2.VideoCapture(cap_arg)
+        if not self.cap.isOpened():
+            what = "webcam" if address.isdigit() else "video/stream"
+            raise DataError(f"cannot open {what} '{address}': it is missing, unreadable or not connected")
+        self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 30.0
+        if not 0 < self.fps < 1000:
+            self.fps = 30.0
+        self.width = int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        self.height = int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        n = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frame_count: int | None = n if n > 0 and not address.isdigit() else None
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                ok, img = self.cap.read()
+                if not ok:
+                    break
+                self._queue.put(img)
+        finally:
+            self._queue.put(None)
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        while (img := self._queue.get()) is not None:
+            yield Frame(img, self.address, i)
+            i += 1
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.05)
+        self.cap.release()
