@@ -1,11 +1,15 @@
 """From raw network output to poses: NMS, keypoint-object fusion, TTA merging, and the result type."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
+import torchvision
 from torch import Tensor
+
+from kapao.config import MAX_STRIDE, HeadLayout, InferenceSettings
 
 
 @dataclass
@@ -51,10 +55,356 @@ class Poses:
         """COCO keypoint results: one dict per pose with keypoints [x, y, c]*K, score and bbox xywh."""
         boxes = self.boxes.detach().float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-        kpts = self.keypoints.detach().float().cpu().reshape(len(self), -1).tolist()
+        kpts = self.keypoints.detach().float().cpu().reshape(len(self), 3 * self.num_keypoints).tolist()
         scores = self.scores.detach().float().cpu().tolist()
         return [
             {"image_id": image_id, "category_id": category_id,
              "keypoints": [round(v, 3) for v in k], "score": round(s, 5), "bbox": [round(v, 2) for v in b]}
             for k, s, b in zip(kpts, scores, xywh)
         ]
+
+
+# ----------------------------------------------------------------------------------------------
+# From decoded network output to poses: NMS -> map to original pixels -> keypoint-object fusion.
+#
+# Behaviour of the official implementation (wmcnally/kapao: utils/general.py non_max_suppression_kp,
+# val.py run_nms/post_process_batch, models/yolo.py _descale_pred) that this module follows:
+#   * score = objectness x class probability. Every anchor contributes ONE class, its argmax over all
+#     1 + K class scores; it is a person candidate when that class is 0, its score > conf and its
+#     objectness > conf, and a keypoint-object candidate of keypoint k when the argmax is class k + 1,
+#     its score > conf_kp and its objectness > conf_kp. (An anchor whose keypoint class beats its
+#     person class is never a person, whatever its person score.)
+#   * Per image, at most 30 000 highest-scoring candidates enter NMS; persons and keypoint objects
+#     are suppressed separately (IoU iou / iou_kp), per class; max_det is kept per image for persons
+#     and for all keypoint objects together.
+#   * Fusion: poses whose score > conf_kp_person take part; keypoint objects are taken in descending
+#     score; each one goes to the taking-part pose whose keypoint of its type is nearest (first pose
+#     on a tie) in original-image pixels, against the keypoints as updated so far, and overwrites it
+#     when the distance < tolerance and its score > the keypoint's stored confidence.
+#   * Every keypoint that was not fused -- all keypoints of poses at or below conf_kp_person, and the
+#     unfused keypoints of the others -- keeps its regressed position with confidence 0.
+# Deliberate differences: per-class NMS through torchvision batched_nms (the official shifts classes
+# by 4096 px, which lets classes meet for boxes beyond that); always two NMS calls (the official
+# run_nms merges them when iou == iou_kp and conf_kp >= conf -- never with the shipped defaults --
+# which shares max_det between persons and keypoints and keeps keypoint scores >= conf_kp); all
+# keypoints are clipped to the image (the official clipping reaches only the first two); boxes are
+# not rounded; equal keypoint-object scores are taken in input order; distances are compared squared.
+
+MAX_NMS = 30_000  # candidates per image and NMS call (official value)
+TTA_SCALES: tuple[float, ...] = (0.8, 1.0, 1.2)  # official test-time augmentation
+TTA_FLIPS: tuple[bool, ...] = (False, True, False)
+TTA_PAD_VALUE = 0.447  # grey padding of rescaled TTA inputs (114 / 255), as in training letterbox
+
+
+class Detections(NamedTuple):
+    """NMS output of one image, in network-input pixels (the intermediate between nms and fusion)."""
+
+    boxes: Tensor  # (n, 4) person boxes x1, y1, x2, y2
+    scores: Tensor  # (n,) person score = objectness x person-class probability, descending
+    keypoints: Tensor  # (n, K, 2) regressed keypoints x, y of each person
+    kp_objects: Tensor  # (m, 6) x1, y1, x2, y2, score, keypoint index 0..K-1; descending score
+
+
+# (orig_shape (h, w), ratio float | (rw, rh), pad (padw, padh)) of one image, as letterbox gives them
+ImageMeta = tuple[tuple[int, int], float | tuple[float, float], tuple[float, float]]
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(..., 4) centre x, y, width, height -> (..., 4) x1, y1, x2, y2 (same units)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+
+
+def _check_pred(pred: Tensor, layout: HeadLayout) -> None:
+    if pred.ndim != 3 or pred.shape[-1] != layout.num_outputs:
+        raise ValueError(f"predictions must be (B, N, {layout.num_outputs}) for K={layout.num_keypoints} "
+                         f"(box 4, objectness 1, classes {layout.num_classes}, keypoints "
+                         f"{2 * layout.num_keypoints}); got {tuple(pred.shape)}")
+
+
+def _nms_per_image(boxes: Tensor, scores: Tensor, classes: Tensor, images: Tensor, iou: float,
+                   num_images: int, max_det: int) -> tuple[Tensor, list[int]]:
+    """Class-wise NMS of the candidates of several images (`images` ascending, as nonzero gives).
+
+    boxes (n, 4) xyxy, scores/classes/images (n,). Returns (kept indices, grouped by image and in
+    descending score within an image, at most max_det per image; the per-image kept counts).
+    torchvision's batched_nms is called once per image: it picks an exact per-class loop for large
+    inputs, and one image at a time keeps the quadratic cost of NMS per image, not per batch.
+    """
+    keeps, counts, start = [], [], 0
+    for n in torch.bincount(images, minlength=num_images).tolist():
+        keep = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        if n:
+            part = slice(start, start + n)
+            s = scores[part]
+            top = torch.sort(s, descending=True, stable=True).indices[:MAX_NMS] if n > MAX_NMS else None
+            b, c = (boxes[part], classes[part]) if top is None else (boxes[part][top], classes[part][top])
+            keep = torchvision.ops.batched_nms(b.float(), (s if top is None else s[top]).float(), c, iou)[:max_det]
+            keep = (keep if top is None else top[keep]) + start
+        keeps.append(keep)
+        counts.append(keep.numel())
+        start += n
+    return (torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.long, device=boxes.device)), counts
+
+
+def nms(pred: Tensor, settings: InferenceSettings, layout: HeadLayout) -> list[Detections]:
+    """Person and keypoint-object NMS of decoded predictions, all images of the batch at once.
+
+    pred: (B, N, layout.num_outputs) in network-input pixels: box cx, cy, w, h | objectness |
+    1 + K class probabilities | 2K keypoint coordinates x1, y1, x2, y2, ...
+    Returns one :class:`Detections` per image (network-input pixels). Thresholds come from
+    `settings` (conf/iou/max_det for persons, conf_kp/iou_kp/max_det for keypoint objects).
+    """
+    _check_pred(pred, layout)
+    num_images, k = pred.shape[0], layout.num_keypoints
+    obj = pred[..., layout.obj]
+    score, cls = (pred[..., layout.cls] * obj.unsqueeze(-1)).max(-1)  # (B, N): argmax class, first on ties
+
+    def select(person: bool, conf: float, iou: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        wanted = (cls == 0) if person else (cls > 0)
+        img, anchor = ((obj > conf) & (score > conf) & wanted).nonzero(as_tuple=True)
+        boxes = xywh_to_xyxy(pred[img, anchor][:, layout.box])
+        keep, counts = _nms_per_image(boxes, score[img, anchor], cls[img, anchor], img, iou,
+                                      num_images, settings.max_det)
+        return img[keep], anchor[keep], boxes[keep], counts
+
+    img, anchor, boxes, counts = select(True, settings.conf, settings.iou)
+    rows = pred[img, anchor]
+    persons = (boxes, score[img, anchor], rows[:, layout.kpt].reshape(-1, k, 2))
+    per_image = [torch.split(t, counts) for t in persons]
+
+    img, anchor, boxes, counts = select(False, settings.conf_kp, settings.iou_kp)
+    kp_objects = torch.cat((boxes, score[img, anchor, None], (cls[img, anchor, None] - 1).to(boxes.dtype)), 1)
+    kp_per_image = torch.split(kp_objects, counts)
+    return [Detections(b, s, kp, kpo) for b, s, kp, kpo in zip(*per_image, kp_per_image)]
+
+
+def scale_to_original(coords: Tensor, ratio: float | Sequence[float], pad: Sequence[float],
+                      orig_shape: Sequence[int], clip: bool = True) -> Tensor:
+    """Map coordinates from the letterboxed network input back to original-image pixels.
+
+    coords: (..., 2P) x, y pairs in network-input pixels -- boxes (n, 4) x1, y1, x2, y2, keypoints
+    (n, K, 2) or flat (n, 2K). ratio: the letterbox resize factor, a float or (rw, rh); pad: (padw,
+    padh) added on the left/top; orig_shape: (h, w). With `clip`, x is clipped to [0, w] and y to
+    [0, h] (boxes and keypoints alike). Returns a new tensor of the same shape; input not modified.
+    """
+    if coords.shape[-1] % 2:
+        raise ValueError(f"coordinates must be x, y pairs along the last dim, got shape {tuple(coords.shape)}")
+    rw, rh = (float(ratio), float(ratio)) if isinstance(ratio, (int, float)) else (float(ratio[0]), float(ratio[1]))
+    padw, padh = float(pad[0]), float(pad[1])
+    h, w = orig_shape[0], orig_shape[1]
+    pts = coords.reshape(*coords.shape[:-1], coords.shape[-1] // 2, 2)
+    x = (pts[..., 0] - padw) / rw
+    y = (pts[..., 1] - padh) / rh
+    if clip:
+        x, y = x.clamp(0, w), y.clamp(0, h)
+    return torch.stack((x, y), -1).reshape(coords.shape)
+
+
+def _parse_meta(meta: ImageMeta | Mapping[str, Any]) -> tuple[tuple[int, int], Any, Any]:
+    """(orig_shape, ratio, pad) from a tuple or a mapping with those keys (extra keys are ignored)."""
+    try:
+        shape, ratio, pad = (meta["orig_shape"], meta["ratio"], meta["pad"]) if isinstance(meta, Mapping) else meta
+        h, w = shape
+        _ = pad[0], pad[1]
+        _ = ratio if isinstance(ratio, (int, float)) else (ratio[0], ratio[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise ValueError("image meta must be (orig_shape (h, w), ratio or (rw, rh), pad (padw, padh)) or a mapping "
+                         f"with those keys, got {meta!r}") from None
+    return (int(h), int(w)), ratio, pad
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    """Squared Euclidean distance of (..., 2) points, broadcast."""
+    dx = a[..., 0] - b[..., 0]
+    dy = a[..., 1] - b[..., 1]
+    return dx * dx + dy * dy
+
+
+def fuse_keypoints(boxes: Tensor, scores: Tensor, keypoints_xy: Tensor, kp_objects: Tensor,
+                   settings: InferenceSettings) -> Tensor:
+    """Overwrite pose keypoints with keypoint-object detections (the official fusion rule, exactly).
+
+    boxes (N, 4), scores (N,), keypoints_xy (N, K, 2): poses; kp_objects (M, 6): x1, y1, x2, y2,
+    score, keypoint index 0..K-1 -- all in original-image pixels (settings.tolerance is in those).
+    `boxes` only fixes N; the rule does not use them. Returns (N, K, 3) x, y, confidence: a fused
+    keypoint has its object's box centre and score, every other keypoint its regressed position and
+    confidence 0. Inputs are not modified.
+
+    The rule is sequential (objects in descending score, each matched against the keypoints as
+    updated so far); it is evaluated exactly with tensor ops by fixed-point iteration:
+      * Each object's decision (target pose, accept or not) depends only on the decisions of the
+        objects before it: the state it sees has, for each pose slot (pose, type), the regressed
+        keypoint unless an earlier object of that type was accepted there, in which case the
+        keypoint sits at that object's centre with that object's score.
+      * One iteration recomputes every object's decision from the previous iteration's decisions
+        of the objects before it. After t iterations the first t objects are right (induction:
+        object t only reads objects < t), so at most M + 1 iterations reach a fixed point, and a
+        fixed point is the sequential result (induction again). The loop stops at the first
+        iteration that changes nothing -- usually after 1-3, since only objects competing for the
+        same keypoint depend on each other.
+      * Because objects come in descending score, a slot once overwritten (confidence s) is never
+        overwritten again (later scores are <= s, and the rule needs score > confidence); so at a
+        fixed point each slot has at most one accepted object, and "the earliest accepted object
+        of the slot" describes the state every later object sees.
+    Cost per iteration O(M (N + M)); every pose type is handled in the same iteration.
+    """
+    n, k = keypoints_xy.shape[0], keypoints_xy.shape[1] if keypoints_xy.ndim > 1 else 0
+    if keypoints_xy.ndim != 3 or keypoints_xy.shape[2] != 2 or boxes.shape[0] != n or scores.shape != (n,):
+        raise ValueError(f"fuse_keypoints: boxes {tuple(boxes.shape)}, scores {tuple(scores.shape)} and "
+                         f"keypoints {tuple(keypoints_xy.shape)} must be (N, 4), (N,), (N, K, 2)")
+    if kp_objects.ndim != 2 or kp_objects.shape[1] != 6:
+        raise ValueError(f"fuse_keypoints: kp_objects must be (M, 6), got {tuple(kp_objects.shape)}")
+    fused = torch.cat((keypoints_xy, keypoints_xy.new_zeros(n, k, 1)), -1)
+    m = kp_objects.shape[0]
+    if n == 0 or m == 0:
+        return fused
+    device = keypoints_xy.device
+    work = torch.promote_types(keypoints_xy.dtype, torch.float32)  # half precision overflows d^2
+    order = torch.sort(kp_objects[:, 4], descending=True, stable=True).indices
+    objs = kp_objects[order].to(work)
+    keypoints_xy = keypoints_xy.to(work)
+    s, t = objs[:, 4], objs[:, 5].long()
+    q = torch.stack(((objs[:, 0] + objs[:, 2]) / 2, (objs[:, 1] + objs[:, 3]) / 2), -1)  # (M, 2) centres
+    taking_part = scores > settings.conf_kp_person  # (N,)
+    inf = torch.tensor(float("inf"), dtype=work, device=device)
+    d_regressed = _sq_dist(q[:, None], keypoints_xy[:, t].transpose(0, 1))  # (M, N): to regressed keypoints
+    d_objects = _sq_dist(q[:, None], q[None])  # (M, M): to other objects' centres
+    tol2 = float(settings.tolerance) * float(settings.tolerance)
+    idx = torch.arange(m, device=device)
+    none = torch.full((k * n,), m, dtype=torch.long, device=device)
+    accepted = torch.zeros(m, dtype=torch.bool, device=device)
+    target = torch.zeros(m, dtype=torch.long, device=device)
+    for _ in range(m + 1):
+        # first accepted object of every (type, pose) slot, M if none; then each object's view of it
+        holder_of_slot = none.scatter_reduce(0, t * n + target, torch.where(accepted, idx, m), "amin")
+        holder = holder_of_slot.view(k, n)[t]  # (M, N)
+        moved = holder < idx[:, None]  # the slot was overwritten by an earlier object
+        safe = holder.clamp(max=m - 1)
+        d = torch.where(moved, d_objects.gather(1, safe), d_regressed)
+        d = torch.where(taking_part, d, inf)
+        new_target = d.argmin(1)  # first pose on a tie, as the official np.argmin
+        d_min = d.gather(1, new_target[:, None]).squeeze(1)
+        was_moved = moved.gather(1, new_target[:, None]).squeeze(1)
+        stored_conf = torch.where(was_moved, s[safe.gather(1, new_target[:, None]).squeeze(1)], 0.0)
+        new_accepted = (s > stored_conf) & (d_min < tol2)
+        new_target = torch.where(new_accepted, new_target, 0)
+        if torch.equal(new_accepted, accepted) and torch.equal(new_target, target):
+            break
+        accepted, target = new_accepted, new_target
+    # write accepted objects into their slots; rejected ones go to a spare row that is dropped
+    rows = torch.where(accepted, target * k + t, n * k)
+    flat = torch.cat((fused.reshape(n * k, 3), fused.new_zeros(1, 3)))
+    flat = flat.index_put((rows,), torch.cat((q, s[:, None]), 1).to(fused.dtype))
+    return flat[: n * k].reshape(n, k, 3)
+
+
+def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
+                metas: Sequence[ImageMeta | Mapping[str, Any] | None] | None = None,
+                return_kp_objects: bool = False) -> list[Poses]:
+    """Decoded predictions -> one :class:`Poses` per image, in original-image pixels.
+
+    pred: (B, N, layout.num_outputs) decoded network output in network-input pixels (see `nms`).
+    metas: per image (orig_shape (h, w), ratio float | (rw, rh), pad (padw, padh)) as letterbox
+    gives them, as a tuple or a mapping with keys orig_shape, ratio, pad (other keys ignored);
+    None (or a None entry) keeps network-input pixels without clipping.
+    Steps: nms -> scale_to_original (clipped) -> fuse_keypoints when settings.fuse (the tolerance is
+    in original pixels, so fusion runs after the mapping). Keypoint objects (M, 6) in original
+    pixels are attached as Poses.kp_objects when return_kp_objects.
+    """
+    dets = nms(pred, settings, layout)
+    if metas is not None and len(metas) != len(dets):
+        raise ValueError(f"postprocess: {len(metas)} image metas for a batch of {len(dets)}")
+    out = []
+    for i, d in enumerate(dets):
+        meta = None if metas is None else metas[i]
+        boxes, kxy, kpo = d.boxes, d.keypoints, d.kp_objects
+        if meta is not None:
+            shape, ratio, pad = _parse_meta(meta)
+            boxes = scale_to_original(boxes, ratio, pad, shape)
+            kxy = scale_to_original(kxy, ratio, pad, shape)
+            kpo = torch.cat((scale_to_original(kpo[:, :4], ratio, pad, shape), kpo[:, 4:]), 1)
+        if settings.fuse:
+            keypoints = fuse_keypoints(boxes, d.scores, kxy, kpo, settings)
+        else:
+            keypoints = torch.cat((kxy, kxy.new_zeros(*kxy.shape[:2], 1)), -1)
+        out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time augmentation: run the model on rescaled / flipped copies, map every pass back, merge.
+
+def _pair(scale: float | Sequence[float]) -> tuple[float, float]:
+    if isinstance(scale, (int, float)):
+        return float(scale), float(scale)
+    return float(scale[0]), float(scale[1])
+
+
+def deaugment(pred: Tensor, scale: float | Sequence[float], flip_lr: bool, img_width: float,
+              layout: HeadLayout, flip_index: Sequence[int]) -> Tensor:
+    """Map the predictions of one augmented pass back to the un-augmented network input.
+
+    pred: (B, N, no) decoded predictions of the input that was (optionally) flipped left-right and
+    then resized by `scale` (float or (sx, sy): augmented pixels = original pixels x scale).
+    img_width: width W of the un-augmented input. Boxes and keypoints are divided by the scale; with
+    flip_lr, x -> W - x for box centres and keypoints, and keypoint classes and keypoint coordinates
+    are swapped back: new[k] = old[flip_index[k]] (official _descale_pred). Returns a new tensor.
+    """
+    sx, sy = _pair(scale)
+    k = layout.num_keypoints
+    if len(flip_index) != k:
+        raise ValueError(f"flip_index has {len(flip_index)} entries for K={k}")
+    out = pred.clone()
+    div = torch.tensor([sx, sy, sx, sy], dtype=pred.dtype, device=pred.device)
+    out[..., layout.box] = pred[..., layout.box] / div
+    kp = pred[..., layout.kpt].unflatten(-1, (k, 2)) / torch.tensor([sx, sy], dtype=pred.dtype, device=pred.device)
+    if flip_lr:
+        perm = torch.as_tensor(list(flip_index), dtype=torch.long, device=pred.device)
+        out[..., 0] = img_width - out[..., 0]
+        kp = torch.stack((img_width - kp[..., 0], kp[..., 1]), -1)[..., perm, :]
+        kp_cls = slice(layout.cls.start + 1, layout.cls.stop)
+        out[..., kp_cls] = pred[..., kp_cls][..., perm]
+    out[..., layout.kpt] = kp.flatten(-2)
+    return out
+
+
+def merge_tta(outputs: Sequence[Tensor], scales: Sequence[float | Sequence[float]], flips: Sequence[bool],
+              img_width: float, layout: HeadLayout, flip_index: Sequence[int]) -> Tensor:
+    """Deaugment each pass's (B, N_i, no) output and concatenate: (B, sum N_i, no), ready for nms."""
+    if not (len(outputs) == len(scales) == len(flips)):
+        raise ValueError(f"merge_tta: {len(outputs)} outputs, {len(scales)} scales, {len(flips)} flips")
+    return torch.cat([deaugment(o, s, bool(f), img_width, layout, flip_index)
+                      for o, s, f in zip(outputs, scales, flips)], 1)
+
+
+def tta_forward(model_fn: Callable[[Tensor], Tensor], images: Tensor, scales: Sequence[float],
+                flips: Sequence[bool], layout: HeadLayout, flip_index: Sequence[int],
+                stride: int = MAX_STRIDE) -> Tensor:
+    """Augmented inference: one forward pass per (scale, flip), all mapped back and concatenated.
+
+    images: (B, 3, H, W) network input (H, W multiples of stride). For each pass the batch is
+    flipped left-right if asked, and for scale != 1 resized (bilinear) to (int(H s), int(W s)) and
+    padded right/bottom with grey to the next multiple of `stride` (official scale_img; the official
+    TTA is TTA_SCALES with TTA_FLIPS). model_fn maps an image batch to decoded predictions
+    (B, N, no) (of a tuple, the first item is used). Passes are de-scaled by the exact resize
+    factors (new size / old size per axis; the official divides by the nominal scale).
+    Returns (B, sum N_i, no) in pixels of `images`, ready for nms/postprocess.
+    """
+    if len(scales) != len(flips):
+        raise ValueError(f"tta_forward: {len(scales)} scales but {len(flips)} flips")
+    h, w = images.shape[-2:]
+    outputs, factors = [], []
+    for s, f in zip(scales, flips):
+        x = images.flip(-1) if f else images
+        factor: tuple[float, float] = (1.0, 1.0)
+        if s != 1.0:
+            nh, nw = int(h * s), int(w * s)
+            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            ph, pw = math.ceil(h * s / stride) * stride, math.ceil(w * s / stride) * stride
+            x = torch.nn.functional.pad(x, [0, pw - nw, 0, ph - nh], value=TTA_PAD_VALUE)
+            factor = (nw / w, nh / h)
+        y = model_fn(x)
+        outputs.append(y[0] if isinstance(y, (tuple, list)) else y)
+        factors.append(factor)
+    return merge_tta(outputs, factors, flips, w, layout, flip_index)

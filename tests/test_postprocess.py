@@ -1,0 +1,579 @@
+"""Post-processing: NMS, mapping to original pixels, keypoint-object fusion, TTA, result type."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torchvision
+
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings
+from kapao.postprocess import (
+    TTA_FLIPS,
+    TTA_SCALES,
+    Detections,
+    Poses,
+    deaugment,
+    fuse_keypoints,
+    merge_tta,
+    nms,
+    postprocess,
+    scale_to_original,
+    tta_forward,
+    xywh_to_xyxy,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential reference of the official fusion rule (val.py post_process_batch), in plain Python.
+
+def fuse_keypoints_reference(scores, keypoints_xy, kp_objects, conf_kp_person, tolerance):
+    """Keypoint objects in descending score (ties: input order), one at a time, against the
+    keypoints as updated so far; only poses with score > conf_kp_person take part."""
+    poses = [[[x, y, 0.0] for x, y in pose] for pose in keypoints_xy.tolist()]
+    threshold = torch.tensor(conf_kp_person, dtype=scores.dtype).item()  # compared in the scores' precision
+    taking_part = [i for i, s in enumerate(scores.tolist()) if s > threshold]
+    objects = sorted(kp_objects.tolist(), key=lambda o: -o[4])  # Python's sort is stable
+    tol2 = tolerance * tolerance
+    for x1, y1, x2, y2, score, kp in objects:
+        if not taking_part:
+            break
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        best, best_d = None, None
+        for i in taking_part:  # argmin, first pose on a tie
+            px, py, _ = poses[i][int(kp)]
+            dx, dy = cx - px, cy - py
+            d = dx * dx + dy * dy
+            if best_d is None or d < best_d:
+                best, best_d = i, d
+        if score > poses[best][int(kp)][2] and best_d < tol2:
+            poses[best][int(kp)] = [cx, cy, score]
+    return torch.tensor(poses, dtype=torch.float64).reshape(len(poses), keypoints_xy.shape[1], 3)
+
+
+def fuse_one_round(scores, keypoints_xy, kp_objects, conf_kp_person, tolerance):
+    """A WRONG shortcut (every object matched against the regressed keypoints only), used to prove
+    that the random cases exercise the sequential dependencies."""
+    regressed = [[[x, y] for x, y in pose] for pose in keypoints_xy.tolist()]
+    poses = [[[x, y, 0.0] for x, y in pose] for pose in regressed]
+    threshold = torch.tensor(conf_kp_person, dtype=scores.dtype).item()
+    taking_part = [i for i, s in enumerate(scores.tolist()) if s > threshold]
+    for x1, y1, x2, y2, score, kp in sorted(kp_objects.tolist(), key=lambda o: -o[4]):
+        if not taking_part:
+            break
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        d, i = min(((cx - regressed[i][int(kp)][0]) ** 2 + (cy - regressed[i][int(kp)][1]) ** 2, i) for i in taking_part)
+        if score > poses[i][int(kp)][2] and d < tolerance * tolerance:
+            poses[i][int(kp)] = [cx, cy, score]
+    return torch.tensor(poses, dtype=torch.float64).reshape(len(poses), keypoints_xy.shape[1], 3)
+
+
+def _settings(conf_kp_person=0.3, tolerance=50.0):
+    return VAL_SETTINGS.replace(conf_kp_person=conf_kp_person, tolerance=tolerance)
+
+
+def _random_case(rng: random.Random, dtype=torch.float64):
+    """Poses and keypoint objects on a coarse integer grid: many ties in distance and score, many
+    keypoint objects competing for the same keypoint, distances exactly at the tolerance."""
+    n, k, m = rng.randint(0, 7), rng.randint(1, 4), rng.randint(0, 30)
+    size = rng.choice([10, 20, 40])
+    scores = torch.tensor([rng.choice([0.1, 0.2, 0.3, 0.5, 0.9]) for _ in range(n)], dtype=dtype)
+    kxy = torch.tensor([[[rng.randint(0, size), rng.randint(0, size)] for _ in range(k)] for _ in range(n)],
+                       dtype=dtype).reshape(n, k, 2)
+    objs = []
+    for _ in range(m):
+        x, y, half = rng.randint(0, size), rng.randint(0, size), rng.randint(0, 3)
+        score = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0, rng.random()])
+        objs.append([x - half, y - half, x + half + rng.randint(0, 1), y + half, score, rng.randrange(k)])
+    kpo = torch.tensor(objs, dtype=dtype).reshape(m, 6)
+    settings = _settings(conf_kp_person=rng.choice([0.0, 0.2, 0.3, 0.6]), tolerance=rng.choice([0.0, 3.0, 5.0, 10.0, 25.0, 1e6]))
+    return torch.zeros(n, 4, dtype=dtype), scores, kxy, kpo, settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Fusion
+
+def test_fusion_equals_sequential_reference_on_random_cases():
+    rng = random.Random(1234)
+    differs_from_shortcut = 0
+    for _ in range(600):
+        boxes, scores, kxy, kpo, settings = _random_case(rng)
+        args = (scores, kxy, kpo, settings.conf_kp_person, settings.tolerance)
+        expected = fuse_keypoints_reference(*args)
+        got = fuse_keypoints(boxes, scores, kxy, kpo, settings)
+        assert got.shape == expected.shape and got.dtype == kxy.dtype
+        assert torch.equal(got, expected), (scores, kxy, kpo, settings)
+        differs_from_shortcut += not torch.equal(fuse_one_round(*args), expected)
+    assert differs_from_shortcut >= 20  # the cases really depend on the order of updates
+
+
+def test_fusion_float32_grid_and_real_valued_float64():
+    rng = random.Random(7)
+    for _ in range(200):  # float32 on an integer grid: every operation is exact
+        boxes, scores, kxy, kpo, settings = _random_case(rng, torch.float32)
+        expected = fuse_keypoints_reference(scores, kxy, kpo, settings.conf_kp_person, settings.tolerance)
+        assert torch.equal(fuse_keypoints(boxes, scores, kxy, kpo, settings), expected.float())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):  # arbitrary real coordinates in float64
+        n, k, m = (int(v) for v in torch.randint(0, 9, (3,), generator=g))
+        k = max(k, 1)
+        kxy = torch.rand(n, k, 2, generator=g, dtype=torch.float64) * 100
+        centres = torch.rand(m, 2, generator=g, dtype=torch.float64) * 100
+        wh = torch.rand(m, 2, generator=g, dtype=torch.float64) * 8
+        kpo = torch.cat((centres - wh / 2, centres + wh / 2, torch.rand(m, 1, generator=g, dtype=torch.float64),
+                         torch.randint(0, k, (m, 1), generator=g).double()), 1)
+        scores = torch.rand(n, generator=g, dtype=torch.float64)
+        settings = _settings(conf_kp_person=0.3, tolerance=20.0)
+        expected = fuse_keypoints_reference(scores, kxy, kpo, 0.3, 20.0)
+        assert torch.equal(fuse_keypoints(torch.zeros(n, 4), scores, kxy, kpo, settings), expected)
+
+
+def _box_at(x, y, score, kp, half=2.0):
+    return [x - half, y - half, x + half, y + half, score, kp]
+
+
+def test_fusion_moved_keypoint_captures_later_objects():
+    # pose 0 keypoint at x=0, pose 1 at x=10. Object A (0.9) at x=4 moves pose 0's keypoint to 4.
+    # Object B (0.8) at x=7 is now nearest to pose 0 (distance 3 < 3 to pose 1? no: 3 vs 3 -> tie,
+    # first pose wins) and is rejected because 0.8 < 0.9 -- it is NOT given to pose 1.
+    kxy = torch.tensor([[[0.0, 0.0]], [[10.0, 0.0]]])
+    scores = torch.tensor([0.9, 0.9])
+    kpo = torch.tensor([_box_at(4, 0, 0.9, 0), _box_at(7, 0, 0.8, 0)])
+    out = fuse_keypoints(torch.zeros(2, 4), scores, kxy, kpo, _settings(tolerance=50))
+    assert out.tolist() == [[[4.0, 0.0, pytest.approx(0.9)]], [[10.0, 0.0, 0.0]]]
+    # object B slightly closer to pose 1 (x=7.5): pose 1 is its nearest -> fused
+    kpo[1, [0, 2]] += 0.5
+    out = fuse_keypoints(torch.zeros(2, 4), scores, kxy, kpo, _settings(tolerance=50))
+    assert out[1, 0].tolist() == [7.5, 0.0, pytest.approx(0.8)]
+
+
+def test_fusion_nearest_pose_with_higher_confidence_rejects():
+    kxy = torch.tensor([[[0.0, 0.0]], [[20.0, 0.0]]])
+    kpo = torch.tensor([_box_at(1, 0, 0.9, 0), _box_at(2, 0, 0.5, 0)])
+    out = fuse_keypoints(torch.zeros(2, 4), torch.tensor([1.0, 1.0]), kxy, kpo, _settings(tolerance=50))
+    assert out[0, 0, 2].item() == pytest.approx(0.9) and out[0, 0, 0].item() == 1.0
+    assert out[1, 0].tolist() == [20.0, 0.0, 0.0]  # the 0.5 object is not passed on to pose 1
+
+
+def test_fusion_distance_exactly_at_tolerance_is_rejected():
+    kxy = torch.tensor([[[0.0, 0.0]]])
+    at = torch.tensor([_box_at(3, 4, 0.9, 0)])  # distance 5
+    assert fuse_keypoints(torch.zeros(1, 4), torch.tensor([1.0]), kxy, at, _settings(tolerance=5))[0, 0, 2] == 0
+    out = fuse_keypoints(torch.zeros(1, 4), torch.tensor([1.0]), kxy, at, _settings(tolerance=5.001))
+    assert out[0, 0].tolist() == [3.0, 4.0, pytest.approx(0.9)]
+
+
+def test_fusion_equal_scores_first_object_wins_and_score_must_exceed():
+    kxy = torch.tensor([[[0.0, 0.0]]])
+    kpo = torch.tensor([_box_at(1, 0, 0.5, 0), _box_at(-1, 0, 0.5, 0)])
+    out = fuse_keypoints(torch.zeros(1, 4), torch.tensor([1.0]), kxy, kpo, _settings())
+    assert out[0, 0].tolist() == [1.0, 0.0, 0.5]
+    out = fuse_keypoints(torch.zeros(1, 4), torch.tensor([1.0]), kxy, kpo.flip(0), _settings())
+    assert out[0, 0].tolist() == [-1.0, 0.0, 0.5]
+    zero = torch.tensor([_box_at(1, 0, 0.0, 0)])  # score 0 never beats the initial confidence 0
+    assert fuse_keypoints(torch.zeros(1, 4), torch.tensor([1.0]), kxy, zero, _settings())[0, 0].tolist() == [0, 0, 0]
+
+
+def test_fusion_low_score_poses_keep_regressed_keypoints_with_zero_confidence():
+    kxy = torch.tensor([[[0.0, 0.0], [5.0, 5.0]], [[30.0, 0.0], [35.0, 5.0]]])
+    scores = torch.tensor([0.25, 0.9])  # pose 0 at or below conf_kp_person 0.3 does not take part
+    kpo = torch.tensor([_box_at(1, 0, 0.9, 0), _box_at(31, 0, 0.8, 0)])
+    out = fuse_keypoints(torch.zeros(2, 4), scores, kxy, kpo, _settings(conf_kp_person=0.3, tolerance=50))
+    assert out[0].tolist() == [[0.0, 0.0, 0.0], [5.0, 5.0, 0.0]]
+    # the best object goes to pose 1 (distance 29 < 50), so the 0.8 one is rejected there
+    assert out[1].tolist() == [[1.0, 0.0, pytest.approx(0.9)], [35.0, 5.0, 0.0]]
+    out = fuse_keypoints(torch.zeros(2, 4), torch.tensor([0.3, 0.3]), kxy, kpo, _settings(conf_kp_person=0.3))
+    assert torch.equal(out[..., :2], kxy) and out[..., 2].eq(0).all()  # score must be > conf_kp_person
+
+
+def test_fusion_half_precision_inputs_far_apart():
+    # squared distances of several hundred pixels overflow float16; matching must still be right
+    kxy = torch.tensor([[[0.0, 0.0]], [[1000.0, 0.0]]], dtype=torch.float16)
+    kpo = torch.tensor([_box_at(400, 0, 0.75, 0), _box_at(750, 0, 0.5, 0)], dtype=torch.float16)
+    out = fuse_keypoints(torch.zeros(2, 4), torch.ones(2, dtype=torch.float16), kxy, kpo, _settings(tolerance=450))
+    assert out.dtype == torch.float16
+    assert out.float().tolist() == [[[400.0, 0.0, 0.75]], [[750.0, 0.0, 0.5]]]
+
+
+def test_fusion_empty_inputs_and_no_mutation():
+    s = _settings()
+    assert fuse_keypoints(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2), torch.rand(4, 6), s).shape == (0, 5, 3)
+    kxy = torch.rand(3, 5, 2)
+    out = fuse_keypoints(torch.zeros(3, 4), torch.ones(3), kxy, torch.zeros(0, 6), s)
+    assert torch.equal(out[..., :2], kxy) and out[..., 2].eq(0).all()
+    boxes, scores, kxy, kpo, settings = _random_case(random.Random(5))
+    copies = [t.clone() for t in (boxes, scores, kxy, kpo)]
+    fuse_keypoints(boxes, scores, kxy, kpo, settings)
+    assert all(torch.equal(a, b) for a, b in zip(copies, (boxes, scores, kxy, kpo)))
+    with pytest.raises(ValueError):
+        fuse_keypoints(torch.zeros(2, 4), torch.ones(3), torch.zeros(3, 5, 2), kpo, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# NMS
+
+K = 2
+L = HeadLayout(K)
+
+
+def _anchor(cx, cy, w, h, obj, classes, kps=None):
+    """One prediction row: classes is a list of 1 + K class probabilities."""
+    row = torch.zeros(L.num_outputs)
+    row[L.box] = torch.tensor([cx, cy, w, h])
+    row[L.obj] = obj
+    row[L.cls] = torch.tensor(classes, dtype=torch.float32)
+    row[L.kpt] = torch.tensor(kps if kps is not None else [cx - 1, cy - 1, cx + 1, cy + 1], dtype=torch.float32)
+    return row
+
+
+def _pred(*rows):
+    return torch.stack(rows)[None]
+
+
+def test_nms_suppresses_overlapping_persons_and_keeps_their_keypoints():
+    pred = _pred(
+        _anchor(50, 50, 40, 80, 0.9, [1.0, 0.0, 0.0], [40, 30, 60, 30]),
+        _anchor(52, 51, 40, 80, 0.8, [1.0, 0.0, 0.0]),  # overlaps the first heavily
+        _anchor(200, 50, 40, 80, 0.95, [0.5, 0.0, 0.0], [190, 30, 210, 31]),  # separate person, score 0.475
+    )
+    (d,) = nms(pred, PREDICT_SETTINGS.replace(conf=0.3), L)
+    assert isinstance(d, Detections)
+    assert d.scores.tolist() == pytest.approx([0.9, 0.475])
+    assert torch.allclose(d.boxes, torch.tensor([[30.0, 10.0, 70.0, 90.0], [180.0, 10.0, 220.0, 90.0]]))
+    assert d.keypoints.tolist() == [[[40, 30], [60, 30]], [[190, 30], [210, 31]]]
+    assert d.kp_objects.shape == (0, 6)
+
+
+def test_nms_keypoint_classes_are_independent():
+    box = (100, 100, 10, 10)
+    pred = _pred(
+        _anchor(*box, 0.9, [0.0, 1.0, 0.0]),  # keypoint 0
+        _anchor(*box, 0.8, [0.0, 0.0, 1.0]),  # keypoint 1, same box: kept
+        _anchor(101, 100, 10, 10, 0.7, [0.0, 1.0, 0.0]),  # keypoint 0 again, overlapping: suppressed
+        _anchor(*box, 0.95, [1.0, 0.0, 0.0]),  # a person at the same place does not suppress them
+    )
+    (d,) = nms(pred, PREDICT_SETTINGS, L)
+    assert d.kp_objects[:, 4].tolist() == pytest.approx([0.9, 0.8])
+    assert d.kp_objects[:, 5].tolist() == [0.0, 1.0]  # keypoint index 0..K-1
+    assert torch.equal(d.kp_objects[:, :4], torch.tensor([[95.0, 95, 105, 105]] * 2))
+    assert d.scores.tolist() == pytest.approx([0.95])
+
+
+def test_nms_one_class_per_anchor_and_strict_thresholds():
+    s = InferenceSettings(conf=0.5, iou=0.45, conf_kp=0.5, iou_kp=0.45)
+    pred = _pred(
+        _anchor(50, 50, 20, 20, 1.0, [0.8, 0.9, 0.0]),  # argmax is keypoint 0: not a person
+        _anchor(150, 50, 20, 20, 1.0, [0.5, 0.0, 0.0]),  # person score exactly conf: dropped
+        _anchor(250, 50, 20, 20, 0.5, [1.0, 0.0, 0.0]),  # objectness exactly conf: dropped
+        _anchor(350, 50, 20, 20, 1.0, [0.0, 0.0, 0.5]),  # keypoint score exactly conf_kp: dropped
+        _anchor(450, 50, 20, 20, 0.75, [0.9, 0.0, 0.0]),  # person 0.675: kept
+        _anchor(550, 50, 20, 20, 0.75, [0.5, 0.5, 0.0]),  # tie person/keypoint: argmax takes the person
+    )
+    (d,) = nms(pred, s, L)
+    assert d.scores.tolist() == pytest.approx([0.675])
+    assert d.kp_objects[:, 4:].tolist() == [[pytest.approx(0.9), 0.0]]
+    (d,) = nms(pred, s.replace(conf=0.3), L)
+    assert d.scores.tolist() == pytest.approx([0.675, 0.5, 0.5, 0.375])
+
+
+def test_nms_max_det_per_image_and_batch_independence():
+    rows = [_anchor(30 * i + 10, 10, 10, 10, 0.5 + 0.04 * i, [1.0, 0.0, 0.0]) for i in range(10)]
+    rows += [_anchor(30 * i + 10, 100, 10, 10, 0.5 + 0.04 * i, [0.0, 1.0, 0.0]) for i in range(10)]
+    one = torch.stack(rows)
+    pred = torch.stack((one, one, torch.zeros_like(one)))  # identical images 0 and 1, empty image 2
+    s = VAL_SETTINGS.replace(max_det=3)
+    dets = nms(pred, s, L)
+    assert len(dets) == 3
+    for d in dets[:2]:  # no suppression across images; max_det per image, best first
+        assert d.scores.tolist() == pytest.approx([0.86, 0.82, 0.78])
+        assert d.kp_objects[:, 4].tolist() == pytest.approx([0.86, 0.82, 0.78])
+    assert len(dets[2].scores) == 0 and dets[2].kp_objects.shape == (0, 6) and dets[2].keypoints.shape == (0, K, 2)
+
+
+def test_nms_matches_per_image_torchvision_reference_on_random_predictions():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        b, n = 3, 400
+        pred = torch.rand(b, n, L.num_outputs, generator=g)
+        pred[..., :2] *= 320
+        pred[..., 2:4] = pred[..., 2:4] * 60 + 2
+        pred[..., L.kpt] *= 320
+        s = VAL_SETTINGS.replace(max_det=50 + trial)
+        dets = nms(pred, s, L)
+        for i, d in enumerate(dets):
+            x = pred[i]
+            obj = x[:, L.obj]
+            sc, cls = (x[:, L.cls] * obj[:, None]).max(1)
+            boxes = xywh_to_xyxy(x[:, L.box])
+            for person, conf, iou in ((True, s.conf, s.iou), (False, s.conf_kp, s.iou_kp)):
+                m = (obj > conf) & (sc > conf) & ((cls == 0) if person else (cls > 0))
+                keep = torchvision.ops.batched_nms(boxes[m], sc[m], cls[m], iou)[: s.max_det]
+                if person:
+                    assert torch.equal(d.scores, sc[m][keep]) and torch.equal(d.boxes, boxes[m][keep])
+                    assert torch.equal(d.keypoints, x[m][keep][:, L.kpt].reshape(-1, K, 2))
+                else:
+                    assert torch.equal(d.kp_objects[:, 4], sc[m][keep]) and torch.equal(d.kp_objects[:, :4], boxes[m][keep])
+                    assert torch.equal(d.kp_objects[:, 5], (cls[m][keep] - 1).float())
+
+
+def test_nms_empty_and_bad_shape():
+    assert nms(torch.zeros(0, 5, L.num_outputs), VAL_SETTINGS, L) == []
+    (d,) = nms(torch.zeros(1, 0, L.num_outputs), VAL_SETTINGS, L)
+    assert d.boxes.shape == (0, 4) and d.keypoints.shape == (0, K, 2) and d.kp_objects.shape == (0, 6)
+    with pytest.raises(ValueError, match="K=2"):
+        nms(torch.zeros(1, 5, L.num_outputs + 1), VAL_SETTINGS, L)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping to original pixels
+
+def _letterbox_params(h, w, new_h, new_w):
+    r = min(new_h / h, new_w / w)
+    return r, ((new_w - w * r) / 2, (new_h - h * r) / 2)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (640, 427), (100, 1000)])
+def test_scale_to_original_inverts_letterbox(shape):
+    h, w = shape
+    r, pad = _letterbox_params(h, w, 640, 640)
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(7, 5, 2, generator=g, dtype=torch.float64) * torch.tensor([w, h], dtype=torch.float64)
+    net = pts * r + torch.tensor(pad, dtype=torch.float64)
+    for ratio in (r, (r, r)):
+        assert torch.allclose(scale_to_original(net, ratio, pad, shape), pts, atol=1e-9)
+    boxes = torch.cat((pts[:, 0], pts[:, 0] + 3), 1).clamp(max=min(h, w))  # (7, 4) x1, y1, x2, y2
+    assert torch.allclose(scale_to_original(boxes * r + torch.tensor(pad * 2, dtype=torch.float64), r, pad, shape), boxes)
+    flat = net.reshape(7, 10)  # (n, 2K) keypoints keep their shape
+    assert scale_to_original(flat, r, pad, shape).shape == (7, 10)
+
+
+@pytest.mark.parametrize("shape,auto", [((480, 640), False), ((333, 500), True), ((700, 300), False)])
+def test_scale_to_original_inverts_the_data_letterbox(shape, auto):
+    augment = pytest.importorskip("kapao.augment")
+    np = pytest.importorskip("numpy")
+    h, w = shape
+    img = np.zeros((h, w, 3), np.uint8)
+    points = [(w // 5, h // 3), (w - 40, h - 30), (w // 2, 20)]
+    for x, y in points:
+        img[y - 5:y + 5, x - 5:x + 5] = 255  # 10 x 10 white square centred on (x, y)
+    out, ratio, pad = augment.letterbox(img, 512, auto=auto)
+    found = []
+    for x, y in points:  # locate each square in the letterboxed image around its expected place
+        mask = out[..., 0] > 127
+        ys, xs = np.nonzero(mask)
+        near = (abs(xs - (x * ratio[0] + pad[0])) < 15) & (abs(ys - (y * ratio[1] + pad[1])) < 15)
+        found.append([(xs[near].min() + xs[near].max() + 1) / 2, (ys[near].min() + ys[near].max() + 1) / 2])
+    back = scale_to_original(torch.tensor(found, dtype=torch.float64), ratio, pad, shape)
+    assert torch.allclose(back, torch.tensor(points, dtype=torch.float64), atol=1.5)
+
+
+def test_scale_to_original_non_uniform_ratio_and_clipping():
+    pts = torch.tensor([[[10.0, 20.0], [-5.0, 300.0], [700.0, -1.0]]])
+    out = scale_to_original(pts, (0.5, 2.0), (4.0, 6.0), (150, 200))
+    assert out.tolist() == [[[12.0, 7.0], [0.0, 147.0], [200.0, 0.0]]]
+    unclipped = scale_to_original(pts, (0.5, 2.0), (4.0, 6.0), (150, 200), clip=False)
+    assert unclipped.tolist() == [[[12.0, 7.0], [-18.0, 147.0], [1392.0, -3.5]]]
+    original = pts.clone()
+    scale_to_original(pts, 0.5, (1, 1), (10, 10))
+    assert torch.equal(pts, original)
+
+
+def test_postprocess_maps_then_fuses_with_tolerance_in_original_pixels():
+    k = 1
+    lay = HeadLayout(k)
+
+    def row(cx, cy, w, h, obj, classes, kps):
+        r = torch.zeros(lay.num_outputs)
+        r[lay.box] = torch.tensor([cx, cy, w, h], dtype=torch.float32)
+        r[lay.obj] = obj
+        r[lay.cls] = torch.tensor(classes)
+        r[lay.kpt] = torch.tensor(kps, dtype=torch.float32)
+        return r
+
+    pred = torch.stack([
+        row(100, 120, 40, 60, 0.9, [1.0, 0.0], [100, 100]),  # person, keypoint at (100, 100)
+        row(100, 115, 4, 4, 0.9, [0.0, 1.0], [0, 0]),  # keypoint object 15 px below (network input)
+    ])[None]
+    meta = ((200, 300), 0.5, (10.0, 20.0))  # original 200 x 300 letterboxed at ratio 0.5
+    settings = PREDICT_SETTINGS.replace(tolerance=25.0)  # 15 px in the input = 30 px in the original
+    (p,) = postprocess(pred, settings, lay, [meta], return_kp_objects=True)
+    assert p.boxes.tolist() == [[140.0, 140.0, 220.0, 200.0]]  # y2 260 clipped to h = 200
+    assert p.keypoints.tolist() == [[[180.0, 160.0, 0.0]]]  # not fused: 30 px >= 25
+    assert p.kp_objects.tolist() == [[176.0, 186.0, 184.0, 194.0, pytest.approx(0.9), 0.0]]
+    (p,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [meta])
+    assert p.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and p.kp_objects is None
+    (p,) = postprocess(pred, settings.replace(tolerance=31.0, fuse=False), lay, [meta])
+    assert p.keypoints.tolist() == [[[180.0, 160.0, 0.0]]]
+    as_dict = {"orig_shape": (200, 300), "ratio": (0.5, 0.5), "pad": (10, 20), "image_id": 3}
+    (q,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [as_dict])
+    assert q.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and q.boxes.tolist() == [[140.0, 140.0, 220.0, 200.0]]
+    (p,) = postprocess(pred, settings.replace(tolerance=31.0), lay, None)  # network-input pixels
+    assert p.keypoints.tolist() == [[[100.0, 115.0, pytest.approx(0.9)]]]
+    with pytest.raises(ValueError):
+        postprocess(pred, settings, lay, [meta, meta])
+    with pytest.raises(ValueError, match="image meta"):
+        postprocess(pred, settings, lay, [{"orig_shape": (200, 300), "ratio": None, "pad": None}])
+
+
+def test_postprocess_empty_batch_and_images():
+    assert postprocess(torch.zeros(0, 3, L.num_outputs), VAL_SETTINGS, L) == []
+    out = postprocess(torch.zeros(2, 0, L.num_outputs), VAL_SETTINGS, L, [((10, 10), 1.0, (0, 0))] * 2, True)
+    assert [len(p) for p in out] == [0, 0]
+    assert out[0].keypoints.shape == (0, K, 3) and out[0].kp_objects.shape == (0, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time augmentation
+
+FLIP = (0, 2, 1, 4, 3)  # K = 5: nose, left/right eye, left/right ear
+LT = HeadLayout(len(FLIP))
+
+
+def _network_view(pred, scale, flip, width):
+    """How a network sees the image flipped (optional) then scaled: independent plain-loop code."""
+    out = pred.clone()
+    k = LT.num_keypoints
+    kp0 = LT.kpt.start
+    c0 = LT.cls.start + 1
+    for j in range(k):
+        src = FLIP[j] if flip else j  # keypoint j of the flipped image is keypoint FLIP[j] of the person
+        x, y = pred[..., kp0 + 2 * src], pred[..., kp0 + 2 * src + 1]
+        out[..., kp0 + 2 * j] = ((width - x) if flip else x) * scale
+        out[..., kp0 + 2 * j + 1] = y * scale
+        out[..., c0 + j] = pred[..., c0 + src]
+    out[..., 0] = ((width - pred[..., 0]) if flip else pred[..., 0]) * scale
+    out[..., 1:4] = pred[..., 1:4] * scale
+    return out
+
+
+def _random_pred(b=2, n=50, width=320.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.rand(b, n, LT.num_outputs, generator=g, dtype=torch.float64)
+    pred[..., :4] *= width
+    pred[..., LT.kpt] *= width
+    return pred
+
+
+@pytest.mark.parametrize("scale,flip", [(1.0, True), (0.8, False), (1.2, True), (0.5, True), (2.0, False)])
+def test_deaugment_undoes_flip_and_scale(scale, flip):
+    pred = _random_pred()
+    seen = _network_view(pred, scale, flip, 320.0)
+    assert not torch.allclose(seen, pred)
+    back = deaugment(seen, scale, flip, 320.0, LT, FLIP)
+    assert torch.allclose(back, pred, rtol=0, atol=1e-9)
+    assert torch.equal(seen, _network_view(pred, scale, flip, 320.0))  # input not modified
+
+
+def test_deaugment_flip_is_an_involution_and_swaps_left_right():
+    pred = _random_pred(seed=1)
+    once = deaugment(pred, 1.0, True, 320.0, LT, FLIP)
+    assert torch.allclose(deaugment(once, 1.0, True, 320.0, LT, FLIP), pred, atol=1e-12)
+    kp = LT.kpt.start
+    assert torch.allclose(once[..., kp + 2], 320.0 - pred[..., kp + 4])  # left-eye x <- right-eye x
+    assert torch.equal(once[..., LT.cls.start + 2], pred[..., LT.cls.start + 3])
+    assert torch.equal(once[..., LT.cls.start], pred[..., LT.cls.start])  # person class stays
+    assert torch.equal(once[..., LT.obj], pred[..., LT.obj])
+    aniso = deaugment(pred, (0.5, 0.25), False, 320.0, LT, FLIP)
+    assert torch.allclose(aniso[..., [0, 2]], pred[..., [0, 2]] * 2) and torch.allclose(aniso[..., [1, 3]], pred[..., [1, 3]] * 4)
+
+
+def test_merge_tta_concatenates_deaugmented_passes():
+    pred = _random_pred(n=20)
+    views = [_network_view(pred, s, f, 320.0) for s, f in zip(TTA_SCALES, TTA_FLIPS)]
+    merged = merge_tta(views, TTA_SCALES, TTA_FLIPS, 320.0, LT, FLIP)
+    assert merged.shape == (2, 60, LT.num_outputs)
+    for i in range(3):
+        assert torch.allclose(merged[:, 20 * i: 20 * (i + 1)], pred, atol=1e-9)
+
+
+def _blob_model(seen_shapes):
+    """A stand-in network: one prediction per image, read off a bright rectangle in channel 0. Its
+    'left eye' (keypoint 1) is the rectangle's left edge, 'right eye' (2) the right edge; its class
+    scores for them are the mean of channel 1 over the left / right half of the rectangle."""
+    def model_fn(x):
+        seen_shapes.append(tuple(x.shape[-2:]))
+        out = torch.zeros(x.shape[0], 1, LT.num_outputs, dtype=x.dtype)
+        for i, img in enumerate(x):
+            ys, xs = (img[0] > 0.5).nonzero(as_tuple=True)
+            x1, x2, y1, y2 = xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            row = out[i, 0]
+            row[LT.box] = torch.tensor([cx, cy, x2 - x1, y2 - y1])
+            row[LT.obj] = 1.0
+            xm = (x1 + x2) // 2
+            row[LT.cls.start + 2] = img[1, y1:y2, x1:xm].mean()
+            row[LT.cls.start + 3] = img[1, y1:y2, xm:x2].mean()
+            kps = torch.tensor([[cx, y1], [x1, cy], [x2, cy], [x1, y2], [x2, y2]], dtype=x.dtype)
+            row[LT.kpt] = kps.flatten()
+        return out
+    return model_fn
+
+
+def test_tta_forward_runs_scaled_flipped_passes_and_maps_them_back():
+    img = torch.zeros(1, 3, 128, 192)
+    img[0, 0, 40:80, 60:140] = 1.0  # rectangle x 60..140, y 40..80
+    img[0, 1, 40:80, 60:100] = 0.9  # channel 1 bright on its left half only
+    img[0, 1, 40:80, 100:140] = 0.1
+    shapes = []
+    out = tta_forward(_blob_model(shapes), img, TTA_SCALES, TTA_FLIPS, LT, FLIP, stride=64)
+    assert shapes == [(128, 192), (128, 192), (192, 256)]  # 0.8: 102x153 padded to 128x192; 1.2: 153x230 -> 192x256
+    assert out.shape == (1, 3, LT.num_outputs)
+    expected = _blob_model([])(img)[0, 0]
+    for p in range(3):
+        assert torch.allclose(out[0, p, :4], expected[:4], atol=2.0)
+        assert torch.allclose(out[0, p, LT.kpt], expected[LT.kpt], atol=2.0)
+        # class scores of the left/right eye come back to the right side after the flip
+        assert out[0, p, LT.cls.start + 2] > 0.8 and out[0, p, LT.cls.start + 3] < 0.2
+    with pytest.raises(ValueError):
+        tta_forward(_blob_model([]), img, (1.0, 0.5), (False,), LT, FLIP)
+
+
+def test_tta_forward_pads_with_grey_and_empty_model_output():
+    img = torch.zeros(2, 3, 64, 64)
+    seen = []
+
+    def model_fn(x):
+        seen.append(x)
+        return torch.zeros(x.shape[0], 0, LT.num_outputs), None  # a tuple: first item is used
+
+    out = tta_forward(model_fn, img, (1.5,), (False,), LT, FLIP, stride=64)
+    assert out.shape == (2, 0, LT.num_outputs)
+    assert seen[0].shape[-2:] == (128, 128) and torch.allclose(seen[0][..., 100:, :], torch.tensor(0.447))
+
+
+# ----------------------------------------------------------------------------------------------
+# Result type
+
+def _poses_from_coco(results, k):
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)]).reshape(-1, 4)
+    return Poses(boxes, torch.tensor([r["score"] for r in results]),
+                 torch.tensor([r["keypoints"] for r in results]).reshape(-1, k, 3))
+
+
+def test_poses_to_coco_round_trip():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(4, 2, generator=g) * 500
+    boxes = torch.cat((xy, xy + torch.rand(4, 2, generator=g) * 100 + 1), 1)
+    poses = Poses(boxes, torch.rand(4, generator=g), torch.rand(4, 17, 3, generator=g) * 600)
+    results = json.loads(json.dumps(poses.to_coco(image_id=42)))
+    assert len(results) == 4 and all(r["image_id"] == 42 and r["category_id"] == 1 for r in results)
+    assert all(len(r["keypoints"]) == 51 for r in results)
+    back = _poses_from_coco(results, 17)
+    assert torch.allclose(back.boxes, poses.boxes, atol=0.011)
+    assert torch.allclose(back.scores, poses.scores, atol=1e-5)
+    assert torch.allclose(back.keypoints, poses.keypoints, atol=1e-3)
+    assert Poses.empty(17).to_coco(1) == []
+
+
+def test_postprocess_output_serialises_to_coco():
+    pred = _random_pred(b=1, n=200, seed=4).float()
+    pred[..., LT.obj] = pred[..., LT.obj] * 0.2 + 0.8
+    (p,) = postprocess(pred, VAL_SETTINGS, LT, [((240, 320), 1.0, (0.0, 40.0))])
+    assert len(p) > 0
+    results = p.to_coco(image_id=7)
+    assert len(results) == len(p) and all(len(r["keypoints"]) == 3 * LT.num_keypoints for r in results)
+    kp = p.keypoints
+    assert (kp[..., 0] >= 0).all() and (kp[..., 0] <= 320).all() and (kp[..., 1] >= 0).all() and (kp[..., 1] <= 240).all()
+    assert math.isclose(max(r["score"] for r in results), p.scores.max().item(), abs_tol=1e-5)
