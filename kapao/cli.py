@@ -35,6 +35,26 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
+MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
+
+
+@cli.command()
+@click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
+@click.option("--kpts", type=click.IntRange(min=1), default=None,
+              help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
+@click.option("--data", default=None, help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
+@click.option("--imgsz", type=click.IntRange(min=64), default=1280, show_default=True,
+              help="Square input size for the GFLOPs figure (a multiple of 64).")
+def info(size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
+    """Print a model summary: layers, parameters, GFLOPs and keypoint names."""
+    from kapao.model import build_model, format_model_info, model_info, resolve_schema
+
+    # `--weights` (describe a checkpoint) comes with kapao/weights.py: it will build the model from
+    # the checkpoint's config instead of from --size/--kpts/--data, then print the same summary.
+    model = build_model(size, resolve_schema(num_keypoints=kpts, data=data))
+    click.echo(format_model_info(model_info(model, imgsz)))
+
+
 def main() -> None:
     cli(obj={})
 
