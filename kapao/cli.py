@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import click
 
 from kapao import __version__
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings
 from kapao.errors import KapaoError
 
 
@@ -36,23 +38,245 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
+MAX_STRIDE = 64  # = kapao.config.MAX_STRIDE
+
+
+class ImgSize(click.ParamType):
+    """A positive multiple of the network's largest stride (64)."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if v <= 0 or v % MAX_STRIDE:
+            near = max(1, round(v / MAX_STRIDE)) * MAX_STRIDE if v > 0 else MAX_STRIDE
+            self.fail(f"{v} is not a positive multiple of {MAX_STRIDE} (try {near})", param, ctx)
+        return v
+
+
+class FloatList(click.ParamType):
+    """Comma-separated floats, e.g. `0.8,1,1.2`."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            vals = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
+        if not vals or any(v <= 0 for v in vals):
+            self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
+        return vals
+
+
+class FlipList(click.ParamType):
+    """Comma-separated flips: `none` (or 0/-1) and `lr` (or 1/3), e.g. `none,lr,none`."""
+
+    name = "flips"
+    WORDS = {"none": False, "0": False, "-1": False, "n": False, "lr": True, "1": True, "3": True}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in self.WORDS]
+        if bad or not items:
+            self.fail(f"{value!r}: use none or lr per pass, e.g. none,lr,none", param, ctx)
+        return [self.WORDS[v] for v in items]
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
+    if value is None or value == "":
+        return value
+    from kapao.errors import ConfigError
+    from kapao.runtime import select_device
+
+    try:
+        select_device(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--device '{value}': "), ctx, param) from None
+    return value
+
+
+UNIT = click.FloatRange(0.0, 1.0)
+
+
+def inference_options(defaults: InferenceSettings) -> Callable:
+    """Threshold and TTA options shared by predict and val (defaults differ: demo vs val settings)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.option("--conf", type=UNIT, default=None, help=f"Pose (person) score threshold. [default: {defaults.conf}]"),
+            click.option("--iou", type=UNIT, default=None, help=f"Pose NMS IoU threshold. [default: {defaults.iou}]"),
+            click.option("--conf-kp", type=UNIT, default=None, help=f"Keypoint-object score threshold. [default: {defaults.conf_kp}]"),
+            click.option("--iou-kp", type=UNIT, default=None, help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
+            click.option("--conf-kp-person", type=UNIT, default=None,
+                         help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
+            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+                         help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
+            click.option("--max-det", type=click.IntRange(min=1), default=None, help=f"Max poses per image. [default: {defaults.max_det}]"),
+            click.option("--no-fuse", is_flag=True, help="Keep the regressed keypoints; skip keypoint-object fusion."),
+            click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
+            click.option("--flips", type=FlipList(), default=None, help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
+            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def _settings(defaults, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse):  # noqa: ANN001, ANN202
+    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
+                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
+
+
+def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
+    if tta:
+        if scales or flips:
+            raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
+        return [0.8, 1.0, 1.2], [False, True, False]
+    if scales and flips and len(scales) != len(flips):
+        raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
+    return scales, flips
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logger = logging.getLogger("kapao")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
 
 
 @cli.command()
+@click.option("--weights", default=None, help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
 @click.option("--kpts", type=click.IntRange(min=1), default=None,
               help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
 @click.option("--data", default=None, help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
-@click.option("--imgsz", type=click.IntRange(min=64), default=1280, show_default=True,
-              help="Square input size for the GFLOPs figure (a multiple of 64).")
-def info(size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
+@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
+def info(weights: str | None, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
     """Print a model summary: layers, parameters, GFLOPs and keypoint names."""
     from kapao.model import build_model, format_model_info, model_info, resolve_schema
 
-    # `--weights` (describe a checkpoint) comes with kapao/weights.py: it will build the model from
-    # the checkpoint's config instead of from --size/--kpts/--data, then print the same summary.
-    model = build_model(size, resolve_schema(num_keypoints=kpts, data=data))
+    if weights is None:
+        model = build_model(size, resolve_schema(num_keypoints=kpts, data=data))
+        click.echo(format_model_info(model_info(model, imgsz)))
+        return
+    from kapao.weights import load_model
+
+    model, meta = load_model(weights)
     click.echo(format_model_info(model_info(model, imgsz)))
+    click.echo(f"weights: {meta['path']} ({meta['format']} checkpoint)")
+    extra = meta.get("extra") or {}
+    trained = extra.get("dataset") or extra.get("data")
+    if trained:
+        name = trained.get("name") if isinstance(trained, dict) else trained
+        click.echo(f"trained on: {name}" + (f", epoch {meta['epoch']}" if meta.get("epoch") not in (None, -1) else ""))
+    metrics = extra.get("metrics") or {}
+    if metrics:
+        click.echo("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+    if meta.get("best_fitness") is not None:
+        click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
+
+
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--weights", default="kapao_s_coco", show_default=True,
+              help="kapao checkpoint, official KAPAO checkpoint, or a name kapao_{s,m,l}_{coco,crowdpose}.")
+@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
+@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
+@inference_options(PREDICT_SETTINGS)
+@click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
+@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
+@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written).")
+@click.option("--show", is_flag=True, help="Show results in a window (needs a display).")
+@click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
+@click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
+@click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
+@click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
+@click.pass_context
+def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int, device: str | None, half: bool, batch: int,
+            conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
+            project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
+            line_width: int | None) -> None:
+    """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
+
+    Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
+    COCO-format predictions.json) go to runs/predict/expN.
+    """
+    from kapao.predict import KAPAO, DrawOptions
+    from kapao.sources import resolve_source
+
+    _setup_logging(ctx.obj.get("verbose", False))
+    scales, flips = _tta(scales, flips, tta)
+    settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    resolve_source(source)  # a bad SOURCE fails before the weights are loaded
+    api = KAPAO(weights, device=device, half=half)
+    run = api.run(source, imgsz=imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
+                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width), project=project, name=name,
+                  keep_results=False, progress=True)
+    skipped = f", {run.skipped} non-media files skipped" if run.skipped else ""
+    click.echo(f"{run.frames} frames, {run.poses} poses in {run.seconds:.1f} s "
+               f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
+    click.echo(f"Results saved to {run.save_dir}")
+
+
+@cli.command()
+@click.option("--weights", default=None, help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
+@click.option("--data", default=None, help="coco, crowdpose or a dataset YAML. [default: coco]")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
+@click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
+@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
+@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@inference_options(VAL_SETTINGS)
+@click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
+@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@click.pass_context
+def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, imgsz: int,
+        batch: int, workers: int, device: str | None, half: bool,
+        conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
+        project: str, name: str) -> None:
+    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
+    from kapao.config import load_dataset_config
+    from kapao.runtime import increment_run_dir
+    from kapao.val import run_val
+
+    _setup_logging(ctx.obj.get("verbose", False))
+    if crowdpose:
+        if data not in (None, "crowdpose"):
+            raise click.UsageError(f"--crowdpose means --data crowdpose; it contradicts --data {data}")
+        data, split = "crowdpose", split or "test"
+        weights = weights or "kapao_s_crowdpose"
+    data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
+    scales, flips = _tta(scales, flips, tta)
+    settings = _settings(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    cfg = load_dataset_config(data)
+    save_dir = increment_run_dir(project, name)
+    res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
+                  settings=settings, scales=scales, flips=flips, save_dir=save_dir)
+    click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
+    click.echo(res.table())
+    ms = res.timing_ms
+    click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
+    click.echo(f"Results saved to {save_dir}")
 
 
 def main() -> None:

@@ -1,0 +1,374 @@
+"""Inference: the one pre-process -> model -> decode -> NMS -> fusion path, and the `predict` verb.
+
+`Predictor` is shared by predict, val and export checks; `KAPAO` is the Python API the CLI wraps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from kapao.augment import letterbox
+from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema
+from kapao.data import load_image
+from kapao.draw import draw_poses
+from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.postprocess import Poses, postprocess, tta_forward
+from kapao.runtime import increment_run_dir, select_device
+from kapao.sources import Frame, SourceSpec, VideoReader, resolve_source
+
+OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
+
+
+# ----------------------------------------------------------------------------------------------
+def check_imgsz(imgsz: int) -> int:
+    if imgsz <= 0 or imgsz % MAX_STRIDE:
+        raise ConfigError(f"--imgsz {imgsz}: must be a positive multiple of {MAX_STRIDE} "
+                          f"(e.g. {max(1, round(imgsz / MAX_STRIDE)) * MAX_STRIDE})")
+    return imgsz
+
+
+def prepare_batch(images: Sequence[np.ndarray], imgsz: int) -> tuple[Tensor, list[dict[str, Any]]]:
+    """BGR images -> letterboxed (B, 3, H, W) uint8 RGB tensor with minimal (rectangular) padding.
+
+    All images of a batch share one shape: the smallest multiple-of-64 rectangle that holds each
+    image resized to long side `imgsz`. metas: orig_shape (h, w), ratio (rw, rh), pad (padw, padh).
+    """
+    shapes = []
+    for im in images:
+        h, w = im.shape[:2]
+        r = imgsz / max(h, w)
+        shapes.append((math.ceil(round(h * r) / MAX_STRIDE) * MAX_STRIDE, math.ceil(round(w * r) / MAX_STRIDE) * MAX_STRIDE))
+    target = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    batch, metas = [], []
+    for im in images:
+        out, ratio, pad = letterbox(im, target, auto=False)
+        batch.append(out)
+        metas.append({"orig_shape": im.shape[:2], "ratio": ratio, "pad": pad})
+    arr = np.stack(batch)[..., ::-1].transpose(0, 3, 1, 2)  # BGR HWC -> RGB CHW
+    return torch.from_numpy(np.ascontiguousarray(arr)), metas
+
+
+@dataclass
+class Timing:
+    """Accumulated seconds of pre-processing, inference and post-processing (NMS + fusion)."""
+
+    pre: float = 0.0
+    infer: float = 0.0
+    post: float = 0.0
+    images: int = 0
+
+    def per_image_ms(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        return {"pre": 1000 * self.pre / n, "infer": 1000 * self.infer / n, "post": 1000 * self.post / n}
+
+    def summary(self) -> str:
+        ms = self.per_image_ms()
+        return f"{ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image"
+
+
+class Predictor:
+    """Network input tensor -> list of Poses. Wraps a torch model (or any forward callable)."""
+
+    def __init__(self, forward: Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
+                 settings: InferenceSettings = PREDICT_SETTINGS, half: bool = False,
+                 scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
+                 return_kp_objects: bool = False) -> None:
+        from kapao.config import HeadLayout
+
+        if scales and flips and len(scales) != len(flips):
+            raise ConfigError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
+        self.forward, self.schema, self.device = forward, schema, device
+        self.layout = HeadLayout(schema.num_keypoints)
+        self.settings, self.half = settings, half
+        self.scales = list(scales) if scales else ([1.0] * len(flips) if flips else None)
+        self.flips = list(flips) if flips else ([False] * len(self.scales) if self.scales else None)
+        self.return_kp_objects = return_kp_objects
+        self.timing = Timing()
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fuse: bool = True,
+                   **kwargs: Any) -> "Predictor":
+        """A predictor over a KapaoModel: eval mode, Conv+BN folded (a copy when fusing), fp16 on CUDA if asked."""
+        if half and device.type != "cuda":
+            raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
+        if fuse:
+            import copy
+
+            model = copy.deepcopy(model).fuse()
+        model = model.to(device).eval()
+        model = model.half() if half else model.float()
+        return cls(lambda x: model(x)[0], model.schema, device, half=half, **kwargs)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        setattr(self.timing, name, getattr(self.timing, name) + time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, metas: Sequence[dict[str, Any]]) -> list[Poses]:
+        """images: (B, 3, H, W) uint8 RGB letterboxed network input; metas as from `prepare_batch`."""
+        x = images.to(self.device, non_blocking=True)
+        x = (x.half() if self.half else x.float()) / 255.0
+        with self._timed("infer"):
+            if self.scales:
+                pred = tta_forward(self.forward, x, self.scales, self.flips, self.layout, self.schema.flip_index)
+            else:
+                pred = self.forward(x)
+        with self._timed("post"):
+            out = postprocess(pred.float(), self.settings, self.layout, metas, self.return_kp_objects)
+        self.timing.images += len(out)
+        return out
+
+    def predict_images(self, images: Sequence[np.ndarray], imgsz: int) -> list[Poses]:
+        """BGR images (H, W, 3) -> Poses in their pixels."""
+        with self._timed("pre"):
+            batch, metas = prepare_batch(images, imgsz)
+        return self(batch, metas)
+
+
+# ----------------------------------------------------------------------------------------------
+def image_id_of(frame: Frame) -> int | str:
+    """COCO-style id: the frame index for videos, the file stem (as int when numeric) for images."""
+    if frame.frame is not None:
+        return frame.frame
+    stem = Path(frame.path).stem
+    return int(stem) if stem.isdigit() else stem
+
+
+@dataclass
+class DrawOptions:
+    show_boxes: bool = False
+    show_scores: bool = False
+    show_kp_objects: bool = False
+    line_width: int | None = None
+
+
+class ResultWriter:
+    """Writes drawn images/videos and a COCO-format predictions JSON into a run folder."""
+
+    def __init__(self, save_dir: Path, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
+                 show: bool = False) -> None:
+        self.save_dir, self.schema, self.draw, self.save_media = save_dir, schema, draw, save_media
+        self.show = show
+        self.records: list[dict[str, Any]] = []
+        self._videos: dict[str, cv2.VideoWriter] = {}
+        self.written: list[Path] = []
+
+    def add(self, frame: Frame, poses: Poses, fps: float | None = None) -> None:
+        for rec in poses.to_coco(image_id_of(frame)):
+            rec["file"] = Path(frame.path).name
+            self.records.append(rec)
+        if not (self.save_media or self.show):
+            return
+        p = poses.to("cpu")
+        img = draw_poses(frame.image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
+                         line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
+                         show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects)
+        if self.show:
+            cv2.imshow("kapao", img)
+            cv2.waitKey(1)
+        if not self.save_media:
+            return
+        if frame.frame is None:
+            out = self.save_dir / Path(frame.path).name
+            if not cv2.imwrite(str(out), img):
+                raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
+            self.written.append(out)
+        else:
+            self._video_writer(frame, img.shape, fps or 30.0).write(img)
+
+    def _video_writer(self, frame: Frame, shape: tuple[int, ...], fps: float) -> cv2.VideoWriter:
+        key = frame.path
+        if key not in self._videos:
+            name = Path(key).stem if not key.isdigit() else f"webcam{key}"
+            out = self.save_dir / f"{name}.mp4"
+            writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (shape[1], shape[0]))
+            if not writer.isOpened():
+                raise DataError(f"cannot write video {out}; check that the output folder is writable")
+            self._videos[key] = writer
+            self.written.append(out)
+        return self._videos[key]
+
+    def close(self) -> Path:
+        for w in self._videos.values():
+            w.release()
+        self._videos.clear()
+        if self.show:
+            cv2.destroyAllWindows()
+        path = self.save_dir / "predictions.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.records))
+        tmp.replace(path)
+        return path
+
+
+def _display_available() -> str | None:
+    """None when a window can be opened, else the reason why not."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display found (DISPLAY is not set)"
+    try:
+        cv2.namedWindow("kapao", cv2.WINDOW_NORMAL)
+        cv2.destroyWindow("kapao")
+    except cv2.error:
+        return "this OpenCV build has no GUI support (opencv-python-headless is installed)"
+    return None
+
+
+def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> Iterator[Frame]:
+    """Frames of every item of a source: images once, videos/streams frame by frame."""
+    for item in spec.items:
+        if spec.is_video(item):
+            reader = VideoReader(item)
+            readers[item] = reader
+            yield from reader
+        else:
+            try:
+                yield Frame(load_image(item), item)
+            except DataError as e:  # one unreadable image in a folder is reported, not fatal
+                from kapao.data import LOGGER
+
+                LOGGER.warning("skipped: %s", e)
+
+
+def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
+    chunk: list[Frame] = []
+    for f in frames:
+        if chunk and (f.frame is not None) != (chunk[0].frame is not None):  # never mix videos and images
+            yield chunk
+            chunk = []
+        chunk.append(f)
+        if len(chunk) == batch or f.frame is not None:  # video frames go one by one (live order)
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class PredictRun:
+    """What a predict run produced."""
+
+    save_dir: Path | None
+    results: list[Poses] = field(default_factory=list)
+    frames: int = 0
+    poses: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    timing: Timing | None = None
+    json_path: Path | None = None
+
+
+class KAPAO:
+    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`."""
+
+    def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
+                 half: bool = False) -> None:
+        from kapao.weights import load_model
+
+        self.device = select_device(device)
+        if isinstance(weights, torch.nn.Module):
+            self.model, self.info = weights, {}
+        else:
+            self.model, self.info = load_model(weights, device="cpu")
+        self.schema: KeypointSchema = self.model.schema
+        self.half = half
+        self._fused: Any = None
+
+    def predictor(self, settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
+                  flips: Sequence[bool] | None = None, return_kp_objects: bool = False) -> Predictor:
+        if self._fused is None:  # fold Conv+BN once and reuse it for every predictor
+            self._fused = Predictor.from_model(self.model, self.device, self.half)
+        return Predictor(self._fused.forward, self.schema, self.device, settings, self.half, scales, flips,
+                         return_kp_objects)
+
+    def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
+                imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
+        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
+        if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
+            arrays = [source] if isinstance(source, np.ndarray) else list(source)
+            return self.predictor(settings, **kwargs).predict_images(arrays, check_imgsz(imgsz))
+        return self.run(source, imgsz=imgsz, settings=settings, save=False, **kwargs).results
+
+    def run(self, source: str | Path | int | None = None, *, imgsz: int = 1280,
+            settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
+            flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
+            show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
+            name: str = "exp", keep_results: bool = True, progress: bool = False) -> PredictRun:
+        """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
+        from tqdm import tqdm
+
+        check_imgsz(imgsz)
+        if batch < 1:
+            raise ConfigError(f"--batch {batch}: must be at least 1")
+        spec = resolve_source(source)
+        if show and (why := _display_available()):
+            raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
+        draw = draw or DrawOptions()
+        predictor = self.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
+        save_dir = None
+        if save or save_json:
+            try:
+                save_dir = increment_run_dir(project, name)
+            except OSError as e:
+                raise DataError(f"cannot create the output folder under {project}: {e.strerror}; use --project "
+                                "with a writable folder") from None
+        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
+        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
+        readers: dict[str, VideoReader] = {}
+        total = None if spec.kind == "stream" else sum(_count_frames(i, spec) for i in spec.items)
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
+        try:
+            for chunk in _batches(iter_frames(spec, readers), batch):
+                results = predictor.predict_images([f.image for f in chunk], imgsz)
+                for frame, poses in zip(chunk, results):
+                    poses = poses.to("cpu")
+                    if writer:
+                        fps = readers[frame.path].fps if frame.path in readers else None
+                        writer.add(frame, poses, fps)
+                    if keep_results:
+                        run.results.append(poses)
+                    run.poses += len(poses)
+                run.frames += len(chunk)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+        finally:
+            bar.close()
+            for r in readers.values():
+                r.close()
+            if writer:
+                path = writer.close()
+                run.json_path = path if save_json else None
+                if not save_json:
+                    path.unlink()
+        run.seconds = time.perf_counter() - t0
+        if run.frames == 0:
+            raise DataError(f"no frame could be read from {source}: the images are unreadable or the video has no frames")
+        return run
+
+
+def _count_frames(item: str, spec: SourceSpec) -> int:
+    if not spec.is_video(item):
+        return 1
+    cap = cv2.VideoCapture(item)
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    return max(n, 0)
