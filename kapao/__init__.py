@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("kapao")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["KAPAO", "Poses", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy API (torch, cv2) on first use, so `kapao --version` stays fast."""
+    if name == "KAPAO":
+        from kapao.predict import KAPAO
+
+        return KAPAO
+    if name == "Poses":
+        from kapao.postprocess import Poses
+
+        return Poses
+    raise AttributeError(f"module 'kapao' has no attribute {name!r}")

@@ -195,8 +195,9 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--weights", default="kapao_s_coco", show_default=True,
-              help="kapao checkpoint, official KAPAO checkpoint, or a name kapao_{s,m,l}_{coco,crowdpose}.")
-@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
+              help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}.")
+@click.option("--imgsz", type=ImgSize(), default=None,
+              help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
 @click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
@@ -210,7 +211,7 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 @click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
 @click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
 @click.pass_context
-def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int, device: str | None, half: bool, batch: int,
+def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
             conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
             project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
             line_width: int | None) -> None:
@@ -227,7 +228,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int, de
     settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     resolve_source(source)  # a bad SOURCE fails before the weights are loaded
     api = KAPAO(weights, device=device, half=half)
-    run = api.run(source, imgsz=imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
+    run = api.run(source, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
                   show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width), project=project, name=name,
                   keep_results=False, progress=True)
     skipped = f", {run.skipped} non-media files skipped" if run.skipped else ""
@@ -277,6 +278,51 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")
+
+
+class ImgShape(click.ParamType):
+    """640 (square) or H,W: positive multiples of 64."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
+        if len(parts) not in (1, 2):
+            self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
+        v = [ImgSize().convert(p, param, ctx) for p in parts]
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+@cli.command()
+@click.option("--weights", default="kapao_s_coco", show_default=True, help="Checkpoint or name to export.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")
+@click.option("--imgsz", type=ImgShape(), default="640", show_default=True,
+              help="Input size: 640 or H,W (multiples of 64); fixed unless --dynamic.")
+@click.option("--dynamic", is_flag=True, help="Free batch, height and width.")
+@click.option("--half", is_flag=True, help="FP16 export (CUDA only).")
+@click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim.")
+@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True, help="ONNX opset (SiLU needs 13+).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
+@click.option("--device", default=None, callback=_check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
+@click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
+@click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
+@click.pass_context
+def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
+           opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
+    """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
+    from kapao.export import describe_check, export_onnx, read_metadata
+
+    _setup_logging(ctx.obj.get("verbose", False))
+    path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
+                       batch=batch, check_image=check_image, check=not no_check, device=device)
+    info = read_metadata(path)
+    shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
+    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {'fp16' if info.half else 'fp32'}; opset {opset})")
+    click.echo(describe_check(info.raw))
+    click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 
 
 def main() -> None:

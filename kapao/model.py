@@ -205,11 +205,8 @@ def decode(raw: Sequence[Tensor], anchors: Tensor, strides: Sequence[int], layou
         wh = (box[..., 2:] * 2) ** 2 * a
         kp = y[..., layout.kpt].view(b, na, ny, nx, k, 2)
         kp = (kp * 4 - 2) * a.unsqueeze(-2) + (grid * stride).unsqueeze(-2)
-        d = torch.empty_like(y)
-        d[..., layout.box] = torch.cat((xy, wh), -1)
-        d[..., layout.obj] = y[..., layout.obj]
-        d[..., layout.cls] = y[..., layout.cls]
-        d[..., layout.kpt] = kp.flatten(-2)
+        # one concatenation in HeadLayout order (box | obj | cls | kpt): no scatter ops in exported graphs
+        d = torch.cat((xy, wh, y[..., layout.obj:layout.cls.stop], kp.flatten(-2)), -1)
         out.append(d.view(b, -1, no))
     return torch.cat(out, 1)
 

@@ -281,21 +281,46 @@ class KAPAO:
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
                  half: bool = False) -> None:
+        from kapao.export import OnnxBackend, is_onnx
         from kapao.weights import load_model
 
         self.device = select_device(device)
+        self.backend: OnnxBackend | None = None
+        self.model: torch.nn.Module | None = None
         if isinstance(weights, torch.nn.Module):
             self.model, self.info = weights, {}
+        elif is_onnx(weights):
+            self.backend = OnnxBackend(weights, device=self.device)
+            if half and not self.backend.fp16:
+                raise ConfigError(f"--half: {weights} is an fp32 ONNX model; export it with --half (CUDA) or drop --half")
+            self.info = {"path": str(weights), "format": "onnx", **self.backend.info.raw}
+            self.device, half = self.backend.device, self.backend.fp16
         else:
             self.model, self.info = load_model(weights, device="cpu")
-        self.schema: KeypointSchema = self.model.schema
+        self.schema: KeypointSchema = self.backend.schema if self.backend else self.model.schema
         self.half = half
         self._fused: Any = None
 
+    @property
+    def default_imgsz(self) -> int:
+        """1280 (the paper's size), or the input size of a fixed-shape ONNX file."""
+        fixed = self.backend.fixed_shape if self.backend else None
+        return max(fixed) if fixed else 1280
+
+    def check_imgsz(self, imgsz: int) -> int:
+        """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""
+        check_imgsz(imgsz)
+        fixed = self.backend.fixed_shape if self.backend else None
+        if fixed and imgsz > max(fixed):
+            raise ConfigError(f"--imgsz {imgsz}: {self.info['path']} has a fixed {fixed[0]}x{fixed[1]} input; "
+                              f"use --imgsz {max(fixed)} or export with --dynamic")
+        return imgsz
+
     def predictor(self, settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
                   flips: Sequence[bool] | None = None, return_kp_objects: bool = False) -> Predictor:
-        if self._fused is None:  # fold Conv+BN once and reuse it for every predictor
-            self._fused = Predictor.from_model(self.model, self.device, self.half)
+        if self._fused is None:  # fold Conv+BN once (or open the ONNX session) and reuse it
+            self._fused = (Predictor(self.backend, self.schema, self.device, half=self.half) if self.backend
+                           else Predictor.from_model(self.model, self.device, self.half))
         return Predictor(self._fused.forward, self.schema, self.device, settings, self.half, scales, flips,
                          return_kp_objects)
 
@@ -304,7 +329,7 @@ class KAPAO:
         """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
-            return self.predictor(settings, **kwargs).predict_images(arrays, check_imgsz(imgsz))
+            return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
         return self.run(source, imgsz=imgsz, settings=settings, save=False, **kwargs).results
 
     def run(self, source: str | Path | int | None = None, *, imgsz: int = 1280,
@@ -315,7 +340,7 @@ class KAPAO:
         """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
         from tqdm import tqdm
 
-        check_imgsz(imgsz)
+        self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
         spec = resolve_source(source)

@@ -88,5 +88,5 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
 
     api = KAPAO(weights, device=device, half=half)
     check_compatible(api.schema, cfg.schema, what=f"the weights ({weights})" if not isinstance(weights, torch.nn.Module) else "the model")
-    loader = make_val_loader(cfg, split, imgsz, batch, workers)
+    loader = make_val_loader(cfg, split, api.check_imgsz(imgsz), batch, workers)
     return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress)

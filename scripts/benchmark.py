@@ -1,0 +1,505 @@
+"""Inference speed of kapao (torch eager and onnxruntime) next to Ultralytics YOLO11-pose, on this machine.
+
+    python scripts/benchmark.py [--sizes n s m] [--imgsz 640 1280] [--device cpu] [--weights FILE]
+                                [--video PATH] [--frames 10] [--runs 5] [--quick]
+
+For every size and image size, one row per backend -- kapao torch eager, kapao onnxruntime (the file
+`kapao export` writes: static imgsz x imgsz; and --dynamic), YOLO11-pose of the same size (built from
+its model YAML: random weights, nothing downloaded) -- with:
+
+* forward ms: median of --runs after warm-up, on the letterboxed first video frame (the input the
+  video run uses) and on a crowded image (2x2 tiles of ultralytics' bus.jpg: 16 people);
+* post ms: NMS + keypoint fusion on the crowded image's decoded output. Random weights detect
+  nothing, so unless --weights is given, realistic candidates are injected into the real decoded
+  tensor: per person 20 pose candidates and 4 keypoint-object candidates per keypoint above the
+  predict thresholds (the script says so in its output);
+* e2e fps: the predict verb on the video (KAPAO(...).run(save=True): decoding, letterbox, forward,
+  NMS, fusion, drawing, video writing, predictions.json); YOLO: its own predict(save=False,
+  stream=True) on the same video and imgsz;
+* peak memory: CUDA max allocated, else the peak process RSS growth during the row.
+
+Then the four target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
+The video is --video, else $KAPAO_TEST_DATA/videos/posetrack-000001.mp4 (../shared/data by default),
+cut or looped to --frames frames.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported (kapao imports it too)
+os.environ.setdefault("YOLO_VERBOSE", "False")
+# OpenMP threads sleep instead of spinning when they wait: on a machine shared with other jobs, spinning
+# torch threads lose their time slices and eager forward gets up to 4x slower (set it to ACTIVE to compare)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import platform  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NETWORK_ATTEMPTS: list[str] = []
+
+
+def _block_network() -> None:
+    """Refuse (and record) every connection or DNS lookup: the benchmark must not download anything."""
+    def refuse(what: str) -> Callable[..., Any]:
+        def f(*args: Any, **kwargs: Any) -> Any:
+            NETWORK_ATTEMPTS.append(f"{what}{args[:2]!r}")
+            raise OSError(f"benchmark.py: network access blocked ({what})")
+        return f
+
+    socket.socket.connect = refuse("connect")  # type: ignore[method-assign]
+    socket.create_connection = refuse("create_connection")  # type: ignore[assignment]
+    socket.getaddrinfo = refuse("getaddrinfo")  # type: ignore[assignment]
+
+
+_block_network()
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
+from kapao.errors import KapaoError  # noqa: E402
+from kapao.export import OnnxBackend, export_onnx, physical_cores  # noqa: E402
+from kapao.model import build_model  # noqa: E402
+from kapao.postprocess import postprocess  # noqa: E402
+from kapao.predict import KAPAO, Predictor, prepare_batch  # noqa: E402
+from kapao.runtime import select_device  # noqa: E402
+from kapao.sources import default_source  # noqa: E402
+
+# Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
+BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))
+# A standing person's 17 COCO keypoints as fractions of the box (x, y).
+COCO_TEMPLATE = ((.50, .08), (.54, .06), (.46, .06), (.58, .08), (.42, .08), (.66, .22), (.34, .22), (.72, .40),
+                 (.28, .40), (.74, .56), (.26, .56), (.60, .55), (.40, .55), (.60, .76), (.40, .76), (.60, .96),
+                 (.40, .96))
+POSE_CANDIDATES, KP_CANDIDATES = 20, 4  # injected candidates per person / per keypoint of a person
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def default_video() -> Path:
+    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
+    return root / "videos" / "posetrack-000001.mp4"
+
+
+def read_frames(video: Path) -> tuple[list[np.ndarray], float]:
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise SystemExit(f"cannot open video {video}; pass --video or set KAPAO_TEST_DATA")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    if not frames:
+        raise SystemExit(f"{video} has no readable frames")
+    return frames, fps
+
+
+def make_clip(frames: list[np.ndarray], n: int, fps: float, out: Path) -> Path:
+    """The first n frames (looped back and forth when the video is shorter) as an mp4 file."""
+    cycle = frames + frames[-2:0:-1] if len(frames) > 1 else frames
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for i in range(n):
+        writer.write(cycle[i % len(cycle)])
+    writer.release()
+    return out
+
+
+def crowded_image() -> np.ndarray:
+    """2x2 tiles of bus.jpg: 16 people in a 1620x2160 image."""
+    bus = cv2.imread(str(default_source() / "bus.jpg"))
+    return np.vstack([np.hstack([bus, bus])] * 2)
+
+
+def crowd_boxes() -> np.ndarray:
+    """(16, 4) person boxes of :func:`crowded_image`, its pixels."""
+    h, w = 1080, 810
+    return np.array([(x1 + dx, y1 + dy, x2 + dx, y2 + dy) for dy in (0, h) for dx in (0, w)
+                     for x1, y1, x2, y2 in BUS_PEOPLE], np.float32)
+
+
+def inject_crowd(pred: torch.Tensor, layout: HeadLayout, meta: dict[str, Any], kp_bbox: float,
+                 settings: InferenceSettings, seed: int = 0) -> tuple[torch.Tensor, int, int]:
+    """A copy of decoded output (1, N, no) with realistic detections of the crowd's people written over
+    random anchors (everything else pushed below the thresholds). Returns (pred, pose candidates,
+    keypoint-object candidates) above the thresholds."""
+    g = torch.Generator().manual_seed(seed)
+    out = pred.clone()
+    out[..., layout.obj] = torch.rand(out.shape[:2], generator=g) * 0.05  # background
+    (rw, rh), (pw, ph) = meta["ratio"], meta["pad"]
+    boxes = torch.from_numpy(crowd_boxes()) * torch.tensor([rw, rh, rw, rh]) + torch.tensor([pw, ph, pw, ph])
+    k = layout.num_keypoints
+    template = torch.tensor(COCO_TEMPLATE[:k] if k <= 17 else [(.5, .5)] * k)
+    n_pose, n_kp = len(boxes) * POSE_CANDIDATES, len(boxes) * k * KP_CANDIDATES
+    rows = torch.randperm(out.shape[1], generator=g)[: n_pose + n_kp]
+    side = kp_bbox * max(meta["input_shape"])  # keypoint-object side, network-input pixels
+
+    def u(n: int, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    # pose candidates: jittered boxes, keypoints from the template, person class
+    b = boxes.repeat_interleave(POSE_CANDIDATES, 0)
+    wh = b[:, 2:] - b[:, :2]
+    jitter = (torch.rand(n_pose, 4, generator=g) - 0.5) * 0.1 * wh.repeat(1, 2)
+    b = b + jitter
+    r = rows[:n_pose]
+    out[0, r, 0:2] = (b[:, :2] + b[:, 2:]) / 2
+    out[0, r, 2:4] = b[:, 2:] - b[:, :2]
+    out[0, r, layout.obj] = u(n_pose, 0.75, 0.95)
+    cls = torch.rand(n_pose, layout.num_classes, generator=g) * 0.05
+    cls[:, 0] = u(n_pose, 0.90, 0.99)
+    out[0, r, layout.cls] = cls
+    kp = b[:, None, :2] + template[None] * (b[:, None, 2:] - b[:, None, :2])
+    kp = kp + (torch.rand(kp.shape, generator=g) - 0.5) * 0.04 * wh[:, None]
+    out[0, r, layout.kpt] = kp.flatten(1)
+    # keypoint objects: small boxes around each keypoint of each person, class k + 1
+    centres = (boxes[:, None, :2] + template[None] * (boxes[:, None, 2:] - boxes[:, None, :2])).reshape(-1, 2)
+    centres = centres.repeat_interleave(KP_CANDIDATES, 0)
+    centres = centres + (torch.rand(centres.shape, generator=g) - 0.5) * side * 0.3
+    r = rows[n_pose:]
+    out[0, r, 0:2] = centres
+    out[0, r, 2:4] = side
+    out[0, r, layout.obj] = u(n_kp, 0.6, 0.9)
+    cls = torch.rand(n_kp, layout.num_classes, generator=g) * 0.05
+    kind = torch.arange(k).repeat_interleave(KP_CANDIDATES).repeat(len(boxes))
+    cls[torch.arange(n_kp), kind + 1] = u(n_kp, 0.8, 0.98)
+    out[0, r, layout.cls] = cls
+    score, c = (out[0, :, layout.cls] * out[0, :, layout.obj, None]).max(-1)
+    poses = int(((c == 0) & (score > settings.conf)).sum())
+    kps = int(((c > 0) & (score > settings.conf_kp)).sum())
+    return out, poses, kps
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def median_ms(fn: Callable[[], Any], runs: int, warmup: int, sync: bool = False) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """{'mb': peak CUDA memory allocated, or peak RSS growth of this process} over the block."""
+    res = {"mb": float("nan")}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield res
+        res["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    import psutil
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak = [start]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield res
+    finally:
+        stop.set()
+        t.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        res["mb"] = (peak[0] - start) / 2**20
+
+
+@dataclass
+class Row:
+    model: str
+    backend: str
+    imgsz: int
+    fwd_video: float = float("nan")  # ms, video frame input
+    video_shape: tuple[int, int] = (0, 0)
+    fwd_crowd: float = float("nan")  # ms, crowded image input
+    crowd_shape: tuple[int, int] = (0, 0)
+    post: float = float("nan")  # ms, NMS + fusion on the crowded image
+    fps: float = float("nan")  # end to end on the video
+    other_ms: float = float("nan")  # per frame outside pre/forward/post (decode, draw, write)
+    mem_mb: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def post_ratio(self) -> float:
+        return self.post / self.fwd_crowd
+
+    @property
+    def fps_ratio(self) -> float:
+        return self.fps * self.fwd_video / 1000
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    frames: list[np.ndarray]
+    clip: Path
+    crowd: np.ndarray
+    tmp: Path
+    project: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def kapao_api(model: torch.nn.Module, device: torch.device, backend: OnnxBackend | None, onnx: Path | None) -> KAPAO:
+    """The KAPAO API over the torch model, or over the ONNX file (onnxruntime as the predictor's forward)."""
+    if backend is None:
+        return KAPAO(model, device=str(device))
+    with contextlib.suppress(KapaoError):  # KAPAO loads .onnx weights itself once that is wired in
+        return KAPAO(str(onnx), device=str(device))
+    api = KAPAO(model, device=str(device))  # until then: the same Predictor with onnxruntime as forward
+    api._fused = Predictor(backend, backend.schema, backend.device)
+    return api
+
+
+def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
+    args, device = ctx.args, ctx.device
+    if args.weights:
+        from kapao.weights import load_model
+
+        model, _ = load_model(args.weights)
+        name = f"kapao-{model.size} ({Path(args.weights).name})"
+    else:
+        torch.manual_seed(0)
+        model = build_model(size).eval()
+        name = f"kapao-{size}"
+    layout, schema = model.layout, model.schema
+    xv, _ = prepare_batch(ctx.frames[:1], imgsz)
+    xc, metas = prepare_batch([ctx.crowd], imgsz)
+    metas[0]["input_shape"] = tuple(xc.shape[-2:])
+    backends: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], OnnxBackend | None, Path | None]] = [
+        ("torch eager", Predictor.from_model(model, device).forward, None, None)]
+    variants = [True] if args.quick else [False, True]
+    if not args.no_onnx:
+        for dynamic in variants:
+            path = export_onnx(model, ctx.tmp / f"{size}_{imgsz}_{'dyn' if dynamic else 'static'}.onnx", imgsz=imgsz,
+                               dynamic=dynamic, simplify=args.simplify, check=False, device="cpu")
+            be = OnnxBackend(path, device=device)
+            label = ("onnxruntime dynamic" if dynamic else f"onnxruntime {imgsz}x{imgsz}") + \
+                (" slim" if args.simplify else "")
+            backends.append((label, be, be, path))
+    rows = []
+    for label, forward, backend, path in backends:
+        row = Row(name, label, imgsz)
+        dev = backend.device if backend is not None else device
+        sync = dev.type == "cuda"
+        with peak_memory(device) as mem, torch.inference_mode():
+            x_video = (xv.to(dev).float() / 255)
+            x_crowd = (xc.to(dev).float() / 255)
+            row.video_shape, row.crowd_shape = tuple(xv.shape[-2:]), tuple(xc.shape[-2:])
+            if backend is not None and backend.fixed_shape:
+                row.video_shape = row.crowd_shape = backend.fixed_shape  # padded to it
+            row.fwd_video = median_ms(lambda: forward(x_video), args.runs, args.warmup, sync)
+            row.fwd_crowd = median_ms(lambda: forward(x_crowd), args.runs, args.warmup, sync)
+            pred = forward(x_crowd).float()
+            if not args.weights:
+                pred, n_pose, n_kp = inject_crowd(pred.cpu(), layout, metas[0], schema.kp_bbox, PREDICT_SETTINGS)
+                pred = pred.to(dev)
+                note = (f"post ms: synthetic decoded output (random weights): 16 people, {POSE_CANDIDATES} pose "
+                        f"candidates per person and {KP_CANDIDATES} keypoint-object candidates per keypoint (scores "
+                        "mostly above the predict thresholds) injected into the crowded image's real decoded tensor")
+                if note not in ctx.notes:
+                    ctx.notes.append(note)
+                row.notes.append(f"{n_pose} pose + {n_kp} keypoint-object candidates above threshold")
+            found = postprocess(pred, PREDICT_SETTINGS, layout, metas)[0]
+            row.post = median_ms(lambda: postprocess(pred, PREDICT_SETTINGS, layout, metas), args.runs, args.warmup,
+                                 sync)
+            row.notes.append(f"{len(found)} poses, {int((found.keypoints[..., 2] > 0).sum())} fused keypoints")
+            api = kapao_api(model, device, backend, path)
+            api.predict(ctx.frames[0], imgsz=imgsz)  # warm-up at the video's input shape
+            run = api.run(str(ctx.clip), imgsz=imgsz, save=True, project=ctx.project, name=f"{size}_{imgsz}",
+                          keep_results=False)
+        row.mem_mb = mem["mb"]
+        row.fps = run.frames / run.seconds
+        t = run.timing.per_image_ms()
+        row.other_ms = 1000 / row.fps - t["pre"] - t["infer"] - t["post"]
+        row.notes.append(f"in the video run per frame: {t['pre']:.1f} pre-process, {t['infer']:.1f} forward, "
+                         f"{t['post']:.1f} post, {row.other_ms:.1f} other ms ({run.poses} poses drawn)")
+        rows.append(row)
+    return rows
+
+
+def yolo_row(ctx: Context, size: str, imgsz: int) -> Row:
+    from ultralytics import YOLO
+
+    row = Row(f"yolo11{size}-pose", "ultralytics", imgsz)
+    dev = "cpu" if ctx.device.type == "cpu" else str(ctx.device.index or 0)
+    with peak_memory(ctx.device) as mem:
+        model = YOLO(f"yolo11{size}-pose.yaml")  # built from its YAML: random weights, no download
+        kw = dict(imgsz=imgsz, device=dev, save=False, verbose=False, half=False)
+        model.predict(ctx.frames[0], **kw)  # sets up (and warms up) its predictor
+        predictor = model.predictor
+        sync = ctx.device.type == "cuda"
+        with torch.inference_mode():
+            xv = predictor.preprocess([ctx.frames[0]])
+            xc = predictor.preprocess([ctx.crowd])
+            row.video_shape, row.crowd_shape = tuple(xv.shape[-2:]), tuple(xc.shape[-2:])
+            row.fwd_video = median_ms(lambda: predictor.model(xv), ctx.args.runs, ctx.args.warmup, sync)
+            row.fwd_crowd = median_ms(lambda: predictor.model(xc), ctx.args.runs, ctx.args.warmup, sync)
+        t0 = time.perf_counter()
+        frames, speeds = 0, []
+        for r in model.predict(str(ctx.clip), stream=True, **kw):
+            frames += 1
+            speeds.append(r.speed)
+        row.fps = frames / (time.perf_counter() - t0)
+    row.mem_mb = mem["mb"]
+    row.post = float("nan")  # its NMS on random weights says nothing; see notes
+    pre = statistics.median(s["preprocess"] for s in speeds)
+    inf = statistics.median(s["inference"] for s in speeds)
+    post = statistics.median(s["postprocess"] for s in speeds)
+    row.other_ms = 1000 / row.fps - pre - inf - post
+    row.notes.append(f"its own timing per frame: {pre:.1f} pre, {inf:.1f} inference, {post:.1f} post ms")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(v: float, spec: str = ".1f") -> str:
+    return "–" if v != v else format(v, spec)
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| model | backend | forward ms (video input) | forward ms (crowded input) | post ms (crowded) | "
+            "post / forward | e2e fps (video) | e2e fps x forward | other ms/frame | peak mem MB |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r.model} @{r.imgsz} | {r.backend} | {fmt(r.fwd_video)} ({r.video_shape[0]}x{r.video_shape[1]}) | "
+            f"{fmt(r.fwd_crowd)} ({r.crowd_shape[0]}x{r.crowd_shape[1]}) | {fmt(r.post)} | "
+            f"{fmt(100 * r.post_ratio, '.2f')} % | {fmt(r.fps, '.2f')} | {fmt(r.fps_ratio, '.2f')} | "
+            f"{fmt(r.other_ms)} | {fmt(r.mem_mb, '.0f')} |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    out = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for (model, imgsz) in dict.fromkeys((r.model, r.imgsz) for r in rows if r.model.startswith("kapao")):
+        group = {r.backend: r for r in rows if r.model == model and r.imgsz == imgsz}
+        eager = group.get("torch eager")
+        if eager is None:
+            continue
+        size = model.split("-")[1][0]
+        tag = f"{model} @{imgsz}"
+        out.append(f"- {tag}: post-processing / forward (crowded image, torch) = {100 * eager.post_ratio:.2f} % "
+                   f"(target <= 5 %: {verdict(eager.post_ratio <= 0.05)})")
+        out.append(f"- {tag}: e2e fps / (1 / forward) (video, torch) = {eager.fps_ratio:.2f} "
+                   f"(target >= 0.9: {verdict(eager.fps_ratio >= 0.9)})")
+        for name, r in group.items():
+            if name.startswith("onnxruntime"):
+                (h, w), (th, tw) = r.video_shape, eager.video_shape
+                inputs = "same input" if (h, w) == (th, tw) else f"{h}x{w} vs {th}x{tw}"
+                ratio = r.fwd_video / eager.fwd_video
+                out.append(f"- {tag}: {name} forward / torch forward = {ratio:.2f} ({inputs}; "
+                           f"target <= 0.8 for s @640: {verdict(ratio <= 0.8)})")
+        yolo = next((r for r in rows if r.model == f"yolo11{size}-pose" and r.imgsz == imgsz), None)
+        if yolo is not None:
+            for name, r in group.items():
+                out.append(f"- {tag}: e2e fps {name} / yolo11{size}-pose = {r.fps / yolo.fps:.2f} "
+                           f"(target >= 1: {verdict(r.fps >= yolo.fps)})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["n", "s", "m"], choices=["n", "s", "m", "l", "x"])
+    ap.add_argument("--imgsz", type=int, nargs="+", default=[640, 1280])
+    ap.add_argument("--device", default="cpu", help="cpu, 0, … (default cpu)")
+    ap.add_argument("--weights", default=None, help="real kapao weights (one size): post-processing on real outputs")
+    ap.add_argument("--video", type=Path, default=None)
+    ap.add_argument("--frames", type=int, default=10, help="video frames for the end-to-end runs")
+    ap.add_argument("--runs", type=int, default=5, help="timed forward / post-processing runs (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    ap.add_argument("--simplify", action="store_true", help="export the ONNX files with --simplify (onnxslim)")
+    ap.add_argument("--no-yolo", action="store_true", help="skip the YOLO11-pose rows")
+    ap.add_argument("--project", type=Path, default=None, help="folder for the run outputs (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: size n, imgsz 256, 2 frames, 2 runs")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.imgsz, args.frames, args.runs, args.warmup = ["n"], [256], 2, 2, 1
+    if args.weights:
+        args.sizes = ["?"]
+    device = select_device(args.device)
+    threads = physical_cores()
+    torch.set_num_threads(threads)
+    video = args.video or default_video()
+    frames, fps = read_frames(video)
+    with tempfile.TemporaryDirectory(prefix="kapao-bench-") as tmp:
+        tmp = Path(tmp)
+        project = args.project or tmp / "runs"
+        clip = make_clip(frames, args.frames, fps, tmp / f"{video.stem}.mp4")
+        ctx = Context(args, device, frames, clip, crowded_image(), tmp, project)
+        rows: list[Row] = []
+        for imgsz in args.imgsz:
+            for size in args.sizes:
+                rows += kapao_rows(ctx, size, imgsz)
+                if not args.no_yolo and size != "?":
+                    rows.append(yolo_row(ctx, size, imgsz))
+                print(f"done: {size} @{imgsz}", flush=True)
+    cpu = platform.processor() or platform.machine()
+    load = ", load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    print(f"\n## kapao inference benchmark — {device} ({cpu}, {threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}{load}), torch {torch.__version__}\n")
+    print(f"video: {video.name} {frames[0].shape[1]}x{frames[0].shape[0]}, {args.frames} frames; forward: median of "
+          f"{args.runs} after {args.warmup} warm-up; crowded image: 2x2 bus.jpg (16 people)\n")
+    print(table(rows))
+    print("\nNotes:")
+    for n in ctx.notes:
+        print(f"- {n}")
+    print("- e2e: kapao = KAPAO.run(save=True) incl. drawing, mp4 writing and predictions.json; YOLO = its "
+          "predict(save=False); 'other ms/frame' = 1000/fps minus pre-process + forward + post per frame (video "
+          "decoding, drawing, writing, start-up); random weights find no poses on the video, so nothing is drawn "
+          "(16 poses at 720p cost about 4 ms to draw)")
+    mem = "CUDA max allocated" if device.type == "cuda" else "growth of the process RSS during the row"
+    print(f"- peak mem: {mem}")
+    for r in rows:
+        if r.notes:
+            print(f"- {r.model} @{r.imgsz} {r.backend}: {'; '.join(r.notes)}")
+    print(f"- network access attempts: {len(NETWORK_ATTEMPTS)}" + (f" ({', '.join(NETWORK_ATTEMPTS[:3])})"
+                                                                      if NETWORK_ATTEMPTS else ""))
+    print("\nTargets (ratios from this run):")
+    for line in targets(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
