@@ -9,6 +9,7 @@ import click
 from kapao import __version__
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings
 from kapao.errors import KapaoError
+from kapao.runtime import setup_logging
 
 
 class KapaoGroup(click.Group):
@@ -148,18 +149,6 @@ def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
     return scales, flips
 
 
-def _setup_logging(verbose: bool) -> None:
-    import logging
-
-    logger = logging.getLogger("kapao")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-
-
 @cli.command()
 @click.option("--weights", default=None, help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
@@ -223,7 +212,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     from kapao.predict import KAPAO, DrawOptions
     from kapao.sources import resolve_source
 
-    _setup_logging(ctx.obj.get("verbose", False))
+    setup_logging(ctx.obj.get("verbose", False))
     scales, flips = _tta(scales, flips, tta)
     settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     resolve_source(source)  # a bad SOURCE fails before the weights are loaded
@@ -260,7 +249,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     from kapao.runtime import increment_run_dir
     from kapao.val import run_val
 
-    _setup_logging(ctx.obj.get("verbose", False))
+    setup_logging(ctx.obj.get("verbose", False))
     if crowdpose:
         if data not in (None, "crowdpose"):
             raise click.UsageError(f"--crowdpose means --data crowdpose; it contradicts --data {data}")
@@ -278,6 +267,79 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")
+
+
+def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in values:
+        key, sep, val = item.partition("=")
+        try:
+            out[key.strip()] = float(val)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param) from None
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param)
+    return out
+
+
+def _check_train_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
+    if value and "," in value:
+        for d in value.split(","):
+            _check_device(ctx, param, d.strip())
+        return value
+    return _check_device(ctx, param, value)
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
+@click.option("--data", default="coco", show_default=True, help="coco, crowdpose or a dataset YAML.")
+@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
+@click.option("--device", default=None, callback=_check_train_device,
+              help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
+@click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
+@click.option("--weights", default=None, help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
+@click.option("--hyp", default=None, help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
+@click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
+              help="Override one hyperparameter, e.g. --hyp-set lr0=0.02 (repeatable).")
+@click.option("--project", default="runs/train", show_default=True, help="Parent folder of run folders.")
+@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
+@click.option("--exist-ok", is_flag=True, help="Reuse project/name instead of incrementing it.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN|last.pt]",
+              help="Resume the latest run, a run folder or a last.pt.")
+@click.option("--noval", is_flag=True, help="Validate only after the final epoch.")
+@click.option("--nosave", is_flag=True, help="Save checkpoints only at the end (and on Ctrl-C).")
+@click.option("--patience", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Stop after this many epochs without improvement (0: never).")
+@click.option("--cache", is_flag=True, help="Keep resized training images in RAM.")
+@click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across GPUs.")
+@click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
+@click.pass_context
+def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
+          workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
+          exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
+          no_amp: bool, seed: int, no_plots: bool) -> None:
+    """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
+
+    Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
+    """
+    from kapao.train import TrainArgs, launch_distributed, should_launch
+    from kapao.train import train as run_training
+
+    setup_logging(ctx.obj.get("verbose", False))
+    if should_launch(device):
+        argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
+        sys.exit(launch_distributed(argv, device))
+    args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
+                     workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
+                     exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,
+                     sync_bn=sync_bn, amp=not no_amp, seed=seed, plots=not no_plots)
+    run_dir = run_training(args)
+    click.echo(f"Results saved to {run_dir}")
 
 
 class ImgShape(click.ParamType):
@@ -315,7 +377,7 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
     from kapao.export import describe_check, export_onnx, read_metadata
 
-    _setup_logging(ctx.obj.get("verbose", False))
+    setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
                        batch=batch, check_image=check_image, check=not no_check, device=device)
     info = read_metadata(path)

@@ -1,19 +1,24 @@
-"""Where a run executes and writes: device selection and incrementing `runs/<verb>/expN` folders."""
+"""Where a run executes and reports: device selection, incrementing `runs/<verb>/expN` folders, logging."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kapao.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
 
-def select_device(spec: str | int | None = None) -> torch.device:
+
+def select_device(spec: str | int | None = None) -> "torch.device":
     """Parse `cpu`, `0`, `cuda:1`, `mps` or None (first GPU if any, else CPU) into a device.
 
     A GPU list such as `0,1` selects its first entry; multi-GPU launching is train's business.
     """
+    import torch  # deferred: the CLI imports this module before it needs torch
+
     text = "" if spec is None else str(spec).strip().lower()
     if text in ("", "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -50,3 +55,17 @@ def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = F
         path = project / f"{name}{max(nums, default=1) + 1}"
     path.mkdir(parents=True)
     return path
+
+
+def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
+    """Send the `kapao` logger's INFO (DEBUG with verbose) messages to stderr, unless logging is already
+    configured; in multi-process training the other ranks only warn."""
+    logger = logging.getLogger("kapao")
+    if not main_process:
+        logger.setLevel(logging.WARNING)
+        return
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
