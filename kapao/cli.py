@@ -1,6 +1,7 @@
 """The `kapao` command: a thin click layer that parses options, builds settings and calls the library."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable
 
@@ -13,7 +14,14 @@ from kapao.runtime import setup_logging
 
 
 class KapaoGroup(click.Group):
-    """Turns library errors into one-line messages (exit 1) unless --verbose asks for the traceback."""
+    """Turns library errors into one-line messages (exit 1) unless --verbose asks for the traceback.
+
+    Exit codes: 2 (click usage errors) when the command line is wrong: a value malformed, out of range,
+    contradicting another option, or naming something that does not exist (SOURCE, --weights, --data,
+    --hyp, --resume, --device; checked at parse time without reading anything). 1 (KapaoError) when what
+    the options name exists but fails while running: corrupt or unsafe files, unreadable media,
+    diverged training, disk and permission problems.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -105,6 +113,35 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
+def _bad(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
+    """A library error about one option's value as a usage error (exit 2) naming that option."""
+    if isinstance(param, str):
+        param = next(p for p in ctx.command.params if p.name == param)
+    return click.BadParameter(re.sub(rf"^{re.escape(param.opts[0])}:? ", "", str(e)), ctx, param)
+
+
+def _exists(what: str) -> Callable:
+    """Callback: the value must name something that exists — a built-in name or an existing file —
+    checked at parse time without reading it (`what`: data, hyp or weights). Reading it comes later."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if what == "weights":
+            from kapao.weights import check_weights_spec as check
+        else:
+            from kapao.config import check_dataset_spec, check_hyp_spec
+
+            check = check_dataset_spec if what == "data" else check_hyp_spec
+        try:
+            check(value)
+        except KapaoError as e:
+            raise _bad(e, ctx, param) from None
+        return value
+
+    return callback
+
+
 UNIT = click.FloatRange(0.0, 1.0)
 
 
@@ -150,11 +187,13 @@ def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
 
 
 @cli.command()
-@click.option("--weights", default=None, help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
+@click.option("--weights", default=None, callback=_exists("weights"),
+              help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
 @click.option("--kpts", type=click.IntRange(min=1), default=None,
               help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
-@click.option("--data", default=None, help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
+@click.option("--data", default=None, callback=_exists("data"),
+              help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
 def info(weights: str | None, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
     """Print a model summary: layers, parameters, GFLOPs and keypoint names."""
@@ -183,7 +222,7 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--weights", default="kapao_s_coco", show_default=True,
+@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
               help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}.")
 @click.option("--imgsz", type=ImgSize(), default=None,
               help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
@@ -209,26 +248,32 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
     COCO-format predictions.json) go to runs/predict/expN.
     """
+    from kapao.errors import DataError
     from kapao.predict import KAPAO, DrawOptions
     from kapao.sources import resolve_source
 
     setup_logging(ctx.obj.get("verbose", False))
     scales, flips = _tta(scales, flips, tta)
     settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    resolve_source(source)  # a bad SOURCE fails before the weights are loaded
+    try:
+        resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
+    except DataError as e:
+        raise _bad(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
     run = api.run(source, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
                   show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width), project=project, name=name,
                   keep_results=False, progress=True)
-    skipped = f", {run.skipped} non-media files skipped" if run.skipped else ""
+    skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
+        (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")
     click.echo(f"{run.frames} frames, {run.poses} poses in {run.seconds:.1f} s "
                f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
     click.echo(f"Results saved to {run.save_dir}")
 
 
 @cli.command()
-@click.option("--weights", default=None, help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
-@click.option("--data", default=None, help="coco, crowdpose or a dataset YAML. [default: coco]")
+@click.option("--weights", default=None, callback=_exists("weights"),
+              help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
+@click.option("--data", default=None, callback=_exists("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
@@ -246,7 +291,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
     from kapao.config import load_dataset_config
-    from kapao.runtime import increment_run_dir
     from kapao.val import run_val
 
     setup_logging(ctx.obj.get("verbose", False))
@@ -259,9 +303,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     scales, flips = _tta(scales, flips, tta)
     settings = _settings(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
-    save_dir = increment_run_dir(project, name)
+    cfg.require(split)  # a missing dataset fails before anything is loaded or created
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
-                  settings=settings, scales=scales, flips=flips, save_dir=save_dir)
+                  settings=settings, scales=scales, flips=flips, project=project, name=name)
+    save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
     ms = res.timing_ms
@@ -279,6 +324,13 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
             raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param) from None
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param)
+    if out:  # names and ranges checked now, against the defaults
+        from kapao.config import Hyp
+
+        try:
+            Hyp.from_dict({**Hyp().to_dict(), **out}, where="--hyp-set")
+        except KapaoError as e:
+            raise click.BadParameter(str(e).removeprefix("--hyp-set: "), ctx, param) from None
     return out
 
 
@@ -293,15 +345,17 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
-@click.option("--data", default="coco", show_default=True, help="coco, crowdpose or a dataset YAML.")
+@click.option("--data", default="coco", show_default=True, callback=_exists("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
 @click.option("--device", default=None, callback=_check_train_device,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
-@click.option("--hyp", default=None, help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
+@click.option("--weights", default=None, callback=_exists("weights"),
+              help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
+@click.option("--hyp", default=None, callback=_exists("hyp"),
+              help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
               help="Override one hyperparameter, e.g. --hyp-set lr0=0.02 (repeatable).")
 @click.option("--project", default="runs/train", show_default=True, help="Parent folder of run folders.")
@@ -327,10 +381,16 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
-    from kapao.train import TrainArgs, launch_distributed, should_launch
+    from kapao.errors import ConfigError
+    from kapao.train import TrainArgs, launch_distributed, resolve_resume, should_launch
     from kapao.train import train as run_training
 
     setup_logging(ctx.obj.get("verbose", False))
+    if resume:
+        try:
+            resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
+        except ConfigError as e:
+            raise _bad(e, ctx, "resume") from None
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -358,7 +418,8 @@ class ImgShape(click.ParamType):
 
 
 @cli.command()
-@click.option("--weights", default="kapao_s_coco", show_default=True, help="Checkpoint or name to export.")
+@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
+              help="Checkpoint or name to export.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")
 @click.option("--imgsz", type=ImgShape(), default="640", show_default=True,
               help="Input size: 640 or H,W (multiples of 64); fixed unless --dynamic.")

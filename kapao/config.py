@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 
 import yaml
 
-from kapao.errors import ConfigError
+from kapao.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------------------------
 # Constants of the method (facts from the official KAPAO models/training)
@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
 BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}
+GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpose.sh"}  # download scripts
 BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
 SPLITS = ("train", "val", "test")
 
@@ -187,6 +188,17 @@ class DatasetConfig:
             raise ConfigError(f"dataset {self.name} ({self.source}) has no '{split}' split; it has: {', '.join(have) or 'none'}")
         return self.images[split], self.annotations[split]
 
+    def require(self, split: str) -> tuple[Path, Path]:
+        """Like :meth:`split`, but the folder and file must exist; the error says how to get the data."""
+        for path in self.split(split):
+            if not path.exists():
+                script = GET_SCRIPTS.get(self.name)
+                how = (f"download it with `bash {script} {self.root}` (from the kapao repository), or point "
+                       f"$KAPAO_DATASETS at the folder holding datasets/{self.name}" if script
+                       else f"check 'path' and the '{split}' entries of {self.source}")
+                raise DataError(f"dataset {self.name}: {path} not found ({split} split); {how}")
+        return self.split(split)
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "path": str(self.root)}
         for s in SPLITS:
@@ -210,6 +222,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # a folder, no permission, …
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (YAML) file; pass a dataset/hyperparameter YAML") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -223,6 +239,21 @@ _DATASET_KEYS = {"base", "name", "path", *SPLITS, *(f"{s}_annotations" for s in 
                  "kpt_names", "flip_idx", "sigmas", "skeleton", "kp_bbox"}
 
 
+def check_dataset_spec(spec: str | os.PathLike) -> None:
+    """ConfigError unless `spec` is a built-in dataset name or an existing file (nothing is read)."""
+    text = str(spec)
+    if text not in BUILTIN_DATASETS and not Path(text).expanduser().is_file():
+        names = ", ".join(BUILTIN_DATASETS)
+        raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
+
+
+def check_hyp_spec(spec: str | os.PathLike) -> None:
+    """ConfigError unless `spec` is a built-in hyperparameter set or an existing file (nothing is read)."""
+    text = str(spec)
+    if text not in BUILTIN_HYPS and not Path(text).expanduser().is_file():
+        raise ConfigError(f"hyperparameter file not found: {text} (built-in: {', '.join(BUILTIN_HYPS)})")
+
+
 def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
     """Read a dataset YAML (short name or path) and merge it over its `base:` chain."""
     if depth > 4:
@@ -231,10 +262,8 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
     if text in BUILTIN_DATASETS:
         path, builtin = builtin_config_file(BUILTIN_DATASETS[text]), True
     else:
+        check_dataset_spec(text)
         path, builtin = Path(text).expanduser(), False
-        if not path.exists():
-            names = ", ".join(BUILTIN_DATASETS)
-            raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
     data = _read_yaml(path)
     unknown = set(data) - _DATASET_KEYS
     if unknown:
@@ -306,8 +335,8 @@ class Hyp:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"hyperparameter '{f.name}' must be a non-negative number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+                raise ConfigError(f"hyperparameter '{f.name}' must be a finite non-negative number, got {v!r}")
         for name in ("fliplr", "mosaic"):
             if getattr(self, name) > 1:
                 raise ConfigError(f"hyperparameter '{name}' is a probability and must be in [0, 1]")
@@ -320,7 +349,13 @@ class Hyp:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        for k, v in d.items():
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
         return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
                       for k, v in d.items()})
 
@@ -328,9 +363,8 @@ class Hyp:
 def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
     """Load hyperparameters from a built-in name (`default`) or a YAML path; missing keys keep defaults."""
     text = "default" if spec is None else str(spec)
+    check_hyp_spec(text)
     path = builtin_config_file(BUILTIN_HYPS[text]) if text in BUILTIN_HYPS else Path(text).expanduser()
-    if not path.exists():
-        raise ConfigError(f"hyperparameter file not found: {text} (built-in: {', '.join(BUILTIN_HYPS)})")
     return Hyp.from_dict(_read_yaml(path), where=str(path))
 
 

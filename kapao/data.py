@@ -30,7 +30,7 @@ from kapao.config import IMAGE_SUFFIXES, MAX_STRIDE, DatasetConfig, Hyp, Keypoin
 from kapao.errors import ConfigError, DataError
 
 LOGGER = logging.getLogger("kapao.data")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 KPT_CLIP_MARGIN = 0.02  # labelled keypoints up to this fraction of max(h, w) outside the image are clipped in
 _EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -52,6 +52,7 @@ class DatasetStats:
     kpts_clipped: int = 0
     kpts_dropped: int = 0
     size_mismatch: int = 0
+    orphan_annotations: int = 0  # annotations whose image_id is not among the JSON's images
 
     def summary(self) -> str:
         """One line for the log."""
@@ -59,7 +60,8 @@ class DatasetStats:
                 f"{self.missing} missing + {self.corrupt} corrupt images skipped")
         extras = {"crowd annotations skipped": self.crowd_skipped, "zero-size boxes skipped": self.empty_boxes,
                   "keypoints clipped into the image": self.kpts_clipped, "keypoints far outside dropped": self.kpts_dropped,
-                  "images whose size differs from the JSON (labels rescaled)": self.size_mismatch}
+                  "images whose size differs from the JSON (labels rescaled)": self.size_mismatch,
+                  "annotations of image ids missing from 'images' skipped": self.orphan_annotations}
         return line + "".join(f", {v} {k}" for k, v in extras.items() if v)
 
     def to_array(self) -> np.ndarray:
@@ -81,7 +83,10 @@ def load_image(path: str | os.PathLike, apply_exif: bool = True) -> np.ndarray:
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror or e}; check that the file exists") from None
     flags = cv2.IMREAD_COLOR if apply_exif else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(buf, flags) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, flags) if buf.size else None
+    except cv2.error:  # e.g. more pixels than OpenCV accepts
+        img = None
     if img is None:
         img = _load_with_pil(path, apply_exif)
     if img is None:
@@ -91,14 +96,24 @@ def load_image(path: str | os.PathLike, apply_exif: bool = True) -> np.ndarray:
 
 def _load_with_pil(path: str | os.PathLike, apply_exif: bool) -> np.ndarray | None:
     """Fallback for formats OpenCV cannot decode."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     try:
-        with Image.open(path) as im:
+        with _pil_open(path) as im:
             im = ImageOps.exif_transpose(im) if apply_exif else im
             return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
     except Exception:  # noqa: BLE001 - any decoder failure means "not readable"
         return None
+
+
+def _pil_open(path: str | os.PathLike):  # -> PIL.Image.Image
+    """PIL's own Image.open. Importing ultralytics replaces it with a version that, on a file PIL cannot
+    identify, tries to pip-install a HEIF plugin: a corrupt or foreign file must not install packages."""
+    import sys
+
+    from PIL import Image
+
+    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)(path)
 
 
 def _probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
@@ -106,14 +121,17 @@ def _probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
 
     Reads the header with PIL and, for JPEGs, checks for the end-of-image marker in the last 1 KiB.
     """
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        with _pil_open(path) as im:
             w, h = im.size
             fmt = im.format
             # (PNG is left out: PIL decodes the whole file to find its EXIF chunk)
             orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP") else 1
+            if fmt == "PNG":  # a truncated PNG has a valid header; only the chunk CRCs tell (no decoding)
+                try:
+                    im.verify()
+                except Exception:  # noqa: BLE001 - PIL raises OSError/SyntaxError for broken chunks
+                    return "corrupt", (0, 0), (0, 0)
         if fmt in ("JPEG", "MPO"):
             with open(path, "rb") as f:
                 f.seek(max(0, path.stat().st_size - 1024))
@@ -186,11 +204,16 @@ def read_coco(ann_file: Path):  # -> pycocotools.coco.COCO
 
     if not ann_file.is_file():
         raise DataError(f"annotation file not found: {ann_file}; check the dataset YAML's *_annotations entries")
+    if ann_file.stat().st_size == 0:
+        raise DataError(f"{ann_file} is empty (0 bytes); re-download or fix the file")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(ann_file))
+    except OSError as e:
+        raise DataError(f"cannot read {ann_file}: {e.strerror or e}; check its permissions") from None
     except (ValueError, AssertionError, KeyError, TypeError) as e:  # JSON syntax (ValueError) or structure
-        raise DataError(f"{ann_file}: not a valid COCO-format JSON ({e}); re-download or fix the file") from None
+        why = f"an entry has no {e} key" if isinstance(e, KeyError) else str(e)
+        raise DataError(f"{ann_file}: not a valid COCO-format JSON ({why}); re-download or fix the file") from None
 
 
 def _person_category_ids(coco) -> set | None:
@@ -204,19 +227,22 @@ def _parse_annotation(a: dict, img_hw: tuple[int, int], sxy: tuple[float, float]
     """One annotation -> (box (4,) xyxy, keypoints (K, 3)) in image pixels, or None if skipped."""
     h, w = img_hw
     raw = a.get("keypoints") or []
+    raw = raw if isinstance(raw, (list, tuple)) else []
     if len(raw) != 3 * k:
         raise DataError(f"{ann_file}: annotation id {a.get('id')} has {len(raw) / 3:g} keypoints but the dataset schema "
                         f"has K={k}; fix the annotation or the dataset YAML's kpt_names")
-    if "bbox" not in a or len(a["bbox"]) != 4:
-        raise DataError(f"{ann_file}: annotation id {a.get('id')} has no valid 'bbox' [x, y, w, h]; fix the annotation")
-    x, y, bw, bh = (float(v) for v in a["bbox"])
+    try:
+        x, y, bw, bh = (float(v) for v in a["bbox"])
+        kpts = np.array(raw, np.float32).reshape(k, 3) if k else np.zeros((0, 3), np.float32)
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{ann_file}: annotation id {a.get('id')} needs a 'bbox' of 4 numbers [x, y, w, h] and "
+                        f"numeric 'keypoints'; fix the annotation") from None
     box = np.array([x * sxy[0], y * sxy[1], (x + bw) * sxy[0], (y + bh) * sxy[1]], np.float32)
     box[[0, 2]] = box[[0, 2]].clip(0, w)
     box[[1, 3]] = box[[1, 3]].clip(0, h)
     if box[2] <= box[0] or box[3] <= box[1]:
         stats.empty_boxes += 1
         return None
-    kpts = np.array(raw, np.float32).reshape(k, 3) if k else np.zeros((0, 3), np.float32)
     kpts[:, :2] *= sxy
     kpts[kpts[:, 2] <= 0] = 0.0
     vis = kpts[:, 2] > 0
@@ -238,7 +264,7 @@ def _label_frame(info: dict, raw_hw: tuple[int, int],
     If the JSON's size matches the raw pixels but not the EXIF-rotated ones, the labels were made on
     the raw pixels: keep them un-rotated. Any other size difference rescales the labels.
     """
-    json_hw = (int(info.get("height") or hw[0]), int(info.get("width") or hw[1]))
+    json_hw = (int(info.get("height") or hw[0]), int(info.get("width") or hw[1]))  # checked by _check_images
     apply_exif = not (json_hw == raw_hw and json_hw != hw)
     hw = hw if apply_exif else raw_hw
     return hw, apply_exif, (hw[1] / json_hw[1], hw[0] / json_hw[0])
@@ -261,12 +287,27 @@ def _image_persons(anns: list[dict], hw: tuple[int, int], sxy: tuple[float, floa
     return persons
 
 
+def _check_images(infos: list[dict], ann_file: Path) -> None:
+    """DataError naming the first image entry without a usable file_name, width or height."""
+    for info in infos:
+        ok = isinstance(info.get("file_name"), str) and info["file_name"]
+        try:
+            ok = ok and all(int(info.get(key) or 1) > 0 for key in ("height", "width"))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{ann_file}: image id {info.get('id')!r} needs a 'file_name' and positive integer "
+                            "'width'/'height'; fix the image entry")
+
+
 def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: bool,
                       coco: Any = None, workers: int = 8) -> Labels:
     """Parse a COCO keypoint JSON and probe its images (threads). Raises DataError on bad annotations."""
     coco = coco if coco is not None else read_coco(ann_file)
     stats, k, cats = DatasetStats(), num_keypoints, _person_category_ids(coco)
     infos = list(coco.imgs.values())
+    _check_images(infos, ann_file)
+    stats.orphan_annotations = sum(len(v) for i, v in coco.imgToAnns.items() if i not in coco.imgs)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         probes = list(pool.map(lambda info: _probe_image(img_dir / info["file_name"]), infos))
     kept, frames, persons, skipped = [], [], [], []
@@ -421,7 +462,7 @@ class PoseDataset(Dataset):
             fix = math.ceil(imgsz / MAX_STRIDE) * MAX_STRIDE
             raise ConfigError(f"image size {imgsz} must be a multiple of {MAX_STRIDE}; use e.g. {fix}")
         self.cfg, self.split, self.schema = cfg, split, cfg.schema
-        self.img_dir, self.ann_file = cfg.split(split)
+        self.img_dir, self.ann_file = cfg.require(split)
         self.imgsz, self.hyp, self.augment, self.rect = imgsz, hyp or Hyp(), augment, rect
         self.batch_size = batch_size
         self.mosaic = augment and not rect  # as official: rectangular batches never use mosaic
@@ -440,6 +481,7 @@ class PoseDataset(Dataset):
         self.rng = np.random.default_rng(0)
         self.pixel_noise = PixelNoise(0) if augment else None
         self._imgs: list[tuple[np.ndarray, tuple[float, float]]] | None = None
+        self._broken: set[int] = set()  # images that failed to decode after the start-up check
         if cache_images:
             self._cache_images()
 
@@ -447,9 +489,17 @@ class PoseDataset(Dataset):
     def _log_stats(self, cached: bool) -> None:
         where = " (label cache)" if cached else ""
         LOGGER.info("%s %s: %s%s", self.cfg.name, self.split, self.stats.summary(), where)
+        listed = self.stats.images + len(self.labels.skipped)
+        if listed == 0:
+            raise DataError(f"no images for split '{self.split}' of {self.cfg.name}: {self.ann_file} lists none "
+                            "(its 'images' list is empty or missing); fix or replace the annotation file")
         if self.stats.images == 0:
-            raise DataError(f"no usable images for split '{self.split}' of {self.cfg.name}: {self.ann_file} lists none "
-                            f"that exist under {self.img_dir}; check the dataset YAML's paths")
+            raise DataError(f"no usable images for split '{self.split}' of {self.cfg.name}: none of the {listed} images "
+                            f"that {self.ann_file} lists can be read under {self.img_dir} ({self.stats.missing} missing, "
+                            f"{self.stats.corrupt} corrupt); check the dataset YAML's paths")
+        if self.stats.persons == 0:
+            LOGGER.warning("%s %s: %s has no usable person annotations; all %d images are negatives", self.cfg.name,
+                           self.split, self.ann_file, self.stats.images)
 
     def _cache_images(self) -> None:
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -478,9 +528,19 @@ class PoseDataset(Dataset):
         return len(self.order)
 
     def _read_resized(self, j: int) -> tuple[np.ndarray, tuple[float, float]]:
-        """Image j (storage order) resized so its long side is imgsz; and the ratios (rw, rh)."""
-        img = load_image(self.img_dir / str(self.labels.files[j]), bool(self.labels.apply_exif[j]))
+        """Image j (storage order) resized so its long side is imgsz; and the ratios (rw, rh).
+
+        An image that passed the start-up check but cannot be decoded now becomes a grey image without
+        labels (one warning per file and process), so one bad file never stops a run.
+        """
         h0, w0 = self.labels.shapes[j]
+        try:
+            img = load_image(self.img_dir / str(self.labels.files[j]), bool(self.labels.apply_exif[j]))
+        except DataError as e:
+            if j not in self._broken:
+                LOGGER.warning("%s; used as an empty grey image without labels", e)
+            self._broken.add(j)
+            img = np.full((int(h0), int(w0), 3), 114, np.uint8)
         r = self.imgsz / max(img.shape[:2])
         if r != 1:
             interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
@@ -490,7 +550,10 @@ class PoseDataset(Dataset):
     def _load(self, j: int) -> tuple[np.ndarray, Instances, tuple[float, float]]:
         """Image j resized (long side imgsz), its instances in those pixels, and the ratios (rw, rh)."""
         img, (rw, rh) = self._imgs[j] if self._imgs is not None else self._read_resized(j)
-        return img, self.labels.instances(j).scaled(rw, rh), (rw, rh)
+        inst = self.labels.instances(j)
+        if j in self._broken:
+            inst = Instances.empty(self.schema.num_keypoints)
+        return img, inst.scaled(rw, rh), (rw, rh)
 
     def _load_mosaic(self, j: int) -> tuple[np.ndarray, Instances]:
         picks = [j, *self.rng.integers(0, len(self.labels), 3)]

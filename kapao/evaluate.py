@@ -143,16 +143,22 @@ def save_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     The official tools run on this file print the numbers :func:`evaluate` returns.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = sort_results(results)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
+                            "folder") from None
         raise
     return path
 
@@ -299,10 +305,11 @@ def _complete_gt(dataset: dict[str, Any], num_keypoints: int, *, protocol: str, 
         for key in ("id", "image_id", "category_id", "keypoints", "bbox"):
             if key not in ann:
                 raise DataError(f"{where}: annotation {aid!r} has no '{key}'")
-        if len(ann["keypoints"]) != 3 * num_keypoints:
-            raise DataError(f"{where}: annotation {aid!r} has {len(ann['keypoints'])} keypoint values, expected "
+        if not isinstance(ann["keypoints"], list) or len(ann["keypoints"]) != 3 * num_keypoints:
+            n = len(ann["keypoints"]) if isinstance(ann["keypoints"], list) else 0
+            raise DataError(f"{where}: annotation {aid!r} has {n} keypoint values, expected "
                             f"{3 * num_keypoints} (3 x {num_keypoints} keypoints, one per OKS sigma)")
-        if len(ann["bbox"]) != 4:
+        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
             raise DataError(f"{where}: annotation {aid!r} bbox must be [x, y, w, h]")
         ann.setdefault("iscrowd", 0)
         ann.setdefault("num_keypoints", int(sum(v > 0 for v in ann["keypoints"][2::3])))

@@ -238,6 +238,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
 
     model, weights, source = _resolve_model(weights_or_model)
     out = _output_path(path, weights, model.size)
+    _atomic_write(out, None)  # an unwritable output fails now, not after the slow export
     net = copy.deepcopy(model).float().to(dev).eval()
     if hasattr(net, "fuse"):
         net.fuse()
@@ -293,7 +294,8 @@ def describe_check(meta: Mapping[str, Any]) -> str:
             f"{check['max_abs_diff']:.2e} (coordinates {check['coords']:.2e} px, scores {check['scores']:.2e})")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | None) -> None:
+    """Write `data` to `path` via a temporary file in its folder; `data` None only checks that it could."""
     import tempfile
 
     try:
@@ -301,13 +303,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+                f.write(data or b"")
+            if data is None:
+                Path(tmp).unlink()
+            else:
+                os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
-        raise WeightsError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
+        from kapao.runtime import os_error_reason
+
+        raise WeightsError(f"cannot write {path}: {os_error_reason(e, path)}; choose a writable folder") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -212,8 +213,13 @@ class ResultWriter:
             cv2.destroyAllWindows()
         path = self.save_dir / "predictions.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.records))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.records))
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or use --project with a "
+                            "writable folder") from None
         return path
 
 
@@ -232,20 +238,30 @@ def _display_available() -> str | None:
     return None
 
 
-def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> Iterator[Frame]:
-    """Frames of every item of a source: images once, videos/streams frame by frame."""
-    for item in spec.items:
-        if spec.is_video(item):
-            reader = VideoReader(item)
-            readers[item] = reader
-            yield from reader
-        else:
-            try:
-                yield Frame(load_image(item), item)
-            except DataError as e:  # one unreadable image in a folder is reported, not fatal
-                from kapao.data import LOGGER
+def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader],
+                unreadable: list[str] | None = None) -> Iterator[Frame]:
+    """Frames of every item of a source: images once, videos/streams frame by frame.
 
-                LOGGER.warning("skipped: %s", e)
+    A reader already in `readers` (opened early) is used as is. An image or video of a folder or glob
+    that cannot be read is logged, appended to `unreadable` and skipped, so one bad file never stops the
+    run; a lone file that cannot be read raises DataError.
+    """
+    for item in spec.items:
+        try:
+            if spec.is_video(item):
+                reader = readers.get(item) or VideoReader(item)
+                readers[item] = reader
+                yield from reader
+            else:
+                yield Frame(load_image(item), item)
+        except DataError as e:
+            if len(spec) == 1:
+                raise
+            from kapao.data import LOGGER
+
+            LOGGER.warning("skipped: %s", e)
+            if unreadable is not None:
+                unreadable.append(item)
 
 
 def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
@@ -270,7 +286,8 @@ class PredictRun:
     results: list[Poses] = field(default_factory=list)
     frames: int = 0
     poses: int = 0
-    skipped: int = 0
+    skipped: int = 0  # files that are neither images nor videos (by suffix)
+    unreadable: list[str] = field(default_factory=list)  # images/videos that could not be decoded
     seconds: float = 0.0
     timing: Timing | None = None
     json_path: Path | None = None
@@ -348,21 +365,24 @@ class KAPAO:
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
         draw = draw or DrawOptions()
         predictor = self.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
+        readers: dict[str, VideoReader] = {}
+        if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
+            readers[spec.items[0]] = VideoReader(spec.items[0])
         save_dir = None
-        if save or save_json:
-            try:
+        try:
+            if save or save_json:
                 save_dir = increment_run_dir(project, name)
-            except OSError as e:
-                raise DataError(f"cannot create the output folder under {project}: {e.strerror}; use --project "
-                                "with a writable folder") from None
+        except BaseException:
+            for r in readers.values():
+                r.close()
+            raise
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
-        readers: dict[str, VideoReader] = {}
         total = None if spec.kind == "stream" else sum(_count_frames(i, spec) for i in spec.items)
         t0 = time.perf_counter()
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
-            for chunk in _batches(iter_frames(spec, readers), batch):
+            for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
                 results = predictor.predict_images([f.image for f in chunk], imgsz)
                 for frame, poses in zip(chunk, results):
                     poses = poses.to("cpu")
@@ -386,7 +406,10 @@ class KAPAO:
                     path.unlink()
         run.seconds = time.perf_counter() - t0
         if run.frames == 0:
-            raise DataError(f"no frame could be read from {source}: the images are unreadable or the video has no frames")
+            if save_dir is not None:  # nothing was produced: leave no empty run folder behind
+                shutil.rmtree(save_dir, ignore_errors=True)
+            why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
+            raise DataError(f"no frame could be read from {source} ({why}); check the files (open them in a viewer)")
         return run
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kapao.errors import ConfigError
+from kapao.errors import ConfigError, KapaoError
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +41,25 @@ def select_device(spec: str | int | None = None) -> "torch.device":
 
 
 def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = False) -> Path:
-    """Create and return `project/name`, or `project/nameN` with the next free N (exp, exp2, exp3 …)."""
-    project = Path(project)
+    """Create and return `project/name`, or `project/nameN` with the next free N (exp, exp2, exp3 …).
+
+    Raises KapaoError naming the folder when it cannot be created (a file in the way, no permission,
+    disk full).
+    """
+    try:
+        return _increment_run_dir(Path(project), name, exist_ok)
+    except OSError as e:
+        raise KapaoError(f"cannot create a run folder under {project}: {os_error_reason(e, Path(project) / name)}; "
+                         "use --project with a writable folder") from None
+
+
+def os_error_reason(e: OSError, path: Path) -> str:
+    """Why creating or writing `path` failed, in words; names a file that stands where a folder is needed."""
+    blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    return f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
+
+
+def _increment_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
     path = project / name
     if exist_ok:
         path.mkdir(parents=True, exist_ok=True)

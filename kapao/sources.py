@@ -5,6 +5,7 @@ treats a folder of images and a video the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import queue
 import threading
@@ -89,16 +90,35 @@ def resolve_source(source: str | int | Path | None) -> SourceSpec:
     raise DataError(f"source '{text}' does not exist; give an image, video, folder, glob, webcam index (0) or stream URL")
 
 
+@contextlib.contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """Silence OpenCV's own log output (not FFmpeg's) for the duration."""
+    log = getattr(getattr(cv2, "utils", None), "logging", None)
+    if log is None:
+        yield
+        return
+    old = log.getLogLevel()
+    log.setLogLevel(log.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        log.setLogLevel(old)
+
+
 class VideoReader:
     """Frames of a video file or stream, decoded in a background thread so decoding overlaps inference."""
 
     def __init__(self, address: str, prefetch: int = 8) -> None:
         self.address = address
         cap_arg: str | int = int(address) if address.isdigit() else address
-        self.cap = cv2.VideoCapture(cap_arg)
+        with _opencv_quiet():  # a missing camera makes OpenCV print several lines of its own
+            self.cap = cv2.VideoCapture(cap_arg)
         if not self.cap.isOpened():
-            what = "webcam" if address.isdigit() else "video/stream"
-            raise DataError(f"cannot open {what} '{address}': it is missing, unreadable or not connected")
+            if address.isdigit():
+                raise DataError(f"cannot open webcam {address}: no camera at that index (or it is in use); connect "
+                                "one, or give an image, video, folder or stream URL")
+            raise DataError(f"cannot open video/stream '{address}': it is missing, unreadable, not a video or "
+                            "not connected; check the file (e.g. play it) or the address")
         self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 30.0
         if not 0 < self.fps < 1000:
             self.fps = 30.0

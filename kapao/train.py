@@ -58,7 +58,6 @@ LOGGER = logging.getLogger("kapao")
 
 DEFAULT_EPOCHS = {"coco": 500, "crowdpose": 300}  # official recipes; anything else: FALLBACK_EPOCHS
 FALLBACK_EPOCHS = 300
-GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpose.sh"}
 GROUPS = ("bn", "weight", "bias")  # optimizer parameter groups, in this order
 LOSS_NAMES = ("box", "obj", "cls", "kp")
 VAL_DRAW_CONF = 0.25  # poses above this score are drawn in val_pred.jpg
@@ -318,19 +317,6 @@ def default_epochs(cfg: DatasetConfig) -> int:
     return DEFAULT_EPOCHS.get(cfg.name, FALLBACK_EPOCHS)
 
 
-def check_dataset_on_disk(cfg: DatasetConfig, splits: Sequence[str]) -> None:
-    """Raise DataError naming the missing path and how to get the dataset."""
-    for split in splits:
-        for path in cfg.split(split):
-            if path.exists():
-                continue
-            script = GET_SCRIPTS.get(cfg.name)
-            how = (f"download it with `bash {script} {cfg.root}` (from the kapao repository), or point "
-                   f"$KAPAO_DATASETS at the folder holding datasets/{cfg.name}" if script
-                   else f"check 'path' and the '{split}' entries of {cfg.source}")
-            raise DataError(f"dataset {cfg.name}: {path} not found ({split} split); {how}")
-
-
 def _absolute_if_file(spec: str | None) -> str | None:
     """An existing file's absolute path; names (coco, default, kapao_s_coco) and None unchanged."""
     return str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().is_file() else spec
@@ -440,7 +426,8 @@ class Trainer:
         self.args, self.run_dir, self.device, self.env = args, run_dir, device, env
         self.wdir = run_dir / "weights"
         self.cfg = load_dataset_config(args.data)
-        check_dataset_on_disk(self.cfg, ("train", "val") if env.main else ("train",))
+        for split in ("train", "val") if env.main else ("train",):  # fail before building anything
+            self.cfg.require(split)
         self.hyp = Hyp.from_dict(ckpt["extra"]["hyp"]) if ckpt is not None else build_hyp(args)
         self.epochs = int(args.epochs or default_epochs(self.cfg))
         if args.batch < env.world_size or args.batch % env.world_size:
@@ -660,7 +647,7 @@ class Trainer:
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
         if self.args.plots and result.predictions:
-            draw_predictions(result.predictions, self.cfg.schema, self.run_dir / "val_pred.jpg")
+            _plot(draw_predictions, result.predictions, self.cfg.schema, self.run_dir / "val_pred.jpg")
         return result.metrics
 
     def checkpoint_extra(self, epoch: int, metrics: Mapping[str, float], fi: float | None) -> dict[str, Any]:
@@ -699,7 +686,7 @@ class Trainer:
         self.csv_rows.append(row)
         write_results(self.csv_rows, self.run_dir / "results.csv")
         if self.args.plots:
-            plot_results(self.run_dir / "results.csv", self.run_dir / "results.png")
+            _plot(plot_results, self.run_dir / "results.csv", self.run_dir / "results.png")
 
     def _metric_names(self) -> tuple[str, ...]:
         from kapao.evaluate import COCO_METRICS, CROWDPOSE_METRICS
@@ -735,7 +722,15 @@ class Trainer:
 
         path = self.run_dir / f"train_batch{i}.jpg"
         if self.args.plots and not path.exists():  # a resumed run keeps the first run's
-            render_batch(imgs, targets, self.cfg.schema, path)
+            _plot(render_batch, imgs, targets, self.cfg.schema, path)
+
+
+def _plot(fn: Callable[..., Any], *args: Any) -> None:
+    """Draw a figure; one that cannot be written (disk full, …) is a warning, never the end of a run."""
+    try:
+        fn(*args)
+    except (KapaoError, OSError) as e:
+        LOGGER.warning("plot not written: %s", getattr(e, "strerror", None) or e)
 
 
 def _rss() -> float:
@@ -771,12 +766,18 @@ def strip_checkpoint(path: Path) -> None:
 def write_results(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """results.csv, rewritten whole (a temp file moved into place)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in rows[-1]})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in rows[-1]})
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space (the previous results.csv and "
+                        "checkpoints are kept), then continue with --resume") from None
 
 
 def plot_results(csv_path: Path, out: Path) -> None:
@@ -855,9 +856,13 @@ def _prepare_run(args: TrainArgs, env: DistEnv) -> tuple[Path, Path | None, Trai
 
 
 def _write_run_files(trainer: Trainer) -> None:
-    (trainer.run_dir / "weights").mkdir(parents=True, exist_ok=True)
-    (trainer.run_dir / "args.yaml").write_text(yaml.safe_dump(trainer.args.to_dict(), sort_keys=False))
-    (trainer.run_dir / "hyp.yaml").write_text(yaml.safe_dump(trainer.hyp.to_dict(), sort_keys=False))
+    try:
+        (trainer.run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        (trainer.run_dir / "args.yaml").write_text(yaml.safe_dump(trainer.args.to_dict(), sort_keys=False))
+        (trainer.run_dir / "hyp.yaml").write_text(yaml.safe_dump(trainer.hyp.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise DataError(f"cannot write into the run folder {trainer.run_dir}: {e.strerror or e}; free disk space "
+                        "or use --project with a writable folder") from None
 
 
 def train(args: TrainArgs) -> Path:

@@ -73,20 +73,28 @@ def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, proto
                 kept.append((meta, p.to("cpu")))
         images += len(metas)
         t0 = time.perf_counter()
+    json_path = save_results(results, save_dir / "predictions.json") if save_dir else None  # kept if evaluation fails
     metrics = evaluate(dataset.coco, results, dataset.schema, protocol)
-    json_path = save_results(results, save_dir / "predictions.json") if save_dir else None
     return ValResult(metrics, protocol, predictor.timing.per_image_ms(), images, len(results), json_path, kept)
 
 
 def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split: str = "val", imgsz: int = 1280,
             batch: int = 8, workers: int = 0, device: str | None = None, half: bool = False,
             settings: InferenceSettings = VAL_SETTINGS, scales: Sequence[float] | None = None,
-            flips: Sequence[bool] | None = None, save_dir: Path | None = None, progress: bool = True) -> ValResult:
-    """The `kapao val` verb as a function: load weights, check them against the data, validate."""
+            flips: Sequence[bool] | None = None, project: str | Path | None = None, name: str = "exp",
+            progress: bool = True) -> ValResult:
+    """The `kapao val` verb as a function: load weights, check them against the data, validate.
+
+    With `project`, predictions.json goes to a new `project/nameN` folder, made once the weights and
+    the data have loaded (a run that fails on them leaves no empty folder).
+    """
+    from kapao.runtime import increment_run_dir
+
     from kapao.predict import KAPAO
     from kapao.weights import check_compatible
 
     api = KAPAO(weights, device=device, half=half)
     check_compatible(api.schema, cfg.schema, what=f"the weights ({weights})" if not isinstance(weights, torch.nn.Module) else "the model")
     loader = make_val_loader(cfg, split, api.check_imgsz(imgsz), batch, workers)
+    save_dir = increment_run_dir(project, name) if project is not None else None
     return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress)

@@ -230,9 +230,11 @@ def _check_file(path: Path) -> None:
 
 
 def _corrupt(path: Path, e: BaseException) -> WeightsError:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return WeightsError(f"{path} is corrupt or incomplete ({type(e).__name__}: {reason}); "
-                        "delete it and copy or download it again")
+    reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160] or type(e).__name__
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            reason = "the file is empty (0 bytes)"
+    return WeightsError(f"{path} is corrupt or incomplete ({reason}); delete it and copy or download it again")
 
 
 def _torch_load_weights_only(path: Path) -> Any:
@@ -879,13 +881,20 @@ def _check_name(name: str) -> str:
 
 def resolve_weights(spec: PathLike) -> tuple[Path, str | None]:
     """(file, name or None) of a weights spec: an existing file, or a known name (downloaded if needed)."""
+    path, name = check_weights_spec(spec)
+    return (download_weights(name), name) if name else (path, None)
+
+
+def check_weights_spec(spec: PathLike) -> tuple[Path, str | None]:
+    """(existing file, None) or (cache path, known name) of a weights spec, without reading or
+    downloading anything; WeightsError for anything else (the CLI checks --weights with it)."""
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.is_file():
         return path, None
     bare = Path(text).name[:-3] if text.endswith(".pt") else text
     if bare in GDRIVE_IDS and (text == bare or Path(text).name == text):
-        return download_weights(bare), bare
+        return weights_path(bare), bare
     if path.exists():
         _check_file(path)  # a folder: clear error
     raise WeightsError(f"weights '{text}' not found: no such file, and not a known name "

@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import platform  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402

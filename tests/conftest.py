@@ -13,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder, so a command's default runs/ output never lands in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _require(rel: str) -> Path:
     path = TEST_DATA / rel
     if not path.exists():
@@ -41,23 +47,20 @@ def test_video() -> Path:
     return _require("videos/posetrack-000001.mp4")
 
 
+def _mini_yaml(folder: Path, base: str, annotations: str, out: Path) -> Path:
+    """A dataset YAML extending built-in `base` whose train/val/test splits all are `folder`."""
+    splits = "".join(f"{s}: images\n{s}_annotations: {annotations}\n" for s in ("train", "val", "test"))
+    out.write_text(f"base: {base}\nname: {out.stem}\npath: {folder}\n{splits}")
+    return out
+
+
 @pytest.fixture
 def coco_mini_yaml(coco_mini: Path, tmp_path: Path) -> Path:
-    """A dataset YAML (base: coco) whose train and val splits are coco-mini."""
-    p = tmp_path / "coco-mini.yaml"
-    p.write_text(
-        f"base: coco\nname: coco-mini\npath: {coco_mini}\ntrain: images\nval: images\n"
-        "train_annotations: person_keypoints.json\nval_annotations: person_keypoints.json\n"
-    )
-    return p
+    """A dataset YAML (base: coco) whose splits are coco-mini."""
+    return _mini_yaml(coco_mini, "coco", "person_keypoints.json", tmp_path / "coco-mini.yaml")
 
 
 @pytest.fixture
 def crowdpose_mini_yaml(crowdpose_mini: Path, tmp_path: Path) -> Path:
-    """A dataset YAML (base: crowdpose) whose train/val/test splits are crowdpose-mini."""
-    p = tmp_path / "crowdpose-mini.yaml"
-    p.write_text(
-        f"base: crowdpose\nname: crowdpose-mini\npath: {crowdpose_mini}\ntrain: images\nval: images\ntest: images\n"
-        "train_annotations: crowdpose.json\nval_annotations: crowdpose.json\ntest_annotations: crowdpose.json\n"
-    )
-    return p
+    """A dataset YAML (base: crowdpose) whose splits are crowdpose-mini."""
+    return _mini_yaml(crowdpose_mini, "crowdpose", "crowdpose.json", tmp_path / "crowdpose-mini.yaml")

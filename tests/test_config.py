@@ -12,7 +12,7 @@ from kapao.config import (
     PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, TargetLayout,
     load_dataset_config, load_hyp,
 )
-from kapao.errors import ConfigError
+from kapao.errors import ConfigError, DataError
 
 CROWDPOSE_SIGMAS = [.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79, .79]
 
@@ -93,6 +93,35 @@ def test_bad_dataset_yaml(tmp_path: Path, body: str, match: str):
         load_dataset_config(y)
 
 
+def test_unreadable_config_files_are_config_errors(tmp_path: Path):
+    """A folder, a binary file or a list where a YAML mapping is expected: a ConfigError naming the path."""
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x81 binary")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="neither a built-in name"):
+        load_dataset_config(tmp_path / "dir.yaml")
+    with pytest.raises(ConfigError, match="bin.yaml: not a text \\(YAML\\) file"):
+        load_dataset_config(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_hyp(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="hyperparameter file not found"):
+        load_hyp(tmp_path / "dir.yaml")
+
+
+@pytest.mark.parametrize("body, match", [
+    ("lr0: fast\n", "hyperparameter 'lr0' must be a number, got 'fast'"),
+    ("lr0: .nan\n", "'lr0' must be a finite non-negative number"),
+    ("lr0: .inf\n", "'lr0' must be a finite non-negative number"),
+    ("lr0: [1]\n", "'lr0' must be a number"),
+    ("lr00: 1\n", "unknown hyperparameter\\(s\\) lr00; known: lr0, lrf"),
+])
+def test_bad_hyp_values(tmp_path: Path, body: str, match: str):
+    y = tmp_path / "h.yaml"
+    y.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_hyp(y)
+
+
 def test_unknown_dataset_name():
     with pytest.raises(ConfigError, match="coco, crowdpose"):
         load_dataset_config("cocoo")
@@ -141,3 +170,17 @@ def test_configs_ship_in_wheel(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("coco-kp.yaml", "crowdpose.yaml", "hyp-kapao.yaml"):
         assert f"kapao/configs/{f}" in names
+
+
+def test_require_names_missing_data_and_how_to_get_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KAPAO_DATASETS", str(tmp_path))
+    cfg = load_dataset_config("crowdpose")
+    with pytest.raises(DataError, match=r"crowdpose_test.json|images.*not found.*scripts/get_crowdpose.sh"):
+        cfg.require("test")
+    (tmp_path / "datasets" / "crowdpose" / "images").mkdir(parents=True)
+    (tmp_path / "datasets" / "crowdpose" / "crowdpose_test.json").write_text("{}")
+    assert cfg.require("test") == cfg.split("test")
+    y = tmp_path / "mine.yaml"
+    y.write_text("base: coco\npath: nowhere\n")
+    with pytest.raises(DataError, match="check 'path' and the 'val' entries of"):
+        load_dataset_config(y).require("val")

@@ -246,22 +246,46 @@ def test_keypoint_count_mismatch_names_annotation(tmp_path):
         kd.PoseDataset(cfg, "val", 256)
 
 
-def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
+def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+    """Missing, garbage, truncated JPEG and truncated PNG files: skipped, counted, one log line."""
     cfg, _ = make_dataset(tmp_path / "d", k=5)
     img_dir, ann = cfg.images["val"], cfg.annotations["val"]
     (img_dir / "garbage.jpg").write_bytes(b"this is not an image")
     good = cv2.imencode(".jpg", coord_image(64, 64, 10))[1].tobytes()
     (img_dir / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    (img_dir / "truncated.png").write_bytes(png[: len(png) // 2])  # its header is intact
     data = json.loads(ann.read_text())
-    for n, name in enumerate(("missing.jpg", "garbage.jpg", "truncated.jpg")):
+    names = ("missing.jpg", "garbage.jpg", "truncated.jpg", "truncated.png")
+    for n, name in enumerate(names):
         data["images"].append({"id": 500 + n, "file_name": name, "height": 64, "width": 64})
         data["annotations"].append({"id": 600 + n, "image_id": 500 + n, "category_id": 1, "iscrowd": 0,
                                     "bbox": [1, 1, 20, 20], "keypoints": [0] * 15})
     ann.write_text(json.dumps(data))
-    ds = kd.PoseDataset(cfg, "val", 256)
-    assert (ds.stats.images, ds.stats.missing, ds.stats.corrupt, ds.stats.persons) == (4, 1, 2, 8)
-    assert sorted(ds.labels.skipped.tolist()) == ["garbage.jpg", "missing.jpg", "truncated.jpg"]
+    with caplog.at_level("INFO", logger="kapao"):
+        ds = kd.PoseDataset(cfg, "val", 256)
+    assert (ds.stats.images, ds.stats.missing, ds.stats.corrupt, ds.stats.persons) == (4, 1, 3, 8)
+    assert sorted(ds.labels.skipped.tolist()) == sorted(names)
     assert all(500 > i for i in ds.image_ids)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kapao.data"]
+    assert len(lines) == 1 and "1 missing + 3 corrupt images skipped" in lines[0]  # reported once, not per file
+
+
+def test_image_that_breaks_after_the_check_becomes_an_empty_negative(tmp_path, monkeypatch, caplog):
+    """A file that passed the start-up check but no longer decodes (replaced, disk error) never stops a
+    run: the item is a grey image without targets, with one warning naming the file."""
+    cfg, _ = make_dataset(tmp_path / "d", k=3)
+    ds = kd.PoseDataset(cfg, "train", 128)
+    broken = ds.files.index(cfg.images["train"] / "im1.png")
+    (cfg.images["train"] / "im1.png").write_bytes(b"overwritten")
+    with caplog.at_level("WARNING", logger="kapao"):
+        for _ in range(2):
+            image, targets, meta = ds[broken]
+    assert targets.shape[0] == 0 and image.shape == (3, 128, 128) and meta["image_id"] == 2
+    assert (image == 114).all()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "im1.png" in warned[0] and "empty grey image" in warned[0]
+    assert ds[ds.files.index(cfg.images["train"] / "im0.png")][1].shape[0] > 0  # the others are untouched
 
 
 def test_no_usable_images_is_a_data_error(tmp_path):
@@ -573,3 +597,115 @@ def test_json_size_differs_from_image_rescales_labels(tmp_path):
     ds = kd.PoseDataset(cfg, "val", 256)
     assert ds.stats.size_mismatch == 4 and ds.stats.kpts_dropped == 0
     np.testing.assert_allclose(ds.labels.instances(0).keypoints, sources[TAGS[0]], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: image formats, paths and malformed annotation files
+def test_exif_rotated_image_labels_line_up(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90° clockwise to display), labelled on
+    the displayed image as COCO tools do: the loaded item shows the labelled content at each keypoint."""
+    from PIL import Image
+
+    raw = np.full((64, 96, 3), 255, np.uint8)  # stored pixels, RGB: h 64, w 96
+    raw[:16, :16] = (255, 0, 0)  # red at the stored top-left    -> displayed top-right
+    raw[-16:, :16] = (0, 255, 0)  # green at the stored bottom-left -> displayed top-left
+    pil = Image.fromarray(raw)
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    (tmp_path / "images").mkdir()
+    pil.save(tmp_path / "images" / "side.jpg", exif=exif, quality=95)
+    kpts = [64 - 8, 8, 2, 8, 8, 2, 0, 0, 0]  # displayed frame (w 64, h 96): red centre, green centre
+    ann = tmp_path / "a.json"
+    write_coco(ann, [{"id": 1, "file_name": "side.jpg", "height": 96, "width": 64}],
+               [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 60, 20], "keypoints": kpts}], 3)
+    ds = kd.PoseDataset(dataset_config(tmp_path, ann, make_schema(3)), "val", 128)
+    assert ds.labels.apply_exif.tolist() == [True] and ds.labels.shapes.tolist() == [[96, 64]]
+    image, targets, meta = ds[0]
+    assert meta["orig_shape"] == (96, 64)
+    kp = targets[targets[:, TargetLayout.cls] == 0][0, TargetLayout(3).kpt].reshape(3, 3).numpy()
+    h, w = image.shape[1:]
+    for (x, y, v), colour in zip(kp[:2], ((255, 0, 0), (0, 255, 0))):
+        assert v > 0
+        rgb = image[:, int(y * h), int(x * w)].numpy().astype(int)
+        assert np.abs(rgb - colour).max() < 40, (rgb, colour)
+
+
+def test_paths_with_spaces_and_non_ascii_characters(tmp_path):
+    root = tmp_path / "my data ñ" / "图像 set"
+    cfg, sources = make_dataset(root, k=4)
+    ann = cfg.annotations["val"]
+    data = json.loads(ann.read_text())
+    for im in data["images"]:
+        new = f"foto {im['id']} é 人.png"
+        (root / "images" / im["file_name"]).rename(root / "images" / new)
+        im["file_name"] = new
+    ann.write_text(json.dumps(data))
+    ds = kd.PoseDataset(cfg, "val", 128)
+    assert (ds.stats.images, ds.stats.persons, ds.stats.missing, ds.stats.corrupt) == (4, 8, 0, 0)
+    assert all(ds[i][1].shape[0] > 0 for i in range(len(ds)))
+    again = kd.PoseDataset(cfg, "val", 128)  # the label cache works with these names too
+    assert again._coco is None and again.image_ids == ds.image_ids
+
+
+IMG = {"id": 1, "file_name": "x.png", "height": 50, "width": 60}
+ANN = {"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [1, 1, 20, 20], "keypoints": [5, 5, 2] * 3}
+CATS = [{"id": 1, "name": "person", "keypoints": ["a", "b", "c"]}]
+
+
+def _one_image_dataset(tmp_path: Path, text: str) -> DatasetConfig:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    cv2.imwrite(str(tmp_path / "images" / "x.png"), coord_image(50, 60, 3))
+    ann = tmp_path / "a.json"
+    ann.write_text(text)
+    return dataset_config(tmp_path, ann, make_schema(3))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", r"a\.json is empty \(0 bytes\)"),
+    ("{}", r"a\.json lists none \(its 'images' list is empty or missing\)"),
+    ("[]", r"a\.json: not a valid COCO-format JSON"),
+    ('{"images": [', r"a\.json: not a valid COCO-format JSON"),
+    (json.dumps({"images": [IMG], "annotations": [{k: v for k, v in ANN.items() if k != "image_id"}]}),
+     r"a\.json: not a valid COCO-format JSON \(an entry has no 'image_id' key\)"),
+    (json.dumps({"images": [IMG], "annotations": [{k: v for k, v in ANN.items() if k != "bbox"}]}),
+     r"a\.json: annotation id 5 needs a 'bbox' of 4 numbers"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=["a", 1, 2, 3])]}), r"annotation id 5 needs a 'bbox'"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=None)]}), r"annotation id 5 needs a 'bbox'"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=["a"] * 9)]}), r"annotation id 5 .*numeric 'keypoints'"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=7)]}), r"annotation id 5 has 0 keypoints"),
+    (json.dumps({"images": [{"id": 1, "height": 50, "width": 60}], "annotations": []}),
+     r"a\.json: image id 1 needs a 'file_name'"),
+    (json.dumps({"images": [dict(IMG, height="tall")], "annotations": []}), r"image id 1 needs .*'width'/'height'"),
+], ids=["0-bytes", "empty-object", "list", "truncated", "no-image_id", "no-bbox", "bbox-text", "bbox-null",
+        "keypoints-text", "keypoints-number", "no-file_name", "height-text"])
+def test_unusable_annotation_files_name_the_file(tmp_path, text, match):
+    with pytest.raises(DataError, match=match) as e:
+        kd.PoseDataset(_one_image_dataset(tmp_path, text), "val", 128)
+    assert str(tmp_path / "a.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("body", [{"images": [IMG], "annotations": [], "categories": CATS}, {"images": [IMG]}],
+                         ids=["empty-list", "no-key"])
+def test_json_without_annotations_is_a_negative_only_dataset(tmp_path, body, caplog):
+    with caplog.at_level("INFO", logger="kapao"):
+        ds = kd.PoseDataset(_one_image_dataset(tmp_path, json.dumps(body)), "train", 128)
+    assert (ds.stats.images, ds.stats.negatives, ds.stats.persons) == (1, 1, 0)
+    assert ds[0][1].shape[0] == 0
+    assert any("no usable person annotations; all 1 images are negatives" in r.getMessage() for r in caplog.records)
+
+
+def test_orphan_and_crowd_only_annotations(tmp_path):
+    """Annotations of image ids missing from 'images' are counted and skipped; an image whose only
+    person is a crowd region is a negative in training and keeps its annotation for validation."""
+    crowd = dict(ANN, iscrowd=1, keypoints=[0] * 9)
+    body = {"images": [IMG, dict(IMG, id=2, file_name="y.png")], "categories": CATS,
+            "annotations": [dict(ANN, id=6, image_id=99), dict(crowd, image_id=2), dict(ANN, id=7)]}
+    cfg = _one_image_dataset(tmp_path, json.dumps(body))
+    cv2.imwrite(str(tmp_path / "images" / "y.png"), coord_image(50, 60, 4))
+    train = kd.PoseDataset(cfg, "train", 128)
+    s = train.stats
+    assert (s.images, s.persons, s.negatives, s.crowd_skipped, s.orphan_annotations) == (2, 1, 1, 1, 1)
+    assert "1 annotations of image ids missing from 'images' skipped" in s.summary()
+    assert train[train.image_ids.index(2)][1].shape[0] == 0
+    val = kd.PoseDataset(cfg, "val", 128)
+    assert (val.stats.persons, val.stats.crowd_skipped) == (2, 0)

@@ -294,3 +294,20 @@ def test_benchmark_quick_prints_table(tmp_path: Path):
         values = [float(rows[backend][i].split()[0]) for i in (3, 4, 5, 7)]
         assert np.isfinite(values).all() and min(values) > 0, rows[backend]
     assert "network access attempts: 0" in res.stdout and "Targets" in res.stdout
+
+
+def test_export_cli_unwritable_output_fails_before_exporting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    weights = save_checkpoint(tmp_path / "w.pt", kapao_n(17))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    import kapao.export as ke
+
+    monkeypatch.setattr(ke, "_trace", lambda *a, **k: pytest.fail("exported although the output is unwritable"))
+    res = CliRunner().invoke(cli, ["export", "--weights", str(weights), "--imgsz", "128", "-o", str(blocker / "x.onnx")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == f"Error: cannot write {blocker / 'x.onnx'}: {blocker} is a file, not a folder; choose " \
+                                 "a writable folder"

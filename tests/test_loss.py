@@ -17,15 +17,6 @@ from kapao.loss import KapaoLoss, LossGains, build_targets
 from kapao.model import decode, kapao_n
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU cores are shared with other processes: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _target(k: int, cls: int, cx: float, cy: float, w: float, h: float, kpts=(), image: int = 0) -> list[float]:
     """One TargetLayout row; kpts = [(k_index, x, y, v)], all normalised."""
     row = [float(image), float(cls), cx, cy, w, h] + [0.0] * 3 * k

@@ -21,15 +21,6 @@ from kapao.model import (
 NO = {14: 48, 17: 57, 21: 5 + 22 + 42}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU cores are shared with other processes: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_n() -> KapaoModel:
     torch.manual_seed(0)

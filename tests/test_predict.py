@@ -112,26 +112,119 @@ def test_predict_tta_runs_and_maps_back(eager_weights: Path):
     assert len(out) > 0 and (out.boxes[:, 2] <= 320).all() and (out.boxes[:, 3] <= 256).all()
 
 
-@pytest.mark.parametrize("argv, match, code", [
-    (["predict", "/nonexistent/file.jpg"], "does not exist", 1),
-    (["predict", "x.jpg", "--imgsz", "100"], "multiple of 64", 2),
-    (["predict", "x.jpg", "--conf", "1.5"], "0.0<=x<=1.0", 2),
-    (["predict", "x.jpg", "--scales", "1,0.8", "--flips", "none"], "one flip per scale", 2),
-    (["predict", "x.jpg", "--flips", "up"], "none or lr", 2),
-])
-def test_predict_cli_errors(argv, match, code):
-    res = CliRunner().invoke(cli, argv + ["--weights", "none.pt", "--device", "cpu"])
-    assert res.exit_code == code, res.output
-    assert match in res.output and "Traceback" not in res.output
+# Bad options and SOURCEs that name nothing are usage errors (exit 2): tests/test_cli.py::BAD_INVOCATIONS.
+def _run(*argv: str):
+    res = CliRunner().invoke(cli, ["predict", *argv])
+    assert "Traceback" not in res.output
+    return res, res.output.strip().splitlines()[-1]
 
 
-def test_predict_empty_folder_and_unwritable_output(eager_weights: Path, tmp_path: Path, coco_mini: Path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    res = CliRunner().invoke(cli, ["predict", str(empty), "--weights", str(eager_weights), "--device", "cpu"])
-    assert res.exit_code == 1 and "is empty" in res.output
+def test_predict_unwritable_output(eager_weights: Path, tmp_path: Path, coco_mini: Path):
     blocker = tmp_path / "file"
-    blocker.write_text("x")
-    res = CliRunner().invoke(cli, ["predict", str(coco_mini / "images"), "--weights", str(eager_weights),
-                                   "--device", "cpu", "--imgsz", "128", "--project", str(blocker / "sub")])
-    assert res.exit_code == 1 and "--project" in res.output, res.output
+    blocker.write_text("x")  # --project under a regular file (root ignores chmod, so no read-only dir)
+    res, last = _run(str(coco_mini / "images"), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(blocker / "sub"))
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert last == f"Error: cannot create a run folder under {blocker / 'sub'}: {blocker} is a file, not a folder; use " \
+                   "--project with a writable folder"
+
+
+def test_predict_json_write_failure_is_one_line(eager_weights: Path, tmp_path: Path, monkeypatch):
+    import errno
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    img = tmp_path / "a.jpg"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 90, np.uint8))
+    res, last = _run(str(img), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128", "--nosave",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 1
+    assert last.startswith("Error: cannot write ") and "predictions.json: No space left on device" in last
+    assert not list((tmp_path / "runs").rglob("*.tmp"))
+
+
+def test_predict_skips_non_media_and_unreadable_files_and_counts_them(eager_weights: Path, tmp_path: Path,
+                                                                      coco_mini: Path):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for p in sorted((coco_mini / "images").glob("*.jpg"))[:2]:
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "notes.txt").write_text("x")
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    (src / "clip.mp4").write_text("a text file renamed .mp4")
+    res, last = _run(str(src), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output
+    final = res.stdout.strip().splitlines()[-2]  # (stderr holds the progress bar and one warning per file)
+    assert final.startswith("2 frames") and final.endswith("1 non-media files skipped, 2 unreadable files skipped")
+    assert last == f"Results saved to {tmp_path / 'runs' / 'exp'}"
+    assert len(json.loads((tmp_path / "runs" / "exp" / "predictions.json").read_text())) > 0
+
+
+@pytest.mark.parametrize("kind", ["text-renamed", "zero-frames"])
+def test_predict_unreadable_video_fails_before_any_output(eager_weights: Path, tmp_path: Path, kind: str):
+    video = tmp_path / "clip.mp4"
+    if kind == "text-renamed":
+        video.write_text("not a video")
+    else:  # a valid mp4 container without frames
+        cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (64, 64)).release()
+        assert video.stat().st_size > 0
+    res, last = _run(str(video), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert last.startswith(f"Error: cannot open video/stream '{video}': it is missing, unreadable, not a video")
+    assert not (tmp_path / "runs").exists()  # no empty run folder
+
+
+def test_predict_lone_corrupt_image(eager_weights: Path, tmp_path: Path):
+    img = tmp_path / "photo.jpg"
+    img.write_bytes(b"\xff\xd8 truncated")
+    res, last = _run(str(img), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert last == f"Error: cannot decode image {img}: the file is corrupt or not an image; remove or replace it"
+
+
+@pytest.mark.skipif(Path("/dev/video0").exists(), reason="this machine has a camera")
+def test_predict_webcam_without_camera(eager_weights: Path, tmp_path: Path):
+    res, last = _run("0", "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert last == "Error: cannot open webcam 0: no camera at that index (or it is in use); connect one, or give an " \
+                   "image, video, folder or stream URL"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_predict_very_large_image(tmp_path: Path):
+    """8000x6000 works at a small input size: poses in original pixels, full-size drawing, sane memory."""
+    import resource
+
+    img = tmp_path / "huge.jpg"
+    cv2.imwrite(str(img), np.full((6000, 8000, 3), 90, np.uint8))
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, eager_model(), extra={"epoch": 0})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    res, last = _run(str(img), "--weights", str(weights), "--device", "cpu", "--imgsz", "128", "--conf", "0.9",
+                     "--project", str(tmp_path / "runs"))
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert res.exit_code == 0, res.output
+    assert grown < 1.5 * 2**20, f"peak memory grew by {grown / 2**20:.1f} GiB"  # the image is 0.14 GB
+    out = tmp_path / "runs" / "exp"
+    assert cv2.imread(str(out / "huge.jpg")).shape == (6000, 8000, 3)
+    records = json.loads((out / "predictions.json").read_text())
+    assert records and max(max(r["keypoints"][0::3]) for r in records) > 1000  # original pixels, not 128-px ones
+
+
+def test_predict_paths_with_spaces_and_non_ascii(eager_weights: Path, tmp_path: Path, coco_mini: Path):
+    src = tmp_path / "my photos ñ" / "图 片"
+    src.mkdir(parents=True)
+    jpg = sorted((coco_mini / "images").glob("*.jpg"))[0]
+    (src / "foto 1 é.jpg").write_bytes(jpg.read_bytes())
+    out = tmp_path / "salida ü"
+    res, last = _run(str(src), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(out))
+    assert res.exit_code == 0, res.output
+    assert cv2.imdecode(np.fromfile(str(out / "exp" / "foto 1 é.jpg"), np.uint8), cv2.IMREAD_COLOR) is not None
+    assert json.loads((out / "exp" / "predictions.json").read_text())[0]["file"] == "foto 1 é.jpg"

@@ -244,28 +244,75 @@ def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
 
 
 def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
-    """Kill a training process (SIGKILL) once its first last.pt exists; resume finishes all epochs."""
-    kw = dict(data=str(coco_mini_yaml), size="n", imgsz=128, epochs=5, batch=2, workers=0, device="cpu",
-              project=str(tmp_path / "runs"), hyp_overrides=TINY)
-    code = f"from kapao.train import TrainArgs, train; train(TrainArgs(**{kw!r}))"
-    last = tmp_path / "runs" / "exp" / "weights" / "last.pt"
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=_env())
+    """`kapao train` killed (SIGKILL) in the middle of an epoch after its first last.pt; `kapao train
+    --resume RUN` finishes all epochs from the whole last.pt, and a second resume says it is done."""
+    run = tmp_path / "runs" / "exp"
+    last = run / "weights" / "last.pt"
+    cmd = [sys.executable, "-m", "kapao", "train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
+           "--epochs", "5", "--batch", "2", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
+           "--no-plots", *(a for k, v in TINY.items() for a in ("--hyp-set", f"{k}={v}"))]
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.time() + 180
-            while not last.exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
+            while proc.poll() is None and time.time() < deadline:  # wait for a batch of the epoch after last.pt
+                if last.exists() and f"{_load(last)['extra']['epoch'] + 1}/4 mem" in log_file.read_text():
+                    break
+                time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait()
-    assert last.exists(), (tmp_path / "log.txt").read_text()[-2000:]
-    killed_at = _load(last)["extra"]["epoch"]
-    assert killed_at < 4
-    train(TrainArgs(resume=True, project=str(tmp_path / "runs"), device="cpu", workers=0))
-    assert [int(r["epoch"]) for r in _rows(last.parent.parent)] == [0, 1, 2, 3, 4]
+    assert proc.returncode == -signal.SIGKILL and last.exists(), log_file.read_text()[-2000:]
+    killed_at = _load(last)["extra"]["epoch"]  # loads: atomic writes never leave half a file
+    assert killed_at < 4 and not list(run.rglob("*.tmp"))
+    out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(run), "--device", "cpu",
+                          "--workers", "0"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from epoch {killed_at + 1} of 5" in out.stderr and f"Results saved to {run}" in out.stdout
+    assert [int(r["epoch"]) for r in _rows(run)] == [0, 1, 2, 3, 4]
     assert _load(last)["extra"]["epoch"] == 4
-    with pytest.raises(KapaoError, match="finished all 5 epochs"):
-        train(TrainArgs(resume=str(last), device="cpu", workers=0))
+    out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(last)], capture_output=True,
+                         text=True, env=_env(), timeout=120)
+    assert out.returncode == 1 and out.stderr.count("Error:") == 1 and "Traceback" not in out.stderr
+    assert f"{last} has finished all 5 epochs; nothing to resume" in out.stderr
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
+    """ENOSPC while writing epoch 1's last.pt: a one-line error, epoch 0's last.pt intact, no temp
+    file left, and --resume continues from it once there is space."""
+    import errno
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if isinstance(obj, dict) and obj.get("extra", {}).get("epoch") == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KapaoError, match="could not write checkpoint .*last.pt: No space left on device") as e:
+        train(_args(coco_mini_yaml, tmp_path, epochs=2, noval=True, plots=False))
+    assert "\n" not in str(e.value)
+    wdir = tmp_path / "runs" / "exp" / "weights"
+    assert _load(wdir / "last.pt")["extra"]["epoch"] == 0 and sorted(p.name for p in wdir.iterdir()) == ["last.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    train(TrainArgs(resume=str(tmp_path / "runs" / "exp"), device="cpu", workers=0))
+    assert _load(wdir / "last.pt")["extra"]["epoch"] == 1
+
+
+def test_unwritable_run_folder_is_one_line(coco_mini_yaml, tmp_path):
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(cli, ["train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
+                                   "--device", "cpu", "--project", str(blocker / "runs")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == f"Error: cannot create a run folder under {blocker / 'runs'}: {blocker} is a file, " \
+                                 "not a folder; use --project with a writable folder"
 
 
 def test_ddp_two_processes_gloo(coco_mini_yaml, tmp_path):
@@ -321,13 +368,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(coco_mini_yaml, tm
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, caplog):
+@pytest.mark.parametrize("k", [17, 14])
+def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, caplog, k):
+    """Weights for the data's keypoints transfer whole; weights for another keypoint count (a CrowdPose
+    model on COCO data) transfer all but the head, which starts fresh, and the log says so."""
     sd_file = tmp_path / "init.pt"
-    torch.save(build_model("n", 17).state_dict(), sd_file)  # any compatible state dict
+    torch.save(build_model("n", k).state_dict(), sd_file)  # any state dict of a KAPAO network
     caplog.set_level(logging.INFO, logger="kapao")
     run = train(_args(coco_mini_yaml, tmp_path, size=None, epochs=1, weights=str(sd_file), noval=True))
     total = len(build_model("n", 17).state_dict())
-    assert f"transferred {total - 1}/{total} tensors from {sd_file}" in caplog.text  # all but the anchors
+    if k == 17:
+        assert f"transferred {total - 1}/{total} tensors from {sd_file}" in caplog.text  # all but the anchors
+    else:  # the 4 head convs (weight + bias) have 6 + 3K channels
+        assert f"transferred {total - 9}/{total} tensors from {sd_file} (the weights have 14 keypoints, the data " \
+               "17: the head starts fresh)" in caplog.text
     assert yaml.safe_load((run / "args.yaml").read_text())["size"] == "n"  # size taken from the weights
 
 

@@ -105,3 +105,57 @@ def test_val_wrong_keypoint_count(coco_mini_yaml: Path, tmp_path: Path):
     res = CliRunner().invoke(cli, ["val", "--weights", str(weights), "--data", str(coco_mini_yaml), "--device", "cpu",
                                    "--imgsz", "128", "--project", str(tmp_path)])
     assert res.exit_code == 1 and "14" in res.output and "17" in res.output and "Traceback" not in res.output
+
+
+def _val(weights: Path, data: Path, tmp_path: Path, *extra: str):
+    res = CliRunner().invoke(cli, ["val", "--weights", str(weights), "--data", str(data), "--imgsz", "128", "--batch", "2",
+                                   "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"), *extra])
+    assert "Traceback" not in res.output
+    return res
+
+
+def test_val_cli_zero_detections(coco_mini_yaml: Path, tmp_path: Path):
+    """--conf 1 keeps no pose (scores must exceed it): every metric is 0 and the JSON is an empty list."""
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, kapao_n(17), extra={"epoch": 0})
+    res = _val(weights, coco_mini_yaml, tmp_path, "--conf", "1.0")
+    assert res.exit_code == 0, res.output
+    assert "4 images, 0 poses" in res.output
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets= 20 ] = 0.000" in res.output
+    assert json.loads((tmp_path / "runs" / "exp" / "predictions.json").read_text()) == []
+
+
+def test_val_cli_malformed_annotations_is_one_line(coco_mini: Path, tmp_path: Path):
+    data = json.loads((coco_mini / "person_keypoints.json").read_text())
+    bad = data["annotations"][3]
+    del bad["bbox"]
+    ann = tmp_path / "broken.json"
+    ann.write_text(json.dumps(data))
+    yaml_file = tmp_path / "d.yaml"
+    yaml_file.write_text(f"base: coco\npath: {coco_mini}\nval: images\nval_annotations: {ann}\n")
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, kapao_n(17), extra={"epoch": 0})
+    res = _val(weights, yaml_file, tmp_path)
+    assert res.exit_code == 1 and res.output.count("Error:") == 1
+    assert res.output.strip().splitlines()[-1] == (f"Error: {ann}: annotation id {bad['id']} needs a 'bbox' of 4 numbers "
+                                                  "[x, y, w, h] and numeric 'keypoints'; fix the annotation")
+    ann.write_bytes(b"")
+    res = _val(weights, yaml_file, tmp_path)
+    assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == f"Error: {ann} is empty (0 bytes); " \
+                                                                        "re-download or fix the file"
+
+
+def test_predictions_are_saved_before_evaluation(coco_mini_yaml: Path, tmp_path: Path, monkeypatch):
+    """An evaluation that fails (malformed ground truth, ...) does not lose the inference run."""
+    import kapao.val as kv
+    from kapao.errors import DataError
+
+    def broken(*a, **k):
+        raise DataError("ground truth is broken")
+
+    monkeypatch.setattr(kv, "evaluate", broken)
+    cfg = load_dataset_config(coco_mini_yaml)
+    predictor = Predictor.from_model(kapao_n(17), torch.device("cpu"), settings=VAL_SETTINGS)
+    with pytest.raises(DataError, match="ground truth is broken"):
+        validate(predictor, make_val_loader(cfg, "val", 128, 2), save_dir=tmp_path, progress=False)
+    assert isinstance(json.loads((tmp_path / "predictions.json").read_text()), list)

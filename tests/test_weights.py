@@ -357,6 +357,48 @@ def test_code_payload_is_refused_and_never_runs(tmp_path, official_classes, kind
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "info", "val", "train", "export"])
+def test_cli_refuses_code_payload_and_runs_nothing(tmp_path, official_classes, coco_mini_yaml, command):
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    marker = tmp_path / "pwned"
+    ckpt = _official_checkpoint(KapaoModel("n", COCO), official_classes)
+    ckpt["training_results"] = _Payload((os.system, (f"touch {marker}",)))
+    evil = tmp_path / "evil.pt"
+    torch.save(ckpt, evil)
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"")  # never read: the weights fail first
+    data = ["--data", str(coco_mini_yaml), "--imgsz", "128", "--workers", "0"]
+    argv = {"predict": ["predict", str(img)], "info": ["info"], "val": ["val", *data],
+            "train": ["train", *data, "--project", str(tmp_path / "runs")], "export": ["export"]}[command]
+    res = CliRunner().invoke(cli, [*argv, "--weights", str(evil)])
+    assert res.exit_code == 1 and "Traceback" not in res.output and res.output.count("Error:") == 1
+    assert res.output.strip().splitlines()[-1].startswith(f"Error: {evil}: refused: the file tries to run code "
+                                                         "(posix.system)")
+    assert not marker.exists()
+
+
+def test_cli_corrupt_and_official_weights(tmp_path, official_classes, model_n):
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    good = W.save_checkpoint(tmp_path / "good.pt", model_n)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[:100_000])
+    res = CliRunner().invoke(cli, ["info", "--weights", str(trunc)])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert res.output.startswith(f"Error: {trunc} is corrupt or incomplete (") and \
+        res.output.rstrip().endswith("); delete it and copy or download it again")
+    official = tmp_path / "kapao_n_official.pt"
+    torch.save(_official_checkpoint(model_n, official_classes), official)
+    res = CliRunner().invoke(cli, ["info", "--weights", str(official), "--imgsz", "128"])
+    assert res.exit_code == 0, res.output
+    assert f"weights: {official} (official checkpoint)" in res.output and "keypoints (17): nose" in res.output
+
+
 class _Harmless:
     pass
 
