@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from kapao.augment import Instances, PixelNoise, augment_hsv, fliplr, letterbox, mosaic4, random_affine
 from kapao.config import IMAGE_SUFFIXES, MAX_STRIDE, DatasetConfig, Hyp, KeypointSchema, TargetLayout
@@ -309,7 +310,9 @@ def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_cr
     _check_images(infos, ann_file)
     stats.orphan_annotations = sum(len(v) for i, v in coco.imgToAnns.items() if i not in coco.imgs)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        probes = list(pool.map(lambda info: _probe_image(img_dir / info["file_name"]), infos))
+        jobs = pool.map(lambda info: _probe_image(img_dir / info["file_name"]), infos)
+        probes = list(tqdm(jobs, total=len(infos), desc=f"checking images in {img_dir.name}", unit="img",
+                           leave=False, disable=len(infos) < 1000))  # only the first start of a big set is slow
     kept, frames, persons, skipped = [], [], [], []
     for info, (status, raw_hw, hw) in zip(infos, probes):
         if status != "ok":
