@@ -237,12 +237,13 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 @click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
 @click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
 @click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
+@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
 @click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
 @click.pass_context
 def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
             conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
             project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
-            line_width: int | None) -> None:
+            fused_only: bool, line_width: int | None) -> None:
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
@@ -261,7 +262,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
         raise _bad(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
     run = api.run(source, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
-                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width), project=project, name=name,
+                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only), project=project, name=name,
                   keep_results=False, progress=True)
     skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
         (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")

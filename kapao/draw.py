@@ -37,12 +37,15 @@ def _point(x: float, y: float) -> tuple[int, int]:
 
 def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: KeypointSchema, scores: Any = None,
                kp_objects: Any = None, line_width: int | None = None, show_boxes: bool = True,
-               show_scores: bool = True, show_kp_objects: bool = False) -> np.ndarray:
+               show_scores: bool = True, show_kp_objects: bool = False,
+               kp_threshold: float | None = 0.0) -> np.ndarray:
     """A copy of `img_bgr` (H, W, 3 uint8) with poses drawn; all coordinates in its pixels.
 
-    boxes (N, 4) x1, y1, x2, y2; keypoints (N, K, 3) x, y, conf (conf <= 0, e.g. v = 0, is not drawn);
-    scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per skeleton limb,
-    one per keypoint type. Tensors or arrays.
+    boxes (N, 4) x1, y1, x2, y2; keypoints (N, K, 3) x, y, conf: a keypoint is drawn when its conf
+    > kp_threshold (0: skips v = 0 labels and unfused predictions; None: draws every keypoint, e.g.
+    the regressed keypoints of predicted poses, whose confidence is 0 unless a keypoint object was
+    fused); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
+    skeleton limb, one per keypoint type. Tensors or arrays.
     """
     img = np.ascontiguousarray(img_bgr).copy()
     lw = line_width or max(round(sum(img.shape[:2]) / 2 * 0.003), 2)
@@ -57,13 +60,16 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
             cv2.rectangle(img, _point(box[0], box[1]), _point(box[2], box[3]), BOX_COLOR, lw, cv2.LINE_AA)
             if show_scores and scores is not None:
                 _label(img, f"{scores[i]:.2f}", _point(box[0], box[1]), lw)
-        _draw_skeleton(img, kpts[i], schema, lw)
+        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold)
     return img
 
 
-def _draw_skeleton(img: np.ndarray, kpts: np.ndarray, schema: KeypointSchema, lw: int) -> None:
-    """Limbs (both ends with conf > 0) then keypoint dots, in place; kpts (K, 3) pixels + conf."""
-    ok = (kpts[:, 2] > 0) & np.isfinite(kpts[:, :2]).all(1)
+def _draw_skeleton(img: np.ndarray, kpts: np.ndarray, schema: KeypointSchema, lw: int,
+                   kp_threshold: float | None) -> None:
+    """Limbs (both ends drawn) then keypoint dots, in place; kpts (K, 3) pixels + conf."""
+    ok = np.isfinite(kpts[:, :2]).all(1)
+    if kp_threshold is not None:
+        ok &= kpts[:, 2] > kp_threshold
     for (a, b), color in zip(schema.skeleton, palette(len(schema.skeleton))):
         if ok[a] and ok[b]:
             cv2.line(img, _point(*kpts[a, :2]), _point(*kpts[b, :2]), color, lw, cv2.LINE_AA)

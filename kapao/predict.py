@@ -157,6 +157,7 @@ class DrawOptions:
     show_scores: bool = False
     show_kp_objects: bool = False
     line_width: int | None = None
+    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (confidence > 0)
 
 
 class ResultWriter:
@@ -179,7 +180,8 @@ class ResultWriter:
         p = poses.to("cpu")
         img = draw_poses(frame.image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
                          line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
-                         show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects)
+                         show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
+                         kp_threshold=0.0 if self.draw.fused_only else None)
         if self.show:
             cv2.imshow("kapao", img)
             cv2.waitKey(1)

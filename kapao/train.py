@@ -819,7 +819,7 @@ def draw_predictions(predictions: Sequence[tuple[dict[str, Any], Any]], schema: 
     for meta, poses in predictions:
         keep = poses.scores >= conf
         img = draw_poses(load_image(meta["path"]), poses.boxes[keep], poses.keypoints[keep], schema,
-                         scores=poses.scores[keep])
+                         scores=poses.scores[keep], kp_threshold=None)
         r = tile / max(img.shape[:2])
         img = cv2.resize(img, (max(1, round(img.shape[1] * r)), max(1, round(img.shape[0] * r))))
         canvas = np.full((tile, tile, 3), 255, np.uint8)
