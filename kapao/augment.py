@@ -71,6 +71,16 @@ class Instances:
 
 
 # ----------------------------------------------------------------------------------------------
+def resize_long_side(img: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """`img` scaled, aspect kept, so that its longer side is `size` pixels (each side at least 1);
+    `img` itself when it already is."""
+    h, w = img.shape[:2]
+    r = size / max(h, w)
+    if r == 1:
+        return img
+    return cv2.resize(img, (max(1, round(w * r)), max(1, round(h * r))), interpolation=interpolation)
+
+
 def letterbox(img: np.ndarray, new_shape: int | tuple[int, int], auto: bool = False, stride: int = MAX_STRIDE,
               color: tuple[int, int, int] = (PAD_VALUE,) * 3, scaleup: bool = True,
               interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:

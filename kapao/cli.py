@@ -8,8 +8,8 @@ from typing import Callable
 import click
 
 from kapao import __version__
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings
-from kapao.errors import KapaoError
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
+from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
 
 
@@ -47,11 +47,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
-MAX_STRIDE = 64  # = kapao.config.MAX_STRIDE
 
 
 class ImgSize(click.ParamType):
-    """A positive multiple of the network's largest stride (64)."""
+    """A positive multiple of the network's largest stride (64), checked by kapao.config.check_imgsz."""
 
     name = "imgsz"
 
@@ -60,10 +59,10 @@ class ImgSize(click.ParamType):
             v = int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not an integer", param, ctx)
-        if v <= 0 or v % MAX_STRIDE:
-            near = max(1, round(v / MAX_STRIDE)) * MAX_STRIDE if v > 0 else MAX_STRIDE
-            self.fail(f"{v} is not a positive multiple of {MAX_STRIDE} (try {near})", param, ctx)
-        return v
+        try:
+            return check_imgsz(v)
+        except ConfigError as e:
+            self.fail(str(e).removeprefix("--imgsz "), param, ctx)
 
 
 class FloatList(click.ParamType):
@@ -103,7 +102,6 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
     """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
     if value is None or value == "":
         return value
-    from kapao.errors import ConfigError
     from kapao.runtime import select_device
 
     try:
@@ -382,7 +380,6 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
-    from kapao.errors import ConfigError
     from kapao.train import TrainArgs, launch_distributed, resolve_resume, should_launch
     from kapao.train import train as run_training
 

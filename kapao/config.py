@@ -37,6 +37,15 @@ BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
 SPLITS = ("train", "val", "test")
 
 
+def check_imgsz(imgsz: int) -> int:
+    """`imgsz` if it is a positive multiple of MAX_STRIDE (the network's input sides must be), else a
+    ConfigError that suggests the nearest valid size."""
+    if imgsz <= 0 or imgsz % MAX_STRIDE:
+        near = max(1, round(imgsz / MAX_STRIDE)) * MAX_STRIDE
+        raise ConfigError(f"--imgsz {imgsz} is not a positive multiple of {MAX_STRIDE} (try {near})")
+    return imgsz
+
+
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KeypointSchema:

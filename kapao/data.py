@@ -26,9 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from kapao.augment import Instances, PixelNoise, augment_hsv, fliplr, letterbox, mosaic4, random_affine
-from kapao.config import IMAGE_SUFFIXES, MAX_STRIDE, DatasetConfig, Hyp, KeypointSchema, TargetLayout
+from kapao.augment import (Instances, PixelNoise, augment_hsv, fliplr, letterbox, mosaic4, random_affine,
+                           resize_long_side)
+from kapao.config import (IMAGE_SUFFIXES, MAX_STRIDE, DatasetConfig, Hyp, KeypointSchema, TargetLayout,
+                          check_imgsz)
 from kapao.errors import ConfigError, DataError
+from kapao.runtime import atomic_write
 
 LOGGER = logging.getLogger("kapao.data")
 CACHE_VERSION = 2
@@ -141,10 +144,11 @@ def _probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
     except FileNotFoundError:
         return "missing", (0, 0), (0, 0)
     except Exception:  # noqa: BLE001 - PIL cannot read it: let OpenCV decide
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.exists() else None
-        if img is None:
+        try:
+            shape = load_image(path).shape[:2]
+        except DataError:
             return ("corrupt" if path.exists() else "missing"), (0, 0), (0, 0)
-        return "ok", img.shape[:2], img.shape[:2]
+        return "ok", shape, shape
     if w < 2 or h < 2:
         return "corrupt", (0, 0), (0, 0)
     return "ok", (h, w), ((w, h) if orientation in _EXIF_TRANSPOSED else (h, w))
@@ -178,12 +182,10 @@ class Labels:
 
     def save(self, path: Path, key: str) -> None:
         """Write atomically as .npz (no pickle)."""
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, version=np.int64(CACHE_VERSION), key=np.str_(key), files=self.files, image_ids=self.image_ids,
                      shapes=self.shapes, apply_exif=self.apply_exif, offsets=self.offsets, boxes=self.boxes,
                      keypoints=self.keypoints, stats=self.stats.to_array(), skipped=self.skipped)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path, key: str) -> "Labels | None":
@@ -394,7 +396,6 @@ def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: b
     labels = parse_annotations(ann_file, img_dir, num_keypoints, skip_crowd, coco=coco)
     for p in paths:
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
             labels.save(p, key)
             break
         except OSError:
@@ -461,9 +462,7 @@ class PoseDataset(Dataset):
 
     def __init__(self, cfg: DatasetConfig, split: str, imgsz: int, hyp: Hyp | None = None, augment: bool = False,
                  rect: bool = False, batch_size: int = 16, cache_images: bool = False) -> None:
-        if imgsz % MAX_STRIDE:
-            fix = math.ceil(imgsz / MAX_STRIDE) * MAX_STRIDE
-            raise ConfigError(f"image size {imgsz} must be a multiple of {MAX_STRIDE}; use e.g. {fix}")
+        check_imgsz(imgsz)
         self.cfg, self.split, self.schema = cfg, split, cfg.schema
         self.img_dir, self.ann_file = cfg.require(split)
         self.imgsz, self.hyp, self.augment, self.rect = imgsz, hyp or Hyp(), augment, rect
@@ -544,10 +543,8 @@ class PoseDataset(Dataset):
                 LOGGER.warning("%s; used as an empty grey image without labels", e)
             self._broken.add(j)
             img = np.full((int(h0), int(w0), 3), 114, np.uint8)
-        r = self.imgsz / max(img.shape[:2])
-        if r != 1:
-            interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
-            img = cv2.resize(img, (max(1, round(img.shape[1] * r)), max(1, round(img.shape[0] * r))), interpolation=interp)
+        shrink = self.imgsz < max(img.shape[:2]) and not self.augment
+        img = resize_long_side(img, self.imgsz, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return img, (img.shape[1] / w0, img.shape[0] / h0)
 
     def _load(self, j: int) -> tuple[np.ndarray, Instances, tuple[float, float]]:

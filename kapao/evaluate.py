@@ -31,7 +31,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -42,6 +41,7 @@ from pycocotools.cocoeval import COCOeval
 
 from kapao.config import KeypointSchema
 from kapao.errors import ConfigError, DataError
+from kapao.runtime import atomic_write
 
 PROTOCOLS = ("coco", "crowdpose")
 COCO_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -146,20 +146,14 @@ def save_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     data = sort_results(results)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise DataError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w") as f:
             json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
-                            "folder") from None
-        raise
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
+                        "folder") from None
     return path
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.config import MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema
+from kapao.config import MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, WeightsError
 
 LOGGER = logging.getLogger("kapao.export")
@@ -78,9 +78,10 @@ class DecodedOutput(nn.Module):
 def image_size(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """(h, w) from an int or a pair; each a positive multiple of 64."""
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
-    if h <= 0 or w <= 0 or h % MAX_STRIDE or w % MAX_STRIDE:
-        raise ConfigError(f"--imgsz {imgsz}: height and width must be positive multiples of {MAX_STRIDE}")
-    return h, w
+    try:
+        return check_imgsz(h), check_imgsz(w)
+    except ConfigError:
+        raise ConfigError(f"--imgsz {imgsz}: height and width must be positive multiples of {MAX_STRIDE}") from None
 
 
 def _require(module: str, why: str) -> Any:
@@ -238,7 +239,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
 
     model, weights, source = _resolve_model(weights_or_model)
     out = _output_path(path, weights, model.size)
-    _atomic_write(out, None)  # an unwritable output fails now, not after the slow export
+    _write_output(out, None)  # an unwritable output fails now, not after the slow export
     net = copy.deepcopy(model).float().to(dev).eval()
     if hasattr(net, "fuse"):
         net.fuse()
@@ -259,7 +260,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
         meta["check"] = json.dumps(_check(data, wrapper, check_image, (h, w), batch, dev, dtype, model.layout))
         _set_metadata(proto, {"check": meta["check"]})
         data = proto.SerializeToString()
-    _atomic_write(out, data)
+    _write_output(out, data)
     LOGGER.debug("exported %s (%.1f MB); %s", out, len(data) / 1e6, describe_check(meta))
     return out
 
@@ -294,26 +295,17 @@ def describe_check(meta: Mapping[str, Any]) -> str:
             f"{check['max_abs_diff']:.2e} (coordinates {check['coords']:.2e} px, scores {check['scores']:.2e})")
 
 
-def _atomic_write(path: Path, data: bytes | None) -> None:
-    """Write `data` to `path` via a temporary file in its folder; `data` None only checks that it could."""
-    import tempfile
+def _write_output(path: Path, data: bytes | None) -> None:
+    """Write `data` to `path` atomically; `data` None only checks that it could (before the slow export)."""
+    from kapao.runtime import atomic_write, check_writable, os_error_reason
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data or b"")
-            if data is None:
-                Path(tmp).unlink()
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if data is None:
+            check_writable(path)
+            return
+        with atomic_write(path) as f:
+            f.write(data)
     except OSError as e:
-        from kapao.runtime import os_error_reason
-
         raise WeightsError(f"cannot write {path}: {os_error_reason(e, path)}; choose a writable folder") from None
 
 

@@ -23,7 +23,7 @@ from ultralytics.nn.modules import C3, SPP, Concat, Conv, Focus
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from kapao.config import (
-    ANCHORS, DEFAULT_SIGMA, MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, load_dataset_config,
+    ANCHORS, DEFAULT_SIGMA, MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz, load_dataset_config,
 )
 from kapao.errors import ConfigError
 
@@ -388,8 +388,8 @@ def count_flops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float:
     exact for every input whose sides are multiples of 64 (all feature maps scale with it).
     """
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
-    if h <= 0 or w <= 0 or h % MAX_STRIDE or w % MAX_STRIDE:
-        raise ConfigError(f"image size must be a positive multiple of {MAX_STRIDE}, got {imgsz}")
+    check_imgsz(h)
+    check_imgsz(w)
     macs = 0
 
     def hook(m: nn.Conv2d, inputs: Any, out: Tensor) -> None:

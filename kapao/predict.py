@@ -19,25 +19,18 @@ import torch
 from torch import Tensor
 
 from kapao.augment import letterbox
-from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema
+from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.data import load_image
 from kapao.draw import draw_poses
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
-from kapao.runtime import increment_run_dir, select_device
+from kapao.runtime import atomic_write, increment_run_dir, select_device
 from kapao.sources import Frame, SourceSpec, VideoReader, resolve_source
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
 
 
 # ----------------------------------------------------------------------------------------------
-def check_imgsz(imgsz: int) -> int:
-    if imgsz <= 0 or imgsz % MAX_STRIDE:
-        raise ConfigError(f"--imgsz {imgsz}: must be a positive multiple of {MAX_STRIDE} "
-                          f"(e.g. {max(1, round(imgsz / MAX_STRIDE)) * MAX_STRIDE})")
-    return imgsz
-
-
 def prepare_batch(images: Sequence[np.ndarray], imgsz: int) -> tuple[Tensor, list[dict[str, Any]]]:
     """BGR images -> letterboxed (B, 3, H, W) uint8 RGB tensor with minimal (rectangular) padding.
 
@@ -214,12 +207,10 @@ class ResultWriter:
         if self.show:
             cv2.destroyAllWindows()
         path = self.save_dir / "predictions.json"
-        tmp = path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(self.records))
-            tmp.replace(path)
+            with atomic_write(path, "w") as f:
+                json.dump(self.records, f)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or use --project with a "
                             "writable folder") from None
         return path

@@ -1,10 +1,14 @@
-"""Where a run executes and reports: device selection, incrementing `runs/<verb>/expN` folders, logging."""
+"""Where a run executes and reports: device selection, incrementing `runs/<verb>/expN` folders, atomic
+file writes, logging."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from kapao.errors import ConfigError, KapaoError
 
@@ -72,6 +76,69 @@ def _increment_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
         path = project / f"{name}{max(nums, default=1) + 1}"
     path.mkdir(parents=True)
     return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".tmp", newline: str | None = None,
+                 check: Callable[[Path], None] | None = None) -> Iterator[IO[Any]]:
+    """Write `path` all or nothing: yields an open temporary file in its folder that replaces `path` at the end.
+
+    Missing parent folders are created. The temporary file (`.<name>.XXXX<suffix>`) is flushed and
+    fsync'ed, checked by `check` (given its path) when given, made readable like a plain new file (0o666
+    less the umask, not mkstemp's 0o600) and moved over `path` with os.replace; the folder is then
+    fsync'ed where possible. On any exception, KeyboardInterrupt included, the temporary file is removed
+    and the exception re-raised: `path` keeps its previous content. Text modes use UTF-8. Callers turn
+    OSError into their own one-line KapaoError.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError now, not after slow work, when :func:`atomic_write` could not create `path` (parents made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(name)
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where possible (os.umask can only read it by setting it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def setup_logging(verbose: bool = False, main_process: bool = True) -> None:

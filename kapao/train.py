@@ -52,7 +52,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from kapao.config import VAL_SETTINGS, DatasetConfig, Hyp, KeypointSchema, load_dataset_config, load_hyp
 from kapao.errors import ConfigError, DataError, KapaoError
-from kapao.runtime import setup_logging
+from kapao.runtime import atomic_write, setup_logging
 
 LOGGER = logging.getLogger("kapao")
 
@@ -765,17 +765,13 @@ def strip_checkpoint(path: Path) -> None:
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """results.csv, rewritten whole (a temp file moved into place)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in rows[-1]})
-        os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space (the previous results.csv and "
                         "checkpoints are kept), then continue with --resume") from None
 
@@ -812,6 +808,7 @@ def draw_predictions(predictions: Sequence[tuple[dict[str, Any], Any]], schema: 
     """A grid of validation images with the predicted poses (score >= conf) drawn."""
     import cv2
 
+    from kapao.augment import resize_long_side
     from kapao.data import load_image
     from kapao.draw import draw_poses
 
@@ -820,8 +817,7 @@ def draw_predictions(predictions: Sequence[tuple[dict[str, Any], Any]], schema: 
         keep = poses.scores >= conf
         img = draw_poses(load_image(meta["path"]), poses.boxes[keep], poses.keypoints[keep], schema,
                          scores=poses.scores[keep], kp_threshold=None)
-        r = tile / max(img.shape[:2])
-        img = cv2.resize(img, (max(1, round(img.shape[1] * r)), max(1, round(img.shape[0] * r))))
+        img = resize_long_side(img, tile)
         canvas = np.full((tile, tile, 3), 255, np.uint8)
         canvas[:img.shape[0], :img.shape[1]] = img
         tiles.append(canvas)

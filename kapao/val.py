@@ -17,7 +17,7 @@ from kapao.config import VAL_SETTINGS, DatasetConfig, InferenceSettings
 from kapao.data import PoseDataset, build_dataloader
 from kapao.evaluate import evaluate, format_metrics, save_results
 from kapao.postprocess import Poses
-from kapao.predict import Predictor, check_imgsz
+from kapao.predict import Predictor
 
 LOGGER = logging.getLogger("kapao")
 
@@ -46,7 +46,7 @@ class ValResult:
 
 def make_val_loader(cfg: DatasetConfig, split: str, imgsz: int, batch: int, workers: int = 0) -> torch.utils.data.DataLoader:
     """Letterboxed, rectangular batches of a split, in a fixed order."""
-    dataset = PoseDataset(cfg, split, check_imgsz(imgsz), augment=False, rect=True, batch_size=batch)
+    dataset = PoseDataset(cfg, split, imgsz, augment=False, rect=True, batch_size=batch)
     return build_dataloader(dataset, batch, workers, shuffle=False)
 
 

@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import types
 import urllib.error
 import urllib.parse
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from kapao.config import STRIDES, KeypointSchema, load_dataset_config
 from kapao.errors import ConfigError, WeightsError
+from kapao.runtime import atomic_write
 
 CHECKPOINT_FORMAT = "kapao-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -153,36 +153,13 @@ def _plain(obj: Any, where: str) -> Any:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    """torch.save via :func:`kapao.runtime.atomic_write`; a failure is a WeightsError naming the path."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-            raise WeightsError(f"could not write checkpoint {path}: {reason}; the previous file (if any) "
-                               "is unchanged — free disk space or choose another folder") from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError as e:
+        raise WeightsError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file (if any) "
+                           "is unchanged — free disk space or choose another folder") from e
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
@@ -928,23 +905,14 @@ def download_weights(name: str, *, force: bool = False) -> Path:
     except OSError as e:
         raise WeightsError(f"cannot create the weights folder {dest.parent} ({e.strerror}); set {DIR_ENV} to a "
                            f"writable folder, or {by_hand}") from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(dest, suffix=".part", check=lambda tmp: _verify_download(tmp, name, url, by_hand)) as f:
             _download(url, f, name, by_hand)
-            f.flush()
-            os.fsync(f.fileno())
-        _verify_download(tmp, name, url, by_hand)
-        os.replace(tmp, dest)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, urllib.error.URLError):
-            raise WeightsError(f"could not write {dest} ({e.strerror or e}); free disk space or set {DIR_ENV}, "
-                               f"or {by_hand}") from None
-        raise
-    _fsync_dir(dest.parent)
+    except OSError as e:
+        if isinstance(e, urllib.error.URLError):
+            raise
+        raise WeightsError(f"could not write {dest} ({e.strerror or e}); free disk space or set {DIR_ENV}, "
+                           f"or {by_hand}") from None
     return dest
 
 

@@ -68,6 +68,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
+from kapao.data import load_image  # noqa: E402
 from kapao.errors import KapaoError  # noqa: E402
 from kapao.export import OnnxBackend, export_onnx, physical_cores  # noqa: E402
 from kapao.model import build_model  # noqa: E402
@@ -124,7 +125,7 @@ def make_clip(frames: list[np.ndarray], n: int, fps: float, out: Path) -> Path:
 
 def crowded_image() -> np.ndarray:
     """2x2 tiles of bus.jpg: 16 people in a 1620x2160 image."""
-    bus = cv2.imread(str(default_source() / "bus.jpg"))
+    bus = load_image(default_source() / "bus.jpg")
     return np.vstack([np.hstack([bus, bus])] * 2)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kapao.augment import (Instances, PixelNoise, affine_matrix, augment_hsv, box_candidates, fliplr, letterbox,
-                           mosaic4, random_affine, warp)
+                           mosaic4, random_affine, resize_long_side, warp)
 from kapao.config import Hyp
 
 
@@ -24,6 +24,14 @@ def one_person(k: int = 4) -> Instances:
 
 
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,size,expect", [((425, 640), 320, (212, 320)), ((640, 425), 1280, (1280, 850)),
+                                               ((3, 2000), 64, (1, 64))])
+def test_resize_long_side(shape, size, expect):
+    img = coord_image(*shape) if max(shape) <= 256 else np.zeros((*shape, 3), np.uint8)
+    assert resize_long_side(img, size).shape[:2] == expect
+    assert resize_long_side(img, max(shape)) is img  # already that size: no copy
+
+
 @pytest.mark.parametrize("shape,new,auto,expect", [
     ((425, 640), 640, False, (640, 640)),
     ((425, 640), (320, 480), False, (320, 480)),

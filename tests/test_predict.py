@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -132,10 +133,10 @@ def test_predict_unwritable_output(eager_weights: Path, tmp_path: Path, coco_min
 def test_predict_json_write_failure_is_one_line(eager_weights: Path, tmp_path: Path, monkeypatch):
     import errno
 
-    def full(self, *a, **k):
+    def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)  # the write of predictions.json fails
     img = tmp_path / "a.jpg"
     cv2.imwrite(str(img), np.full((64, 64, 3), 90, np.uint8))
     res, last = _run(str(img), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128", "--nosave",

@@ -1,13 +1,16 @@
-"""Device parsing and incrementing run folders."""
+"""Device parsing, incrementing run folders and atomic file writes."""
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
 from kapao.errors import ConfigError
-from kapao.runtime import increment_run_dir, select_device
+from kapao.runtime import atomic_write, check_writable, increment_run_dir, select_device
 
 
 def test_select_device_cpu_and_auto():
@@ -37,3 +40,50 @@ def test_increment_run_dir(tmp_path: Path):
     assert increment_run_dir(tmp_path / "runs" / "predict").name == "exp8"
     assert increment_run_dir(tmp_path / "runs" / "predict", "exp", exist_ok=True).name == "exp"
     assert increment_run_dir(tmp_path / "runs" / "predict", "mine").name == "mine"
+
+
+def test_atomic_write_replaces_the_file_with_plain_permissions(tmp_path: Path):
+    path = tmp_path / "sub" / "results.json"  # missing folders are made
+    with atomic_write(path, "w") as f:
+        f.write("é")
+    old = os.umask(0o027)
+    try:
+        with atomic_write(path) as f:
+            f.write(b"new")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["results.json"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path, failure: BaseException):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+    with pytest.raises(type(failure)):
+        with atomic_write(path) as f:
+            f.write(b"half of the new")
+            raise failure
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_atomic_write_check_rejects_before_replacing(tmp_path: Path):
+    path = tmp_path / "w.pt"
+
+    def check(tmp: Path) -> None:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".w.pt.") and tmp.name.endswith(".part")
+        assert tmp.read_bytes() == b"data"  # complete and flushed
+        raise ValueError("not usable")
+
+    with pytest.raises(ValueError, match="not usable"):
+        with atomic_write(path, suffix=".part", check=check) as f:
+            f.write(b"data")
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_writable_leaves_nothing(tmp_path: Path):
+    check_writable(tmp_path / "a" / "x.onnx")
+    assert os.listdir(tmp_path / "a") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        check_writable(tmp_path / "file" / "x.onnx")

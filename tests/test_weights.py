@@ -130,6 +130,13 @@ def test_save_fsyncs_before_replacing(tmp_path, model_n, monkeypatch):
     assert events[1] == ("replace", tmp_path, tmp_path / "b.pt")  # temp file in the same folder
 
 
+def test_saved_checkpoint_is_readable_like_a_plain_file(tmp_path, model_n):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = W.save_checkpoint(tmp_path / "c.pt", model_n)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+
+
 def test_load_errors_name_the_file(tmp_path, model_n):
     missing = tmp_path / "nope.pt"
     with pytest.raises(WeightsError, match=f"not found: {missing}"):
