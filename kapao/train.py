@@ -854,8 +854,9 @@ def _prepare_run(args: TrainArgs, env: DistEnv) -> tuple[Path, Path | None, Trai
 def _write_run_files(trainer: Trainer) -> None:
     try:
         (trainer.run_dir / "weights").mkdir(parents=True, exist_ok=True)
-        (trainer.run_dir / "args.yaml").write_text(yaml.safe_dump(trainer.args.to_dict(), sort_keys=False))
-        (trainer.run_dir / "hyp.yaml").write_text(yaml.safe_dump(trainer.hyp.to_dict(), sort_keys=False))
+        for name, data in (("args.yaml", trainer.args.to_dict()), ("hyp.yaml", trainer.hyp.to_dict())):
+            with atomic_write(trainer.run_dir / name, "w") as f:  # a resumed run rewrites them
+                yaml.safe_dump(data, f, sort_keys=False)
     except OSError as e:
         raise DataError(f"cannot write into the run folder {trainer.run_dir}: {e.strerror or e}; free disk space "
                         "or use --project with a writable folder") from None
