@@ -229,3 +229,35 @@ def test_predict_paths_with_spaces_and_non_ascii(eager_weights: Path, tmp_path: 
     assert res.exit_code == 0, res.output
     assert cv2.imdecode(np.fromfile(str(out / "exp" / "foto 1 é.jpg"), np.uint8), cv2.IMREAD_COLOR) is not None
     assert json.loads((out / "exp" / "predictions.json").read_text())[0]["file"] == "foto 1 é.jpg"
+
+
+def test_video_sink_writes_in_order_and_reports_errors(tmp_path: Path):
+    from kapao.errors import DataError
+    from kapao.predict import _VideoSink
+
+    class Recorder:
+        def __init__(self, fail_at: int | None = None) -> None:
+            self.frames, self.fail_at, self.released = [], fail_at, False
+
+        def write(self, img: np.ndarray) -> None:
+            if len(self.frames) == self.fail_at:
+                raise OSError("No space left on device")
+            self.frames.append(int(img[0, 0, 0]))
+
+        def release(self) -> None:
+            self.released = True
+
+    ok = Recorder()
+    sink = _VideoSink(ok, tmp_path / "a.mp4", prefetch=2)
+    for i in range(20):
+        sink.put(lambda i=i: np.full((2, 2, 3), i, np.uint8))
+    sink.release()
+    assert ok.frames == list(range(20)) and ok.released
+
+    bad = Recorder(fail_at=3)
+    sink = _VideoSink(bad, tmp_path / "b.mp4", prefetch=2)
+    with pytest.raises(DataError, match=r"cannot write video .*b\.mp4: No space left"):
+        for i in range(20):
+            sink.put(lambda i=i: np.full((2, 2, 3), i, np.uint8))
+        sink.release()
+    assert bad.frames == [0, 1, 2]
