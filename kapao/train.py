@@ -873,6 +873,10 @@ def train(args: TrainArgs) -> Path:
     env = DistEnv.from_environ()
     setup_logging(verbose=LOGGER.getEffectiveLevel() <= logging.DEBUG, main_process=env.main)
     device = _init_device(args, env)
+    if args.resume in (None, False) and env.main:  # a missing dataset fails before a run folder is made
+        cfg = load_dataset_config(args.data)
+        for split in ("train", "val"):
+            cfg.require(split)
     run_dir = None
     try:
         run_dir, last, args = _prepare_run(args, env)
