@@ -255,11 +255,11 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     scales, flips = _tta(scales, flips, tta)
     settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     try:
-        resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
+        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise _bad(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
-    run = api.run(source, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
+    run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
                   show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only), project=project, name=name,
                   keep_results=False, progress=True)
     skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \

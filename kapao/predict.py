@@ -27,7 +27,7 @@ from kapao.draw import draw_poses
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
 from kapao.runtime import atomic_write, increment_run_dir, select_device
-from kapao.sources import Frame, SourceSpec, VideoReader, resolve_source
+from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
 
@@ -385,7 +385,7 @@ class KAPAO:
             return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
         return self.run(source, imgsz=imgsz, settings=settings, save=False, **kwargs).results
 
-    def run(self, source: str | Path | int | None = None, *, imgsz: int = 1280,
+    def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
             settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
@@ -396,7 +396,7 @@ class KAPAO:
         self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
-        spec = resolve_source(source)
+        spec = source if isinstance(source, SourceSpec) else resolve_source(source)
         if show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
         draw = draw or DrawOptions()
@@ -414,7 +414,7 @@ class KAPAO:
             raise
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
-        total = None if spec.kind == "stream" else sum(_count_frames(i, spec) for i in spec.items)
+        total = _total_frames(spec, readers)
         t0 = time.perf_counter()
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
@@ -445,14 +445,14 @@ class KAPAO:
             if save_dir is not None:  # nothing was produced: leave no empty run folder behind
                 shutil.rmtree(save_dir, ignore_errors=True)
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
-            raise DataError(f"no frame could be read from {source} ({why}); check the files (open them in a viewer)")
+            raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
 
 
-def _count_frames(item: str, spec: SourceSpec) -> int:
-    if not spec.is_video(item):
-        return 1
-    cap = cv2.VideoCapture(item)
-    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    cap.release()
-    return max(n, 0)
+def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
+    """Frames of a whole source for the progress bar (None for streams); open readers are not reopened."""
+    if spec.kind == "stream":
+        return None
+    counts = [1 if not spec.is_video(i) else readers[i].frame_count if i in readers else count_frames(i)
+              for i in spec.items]
+    return sum(c or 0 for c in counts)

@@ -38,6 +38,7 @@ class SourceSpec:
     kind: str  # "images", "video", "mixed" (a folder with both) or "stream"
     items: list[str]  # image files, video files, or one stream/webcam address
     skipped: int = 0  # non-image/non-video files ignored in a folder or glob
+    source: str = ""  # the SOURCE argument as given, for messages
 
     def __len__(self) -> int:
         return len(self.items)
@@ -67,9 +68,13 @@ def _classify(files: list[Path], what: str) -> SourceSpec:
 
 def resolve_source(source: str | int | Path | None) -> SourceSpec:
     """Turn a SOURCE argument into a SourceSpec, with a clear error for anything unusable."""
-    if source is None:
-        source = default_source()
-    text = str(source)
+    text = str(default_source() if source is None else source)
+    spec = _resolve(text)
+    spec.source = text
+    return spec
+
+
+def _resolve(text: str) -> SourceSpec:
     if text.isdigit():
         return SourceSpec("stream", [text])
     if text.lower().startswith(STREAM_PREFIXES):
@@ -105,6 +110,21 @@ def _opencv_quiet() -> Iterator[None]:
         log.setLogLevel(old)
 
 
+def frame_count(cap: cv2.VideoCapture, address: str) -> int | None:
+    """Frames an opened capture reports; None for webcams and streams, which have no end."""
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    return n if n > 0 and not address.isdigit() else None
+
+
+def count_frames(address: str) -> int | None:
+    """Frame count of a video that is not open yet (for a progress bar's total)."""
+    cap = cv2.VideoCapture(address)
+    try:
+        return frame_count(cap, address)
+    finally:
+        cap.release()
+
+
 class VideoReader:
     """Frames of a video file or stream, decoded in a background thread so decoding overlaps inference."""
 
@@ -124,8 +144,7 @@ class VideoReader:
             self.fps = 30.0
         self.width = int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         self.height = int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        n = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        self.frame_count: int | None = n if n > 0 and not address.isdigit() else None
+        self.frame_count = frame_count(self.cap, address)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
