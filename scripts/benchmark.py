@@ -69,7 +69,6 @@ import torch  # noqa: E402
 
 from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
 from kapao.data import load_image  # noqa: E402
-from kapao.errors import KapaoError  # noqa: E402
 from kapao.export import OnnxBackend, export_onnx, physical_cores  # noqa: E402
 from kapao.model import build_model  # noqa: E402
 from kapao.postprocess import postprocess  # noqa: E402
@@ -276,13 +275,7 @@ class Context:
 
 def kapao_api(model: torch.nn.Module, device: torch.device, backend: OnnxBackend | None, onnx: Path | None) -> KAPAO:
     """The KAPAO API over the torch model, or over the ONNX file (onnxruntime as the predictor's forward)."""
-    if backend is None:
-        return KAPAO(model, device=str(device))
-    with contextlib.suppress(KapaoError):  # KAPAO loads .onnx weights itself once that is wired in
-        return KAPAO(str(onnx), device=str(device))
-    api = KAPAO(model, device=str(device))  # until then: the same Predictor with onnxruntime as forward
-    api._fused = Predictor(backend, backend.schema, backend.device)
-    return api
+    return KAPAO(model, device=str(device)) if backend is None else KAPAO(str(onnx), device=str(device))
 
 
 def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
