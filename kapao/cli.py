@@ -7,7 +7,7 @@ from typing import Callable
 
 import click
 
-from kapao import __version__
+from kapao.version import __version__
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging

@@ -119,7 +119,7 @@ def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str
 def export_metadata(model: nn.Module, imgsz: tuple[int, int], *, dynamic: bool, half: bool, batch: int,
                     opset: int, source: str = "") -> dict[str, str]:
     """The ``metadata_props`` of an exported model (see the module docstring)."""
-    from kapao import __version__
+    from kapao.version import __version__
 
     schema: KeypointSchema = model.schema
     return {

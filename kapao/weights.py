@@ -90,7 +90,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, *, extra: Mapping[str, Any
     ``path`` with ``os.replace``: a crash or a full disk leaves the previous file intact and no
     temporary file behind (the error is a WeightsError naming the path).
     """
-    from kapao import __version__
+    from kapao.version import __version__
 
     path = Path(path)
     model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
