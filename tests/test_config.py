@@ -170,6 +170,8 @@ def test_configs_ship_in_wheel(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("coco-kp.yaml", "crowdpose.yaml", "hyp-kapao.yaml"):
         assert f"kapao/configs/{f}" in names
+    for f in ("__init__", "checkpoint", "unpickle", "official", "registry", "loader"):  # the weights subpackage
+        assert f"kapao/weights/{f}.py" in names
 
 
 def test_require_names_missing_data_and_how_to_get_it(tmp_path: Path, monkeypatch):
