@@ -7,6 +7,7 @@ are shared, and OpenMP spin-waiting makes oversubscribed multi-thread runs errat
 """
 from __future__ import annotations
 
+import ast
 import csv
 import logging
 import os
@@ -68,6 +69,19 @@ def _env() -> dict[str, str]:
 
 def test_fitness():
     assert kt.fitness({"AP": 0.5, "AP50": 0.8}) == pytest.approx(0.53)
+
+
+TRAIN_MODULES = ("train", "train_run", "train_step", "train_data", "train_log", "optim", "distributed", "plots")
+
+
+def test_train_modules_stay_small():
+    """The loop and its pieces stay short: modules under 450 lines, functions at most 60."""
+    for name in TRAIN_MODULES:
+        source = (REPO / "kapao" / f"{name}.py").read_text()
+        assert len(source.splitlines()) < 450, name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 60, f"{name}.{node.name}"
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
