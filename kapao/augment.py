@@ -13,9 +13,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from kapao.config import MAX_STRIDE, Hyp
+from kapao.config import MAX_STRIDE, PAD_VALUE, Hyp
 
-PAD_VALUE = 114  # grey used for letterbox padding, mosaic background and affine borders
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ from typing import Callable
 
 import click
 
-from kapao.version import __version__
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
+from kapao.config import (OFFICIAL_TTA, PREDICT_SETTINGS, VAL_SETTINGS, Hyp, InferenceSettings, check_dataset_spec,
+                          check_hyp_spec, check_imgsz, load_dataset_config)
 from kapao.errors import ConfigError, KapaoError
-from kapao.runtime import setup_logging
+from kapao.runtime import select_device, setup_logging
+from kapao.version import __version__
 
 
 class KapaoGroup(click.Group):
@@ -102,8 +103,6 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
     """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
     if value is None or value == "":
         return value
-    from kapao.runtime import select_device
-
     try:
         select_device(value)
     except ConfigError as e:
@@ -128,8 +127,6 @@ def _exists(what: str) -> Callable:
         if what == "weights":
             from kapao.weights import check_weights_spec as check
         else:
-            from kapao.config import check_dataset_spec, check_hyp_spec
-
             check = check_dataset_spec if what == "data" else check_hyp_spec
         try:
             check(value)
@@ -178,7 +175,7 @@ def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
     if tta:
         if scales or flips:
             raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
-        return [0.8, 1.0, 1.2], [False, True, False]
+        return list(OFFICIAL_TTA[0]), list(OFFICIAL_TTA[1])
     if scales and flips and len(scales) != len(flips):
         raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
     return scales, flips
@@ -289,7 +286,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    from kapao.config import load_dataset_config
     from kapao.val import run_val
 
     setup_logging(ctx.obj.get("verbose", False))
@@ -324,8 +320,6 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param)
     if out:  # names and ranges checked now, against the defaults
-        from kapao.config import Hyp
-
         try:
             Hyp.from_dict({**Hyp().to_dict(), **out}, where="--hyp-set")
         except KapaoError as e:
@@ -434,7 +428,8 @@ class ImgShape(click.ParamType):
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
            opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
-    from kapao.export import describe_check, export_onnx, read_metadata
+    from kapao.backends import read_metadata
+    from kapao.export import describe_check, export_onnx
 
     setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,

@@ -29,6 +29,9 @@ OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss
 MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PAD_VALUE = 114  # grey (uint8) of letterbox padding, mosaic background, affine borders and TTA padding
+# The official test-time augmentation: input scales and, per scale, a left-right flip
+OFFICIAL_TTA: tuple[tuple[float, ...], tuple[bool, ...]] = ((0.8, 1.0, 1.2), (False, True, False))
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
 BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}

@@ -342,7 +342,7 @@ class KapaoModel(nn.Module):
             return raw
         return decode(raw, self.anchors, self.strides, self.layout), raw
 
-    def fuse(self) -> "KapaoModel":
+    def fold_bn(self) -> "KapaoModel":
         """Fold every Conv's BatchNorm into its convolution, for inference (in place; returns self)."""
         for m in self.modules():
             if isinstance(m, Conv) and hasattr(m, "bn"):

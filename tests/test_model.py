@@ -156,7 +156,7 @@ def test_fuse_keeps_outputs():
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         before, _ = model(x)
-        model.fuse()
+        model.fold_bn()
         after, _ = model(x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(before, after, rtol=1e-3, atol=1e-3)
