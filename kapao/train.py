@@ -642,7 +642,7 @@ class Trainer:
         from kapao.val import validate
 
         predictor = Predictor.from_model(self.ema.module, self.device, half=self.device.type == "cuda", fold_bn=True,
-                                         settings=VAL_SETTINGS)  # fusing works on a copy: the EMA is untouched
+                                         settings=VAL_SETTINGS)  # folding works on a copy: the EMA is untouched
         result = validate(predictor, self.val_loader, progress=True, keep=4 if self.args.plots else 0)
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)

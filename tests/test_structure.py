@@ -32,7 +32,7 @@ LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 TRAINING_AND_EXPORT = {"train", "export", "optim", "distributed", "plots"}
-INFERENCE = ("predict", "backends", "postprocess", "sources", "draw", "val", "evaluate")
+INFERENCE = ("predict", "backends", "postprocess", "sources", "sinks", "draw", "val", "evaluate")
 
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
