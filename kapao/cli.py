@@ -10,17 +10,21 @@ from kapao.cli_options import (
     ImgSize,
     bad_parameter,
     check_device,
+    check_half,
+    given,
     inference_options,
     must_exist,
     settings_from,
     tta_passes,
 )
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
-from kapao.errors import ConfigError, KapaoError
+from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.runtime import setup_logging
 from kapao.version import __version__
 from kapao.weights.registry import weights_help
 
+RESUME_OPTIONS = ("resume", "epochs", "hyp_set", "device", "workers", "project")  # what a resume may set
+MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
 
 class KapaoGroup(click.Group):
     """Turns every error into one line on stderr unless --verbose asks for the traceback.
@@ -95,6 +99,12 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
     from kapao.model import build_model, format_model_info, model_info
     from kapao.weights.registry import REGISTRY, check_weights_spec
 
+    ctx = click.get_current_context()
+    if kpts is not None and data is not None:
+        raise click.UsageError(f"--kpts {kpts} contradicts --data {data} (the dataset sets the keypoints); give one")
+    if weights is not None and given(ctx, "size", "kpts", "data"):
+        raise click.UsageError(f"{', '.join(given(ctx, 'size', 'kpts', 'data'))} describe a new model; --weights "
+                               "already fixes size and keypoints: give either --weights or those")
     if list_names:
         for e in REGISTRY.values():
             ap = f"{e.ap:.1f} AP ({e.benchmark})" if e.ap is not None else "AP not published"
@@ -145,7 +155,8 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
 @click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
 @click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
 @click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
-@click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
+@click.option("--line-width", type=click.IntRange(min=1, max=MAX_LINE_WIDTH), default=None,
+              help="Line width in pixels. [default: from image size]")
 @click.pass_context
 def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
             conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
@@ -156,9 +167,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
     COCO-format predictions.json) go to runs/predict/expN.
     """
-    from kapao.errors import DataError
-    from kapao.predict import KAPAO, DrawOptions
-    from kapao.sources import resolve_source
+    from kapao.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
 
     setup_logging(ctx.obj.get("verbose", False))
     scales, flips = tta_passes(scales, flips, tta)
@@ -167,6 +176,9 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
+    check_half(ctx, half, device)
+    from kapao.predict import KAPAO, DrawOptions
+
     api = KAPAO(weights, device=device, half=half)
     run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
                   save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only),
@@ -198,8 +210,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    from kapao.val import run_val
-
     setup_logging(ctx.obj.get("verbose", False))
     if crowdpose:
         if data not in (None, "crowdpose"):
@@ -210,7 +220,13 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     scales, flips = tta_passes(scales, flips, tta)
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
-    cfg.require(split)  # a missing dataset fails before anything is loaded or created
+    try:
+        cfg.require(split)  # a missing dataset is a usage error, before anything is loaded or created
+    except DataError as e:
+        raise bad_parameter(e, ctx, "data") from None
+    check_half(ctx, half, device)
+    from kapao.val import run_val
+
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name)
     save_dir = res.json_path.parent
@@ -242,8 +258,11 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 def _check_train_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
     if value and "," in value:
-        for d in value.split(","):
-            check_device(ctx, param, d.strip())
+        ids = [d.strip() for d in value.split(",")]
+        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
+            raise click.BadParameter(f"{value!r}: a device list names distinct GPU indices, e.g. 0,1", ctx, param)
+        for d in ids:
+            check_device(ctx, param, d)
         return value
     return check_device(ctx, param, value)
 
@@ -291,10 +310,21 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
 
     setup_logging(ctx.obj.get("verbose", False))
     if resume:
+        fixed = given(ctx, *(p.name for p in ctx.command.params if p.name not in RESUME_OPTIONS))
+        if fixed:
+            raise click.UsageError(f"--resume continues a run with its own settings; {', '.join(fixed)} cannot change "
+                                   "(on resume: --epochs, --hyp-set lr0=/lrf=, --device, --workers, --project)")
         try:
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
+    else:
+        try:  # a missing dataset is a usage error, before a run folder is made
+            cfg = load_dataset_config(data)
+            for split in ("train", "val"):
+                cfg.require(split)
+        except DataError as e:
+            raise bad_parameter(e, ctx, "data") from None
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -334,18 +364,21 @@ class ImgShape(click.ParamType):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
+@click.option("--exist-ok", is_flag=True, help="Overwrite an existing output file (else export refuses).")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
 @click.pass_context
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
-           opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
+           opset: int, batch: int, device: str | None, output: str | None, exist_ok: bool, check_image: str | None,
+           no_check: bool) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
+    setup_logging(ctx.obj.get("verbose", False))
+    check_half(ctx, half, device)
     from kapao.backends import read_metadata
     from kapao.export import describe_check, export_onnx
 
-    setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device)
+                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok)
     info = read_metadata(path)
     shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
     click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {'fp16' if info.half else 'fp32'}; opset {opset})")

@@ -2,6 +2,7 @@
 time, so a wrong command line exits with 2 before anything heavy is imported)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -42,7 +43,7 @@ class FloatList(click.ParamType):
             vals = [float(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
-        if not vals or any(v <= 0 for v in vals):
+        if not vals or not all(v > 0 and math.isfinite(v) for v in vals):
             self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
         return vals
 
@@ -101,7 +102,31 @@ def must_exist(what: str) -> Callable:
     return callback
 
 
-UNIT = click.FloatRange(0.0, 1.0)
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan (which compares false with every bound) and inf."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+UNIT = FiniteRange(0.0, 1.0)
+
+
+def check_half(ctx: click.Context, half: bool, device: str | None) -> None:
+    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything."""
+    if half and select_device(device).type != "cuda":
+        param = next(p for p in ctx.command.params if p.name == "half")
+        raise click.BadParameter("needs a CUDA device (fp16 is for GPUs); drop --half or use --device 0", ctx, param)
+
+
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among `names` the user typed (not defaults), as their flags (e.g. ['--size'])."""
+    src = click.core.ParameterSource.COMMANDLINE
+    params = {p.name: p for p in ctx.command.params}
+    return [params[n].opts[0] for n in names if ctx.get_parameter_source(n) == src]
 
 
 def inference_options(defaults: InferenceSettings) -> Callable:
@@ -117,7 +142,7 @@ def inference_options(defaults: InferenceSettings) -> Callable:
                          help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
             click.option("--conf-kp-person", type=UNIT, default=None,
                          help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
-            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+            click.option("--tolerance", type=FiniteRange(min=0), default=None,
                          help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
             click.option("--max-det", type=click.IntRange(min=1), default=None,
                          help=f"Max poses per image. [default: {defaults.max_det}]"),
@@ -125,7 +150,8 @@ def inference_options(defaults: InferenceSettings) -> Callable:
             click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
             click.option("--flips", type=FlipList(), default=None,
                          help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
-            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
+            click.option("--tta", is_flag=True,
+                         help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none (3 passes: about 3x the time)."),
         ]
         for o in reversed(opts):
             f = o(f)

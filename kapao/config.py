@@ -48,9 +48,15 @@ GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpos
 SPLITS = ("train", "val", "test")
 
 
+MAX_IMGSZ = 8192  # input side above which a single image's activations no longer fit in memory anywhere
+
+
 def check_imgsz(imgsz: int) -> int:
     """`imgsz` if it is a positive multiple of MAX_STRIDE (the network's input sides must be), else a
     ConfigError that suggests the nearest valid size."""
+    if imgsz > MAX_IMGSZ:
+        raise ConfigError(f"--imgsz {imgsz} is larger than {MAX_IMGSZ}, more memory than any machine has for this "
+                          f"network (the models are trained at 640-1280; try 1280)")
     if imgsz <= 0 or imgsz % MAX_STRIDE:
         near = max(1, round(imgsz / MAX_STRIDE)) * MAX_STRIDE
         raise ConfigError(f"--imgsz {imgsz} is not a positive multiple of {MAX_STRIDE} (try {near})")

@@ -116,7 +116,8 @@ class Trainer:
         self.cfg = load_dataset_config(args.data)
         for split in ("train", "val") if env.main else ("train",):  # fail before building anything
             self.cfg.require(split)
-        self.hyp = Hyp.from_dict(ckpt["extra"]["hyp"]) if ckpt is not None else build_hyp(args)
+        # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
+        self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
         self.epochs = int(args.epochs or default_epochs(self.cfg))
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
@@ -197,6 +198,8 @@ class Trainer:
                              "start a new run with --weights pointing at it instead")
         self.model.load_state_dict(extra["model"])
         self.optimizer.load_state_dict(extra["optimizer"])
+        for g in self.optimizer.param_groups:  # the schedule starts from this run's lr0 (a resume may lower it)
+            g["initial_lr"] = self.hyp.lr0
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
         if self.ema is not None:
@@ -276,12 +279,21 @@ class Trainer:
         try:
             items = self.stepper.forward_backward(imgs, targets, sync=step)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {i}: training diverged; lower lr0 (--hyp), or "
-                                f"check the data and labels. The last good checkpoint {self.wdir / 'last.pt'} is "
-                                "kept (resume from it with a lower lr0 or other data).") from None
+            raise NonFiniteLoss(f"{e} at epoch {epoch + 1}, iteration {i}: {self.divergence_advice()}") from None
         if step:
             self.stepper.step()
         return items
+
+    def divergence_advice(self) -> str:
+        """What to do after NaN/inf: resume from last.pt with a lower lr0 where one exists, else start again.
+        (The annotations were validated when loaded, so the cause is the optimisation, not NaN labels.)"""
+        lower = f"--hyp-set lr0={self.hyp.lr0 / 10:g}"
+        last = self.wdir / "last.pt"
+        if last.is_file():
+            return (f"training diverged; {last} (the last good epoch) is kept: continue with "
+                    f"`kapao train --resume {self.run_dir} {lower}`")
+        return (f"training diverged before any epoch was saved (no last.pt yet); start again with a lower lr0 "
+                f"({lower}) or a smaller --batch")
 
     # -- end of epoch: validation, results, checkpoints ------------------------------------------------
     def after_epoch(self, epoch: int, losses: list[float]) -> bool:
@@ -338,8 +350,8 @@ class Trainer:
         """Write a checkpoint (EMA weights + resume state); refuses NaN/inf weights, keeping the old file."""
         for name, m in (("model", unwrap(self.model)), ("EMA model", self.ema.module)):
             if not all(bool(torch.isfinite(t).all()) for t in m.state_dict().values() if t.is_floating_point()):
-                raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch}: training diverged; lower "
-                                    f"lr0 (--hyp) or check the data. {path} was not overwritten.")
+                raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch + 1} ({path} was not "
+                                    f"overwritten): {self.divergence_advice()}")
         save_checkpoint(path, self.ema.module, extra=self.checkpoint_extra(epoch, metrics, fi))
 
     def save_interrupted(self) -> None:

@@ -272,12 +272,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(coco_mini_yaml, tm
         return (loss * float("nan") if len(calls) > 2 else loss), items  # 2 batches per epoch
 
     monkeypatch.setattr(KapaoLoss, "__call__", nan_from_epoch_1)
-    with pytest.raises(KapaoError, match=r"epoch 1, iteration 0") as e:
+    with pytest.raises(KapaoError, match=r"epoch 2, iteration 0") as e:  # epochs counted from 1, as displayed
         train(_args(coco_mini_yaml, tmp_path, epochs=3))
-    assert "lower lr0" in str(e.value) and "last.pt" in str(e.value)
+    run = tmp_path / "runs" / "exp"
+    assert f"{run / 'weights' / 'last.pt'} (the last good epoch) is kept: continue with `kapao train --resume {run} " \
+        "--hyp-set lr0=0.001`" in str(e.value)
     ckpt = _load(tmp_path / "runs" / "exp" / "weights" / "last.pt")
     assert ckpt["extra"]["epoch"] == 0 and "optimizer" in ckpt["extra"]  # resumable, from before the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_divergence_in_the_first_epoch_names_no_missing_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
+    original = KapaoLoss.__call__
+    monkeypatch.setattr(KapaoLoss, "__call__", lambda self, raw, t: (lambda r: (r[0] * float("nan"), r[1]))(
+        original(self, raw, t)))
+    with pytest.raises(KapaoError, match=r"epoch 1, iteration 0") as e:
+        train(_args(coco_mini_yaml, tmp_path, epochs=2))
+    assert "before any epoch was saved (no last.pt yet); start again with a lower lr0 (--hyp-set lr0=0.001)" \
+        in str(e.value)
+    assert not (tmp_path / "runs" / "exp" / "weights" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("k", [17, 14])
