@@ -84,10 +84,27 @@ class ResultWriter:
         self.records: list[dict[str, Any]] = []
         self._videos: dict[str, _VideoSink] = {}
         self.written: list[Path] = []
+        self._names: dict[str, str] = {}  # source image path -> its unique output name (see output_name)
+        self._taken: set[str] = set()
+
+    def output_name(self, path: str) -> str:
+        """The file name of `path`'s outputs, unique in the run: a second source file with the same name
+        (another folder of a glob) gets a suffix, `bus_2.jpg`, also used as its `file` and image_id."""
+        if path not in self._names:
+            p, n = Path(path), 1
+            name = p.name
+            while name in self._taken:
+                n += 1
+                name = f"{p.stem}_{n}{p.suffix}"
+            self._names[path] = name
+            self._taken.add(name)
+        return self._names[path]
 
     def add(self, frame: Frame, poses: Poses, fps: float | None = None) -> None:
-        for rec in poses.to_coco(image_id_of(frame)):
-            rec["file"] = Path(frame.path).name
+        name = self.output_name(frame.path) if frame.frame is None else Path(frame.path).name
+        image_id = image_id_of(frame) if name == Path(frame.path).name else Path(name).stem
+        for rec in poses.to_coco(image_id):
+            rec["file"] = name
             self.records.append(rec)
         if not (self.save_media or self.show):
             return
@@ -102,7 +119,7 @@ class ResultWriter:
         if not self.save_media:
             return
         if frame.frame is None:
-            out = self.save_dir / Path(frame.path).name
+            out = self.save_dir / name
             if not cv2.imwrite(str(out), img):
                 raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
             self.written.append(out)
