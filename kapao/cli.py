@@ -19,7 +19,7 @@ from kapao.cli_options import (
 )
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
 from kapao.errors import ConfigError, DataError, KapaoError
-from kapao.runtime import setup_logging
+from kapao.runtime import quiet_third_party, setup_logging
 from kapao.version import __version__
 from kapao.weights.registry import weights_help
 
@@ -221,8 +221,8 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
     try:
-        cfg.require(split)  # a missing dataset is a usage error, before anything is loaded or created
-    except DataError as e:
+        cfg.require(split)  # a missing dataset or split is a usage error, before anything is loaded or created
+    except (ConfigError, DataError) as e:
         raise bad_parameter(e, ctx, "data") from None
     check_half(ctx, half, device)
     from kapao.val import run_val
@@ -319,11 +319,11 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
     else:
-        try:  # a missing dataset is a usage error, before a run folder is made
-            cfg = load_dataset_config(data)
+        cfg = load_dataset_config(data)
+        try:  # a missing dataset or split is a usage error, before a run folder is made
             for split in ("train", "val"):
                 cfg.require(split)
-        except DataError as e:
+        except (ConfigError, DataError) as e:
             raise bad_parameter(e, ctx, "data") from None
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
@@ -387,6 +387,7 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
 
 
 def main() -> None:
+    quiet_third_party()
     cli(obj={})
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from kapao.optim import (
 )
 from kapao.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.predict import Predictor
-from kapao.runtime import setup_logging
+from kapao.runtime import available_cpus, setup_logging
 from kapao.train_data import build_train_loader
 from kapao.train_log import ResultsLog, progress_text
 from kapao.train_run import (
@@ -182,7 +181,7 @@ class Trainer:
                                "weights kapao-%s); check --size", self.model.size, info.get("size"))
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
-        workers = min(self.args.workers, os.cpu_count() or 1)
+        workers = min(self.args.workers, available_cpus())
         return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
 
     def _metric_names(self) -> tuple[str, ...]:
@@ -208,7 +207,7 @@ class Trainer:
         self.state = RunState(start_epoch=epoch + 1, best_fitness=float(extra.get("best_fitness", 0.0)),
                               best_epoch=int(extra.get("best_epoch", -1)), epochs_done=epoch)
         if self.env.main:
-            LOGGER.info("resuming from epoch %d of %d (%d EMA updates)", epoch + 1, self.epochs,
+            LOGGER.info("resuming after epoch %d of %d (%d EMA updates)", epoch + 1, self.epochs,
                         self.ema.updates if self.ema else 0)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -319,7 +318,7 @@ class Trainer:
         self.state.epochs_done = epoch
         if stop:
             LOGGER.info("early stop: no improvement in the last %d epochs; best fitness %.4f at epoch %d",
-                        patience, self.state.best_fitness, self.state.best_epoch)
+                        patience, self.state.best_fitness, self.state.best_epoch + 1)
         return stop
 
     def validate(self) -> dict[str, float]:
@@ -372,8 +371,10 @@ class Trainer:
         for path in (self.wdir / "last.pt", self.wdir / "best.pt"):
             strip_checkpoint(path)
         best = self.wdir / "best.pt"
-        LOGGER.info("%d epochs completed in %.3f hours. Best fitness %.4f (epoch %d). Weights: %s%s. Results: %s",
-                    n, seconds / 3600, self.state.best_fitness, self.state.best_epoch,
+        best_fit = (f"Best fitness {self.state.best_fitness:.4f} (epoch {self.state.best_epoch + 1})"
+                    if self.state.best_epoch >= 0 else "No epoch was validated (no best fitness)")
+        LOGGER.info("%d epochs completed in %.3f hours. %s. Weights: %s%s. Results: %s",
+                    n, seconds / 3600, best_fit,
                     self.wdir / "last.pt", f", {best}" if best.exists() else "", self.run_dir)
 
 

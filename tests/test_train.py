@@ -168,7 +168,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
         try:
             deadline = time.time() + 180
             while proc.poll() is None and time.time() < deadline:  # wait for a batch of the epoch after last.pt
-                if last.exists() and f"{_load(last)['extra']['epoch'] + 1}/4 mem" in log_file.read_text():
+                if last.exists() and f"{_load(last)['extra']['epoch'] + 2}/5 mem" in log_file.read_text():
                     break
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -180,7 +180,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(run), "--device", "cpu",
                           "--workers", "0"], capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resuming from epoch {killed_at + 1} of 5" in out.stderr and f"Results saved to {run}" in out.stdout
+    assert f"resuming after epoch {killed_at + 1} of 5" in out.stderr and f"Results saved to {run}" in out.stdout
     assert [int(r["epoch"]) for r in _rows(run)] == [0, 1, 2, 3, 4]
     assert _load(last)["extra"]["epoch"] == 4
     out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(last)], capture_output=True,
