@@ -1,6 +1,7 @@
 """The `kapao` command group: help, version, error handling, python -m entry point."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,49 @@ def test_info_weights_shows_training_data_and_metrics(tmp_path):
     assert "kapao-n" in res.output and "keypoints (14): left_shoulder" in res.output
     assert "trained on: crowdpose, epoch 7" in res.output and "AP 0.5000, AP50 0.7500" in res.output
     assert f"weights: {path} (kapao checkpoint)" in res.output
+
+
+def test_verbose_after_the_verb_shows_the_traceback(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"")
+    res = CliRunner().invoke(cli, ["info", "--weights", str(broken), "--verbose"])
+    assert res.exit_code != 0 and res.exception is not None and "broken.pt" in str(res.exception)
+    res = CliRunner().invoke(cli, ["info", "--weights", str(broken), "--", "--verbose"])  # after --: not the flag
+    assert res.exit_code == 2 and "--verbose" in res.output
+
+
+@pytest.mark.parametrize("error, phrase", [
+    (ValueError("odd\nsecond line"), "unexpected ValueError: odd (a bug? rerun with --verbose for the traceback"),
+    (MemoryError(), "out of memory: the input is too large for this machine; use a smaller --imgsz or --batch"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"),
+     "out of memory"),
+])
+def test_unexpected_errors_are_one_line(monkeypatch, error, phrase):
+    import kapao.model
+
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(kapao.model, "build_model", boom)
+    res = CliRunner().invoke(cli, ["info", "--imgsz", "64"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: ") and phrase in res.output
+    res = CliRunner().invoke(cli, ["info", "--imgsz", "64", "--verbose"])
+    assert res.exception is error  # --verbose: the exception itself, with its traceback
+
+
+def test_quiet_third_party_sets_env_and_turns_warnings_into_one_log_line(monkeypatch, caplog):
+    import warnings
+
+    from kapao.runtime import QUIET_ENV, quiet_third_party
+
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("YOLO_VERBOSE", "True")  # a user's own choice wins
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    quiet_third_party()
+    assert os.environ["OPENCV_FFMPEG_LOGLEVEL"] == "-8" and os.environ["YOLO_VERBOSE"] == "True"
+    with caplog.at_level("WARNING", logger="kapao"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("no 'sigmas' given", UserWarning, stacklevel=1)
+    assert caplog.records[-1].getMessage() == "warning: no 'sigmas' given"
