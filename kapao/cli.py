@@ -8,6 +8,7 @@ import click
 from kapao.cli_options import (
     MODEL_SIZES,
     ImgSize,
+    announce_tta,
     bad_parameter,
     check_device,
     check_half,
@@ -179,6 +180,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     check_half(ctx, half, device)
     from kapao.predict import KAPAO, DrawOptions
 
+    announce_tta(scales, flips)
     api = KAPAO(weights, device=device, half=half)
     run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
                   save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only),
@@ -227,6 +229,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     check_half(ctx, half, device)
     from kapao.val import run_val
 
+    announce_tta(scales, flips)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name)
     save_dir = res.json_path.parent
@@ -305,15 +308,14 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
-    from kapao.train import TrainArgs, launch_distributed, resolve_resume, should_launch
-    from kapao.train import train as run_training
-
     setup_logging(ctx.obj.get("verbose", False))
     if resume:
         fixed = given(ctx, *(p.name for p in ctx.command.params if p.name not in RESUME_OPTIONS))
         if fixed:
             raise click.UsageError(f"--resume continues a run with its own settings; {', '.join(fixed)} cannot change "
                                    "(on resume: --epochs, --hyp-set lr0=/lrf=, --device, --workers, --project)")
+        from kapao.train_run import resolve_resume
+
         try:
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
@@ -325,6 +327,9 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
                 cfg.require(split)
         except (ConfigError, DataError) as e:
             raise bad_parameter(e, ctx, "data") from None
+    from kapao.train import TrainArgs, launch_distributed, should_launch
+    from kapao.train import train as run_training
+
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))

@@ -177,3 +177,10 @@ def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) 
     if scales and flips and len(scales) != len(flips):
         raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
     return scales, flips
+
+
+def announce_tta(scales: list[float] | None, flips: list[bool] | None) -> None:
+    """Say what test-time augmentation costs before a run starts (stderr)."""
+    n = max(len(scales or []), len(flips or []))
+    if n > 1:
+        click.echo(f"TTA: {n} passes per image, about {n}x the inference time", err=True)
