@@ -7,6 +7,7 @@ Checkpoints (``weights/last.pt``, ``weights/best.pt``) hold the EMA weights as t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,10 @@ def load_resume(last: Path, args: TrainArgs) -> tuple[dict[str, Any], TrainArgs]
     if epochs is not None and done >= epochs:
         raise KapaoError(f"{last} has finished all {epochs} epochs; nothing to resume (add --epochs N with N > "
                          f"{done} to train further, or start a new run with --weights)")
+    changed = ([f"epochs {resumed.epochs} -> {epochs}"] if epochs != resumed.epochs else []) + \
+        [f"{k} {ckpt['extra'].get('hyp', {}).get(k)} -> {v:g}" for k, v in args.hyp_overrides.items()]
+    if changed:
+        logging.getLogger(__name__).info("resume with %s", ", ".join(changed))
     return ckpt, dataclasses.replace(resumed, resume=str(last), device=args.device, workers=args.workers, epochs=epochs,
                                      hyp_overrides={**resumed.hyp_overrides, **args.hyp_overrides})
 

@@ -108,11 +108,13 @@ def test_load_resume_keeps_this_calls_device_and_refuses_a_finished_run(tmp_path
         load_resume(last, TrainArgs())
 
 
-def test_load_resume_applies_epochs_and_lr_and_refuses_other_overrides(tmp_path):
+def test_load_resume_applies_epochs_and_lr_and_refuses_other_overrides(tmp_path, caplog):
     last = tmp_path / "last.pt"
     _checkpoint(last, epoch=2, epochs=3)  # finished: more epochs continue it
-    _, args = load_resume(last, TrainArgs(epochs=6, hyp_overrides={"lr0": 0.001, "lrf": 0.2}))
+    with caplog.at_level("INFO", logger="kapao"):
+        _, args = load_resume(last, TrainArgs(epochs=6, hyp_overrides={"lr0": 0.001, "lrf": 0.2}))
     assert args.epochs == 6 and args.hyp_overrides == {"lr0": 0.001, "lrf": 0.2}
+    assert "resume with epochs 3 -> 6, lr0 None -> 0.001, lrf None -> 0.2" in caplog.text  # (no hyp in this file)
     with pytest.raises(UsageError, match="--epochs 3: .* has already completed 3 epochs; give more than 3") as e:
         load_resume(last, TrainArgs(epochs=3))
     assert e.value.exit_code == 2
