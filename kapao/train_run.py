@@ -140,8 +140,8 @@ def load_resume(last: Path, args: TrainArgs) -> tuple[dict[str, Any], TrainArgs]
         raise UsageError(f"--epochs {args.epochs}: {last} has already completed {done} epochs; give more than {done}")
     epochs = args.epochs or resumed.epochs
     if epochs is not None and done >= epochs:
-        raise KapaoError(f"{last} has finished all {epochs} epochs; nothing to resume (add --epochs N with N > "
-                         f"{done} to train further, or start a new run with --weights)")
+        raise KapaoError(f"{last} has finished all {epochs} epochs; nothing to resume (start a new run with "
+                         "--weights to train further)")
     changed = ([f"epochs {resumed.epochs} -> {epochs}"] if epochs != resumed.epochs else []) + \
         [f"{k} {ckpt['extra'].get('hyp', {}).get(k)} -> {v:g}" for k, v in args.hyp_overrides.items()]
     if changed:

@@ -293,6 +293,21 @@ def test_divergence_in_the_first_epoch_names_no_missing_checkpoint(coco_mini_yam
     assert not (tmp_path / "runs" / "exp" / "weights" / "last.pt").exists()
 
 
+def test_resume_applies_more_epochs_and_a_lower_lr0(coco_mini_yaml, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "after_train", lambda self, epoch, seconds: None)  # keep last.pt resumable
+    run = train(_args(coco_mini_yaml, tmp_path, epochs=1))
+    seen = {}
+
+    def capture(self):
+        seen.update(epochs=self.epochs, lr0=self.hyp.lr0, initial=[g["initial_lr"] for g in self.optimizer.param_groups],
+                    start=self.state.start_epoch)
+        return self.run_dir
+
+    monkeypatch.setattr(Trainer, "fit", capture)
+    train(TrainArgs(resume=str(run), epochs=3, hyp_overrides={"lr0": 0.001}, device="cpu", workers=0))
+    assert seen == {"epochs": 3, "lr0": 0.001, "initial": [0.001] * len(seen["initial"]), "start": 1}
+
+
 @pytest.mark.parametrize("k", [17, 14])
 def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, caplog, k):
     """Weights for the data's keypoints transfer whole; weights for another keypoint count (a CrowdPose
