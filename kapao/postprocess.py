@@ -21,12 +21,15 @@ class Poses:
     keypoints:  (N, K, 3) x, y, confidence (after fusion: the fused keypoint object's score, else 0)
     kp_objects: (M, 6) keypoint-object detections x1, y1, x2, y2, score, keypoint index (0..K-1),
                 present when asked for
+    track_ids:  (N,) int64 track id of each pose across video frames (-1: in no confirmed track this
+                frame); None when the poses were not tracked (kapao.track)
     """
 
     boxes: Tensor
     scores: Tensor
     keypoints: Tensor
     kp_objects: Tensor | None = None
+    track_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.boxes.shape[0]
@@ -34,6 +37,8 @@ class Poses:
                 or self.keypoints.shape[0] != n or self.keypoints.shape[2] != 3:
             raise ValueError(f"Poses: inconsistent shapes boxes {tuple(self.boxes.shape)}, scores "
                              f"{tuple(self.scores.shape)}, keypoints {tuple(self.keypoints.shape)}")
+        if self.track_ids is not None and self.track_ids.shape != (n,):
+            raise ValueError(f"Poses: track_ids must be ({n},), got {tuple(self.track_ids.shape)}")
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -49,7 +54,8 @@ class Poses:
 
     def to(self, device: torch.device | str) -> "Poses":
         kpo = None if self.kp_objects is None else self.kp_objects.to(device)
-        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device), kpo)
+        ids = None if self.track_ids is None else self.track_ids.to(device)
+        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device), kpo, ids)
 
     def to_coco(self, image_id: Any, category_id: int = 1) -> list[dict[str, Any]]:
         """COCO keypoint results: one dict per pose with keypoints [x, y, c]*K, score and bbox xywh."""

@@ -1,0 +1,198 @@
+"""Tracking on synthetic sequences with known truth: crossings, occlusion, a person leaving and coming back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.errors import ConfigError
+from kapao.postprocess import Poses
+from kapao.smooth import OneEuroSettings
+from kapao.track import UNTRACKED, Detections, PoseTracker, id_switches, load_tracker_config
+
+K = 17
+FPS = 30.0
+
+
+def poses_of(boxes: list[list[float]], score: float = 0.9) -> Poses:
+    """Poses whose keypoints are spread over each box (a fixed template), for hand-built frames."""
+    b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    u = torch.linspace(0.1, 0.9, K)
+    kx = b[:, :1] + (b[:, 2:3] - b[:, :1]) * u.flip(0)[None]
+    ky = b[:, 1:2] + (b[:, 3:4] - b[:, 1:2]) * u[None]
+    kp = torch.stack([kx, ky, torch.full_like(kx, 0.8)], -1)
+    return Poses(b, torch.full((len(b),), score), kp)
+
+
+def walk(x0: float, y0: float, vx: float, frames: range, w: float = 80, h: float = 200) -> dict[int, list[float]]:
+    """Box of a person walking at vx pixels per frame, per frame index."""
+    return {f: [x0 + vx * f, y0, x0 + vx * f + w, y0 + h] for f in frames}
+
+
+def run(tracker: PoseTracker, people: dict[int, dict[int, list[float]]], frames: int,
+        hidden: set[tuple[int, int]] = frozenset()) -> tuple[list[np.ndarray], list[np.ndarray], list[Poses]]:
+    """Feed the frames; `hidden` (person, frame) pairs are not detected. Returns truth ids, track ids, outputs."""
+    truth, pred, outs = [], [], []
+    for f in range(frames):
+        visible = [p for p, track in people.items() if f in track and (p, f) not in hidden]
+        out = tracker(poses_of([people[p][f] for p in visible]), f / FPS)
+        truth.append(np.array(visible, np.int64))
+        pred.append(out.track_ids.numpy())
+        outs.append(out)
+    return truth, pred, outs
+
+
+def check_consistent(truth: list[np.ndarray], pred: list[np.ndarray]) -> None:
+    """Ids are distinct within a frame, and no id ever covers two different people."""
+    owner: dict[int, int] = {}
+    for t_ids, p_ids in zip(truth, pred):
+        tracked = p_ids[p_ids != UNTRACKED]
+        assert len(set(tracked.tolist())) == len(tracked)
+        for person, track in zip(t_ids.tolist(), p_ids.tolist()):
+            if track != UNTRACKED:
+                assert owner.setdefault(track, person) == person, f"track {track} jumped from {owner[track]} to {person}"
+
+
+def occluded(people: dict[int, dict[int, list[float]]], back: int, front: int, frames: int, ioa: float = 0.5) -> set:
+    """(back, frame) pairs where `front` covers more than `ioa` of `back`'s box (the detector misses it)."""
+    out = set()
+    for f in range(frames):
+        if f in people[back] and f in people[front]:
+            a, b = np.array(people[back][f]), np.array(people[front][f])
+            inter = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
+            if inter / np.prod(a[2:] - a[:2]) > ioa:
+                out.add((back, f))
+    return out
+
+
+@pytest.mark.parametrize("tracker", ["bytetrack", "botsort"])
+@pytest.mark.parametrize("speed", [4.0, 12.0])
+def test_crossing_people_keep_their_ids(tracker: str, speed: float):
+    people = {0: walk(100, 100, speed, range(60)), 1: walk(100 + 59 * speed, 110, -speed, range(60), h=210)}
+    hidden = occluded(people, back=0, front=1, frames=60)
+    assert hidden  # the back person really disappears for a while behind the front one
+    truth, pred, _ = run(PoseTracker(tracker), people, 60, hidden)
+    check_consistent(truth, pred)
+    assert id_switches(truth, pred) == 0
+    assert set(np.concatenate(pred).tolist()) == {1, 2}
+
+
+def test_short_occlusion_keeps_the_id():
+    people = {0: walk(50, 50, 5, range(40)), 1: walk(600, 80, -3, range(40))}
+    hidden = {(0, f) for f in range(15, 20)}  # 5 frames gone, well within the 30-frame buffer
+    truth, pred, _ = run(PoseTracker(), people, 40, hidden)
+    check_consistent(truth, pred)
+    assert id_switches(truth, pred) == 0
+    assert all(len(p) == 1 for p in pred[15:20])  # only the other person during the gap
+
+
+def test_person_leaving_and_coming_back_after_the_buffer_gets_one_new_id_and_its_filter_is_dropped():
+    cfg_buffer = load_tracker_config("bytetrack").track_buffer
+    gone = range(20, 20 + cfg_buffer + 10)  # longer than the tracker keeps lost tracks
+    people = {0: {f: b for f, b in walk(300, 100, 0.5, range(90)).items() if f not in gone},
+              1: walk(700, 120, 0.0, range(90))}
+    tracker = PoseTracker(smooth=OneEuroSettings())
+    truth, pred, _ = run(tracker, people, 20 + cfg_buffer + 2)
+    assert tracker.alive_ids() == {2} and sorted(tracker.smoother.track_ids) == [2]  # track 1 removed, filter dropped
+    t2, p2, _ = run_more(tracker, people, range(20 + cfg_buffer + 2, 90))
+    truth, pred = truth + t2, pred + p2
+    check_consistent(truth, pred)
+    assert id_switches(truth, pred) == 1  # exactly one: boxes alone cannot re-identify someone who left
+    back = [p[t == 0] for t, p in zip(truth, pred) if (t == 0).any()][-1]
+    assert back.tolist() == [3]
+
+
+def run_more(tracker: PoseTracker, people: dict, frames: range) -> tuple[list, list, list]:
+    truth, pred, outs = [], [], []
+    for f in frames:
+        visible = [p for p, track in people.items() if f in track]
+        out = tracker(poses_of([people[p][f] for p in visible]), f / FPS)
+        truth.append(np.array(visible, np.int64))
+        pred.append(out.track_ids.numpy())
+        outs.append(out)
+    return truth, pred, outs
+
+
+def test_a_new_person_is_untracked_on_its_first_frame_then_gets_the_next_id():
+    people = {0: walk(50, 50, 2, range(10)), 1: walk(500, 50, -2, range(4, 10))}
+    truth, pred, _ = run(PoseTracker(), people, 10)
+    assert pred[0].tolist() == [1]  # frame 1: every detection starts a confirmed track at once
+    assert pred[4].tolist() == [1, UNTRACKED]  # a later newcomer is confirmed on its second frame
+    assert pred[5].tolist() == [1, 2]
+
+
+def test_tracking_does_not_change_poses_and_smoothing_only_moves_tracked_keypoints():
+    rng = np.random.default_rng(0)
+    people = {0: walk(100, 100, 3, range(20))}
+    tracker, plain = PoseTracker(smooth=OneEuroSettings()), PoseTracker()
+    for f in range(20):
+        p = poses_of([people[0][f]])
+        p.keypoints[..., :2] += torch.from_numpy(rng.normal(0, 2, (1, K, 2))).float()
+        before = p.keypoints.clone()
+        a, b = tracker(p, f / FPS), plain(p, f / FPS)
+        assert torch.equal(p.keypoints, before) and p.track_ids is None  # input untouched
+        assert torch.equal(b.keypoints, before) and torch.equal(a.boxes, p.boxes) and torch.equal(a.scores, p.scores)
+        assert torch.equal(a.keypoints[..., 2], before[..., 2])  # confidences kept
+        assert a.track_ids.dtype == torch.int64 and a.track_ids.tolist() == [1]
+        if f == 0:
+            assert torch.equal(a.keypoints, before)  # a new track starts from its raw keypoints
+    assert not torch.equal(a.keypoints, before)
+
+
+def test_empty_frames_and_reset():
+    tracker = PoseTracker(smooth=OneEuroSettings())
+    out = tracker(Poses.empty(K), 0.0)
+    assert out.track_ids.shape == (0,)
+    tracker(poses_of([[0, 0, 50, 100]]), 1 / FPS)
+    tracker.reset()
+    assert tracker.alive_ids() == set() and len(tracker.smoother) == 0
+    assert tracker(poses_of([[0, 0, 50, 100]]), 2 / FPS).track_ids.tolist() == [1]  # ids restart per video
+
+
+def test_botsort_with_camera_motion_compensation_on_images():
+    rng = np.random.default_rng(0)
+    tracker = PoseTracker("botsort")
+    image = rng.integers(0, 255, (240, 320, 3), np.uint8)
+    for f in range(3):
+        out = tracker(poses_of([[10 + f, 10, 60 + f, 110]]), f / FPS, np.roll(image, f, axis=1))
+    assert out.track_ids.tolist() == [1]
+
+
+def test_detections_view_matches_poses():
+    p = poses_of([[0, 0, 10, 20], [5, 5, 25, 45]])
+    d = Detections.from_poses(p)
+    np.testing.assert_allclose(d.xywh, [[5, 10, 10, 20], [15, 25, 20, 40]])
+    sub = d[np.array([False, True])]
+    assert len(sub) == 1 and sub.conf.tolist() == pytest.approx([0.9]) and sub.keypoints.shape == (1, K, 2)
+
+
+def test_id_switches_counts_every_change_of_a_persons_id():
+    truth = [np.array([0, 1]), np.array([0, 1]), np.array([1]), np.array([0, 1]), np.array([0, 1])]
+    pred = [np.array([1, 2]), np.array([2, 1]), np.array([1]), np.array([UNTRACKED, 1]), np.array([2, 3])]
+    assert id_switches(truth, pred) == 3  # 0: 1->2; 1: 2->1, 1->3; untracked frames do not count
+
+
+def test_tracker_configs(tmp_path):
+    assert load_tracker_config("bytetrack").tracker_type == "bytetrack"
+    assert load_tracker_config("botsort").gmc_method
+    own = tmp_path / "mine.yaml"
+    own.write_text("tracker_type: bytetrack\ntrack_buffer: 90\n")
+    cfg = load_tracker_config(own)
+    assert cfg.track_buffer == 90 and cfg.match_thresh == load_tracker_config("bytetrack").match_thresh
+    bad = {"type.yaml": "tracker_type: sort\n", "reid.yaml": "tracker_type: botsort\nwith_reid: true\n",
+           "range.yaml": "tracker_type: bytetrack\nmatch_thresh: 3\n", "list.yaml": "- 1\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=name):
+            load_tracker_config(tmp_path / name)
+    for arg in ("deepsort", tmp_path / "missing.yaml"):
+        with pytest.raises(ConfigError, match="--tracker"):
+            load_tracker_config(arg)
+
+
+def test_poses_track_ids_shape_is_checked_and_moves_with_to():
+    p = poses_of([[0, 0, 10, 20]])
+    with pytest.raises(ValueError, match="track_ids"):
+        Poses(p.boxes, p.scores, p.keypoints, track_ids=torch.zeros(2, dtype=torch.int64))
+    q = Poses(p.boxes, p.scores, p.keypoints, track_ids=torch.tensor([4])).to("cpu")
+    assert q.track_ids.tolist() == [4]
