@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
@@ -11,6 +11,10 @@ from kapao.version import __version__
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
+from kapao.smooth import OneEuroSettings
+
+if TYPE_CHECKING:
+    from kapao.track import PoseTracker
 
 
 class KapaoGroup(click.Group):
@@ -218,35 +222,110 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
         click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
 
 
+def predict_options(project: str) -> Callable:
+    """SOURCE and the options of predict, shared by track (which differs only in its project folder)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.argument("source", required=False),
+            click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
+                         help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}."),
+            click.option("--imgsz", type=ImgSize(), default=None,
+                         help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
+            click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
+            click.option("--half", is_flag=True, help="FP16 inference (CUDA only)."),
+            click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),
+            inference_options(PREDICT_SETTINGS),
+            click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
+            click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …)."),
+            click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written)."),
+            click.option("--save-csv", is_flag=True,
+                         help="Also write keypoints.csv: source, frame, pose, track, keypoint, x, y, confidence (one row per keypoint)."),
+            click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
+            click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
+            click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
+            click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
+            click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0)."),
+            click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]"),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def tracking_options(f: Callable) -> Callable:
+    """Tracker and keypoint-smoothing options of track and predict --track."""
+    opts = [
+        click.option("--tracker", default=None, metavar="bytetrack|botsort|FILE.yaml",
+                     help="ultralytics tracker, or a tracker YAML (tracker_type + any settings to change). [default: bytetrack]"),
+        click.option("--smooth/--no-smooth", default=None,
+                     help="One Euro smoothing of each track's keypoints. [default: on for track, off for predict --track]"),
+        click.option("--smooth-cutoff", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"Smoothing cutoff at rest, Hz (lower = steadier). [default: {OneEuroSettings().min_cutoff}]"),
+        click.option("--smooth-beta", type=click.FloatRange(min=0), default=None,
+                     help=f"Cutoff increase with speed (higher = less lag on fast moves). [default: {OneEuroSettings().beta}]"),
+        click.option("--track-ids/--no-track-ids", default=True, show_default=True, help="Label drawn poses with their track id."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _tracking(tracker: str | None, smooth: bool, cutoff: float | None, beta: float | None) -> PoseTracker:
+    """The PoseTracker the options ask for (one-line usage errors for a bad --tracker)."""
+    from kapao.track import PoseTracker
+
+    if not smooth and (cutoff is not None or beta is not None):
+        raise click.UsageError("--smooth-cutoff/--smooth-beta set the smoothing; drop them or drop --no-smooth")
+    settings = OneEuroSettings(**{k: v for k, v in (("min_cutoff", cutoff), ("beta", beta)) if v is not None})
+    try:
+        return PoseTracker(tracker or "bytetrack", settings if smooth else None)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
+
+
 @cli.command()
-@click.argument("source", required=False)
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
-              help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}.")
-@click.option("--imgsz", type=ImgSize(), default=None,
-              help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
-@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
-@inference_options(PREDICT_SETTINGS)
-@click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
-@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
-@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written).")
-@click.option("--show", is_flag=True, help="Show results in a window (needs a display).")
-@click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
-@click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
-@click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
-@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
-@click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
+@predict_options("runs/predict")
+@click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
+@tracking_options
 @click.pass_context
-def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
-            conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-            project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
-            fused_only: bool, line_width: int | None) -> None:
+def predict(ctx: click.Context, track_: bool, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
+            smooth_beta: float | None, **opts) -> None:  # noqa: ANN003
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
-    COCO-format predictions.json) go to runs/predict/expN.
+    COCO-format predictions.json) go to runs/predict/expN. --track adds track ids (as `kapao track`,
+    keypoints unsmoothed unless --smooth).
     """
+    if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
+        raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
+    tracking = _tracking(tracker, bool(smooth), smooth_cutoff, smooth_beta) if track_ else None
+    _predict(ctx, tracking, **opts)
+
+
+@cli.command()
+@predict_options("runs/track")
+@tracking_options
+@click.pass_context
+def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
+          smooth_beta: float | None, **opts) -> None:  # noqa: ANN003
+    """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
+
+    Same options as predict, plus the tracker (ByteTrack or BoT-SORT from ultralytics) and One Euro
+    smoothing of each track's keypoints (on by default). Drawn videos colour each track; results go to
+    runs/track/expN (predictions.json with track_id, and keypoints.csv with --save-csv).
+    """
+    _predict(ctx, _tracking(tracker, smooth is not False, smooth_cutoff, smooth_beta), **opts)
+
+
+def _predict(ctx: click.Context, tracking, source: str | None, weights: str, imgsz: int | None,  # noqa: ANN001
+             device: str | None, half: bool, batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
+             tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
+             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
+             line_width: int | None, track_ids: bool = True) -> None:
+    """predict and track: build the settings, run, print the summary."""
     from kapao.errors import DataError
     from kapao.predict import KAPAO, DrawOptions
     from kapao.sources import resolve_source
@@ -260,11 +339,12 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
         raise _bad(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
     run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
-                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only), project=project, name=name,
-                  keep_results=False, progress=True)
+                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids),
+                  project=project, name=name, keep_results=False, progress=True, tracking=tracking, save_csv=save_csv)
     skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
         (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")
-    click.echo(f"{run.frames} frames, {run.poses} poses in {run.seconds:.1f} s "
+    tracks = f", {tracking.tracks_total} tracks" if tracking is not None else ""
+    click.echo(f"{run.frames} frames, {run.poses} poses{tracks} in {run.seconds:.1f} s "
                f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
     click.echo(f"Results saved to {run.save_dir}")
 

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -28,6 +28,10 @@ from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
 from kapao.runtime import atomic_write, increment_run_dir, select_device
 from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
+
+if TYPE_CHECKING:  # kapao.track loads ultralytics' trackers: imported only when tracking
+    from kapao.smooth import OneEuroSettings
+    from kapao.track import PoseTracker
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
 
@@ -153,6 +157,7 @@ class DrawOptions:
     show_kp_objects: bool = False
     line_width: int | None = None
     fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (confidence > 0)
+    track_ids: bool = True  # label tracked poses with their id (they are coloured by track either way)
 
 
 class _VideoSink:
@@ -201,8 +206,11 @@ class ResultWriter:
         self.written: list[Path] = []
 
     def add(self, frame: Frame, poses: Poses, fps: float | None = None) -> None:
-        for rec in poses.to_coco(image_id_of(frame)):
+        ids = None if poses.track_ids is None else poses.track_ids.tolist()
+        for i, rec in enumerate(poses.to_coco(image_id_of(frame))):
             rec["file"] = Path(frame.path).name
+            if ids is not None:
+                rec["track_id"] = ids[i] if ids[i] >= 0 else None
             self.records.append(rec)
         if not (self.save_media or self.show):
             return
@@ -228,7 +236,8 @@ class ResultWriter:
         return draw_poses(image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
                           line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
                           show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
-                          kp_threshold=0.0 if self.draw.fused_only else None)
+                          kp_threshold=0.0 if self.draw.fused_only else None, track_ids=p.track_ids,
+                          show_track_ids=self.draw.track_ids)
 
     def _video_sink(self, frame: Frame, fps: float) -> _VideoSink:
         key = frame.path
@@ -327,6 +336,7 @@ class PredictRun:
     seconds: float = 0.0
     timing: Timing | None = None
     json_path: Path | None = None
+    csv_path: Path | None = None
 
 
 class KAPAO:
@@ -389,8 +399,13 @@ class KAPAO:
             settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
-            name: str = "exp", keep_results: bool = True, progress: bool = False) -> PredictRun:
-        """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
+            name: str = "exp", keep_results: bool = True, progress: bool = False,
+            tracking: PoseTracker | None = None, save_csv: bool = False) -> PredictRun:
+        """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN.
+
+        tracking: a kapao.track.PoseTracker that gives every pose a track id (and smooths keypoints)
+        frame by frame; save_csv: also write keypoints.csv (one row per keypoint, flushed per frame).
+        """
         from tqdm import tqdm
 
         self.check_imgsz(imgsz)
@@ -413,17 +428,24 @@ class KAPAO:
                 r.close()
             raise
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
+        csv_sink = None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
         total = _total_frames(spec, readers)
         t0 = time.perf_counter()
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
+            if save_csv and save_dir:
+                csv_sink = _open_csv(save_dir, self.schema)
             for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
                 results = predictor.predict_images([f.image for f in chunk], imgsz)
                 for frame, poses in zip(chunk, results):
                     poses = poses.to("cpu")
+                    fps = readers[frame.path].fps if frame.path in readers else None
+                    if tracking is not None:
+                        poses = tracking.update_frame(frame, poses, fps)
+                    if csv_sink is not None:
+                        csv_sink.add(frame, poses)
                     if writer:
-                        fps = readers[frame.path].fps if frame.path in readers else None
                         writer.add(frame, poses, fps)
                     if keep_results:
                         run.results.append(poses)
@@ -435,6 +457,8 @@ class KAPAO:
             bar.close()
             for r in readers.values():
                 r.close()
+            if csv_sink is not None:
+                run.csv_path = csv_sink.close()
             if writer:
                 path = writer.close()
                 run.json_path = path if save_json else None
@@ -447,6 +471,47 @@ class KAPAO:
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
+
+
+    def track(self, source: str | Path | int | Iterable[np.ndarray] | None = None, *, tracker: str | Path = "bytetrack",
+              smooth: OneEuroSettings | None | bool = True, fps: float | None = None, imgsz: int = 1280,
+              settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> Iterator[Poses]:
+        """Poses with `track_ids` for each frame of a video, stream, image sequence or iterable of BGR
+        arrays, yielded as they are made (a generator: safe on endless streams; nothing is written).
+
+        tracker: bytetrack, botsort or a tracker YAML; smooth: True (One Euro defaults), a
+        kapao.smooth.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and image
+        sequences (videos report their own). Other keywords as for `predict` (scales, flips).
+        """
+        from kapao.smooth import OneEuroSettings
+        from kapao.track import PoseTracker
+
+        smooth = OneEuroSettings() if smooth is True else (smooth or None)
+        step = PoseTracker(tracker, smooth)
+        predictor = self.predictor(settings, **kwargs)
+        imgsz = self.check_imgsz(imgsz)
+        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
+            for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
+                yield step.update_frame(Frame(image, "<arrays>", i), predictor.predict_images([image], imgsz)[0], fps)
+            return
+        spec = resolve_source(source)
+        readers: dict[str, VideoReader] = {}
+        try:
+            for frame in iter_frames(spec, readers):
+                poses = predictor.predict_images([frame.image], imgsz)[0].to("cpu")
+                yield step.update_frame(frame, poses, readers[frame.path].fps if frame.path in readers else fps)
+        finally:
+            for r in readers.values():
+                r.close()
+
+
+def _open_csv(save_dir: Path, schema: KeypointSchema) -> Any:
+    """The --save-csv sink of a run folder, opened (keypoints.csv)."""
+    from kapao.track import CsvSink
+
+    sink = CsvSink(save_dir / "keypoints.csv", schema.names)
+    sink.open()
+    return sink
 
 
 def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:

@@ -1,4 +1,5 @@
-"""Tracking: person identities across video frames with ultralytics' ByteTrack / BoT-SORT, then smoothing.
+"""Tracking: person identities across video frames with ultralytics' ByteTrack / BoT-SORT, then smoothing,
+and the per-track keypoint CSV export.
 
 `PoseTracker` is the per-frame step of `kapao track` and `kapao predict --track`: it feeds the person
 boxes and scores of a frame's Poses to an ultralytics tracker (configured from its shipped YAML or
@@ -11,7 +12,9 @@ similarity (OKS) did not lower id switches on synthetic crossings (scripts/bench
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +27,7 @@ import yaml
 from kapao.errors import ConfigError, KapaoError
 from kapao.postprocess import Poses
 from kapao.smooth import KeypointSmoother, OneEuroSettings
+from kapao.sources import Frame
 
 try:  # imported before ultralytics.trackers: its matching module would pip-install lap at run time if missing
     import lap  # noqa: F401
@@ -139,11 +143,30 @@ class PoseTracker:
         self.config = load_tracker_config(tracker)
         self.tracker = TRACKERS[self.config.tracker_type](self.config)
         self.smoother = KeypointSmoother(smooth) if smooth is not None else None
+        self.tracks_total = 0  # confirmed tracks over all sequences so far
+        self._max_id = 0  # highest confirmed id of the current sequence (ids are confirmed in increasing order)
+        self._sequence: str | None = None  # the video/stream (or image sequence) being tracked
+        self._index = 0  # frames seen of the current sequence
 
     def reset(self) -> None:
+        """Forget every track (before another video); ids start again at 1."""
         self.tracker.reset()
         if self.smoother is not None:
             self.smoother.reset()
+        self._max_id = 0
+        self._sequence, self._index = None, 0
+
+    def update_frame(self, frame: Frame, poses: Poses, fps: float | None = None) -> Poses:
+        """Track the poses of one frame of a predict run: each video or stream is its own sequence (tracks
+        restart when the path changes); images (frame index None) form one sequence in the order given.
+        Time stamps are frame index / fps (VIDEO_FPS_FALLBACK when the source reports none)."""
+        key = frame.path if frame.frame is not None else "<images>"
+        if key != self._sequence:
+            self.reset()
+            self._sequence = key
+        index = frame.frame if frame.frame is not None else self._index
+        self._index += 1
+        return self(poses, index / (fps or VIDEO_FPS_FALLBACK), frame.image)
 
     def alive_ids(self) -> set[int]:
         """Ids of the tracks the tracker still holds (tracked or lost, not removed)."""
@@ -153,6 +176,10 @@ class PoseTracker:
         """poses of one frame (original-image pixels) at `time` seconds into the video; image (H, W, 3) BGR
         is used by BoT-SORT's camera-motion compensation. Returns a new Poses; the input is not changed."""
         ids = assign_track_ids(self.tracker, Detections.from_poses(poses), image)
+        new = ids[ids > self._max_id]
+        if len(new):
+            self.tracks_total += len(new)
+            self._max_id = int(new.max())
         keypoints = poses.keypoints
         if self.smoother is not None:
             self.smoother.drop([i for i in self.smoother.track_ids if i not in self.alive_ids()])
@@ -188,3 +215,53 @@ def id_switches(truth: Sequence[np.ndarray], predicted: Sequence[np.ndarray]) ->
                 switches += 1
             last[person] = track
     return switches
+
+
+class CsvSink:
+    """`--save-csv`: one row per keypoint of every pose, written and flushed frame by frame.
+
+    Columns: source (file name), frame (index in the video; empty for images), pose (index in the
+    frame), track (track id; empty when not tracked), keypoint (name), x, y (original-image pixels),
+    confidence. Each frame's rows go out in one write followed by a flush, so a crash or kill leaves a
+    readable CSV of every frame done. Filter it by `track` to follow one person.
+    """
+
+    COLUMNS = ("source", "frame", "pose", "track", "keypoint", "x", "y", "confidence")
+
+    def __init__(self, path: Path, keypoint_names: Sequence[str]) -> None:
+        self.path, self.names = Path(path), list(keypoint_names)
+        self._file: io.TextIOWrapper | None = None
+
+    def open(self) -> None:
+        try:
+            self._file = open(self.path, "w", newline="", encoding="utf-8")
+        except OSError as e:
+            raise KapaoError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
+        self._write([self.COLUMNS])
+
+    def add(self, frame: Frame, poses: Poses) -> None:
+        """Rows of one frame or image (its poses in original-image pixels)."""
+        kp = poses.keypoints.detach().float().cpu().numpy()
+        ids = None if poses.track_ids is None else poses.track_ids.cpu().tolist()
+        name, index = Path(frame.path).name, frame.frame
+        rows = []
+        for i in range(len(poses)):
+            track = "" if ids is None or ids[i] == UNTRACKED else ids[i]
+            rows += [(name, "" if index is None else index, i, track, self.names[k],
+                      f"{kp[i, k, 0]:.2f}", f"{kp[i, k, 1]:.2f}", f"{kp[i, k, 2]:.4f}") for k in range(kp.shape[1])]
+        self._write(rows)
+
+    def _write(self, rows: Sequence[Sequence[Any]]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        try:
+            self._file.write(buf.getvalue())
+            self._file.flush()
+        except OSError as e:
+            raise KapaoError(f"cannot write {self.path}: {e.strerror or e}; free disk space") from None
+
+    def close(self) -> Path:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return self.path

@@ -196,3 +196,146 @@ def test_poses_track_ids_shape_is_checked_and_moves_with_to():
         Poses(p.boxes, p.scores, p.keypoints, track_ids=torch.zeros(2, dtype=torch.int64))
     q = Poses(p.boxes, p.scores, p.keypoints, track_ids=torch.tensor([4])).to("cpu")
     assert q.track_ids.tolist() == [4]
+
+
+def test_csv_sink_writes_every_keypoint_row_and_is_readable_after_each_frame(tmp_path):
+    import csv
+
+    from kapao.sources import Frame
+    from kapao.track import CsvSink
+
+    names = [f"k{i}" for i in range(K)]
+    sink = CsvSink(tmp_path / "keypoints.csv", names)
+    sink.open()
+    tracker = PoseTracker()
+    image = np.zeros((8, 8, 3), np.uint8)
+    for f in range(3):
+        poses = tracker(poses_of([[10 + f, 10, 60, 110], [200, 10, 260, 130]]), f / FPS)
+        sink.add(Frame(image, "/videos/walk.mp4", f), poses)
+        with open(tmp_path / "keypoints.csv", newline="") as fh:  # readable while the run goes on
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == (f + 1) * 2 * K
+    sink.add(Frame(image, "/images/a.jpg"), poses_of([[0, 0, 5, 5]]))  # untracked image pose
+    assert sink.close() == tmp_path / "keypoints.csv"
+    with open(tmp_path / "keypoints.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(CsvSink.COLUMNS)
+    last = rows[2 * 2 * K + K + 3]  # frame 2, pose 1, keypoint 3
+    assert (last["source"], last["frame"], last["pose"], last["track"], last["keypoint"]) == ("walk.mp4", "2", "1", "2", "k3")
+    assert float(last["x"]) == pytest.approx(float(poses.keypoints[1, 3, 0]), abs=0.01)
+    assert float(last["confidence"]) == pytest.approx(0.8)
+    assert (rows[-1]["source"], rows[-1]["frame"], rows[-1]["track"]) == ("a.jpg", "", "")
+
+
+def test_update_frame_restarts_tracks_per_video_and_counts_tracks():
+    from kapao.sources import Frame
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    step = PoseTracker(smooth=OneEuroSettings())
+    people = {0: walk(50, 50, 2, range(6)), 1: walk(500, 50, -2, range(2, 6))}
+    for video in ("a.mp4", "b.mp4"):
+        for f in range(6):
+            visible = [p for p in people if f in people[p]]
+            out = step.update_frame(Frame(image, video, f), poses_of([people[p][f] for p in visible]), 25.0)
+        assert out.track_ids.tolist() == [1, 2]  # ids restart at 1 in each video
+    assert step.tracks_total == 4
+    for i in range(3):  # a folder of images is one sequence in the given order
+        out = step.update_frame(Frame(image, f"img{i}.jpg"), poses_of([[10 + i, 10, 60, 110]]))
+    assert out.track_ids.tolist() == [1] and step.tracks_total == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# The verbs: `kapao track`, `kapao predict --track`, KAPAO.track
+@pytest.fixture(scope="module")
+def eager_weights(tmp_path_factory):
+    from test_predict import eager_model  # an untrained size-n model that finds poses everywhere
+
+    from kapao.weights import save_checkpoint
+
+    path = tmp_path_factory.mktemp("w") / "eager.pt"
+    save_checkpoint(path, eager_model(), extra={"epoch": 0})
+    return path
+
+
+def test_track_cli_on_video_writes_tracked_json_csv_and_video(eager_weights, test_video, tmp_path):
+    import csv
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    args = [str(test_video), "--weights", str(eager_weights), "--imgsz", "192", "--device", "cpu", "--conf", "0.5",
+            "--max-det", "5", "--project", str(tmp_path), "--save-csv"]
+    res = CliRunner().invoke(cli, ["track", *args, "--boxes"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "exp"
+    assert "5 frames" in res.output and " tracks in " in res.output and f"Results saved to {out}" in res.output
+    records = json.loads((out / "predictions.json").read_text())
+    assert records and all("track_id" in r for r in records)
+    by_frame: dict = {}
+    for r in records:
+        by_frame.setdefault(r["image_id"], []).append(r["track_id"])
+    assert sorted(by_frame) == [0, 1, 2, 3, 4]
+    assert all(t is not None for t in by_frame[0])  # the first frame confirms every detection at once
+    for ids in by_frame.values():
+        tracked = [t for t in ids if t is not None]
+        assert len(set(tracked)) == len(tracked)
+    with open(out / "keypoints.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 17 * len(records)
+    assert {r["frame"] for r in rows} == {"0", "1", "2", "3", "4"} and rows[0]["source"] == test_video.name
+    assert int(cv2.VideoCapture(str(out / "posetrack-000001.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+
+    raw = CliRunner().invoke(cli, ["predict", *args, "--track", "--nosave"])  # predict --track: not smoothed
+    assert raw.exit_code == 0, raw.output
+    plain = CliRunner().invoke(cli, ["predict", *args, "--nosave"])
+    assert plain.exit_code == 0, plain.output
+    tracked_raw = json.loads((tmp_path / "exp2" / "predictions.json").read_text())
+    untracked = json.loads((tmp_path / "exp3" / "predictions.json").read_text())
+    assert [r["keypoints"] for r in tracked_raw] == [r["keypoints"] for r in untracked]
+    assert [r["track_id"] for r in tracked_raw] == [r["track_id"] for r in records]  # same ids as `track`
+    assert "track_id" not in untracked[0]
+    assert [r["keypoints"] for r in records] != [r["keypoints"] for r in untracked]  # track smooths by default
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["predict", "{video}", "--tracker", "botsort"], "need --track"),
+    (["predict", "{video}", "--smooth"], "need --track"),
+    (["track", "{video}", "--tracker", "sort"], "use bytetrack or botsort, or a tracker YAML"),
+    (["track", "{video}", "--tracker", "{tmp}/none.yaml"], "no such file"),
+    (["track", "{video}", "--no-smooth", "--smooth-beta", "2"], "drop them or drop --no-smooth"),
+    (["track", "{video}", "--smooth-cutoff", "0"], "x>0"),
+])
+def test_track_usage_errors(test_video, tmp_path, argv, phrase):
+    from click.testing import CliRunner
+
+    from kapao.cli import cli
+
+    argv = [a.replace("{video}", str(test_video)).replace("{tmp}", str(tmp_path)) for a in argv]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and phrase in last, last
+
+
+def test_kapao_track_yields_frames_lazily_with_ids(eager_weights, test_video):
+    import cv2
+
+    from kapao.config import PREDICT_SETTINGS
+    from kapao.predict import KAPAO
+
+    api = KAPAO(eager_weights, device="cpu")
+    settings = PREDICT_SETTINGS.replace(conf=0.5, max_det=5)
+    stream = api.track(str(test_video), imgsz=192, settings=settings)
+    first = next(stream)  # a generator: the first frame comes before the video is read to the end
+    rest = list(stream)
+    assert len(rest) == 4 and all(p.track_ids is not None and p.track_ids.shape == (len(p),) for p in [first, *rest])
+    assert (first.track_ids >= 1).all()
+    cap = cv2.VideoCapture(str(test_video))
+    frames = [cap.read()[1] for _ in range(5)]
+    arrays = list(api.track(iter(frames), imgsz=192, settings=settings, smooth=False, fps=30))
+    raw = list(api.track(str(test_video), imgsz=192, settings=settings, smooth=False))
+    for a, b in zip(arrays, raw):
+        assert torch.equal(a.track_ids, b.track_ids) and torch.allclose(a.keypoints, b.keypoints)
