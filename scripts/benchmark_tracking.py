@@ -156,12 +156,19 @@ def synthetic_table(seeds: int, people: int, frames: int, weights: list[float]) 
 
 # ----------------------------------------------------------------------------------------------
 def video_timing(video: str, weights: str, imgsz: int, device: str | None, frames: int, tracker: str) -> None:
-    """fps of predict alone vs predict + tracking + smoothing on the video's frames, looped."""
+    """fps of predict vs predict + tracking + smoothing on the video's frames looped to `frames`: in memory
+    (the tracking step timed alone) and through the verbs (KAPAO.run with and without tracking, no output)."""
+    import tempfile
+    from pathlib import Path
+
+    import cv2
+
     from kapao.predict import KAPAO
     from kapao.smooth import OneEuroSettings
     from kapao.sources import VideoReader
 
     reader = VideoReader(video)
+    fps = reader.fps or 30.0
     clip = [f.image for f in reader]
     reader.close()
     images = [clip[i % len(clip)] for i in range(frames)]
@@ -170,23 +177,32 @@ def video_timing(video: str, weights: str, imgsz: int, device: str | None, frame
     predictor.predict_images(images[:2], imgsz)  # warm-up
 
     t0 = time.perf_counter()
-    plain = [predictor.predict_images([im], imgsz)[0] for im in images]
+    plain = [predictor.predict_images([im], imgsz)[0].to("cpu") for im in images]
     t_predict = time.perf_counter() - t0
-
     step = PoseTracker(tracker, smooth=OneEuroSettings())
-    t_track = 0.0
     t0 = time.perf_counter()
-    for i, im in enumerate(images):
-        poses = predictor.predict_images([im], imgsz)[0].to("cpu")
-        t1 = time.perf_counter()
-        out = step(poses, i / 30.0, im)
-        t_track += time.perf_counter() - t1
-    t_total = time.perf_counter() - t0
-    ids = out.track_ids.tolist()
-    print(f"\nvideo {video} looped to {frames} frames, imgsz {imgsz}, {api.device}, tracker {tracker}")
-    print(f"poses per frame: {np.mean([len(p) for p in plain]):.1f}; track ids on the last frame: {ids}")
-    print(f"predict: {frames / t_predict:.2f} fps; predict + track + smooth: {frames / t_total:.2f} fps; "
-          f"tracking + smoothing: {1000 * t_track / frames:.2f} ms/frame = {100 * t_track / t_total:.2f} % of frame time")
+    for i, (im, poses) in enumerate(zip(images, plain)):
+        out = step(poses, i / fps, im)
+    t_track = time.perf_counter() - t0
+    print(f"\nvideo {video} looped to {frames} frames, imgsz {imgsz}, {api.device}, tracker {tracker} + smoothing")
+    print(f"poses per frame: {np.mean([len(p) for p in plain]):.1f}; tracks: {step.tracks_total}; "
+          f"ids on the last frame: {out.track_ids.tolist()}")
+    print(f"in memory: predict {frames / t_predict:.2f} fps; tracking + smoothing {1000 * t_track / frames:.2f} ms/frame "
+          f"= {100 * t_track / (t_predict + t_track):.2f} % of the frame time")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        looped = Path(tmp) / "looped.mp4"
+        h, w = images[0].shape[:2]
+        writer = cv2.VideoWriter(str(looped), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for im in images:
+            writer.write(im)
+        writer.release()
+        runs = (("warm-up", None), ("predict", None), ("track", PoseTracker(tracker, smooth=OneEuroSettings())),
+                ("predict", None), ("track", PoseTracker(tracker, smooth=OneEuroSettings())))
+        for label, tracking in runs:
+            run = api.run(str(looped), imgsz=imgsz, save=False, save_json=False, keep_results=False, tracking=tracking)
+            if label != "warm-up":
+                print(f"verb {label}: {run.frames} frames, {run.frames / run.seconds:.2f} fps")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
