@@ -31,7 +31,7 @@ from kapao.sources import Frame
 
 try:  # imported before ultralytics.trackers: its matching module would pip-install lap at run time if missing
     import lap  # noqa: F401
-except ImportError as e:  # pragma: no cover - lap is a declared dependency
+except ImportError as e:  # lap is a declared dependency; tests/test_track.py hides it to check this
     raise KapaoError("tracking needs the 'lap' package, a kapao dependency: pip install 'lap>=0.5.12'") from e
 from ultralytics.trackers.bot_sort import BOTSORT
 from ultralytics.trackers.byte_tracker import BYTETracker
@@ -182,7 +182,8 @@ class PoseTracker:
             self._max_id = int(new.max())
         keypoints = poses.keypoints
         if self.smoother is not None:
-            self.smoother.drop([i for i in self.smoother.track_ids if i not in self.alive_ids()])
+            alive = self.alive_ids()
+            self.smoother.drop([i for i in self.smoother.track_ids if i not in alive])
             keypoints = self._smooth(poses, ids, time)
         return dataclasses.replace(poses, keypoints=keypoints, track_ids=torch.from_numpy(ids).to(poses.boxes.device))
 

@@ -339,3 +339,25 @@ def test_kapao_track_yields_frames_lazily_with_ids(eager_weights, test_video):
     raw = list(api.track(str(test_video), imgsz=192, settings=settings, smooth=False))
     for a, b in zip(arrays, raw):
         assert torch.equal(a.track_ids, b.track_ids) and torch.allclose(a.keypoints, b.keypoints)
+
+
+def test_trackers_never_install_or_download_anything():
+    """ultralytics pip-installs lap when it is missing and downloads ReID models: kapao must reach neither."""
+    import subprocess
+    import sys
+
+    guard = ("import ultralytics.utils.checks as c, ultralytics.utils.downloads as d\n"
+             "def boom(*a, **k): raise SystemExit('tried to install or download')\n"
+             "c.check_requirements = d.attempt_download_asset = boom\n")
+    use = ("import numpy as np, torch\nfrom kapao.postprocess import Poses\nfrom kapao.track import PoseTracker\n"
+           "p = Poses(torch.tensor([[0., 0, 50, 100]]), torch.tensor([.9]), torch.zeros(1, 17, 3))\n"
+           "for name in ('bytetrack', 'botsort'):\n"
+           "    t = PoseTracker(name)\n"
+           "    for f in range(3): out = t(p, f / 30, np.zeros((120, 160, 3), np.uint8))\n"
+           "    assert out.track_ids.tolist() == [1]\n")
+    ok = subprocess.run([sys.executable, "-c", guard + use], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    no_lap = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['lap'] = None\n" + guard + use],
+                            capture_output=True, text=True, timeout=300)
+    assert no_lap.returncode != 0 and "tracking needs the 'lap' package" in no_lap.stderr
+    assert "tried to install" not in no_lap.stderr + no_lap.stdout
