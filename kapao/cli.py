@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from kapao.version import __version__
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, OneEuroSettings, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
-from kapao.smooth import OneEuroSettings
 
 if TYPE_CHECKING:
     from kapao.track import PoseTracker

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kapao.augment import letterbox
-from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, check_imgsz
+from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, OneEuroSettings, check_imgsz
 from kapao.data import load_image
 from kapao.draw import draw_poses
 from kapao.errors import ConfigError, DataError, KapaoError
@@ -30,7 +30,6 @@ from kapao.runtime import atomic_write, increment_run_dir, select_device
 from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
 
 if TYPE_CHECKING:  # kapao.track loads ultralytics' trackers: imported only when tracking
-    from kapao.smooth import OneEuroSettings
     from kapao.track import PoseTracker
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
@@ -480,10 +479,9 @@ class KAPAO:
         arrays, yielded as they are made (a generator: safe on endless streams; nothing is written).
 
         tracker: bytetrack, botsort or a tracker YAML; smooth: True (One Euro defaults), a
-        kapao.smooth.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and image
+        kapao.config.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and image
         sequences (videos report their own). Other keywords as for `predict` (scales, flips).
         """
-        from kapao.smooth import OneEuroSettings
         from kapao.track import PoseTracker
 
         smooth = OneEuroSettings() if smooth is True else (smooth or None)

@@ -11,36 +11,12 @@ setting works for near and far people and for any video resolution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from kapao.errors import ConfigError
+from kapao.config import OneEuroSettings
 
-
-@dataclass(frozen=True)
-class OneEuroSettings:
-    """Parameters of the One Euro filter.
-
-    Defaults from scripts/benchmark_smoothing.py: at 25, 30 and 60 fps, the least frame-to-frame jitter
-    (about half the raw jitter) among settings whose RMS error to the truth is no worse than the raw
-    keypoints' and whose lag on a fast move is under 20 ms (measured: 5-6 ms).
-
-    min_cutoff: Hz, cutoff at rest (lower = smoother, more lag when slow).
-    beta:       cutoff increase per unit speed, in Hz per (person height / s) (higher = less lag on fast moves).
-    d_cutoff:   Hz, cutoff of the low-pass on the speed estimate itself.
-    """
-
-    min_cutoff: float = 0.5
-    beta: float = 10.0
-    d_cutoff: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("min_cutoff", "d_cutoff"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"smoothing '{name}' must be > 0 Hz, got {getattr(self, name)}")
-        if not self.beta >= 0:
-            raise ConfigError(f"smoothing 'beta' must be >= 0, got {self.beta}")
+__all__ = ["KeypointSmoother", "OneEuroSettings"]
 
 
 def _alpha(cutoff: np.ndarray | float, dt: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ import yaml
 
 from kapao.errors import ConfigError, KapaoError
 from kapao.postprocess import Poses
-from kapao.smooth import KeypointSmoother, OneEuroSettings
+from kapao.config import OneEuroSettings
+from kapao.smooth import KeypointSmoother
 from kapao.sources import Frame
 
 try:  # imported before ultralytics.trackers: its matching module would pip-install lap at run time if missing
