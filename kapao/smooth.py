@@ -33,8 +33,8 @@ class KeypointSmoother:
     a larger step and follows its new position quickly.
     """
 
-    def __init__(self, settings: OneEuroSettings = OneEuroSettings()) -> None:
-        self.settings = settings
+    def __init__(self, settings: OneEuroSettings | None = None) -> None:
+        self.settings = settings or OneEuroSettings()
         self._state: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # id -> (x (K, 2), dx (K, 2), t)
 
     def __len__(self) -> int:

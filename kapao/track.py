@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import yaml
 
+from kapao.config import OneEuroSettings
 from kapao.errors import ConfigError, KapaoError
 from kapao.postprocess import Poses
-from kapao.config import OneEuroSettings
 from kapao.smooth import KeypointSmoother
 from kapao.sources import Frame
 

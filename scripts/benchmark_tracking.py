@@ -28,7 +28,15 @@ from ultralytics.trackers.byte_tracker import BYTETracker
 
 from kapao.config import load_dataset_config
 from kapao.postprocess import Poses
-from kapao.track import TRACKERS, UNTRACKED, Detections, PoseTracker, assign_track_ids, id_switches, load_tracker_config
+from kapao.track import (
+    TRACKERS,
+    UNTRACKED,
+    Detections,
+    PoseTracker,
+    assign_track_ids,
+    id_switches,
+    load_tracker_config,
+)
 
 W, H = 1280, 720
 

@@ -8,7 +8,13 @@ import torch
 from kapao.errors import ConfigError
 from kapao.postprocess import Poses
 from kapao.smooth import OneEuroSettings
-from kapao.track import UNTRACKED, Detections, PoseTracker, id_switches, load_tracker_config
+from kapao.track import (
+    UNTRACKED,
+    Detections,
+    PoseTracker,
+    id_switches,
+    load_tracker_config,
+)
 
 K = 17
 FPS = 30.0
@@ -115,7 +121,7 @@ def run_more(tracker: PoseTracker, people: dict, frames: range) -> tuple[list, l
 
 def test_a_new_person_is_untracked_on_its_first_frame_then_gets_the_next_id():
     people = {0: walk(50, 50, 2, range(10)), 1: walk(500, 50, -2, range(4, 10))}
-    truth, pred, _ = run(PoseTracker(), people, 10)
+    _, pred, _ = run(PoseTracker(), people, 10)
     assert pred[0].tolist() == [1]  # frame 1: every detection starts a confirmed track at once
     assert pred[4].tolist() == [1, UNTRACKED]  # a later newcomer is confirmed on its second frame
     assert pred[5].tolist() == [1, 2]
@@ -248,7 +254,9 @@ def test_update_frame_restarts_tracks_per_video_and_counts_tracks():
 # The verbs: `kapao track`, `kapao predict --track`, KAPAO.track
 @pytest.fixture(scope="module")
 def eager_weights(tmp_path_factory):
-    from test_predict import eager_model  # an untrained size-n model that finds poses everywhere
+    from test_predict import (
+        eager_model,  # an untrained size-n model that finds poses everywhere
+    )
 
     from kapao.weights import save_checkpoint
 
@@ -355,9 +363,9 @@ def test_trackers_never_install_or_download_anything():
            "    t = PoseTracker(name)\n"
            "    for f in range(3): out = t(p, f / 30, np.zeros((120, 160, 3), np.uint8))\n"
            "    assert out.track_ids.tolist() == [1]\n")
-    ok = subprocess.run([sys.executable, "-c", guard + use], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([sys.executable, "-c", guard + use], check=False, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     no_lap = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['lap'] = None\n" + guard + use],
-                            capture_output=True, text=True, timeout=300)
+                            check=False, capture_output=True, text=True, timeout=300)
     assert no_lap.returncode != 0 and "tracking needs the 'lap' package" in no_lap.stderr
     assert "tried to install" not in no_lap.stderr + no_lap.stdout
