@@ -1,16 +1,30 @@
 """The `kapao` command: a thin click layer that parses options, builds settings and calls the library."""
 from __future__ import annotations
 
-import re
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from kapao.version import __version__
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, OneEuroSettings, check_imgsz
+from kapao.cli_options import (
+    MODEL_SIZES,
+    ImgSize,
+    bad_parameter,
+    check_device,
+    inference_options,
+    must_exist,
+    predict_options,
+    settings_from,
+    smooth_settings,
+    tracking_options,
+    tta_passes,
+)
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
+from kapao.settings import OneEuroSettings
+from kapao.version import __version__
+from kapao.weights.registry import weights_help
 
 if TYPE_CHECKING:
     from kapao.track import PoseTracker
@@ -26,7 +40,7 @@ class KapaoGroup(click.Group):
     diverged training, disk and permission problems.
     """
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except KapaoError as e:
@@ -49,161 +63,38 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
-MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
-
-
-class ImgSize(click.ParamType):
-    """A positive multiple of the network's largest stride (64), checked by kapao.config.check_imgsz."""
-
-    name = "imgsz"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        try:
-            v = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not an integer", param, ctx)
-        try:
-            return check_imgsz(v)
-        except ConfigError as e:
-            self.fail(str(e).removeprefix("--imgsz "), param, ctx)
-
-
-class FloatList(click.ParamType):
-    """Comma-separated floats, e.g. `0.8,1,1.2`."""
-
-    name = "floats"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        try:
-            vals = [float(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
-        if not vals or any(v <= 0 for v in vals):
-            self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
-        return vals
-
-
-class FlipList(click.ParamType):
-    """Comma-separated flips: `none` (or 0/-1) and `lr` (or 1/3), e.g. `none,lr,none`."""
-
-    name = "flips"
-    WORDS = {"none": False, "0": False, "-1": False, "n": False, "lr": True, "1": True, "3": True}
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
-        bad = [v for v in items if v not in self.WORDS]
-        if bad or not items:
-            self.fail(f"{value!r}: use none or lr per pass, e.g. none,lr,none", param, ctx)
-        return [self.WORDS[v] for v in items]
-
-
-def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
-    if value is None or value == "":
-        return value
-    from kapao.runtime import select_device
-
-    try:
-        select_device(value)
-    except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--device '{value}': "), ctx, param) from None
-    return value
-
-
-def _bad(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
-    """A library error about one option's value as a usage error (exit 2) naming that option."""
-    if isinstance(param, str):
-        param = next(p for p in ctx.command.params if p.name == param)
-    return click.BadParameter(re.sub(rf"^{re.escape(param.opts[0])}:? ", "", str(e)), ctx, param)
-
-
-def _exists(what: str) -> Callable:
-    """Callback: the value must name something that exists — a built-in name or an existing file —
-    checked at parse time without reading it (`what`: data, hyp or weights). Reading it comes later."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if what == "weights":
-            from kapao.weights import check_weights_spec as check
-        else:
-            from kapao.config import check_dataset_spec, check_hyp_spec
-
-            check = check_dataset_spec if what == "data" else check_hyp_spec
-        try:
-            check(value)
-        except KapaoError as e:
-            raise _bad(e, ctx, param) from None
-        return value
-
-    return callback
-
-
-UNIT = click.FloatRange(0.0, 1.0)
-
-
-def inference_options(defaults: InferenceSettings) -> Callable:
-    """Threshold and TTA options shared by predict and val (defaults differ: demo vs val settings)."""
-
-    def wrap(f):  # noqa: ANN001, ANN202
-        opts = [
-            click.option("--conf", type=UNIT, default=None, help=f"Pose (person) score threshold. [default: {defaults.conf}]"),
-            click.option("--iou", type=UNIT, default=None, help=f"Pose NMS IoU threshold. [default: {defaults.iou}]"),
-            click.option("--conf-kp", type=UNIT, default=None, help=f"Keypoint-object score threshold. [default: {defaults.conf_kp}]"),
-            click.option("--iou-kp", type=UNIT, default=None, help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
-            click.option("--conf-kp-person", type=UNIT, default=None,
-                         help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
-            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
-                         help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
-            click.option("--max-det", type=click.IntRange(min=1), default=None, help=f"Max poses per image. [default: {defaults.max_det}]"),
-            click.option("--no-fuse", is_flag=True, help="Keep the regressed keypoints; skip keypoint-object fusion."),
-            click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
-            click.option("--flips", type=FlipList(), default=None, help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
-            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return wrap
-
-
-def _settings(defaults, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse):  # noqa: ANN001, ANN202
-    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
-                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
-
-
-def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
-    if tta:
-        if scales or flips:
-            raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
-        return [0.8, 1.0, 1.2], [False, True, False]
-    if scales and flips and len(scales) != len(flips):
-        raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
-    return scales, flips
-
-
 @cli.command()
-@click.option("--weights", default=None, callback=_exists("weights"),
-              help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
+@click.option("--weights", default=None, callback=must_exist("weights"),
+              help=f"Describe a checkpoint (kapao or official file) or named weights: {weights_help()}.")
+@click.option("--names", "list_names", is_flag=True, help="List the named weights (published AP, dataset, input size).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
 @click.option("--kpts", type=click.IntRange(min=1), default=None,
               help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
-@click.option("--data", default=None, callback=_exists("data"),
+@click.option("--data", default=None, callback=must_exist("data"),
               help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
-def info(weights: str | None, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
-    """Print a model summary: layers, parameters, GFLOPs and keypoint names."""
-    from kapao.model import build_model, format_model_info, model_info, resolve_schema
+def info(weights: str | None, list_names: bool, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
+    """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
+    too; the summary once the file is in the cache)."""
+    from kapao.config import KeypointSchema
+    from kapao.model import build_model, format_model_info, model_info
+    from kapao.weights.registry import REGISTRY, check_weights_spec
 
+    if list_names:
+        for e in REGISTRY.values():
+            ap = f"{e.ap:.1f} AP ({e.benchmark})" if e.ap is not None else "AP not published"
+            click.echo(f"{e.name:<18} {e.dataset:<9} imgsz {e.imgsz}  {ap}")
+        return
     if weights is None:
-        model = build_model(size, resolve_schema(num_keypoints=kpts, data=data))
+        model = build_model(size, KeypointSchema.resolve(num_keypoints=kpts, data=data))
         click.echo(format_model_info(model_info(model, imgsz)))
         return
+    path, name = check_weights_spec(weights)
+    if name is not None:
+        click.echo(REGISTRY[name].describe())
+        if not path.is_file():
+            click.echo("not downloaded yet: `kapao predict/val --weights NAME` downloads it")
+            return
     from kapao.weights import load_model
 
     model, meta = load_model(weights)
@@ -221,86 +112,22 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
         click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
 
 
-def predict_options(project: str) -> Callable:
-    """SOURCE and the options of predict, shared by track (which differs only in its project folder)."""
-
-    def wrap(f):  # noqa: ANN001, ANN202
-        opts = [
-            click.argument("source", required=False),
-            click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
-                         help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}."),
-            click.option("--imgsz", type=ImgSize(), default=None,
-                         help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
-            click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
-            click.option("--half", is_flag=True, help="FP16 inference (CUDA only)."),
-            click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),
-            inference_options(PREDICT_SETTINGS),
-            click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
-            click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …)."),
-            click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written)."),
-            click.option("--save-csv", is_flag=True,
-                         help="Also write keypoints.csv: source, frame, pose, track, keypoint, x, y, confidence (one row per keypoint)."),
-            click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
-            click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
-            click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
-            click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
-            click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0)."),
-            click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]"),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return wrap
-
-
-def tracking_options(f: Callable) -> Callable:
-    """Tracker and keypoint-smoothing options of track and predict --track."""
-    opts = [
-        click.option("--tracker", default=None, metavar="bytetrack|botsort|FILE.yaml",
-                     help="ultralytics tracker, or a tracker YAML (tracker_type + any settings to change). [default: bytetrack]"),
-        click.option("--smooth/--no-smooth", default=None,
-                     help="One Euro smoothing of each track's keypoints. [default: on for track, off for predict --track]"),
-        click.option("--smooth-cutoff", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help=f"Smoothing cutoff at rest, Hz (lower = steadier). [default: {OneEuroSettings().min_cutoff}]"),
-        click.option("--smooth-beta", type=click.FloatRange(min=0), default=None,
-                     help=f"Cutoff increase with speed (higher = less lag on fast moves). [default: {OneEuroSettings().beta}]"),
-        click.option("--track-ids/--no-track-ids", default=True, show_default=True, help="Label drawn poses with their track id."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _tracking(tracker: str | None, smooth: bool, cutoff: float | None, beta: float | None) -> PoseTracker:
-    """The PoseTracker the options ask for (one-line usage errors for a bad --tracker)."""
-    from kapao.track import PoseTracker
-
-    if not smooth and (cutoff is not None or beta is not None):
-        raise click.UsageError("--smooth-cutoff/--smooth-beta set the smoothing; drop them or drop --no-smooth")
-    settings = OneEuroSettings(**{k: v for k, v in (("min_cutoff", cutoff), ("beta", beta)) if v is not None})
-    try:
-        return PoseTracker(tracker or "bytetrack", settings if smooth else None)
-    except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
-
-
 @cli.command()
 @predict_options("runs/predict")
 @click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
 @tracking_options
 @click.pass_context
 def predict(ctx: click.Context, track_: bool, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-            smooth_beta: float | None, **opts) -> None:  # noqa: ANN003
+            smooth_beta: float | None, **opts: Any) -> None:
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
-    COCO-format predictions.json) go to runs/predict/expN. --track adds track ids (as `kapao track`,
+    COCO-format predictions.json) go to runs/predict/expN. --track adds track ids (as `kapao track`;
     keypoints unsmoothed unless --smooth).
     """
     if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
         raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
-    tracking = _tracking(tracker, bool(smooth), smooth_cutoff, smooth_beta) if track_ else None
+    tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
     _predict(ctx, tracking, **opts)
 
 
@@ -309,17 +136,27 @@ def predict(ctx: click.Context, track_: bool, tracker: str | None, smooth: bool 
 @tracking_options
 @click.pass_context
 def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-          smooth_beta: float | None, **opts) -> None:  # noqa: ANN003
+          smooth_beta: float | None, **opts: Any) -> None:
     """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
 
     Same options as predict, plus the tracker (ByteTrack or BoT-SORT from ultralytics) and One Euro
     smoothing of each track's keypoints (on by default). Drawn videos colour each track; results go to
-    runs/track/expN (predictions.json with track_id, and keypoints.csv with --save-csv).
+    runs/track/expN (predictions.json with track_id; keypoints.csv with --save-csv).
     """
-    _predict(ctx, _tracking(tracker, smooth is not False, smooth_cutoff, smooth_beta), **opts)
+    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), **opts)
 
 
-def _predict(ctx: click.Context, tracking, source: str | None, weights: str, imgsz: int | None,  # noqa: ANN001
+def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
+    """The per-frame tracking step the options ask for (a usage error for an unusable --tracker)."""
+    from kapao.track import PoseTracker
+
+    try:
+        return PoseTracker(tracker or "bytetrack", smooth)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
+
+
+def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
              device: str | None, half: bool, batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
              tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
              save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
@@ -330,15 +167,15 @@ def _predict(ctx: click.Context, tracking, source: str | None, weights: str, img
     from kapao.sources import resolve_source
 
     setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = _tta(scales, flips, tta)
-    settings = _settings(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    scales, flips = tta_passes(scales, flips, tta)
+    settings = settings_from(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     try:
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
-        raise _bad(e, ctx, "source") from None
+        raise bad_parameter(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
-    run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave,
-                  show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids),
+    run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
+                  save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids),
                   project=project, name=name, keep_results=False, progress=True, tracking=tracking, save_csv=save_csv)
     skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
         (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")
@@ -349,15 +186,15 @@ def _predict(ctx: click.Context, tracking, source: str | None, weights: str, img
 
 
 @cli.command()
-@click.option("--weights", default=None, callback=_exists("weights"),
+@click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
-@click.option("--data", default=None, callback=_exists("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
+@click.option("--data", default=None, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
@@ -368,7 +205,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    from kapao.config import load_dataset_config
     from kapao.val import run_val
 
     setup_logging(ctx.obj.get("verbose", False))
@@ -378,8 +214,8 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         data, split = "crowdpose", split or "test"
         weights = weights or "kapao_s_crowdpose"
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
-    scales, flips = _tta(scales, flips, tta)
-    settings = _settings(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    scales, flips = tta_passes(scales, flips, tta)
+    settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
@@ -403,8 +239,6 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param)
     if out:  # names and ranges checked now, against the defaults
-        from kapao.config import Hyp
-
         try:
             Hyp.from_dict({**Hyp().to_dict(), **out}, where="--hyp-set")
         except KapaoError as e:
@@ -416,23 +250,23 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
     """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
     if value and "," in value:
         for d in value.split(","):
-            _check_device(ctx, param, d.strip())
+            check_device(ctx, param, d.strip())
         return value
-    return _check_device(ctx, param, value)
+    return check_device(ctx, param, value)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
-@click.option("--data", default="coco", show_default=True, callback=_exists("data"), help="coco, crowdpose or a dataset YAML.")
+@click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
 @click.option("--device", default=None, callback=_check_train_device,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, callback=_exists("weights"),
+@click.option("--weights", default=None, callback=must_exist("weights"),
               help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
-@click.option("--hyp", default=None, callback=_exists("hyp"),
+@click.option("--hyp", default=None, callback=must_exist("hyp"),
               help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
               help="Override one hyperparameter, e.g. --hyp-set lr0=0.02 (repeatable).")
@@ -467,7 +301,7 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
         try:
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
-            raise _bad(e, ctx, "resume") from None
+            raise bad_parameter(e, ctx, "resume") from None
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -495,7 +329,7 @@ class ImgShape(click.ParamType):
 
 
 @cli.command()
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
+@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help="Checkpoint or name to export.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")
 @click.option("--imgsz", type=ImgShape(), default="640", show_default=True,
@@ -505,7 +339,7 @@ class ImgShape(click.ParamType):
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim.")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True, help="ONNX opset (SiLU needs 13+).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
+@click.option("--device", default=None, callback=check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
@@ -513,7 +347,8 @@ class ImgShape(click.ParamType):
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
            opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
-    from kapao.export import describe_check, export_onnx, read_metadata
+    from kapao.backends import read_metadata
+    from kapao.export import describe_check, export_onnx
 
     setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from kapao.config import OneEuroSettings
+from kapao.settings import OneEuroSettings
 
 __all__ = ["KeypointSmoother", "OneEuroSettings"]
 

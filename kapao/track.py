@@ -1,5 +1,4 @@
-"""Tracking: person identities across video frames with ultralytics' ByteTrack / BoT-SORT, then smoothing,
-and the per-track keypoint CSV export.
+"""Tracking: person identities across video frames with ultralytics' ByteTrack / BoT-SORT, then smoothing.
 
 `PoseTracker` is the per-frame step of `kapao track` and `kapao predict --track`: it feeds the person
 boxes and scores of a frame's Poses to an ultralytics tracker (configured from its shipped YAML or
@@ -12,9 +11,7 @@ similarity (OKS) did not lower id switches on synthetic crossings (scripts/bench
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,9 +21,9 @@ import numpy as np
 import torch
 import yaml
 
-from kapao.config import OneEuroSettings
 from kapao.errors import ConfigError, KapaoError
 from kapao.postprocess import Poses
+from kapao.settings import OneEuroSettings
 from kapao.smooth import KeypointSmoother
 from kapao.sources import Frame
 
@@ -218,52 +215,3 @@ def id_switches(truth: Sequence[np.ndarray], predicted: Sequence[np.ndarray]) ->
             last[person] = track
     return switches
 
-
-class CsvSink:
-    """`--save-csv`: one row per keypoint of every pose, written and flushed frame by frame.
-
-    Columns: source (file name), frame (index in the video; empty for images), pose (index in the
-    frame), track (track id; empty when not tracked), keypoint (name), x, y (original-image pixels),
-    confidence. Each frame's rows go out in one write followed by a flush, so a crash or kill leaves a
-    readable CSV of every frame done. Filter it by `track` to follow one person.
-    """
-
-    COLUMNS = ("source", "frame", "pose", "track", "keypoint", "x", "y", "confidence")
-
-    def __init__(self, path: Path, keypoint_names: Sequence[str]) -> None:
-        self.path, self.names = Path(path), list(keypoint_names)
-        self._file: io.TextIOWrapper | None = None
-
-    def open(self) -> None:
-        try:
-            self._file = open(self.path, "w", newline="", encoding="utf-8")
-        except OSError as e:
-            raise KapaoError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
-        self._write([self.COLUMNS])
-
-    def add(self, frame: Frame, poses: Poses) -> None:
-        """Rows of one frame or image (its poses in original-image pixels)."""
-        kp = poses.keypoints.detach().float().cpu().numpy()
-        ids = None if poses.track_ids is None else poses.track_ids.cpu().tolist()
-        name, index = Path(frame.path).name, frame.frame
-        rows = []
-        for i in range(len(poses)):
-            track = "" if ids is None or ids[i] == UNTRACKED else ids[i]
-            rows += [(name, "" if index is None else index, i, track, self.names[k],
-                      f"{kp[i, k, 0]:.2f}", f"{kp[i, k, 1]:.2f}", f"{kp[i, k, 2]:.4f}") for k in range(kp.shape[1])]
-        self._write(rows)
-
-    def _write(self, rows: Sequence[Sequence[Any]]) -> None:
-        buf = io.StringIO()
-        csv.writer(buf).writerows(rows)
-        try:
-            self._file.write(buf.getvalue())
-            self._file.flush()
-        except OSError as e:
-            raise KapaoError(f"cannot write {self.path}: {e.strerror or e}; free disk space") from None
-
-    def close(self) -> Path:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        return self.path

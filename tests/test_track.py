@@ -204,35 +204,6 @@ def test_poses_track_ids_shape_is_checked_and_moves_with_to():
     assert q.track_ids.tolist() == [4]
 
 
-def test_csv_sink_writes_every_keypoint_row_and_is_readable_after_each_frame(tmp_path):
-    import csv
-
-    from kapao.sources import Frame
-    from kapao.track import CsvSink
-
-    names = [f"k{i}" for i in range(K)]
-    sink = CsvSink(tmp_path / "keypoints.csv", names)
-    sink.open()
-    tracker = PoseTracker()
-    image = np.zeros((8, 8, 3), np.uint8)
-    for f in range(3):
-        poses = tracker(poses_of([[10 + f, 10, 60, 110], [200, 10, 260, 130]]), f / FPS)
-        sink.add(Frame(image, "/videos/walk.mp4", f), poses)
-        with open(tmp_path / "keypoints.csv", newline="") as fh:  # readable while the run goes on
-            rows = list(csv.DictReader(fh))
-        assert len(rows) == (f + 1) * 2 * K
-    sink.add(Frame(image, "/images/a.jpg"), poses_of([[0, 0, 5, 5]]))  # untracked image pose
-    assert sink.close() == tmp_path / "keypoints.csv"
-    with open(tmp_path / "keypoints.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(CsvSink.COLUMNS)
-    last = rows[2 * 2 * K + K + 3]  # frame 2, pose 1, keypoint 3
-    assert (last["source"], last["frame"], last["pose"], last["track"], last["keypoint"]) == ("walk.mp4", "2", "1", "2", "k3")
-    assert float(last["x"]) == pytest.approx(float(poses.keypoints[1, 3, 0]), abs=0.01)
-    assert float(last["confidence"]) == pytest.approx(0.8)
-    assert (rows[-1]["source"], rows[-1]["frame"], rows[-1]["track"]) == ("a.jpg", "", "")
-
-
 def test_update_frame_restarts_tracks_per_video_and_counts_tracks():
     from kapao.sources import Frame
 

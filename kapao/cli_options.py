@@ -1,0 +1,219 @@
+"""Click parameter types, callbacks and option groups shared by the `kapao` verbs (validated at parse
+time, so a wrong command line exits with 2 before anything heavy is imported)."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import click
+
+from kapao.config import OFFICIAL_TTA, PREDICT_SETTINGS, InferenceSettings, check_dataset_spec, check_hyp_spec, check_imgsz
+from kapao.errors import ConfigError, KapaoError
+from kapao.runtime import select_device
+from kapao.settings import OneEuroSettings
+from kapao.weights.registry import weights_help
+
+MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
+
+
+class ImgSize(click.ParamType):
+    """A positive multiple of the network's largest stride (64), checked by kapao.config.check_imgsz."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        try:
+            return check_imgsz(v)
+        except ConfigError as e:
+            self.fail(str(e).removeprefix("--imgsz "), param, ctx)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated floats, e.g. `0.8,1,1.2`."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            vals = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
+        if not vals or any(v <= 0 for v in vals):
+            self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
+        return vals
+
+
+class FlipList(click.ParamType):
+    """Comma-separated flips: `none` (or 0/-1) and `lr` (or 1/3), e.g. `none,lr,none`."""
+
+    name = "flips"
+    WORDS = {"none": False, "0": False, "-1": False, "n": False, "lr": True, "1": True, "3": True}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in self.WORDS]
+        if bad or not items:
+            self.fail(f"{value!r}: use none or lr per pass, e.g. none,lr,none", param, ctx)
+        return [self.WORDS[v] for v in items]
+
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
+    if value is None or value == "":
+        return value
+    try:
+        select_device(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--device '{value}': "), ctx, param) from None
+    return value
+
+
+def bad_parameter(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
+    """A library error about one option's value as a usage error (exit 2) naming that option."""
+    if isinstance(param, str):
+        param = next(p for p in ctx.command.params if p.name == param)
+    return click.BadParameter(re.sub(rf"^{re.escape(param.opts[0])}:? ", "", str(e)), ctx, param)
+
+
+def must_exist(what: str) -> Callable:
+    """Callback: the value must name something that exists — a built-in name or an existing file —
+    checked at parse time without reading it (`what`: data, hyp or weights). Reading it comes later."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if what == "weights":
+            from kapao.weights import check_weights_spec as check
+        else:
+            check = check_dataset_spec if what == "data" else check_hyp_spec
+        try:
+            check(value)
+        except KapaoError as e:
+            raise bad_parameter(e, ctx, param) from None
+        return value
+
+    return callback
+
+
+UNIT = click.FloatRange(0.0, 1.0)
+
+
+def inference_options(defaults: InferenceSettings) -> Callable:
+    """Threshold and TTA options shared by predict and val (defaults differ: demo vs val settings)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.option("--conf", type=UNIT, default=None, help=f"Pose (person) score threshold. [default: {defaults.conf}]"),
+            click.option("--iou", type=UNIT, default=None, help=f"Pose NMS IoU threshold. [default: {defaults.iou}]"),
+            click.option("--conf-kp", type=UNIT, default=None,
+                         help=f"Keypoint-object score threshold. [default: {defaults.conf_kp}]"),
+            click.option("--iou-kp", type=UNIT, default=None,
+                         help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
+            click.option("--conf-kp-person", type=UNIT, default=None,
+                         help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
+            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+                         help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
+            click.option("--max-det", type=click.IntRange(min=1), default=None,
+                         help=f"Max poses per image. [default: {defaults.max_det}]"),
+            click.option("--no-fuse", is_flag=True, help="Keep the regressed keypoints; skip keypoint-object fusion."),
+            click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
+            click.option("--flips", type=FlipList(), default=None,
+                         help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
+            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def settings_from(defaults: InferenceSettings, conf: float | None, iou: float | None, conf_kp: float | None,
+                  iou_kp: float | None, conf_kp_person: float | None, tolerance: float | None, max_det: int | None,
+                  no_fuse: bool) -> InferenceSettings:
+    """`defaults` with the values given on the command line (None = keep the default)."""
+    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
+                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
+
+
+def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) -> tuple[list[float] | None, list[bool] | None]:
+    """The TTA passes (scales, flips) asked for by --tta or --scales/--flips; a usage error if they contradict."""
+    if tta:
+        if scales or flips:
+            raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
+        return list(OFFICIAL_TTA[0]), list(OFFICIAL_TTA[1])
+    if scales and flips and len(scales) != len(flips):
+        raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
+    return scales, flips
+
+
+def predict_options(project: str) -> Callable:
+    """SOURCE and the options of predict, shared by track (which differs only in its run folder)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.argument("source", required=False),
+            click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
+                         help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}."),
+            click.option("--imgsz", type=ImgSize(), default=None,
+                         help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
+            click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
+            click.option("--half", is_flag=True, help="FP16 inference (CUDA only)."),
+            click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),
+            inference_options(PREDICT_SETTINGS),
+            click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
+            click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …)."),
+            click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written)."),
+            click.option("--save-csv", is_flag=True, help="Also write keypoints.csv: source, frame, pose, track, keypoint, "
+                                                          "x, y, confidence (one row per keypoint, written as it goes)."),
+            click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
+            click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
+            click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
+            click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
+            click.option("--fused-only", is_flag=True,
+                         help="Draw only keypoints confirmed by a keypoint object (confidence > 0)."),
+            click.option("--line-width", type=click.IntRange(min=1), default=None,
+                         help="Line width in pixels. [default: from image size]"),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def tracking_options(f: Callable) -> Callable:
+    """Tracker and keypoint-smoothing options of track and predict --track."""
+    defaults = OneEuroSettings()
+    opts = [
+        click.option("--tracker", default=None, metavar="bytetrack|botsort|FILE.yaml",
+                     help="ultralytics tracker, or a tracker YAML (tracker_type + the settings to change). [default: bytetrack]"),
+        click.option("--smooth/--no-smooth", default=None,
+                     help="One Euro smoothing of each track's keypoints. [default: on for track, off for predict --track]"),
+        click.option("--smooth-cutoff", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"Smoothing cutoff at rest, Hz (lower = steadier). [default: {defaults.min_cutoff}]"),
+        click.option("--smooth-beta", type=click.FloatRange(min=0), default=None,
+                     help=f"Cutoff increase with speed (higher = less lag on fast moves). [default: {defaults.beta}]"),
+        click.option("--track-ids/--no-track-ids", default=True, show_default=True,
+                     help="Label drawn poses with their track id."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def smooth_settings(smooth: bool, cutoff: float | None, beta: float | None) -> OneEuroSettings | None:
+    """The smoothing the options ask for (None: off); a usage error for tuning values with --no-smooth."""
+    if not smooth:
+        if cutoff is not None or beta is not None:
+            raise click.UsageError("--smooth-cutoff/--smooth-beta set the smoothing; drop them or drop --no-smooth")
+        return None
+    return OneEuroSettings(**{k: v for k, v in (("min_cutoff", cutoff), ("beta", beta)) if v is not None})

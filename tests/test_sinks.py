@@ -1,0 +1,56 @@
+"""Result sinks: keypoints.csv is written frame by frame and readable at any time."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.postprocess import Poses
+from kapao.sinks import CsvSink
+from kapao.sources import Frame
+
+K = 4
+NAMES = ["nose", "neck", "left_hand", "right_hand"]
+
+
+def poses(n: int, track_ids: list[int] | None, seed: int = 0) -> Poses:
+    g = torch.Generator().manual_seed(seed)
+    kp = torch.rand(n, K, 3, generator=g) * torch.tensor([640.0, 480.0, 1.0])
+    ids = None if track_ids is None else torch.tensor(track_ids, dtype=torch.int64)
+    return Poses(torch.rand(n, 4, generator=g) * 100, torch.rand(n, generator=g), kp, track_ids=ids)
+
+
+def read(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_rows_per_keypoint_flushed_every_frame(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    path = tmp_path / "keypoints.csv"
+    sink = CsvSink(path, NAMES)
+    sink.open()
+    assert read(path) == [] and path.read_text().startswith("source,frame,pose,track,keypoint,x,y,confidence")
+    frames = [poses(2, [1, 2], 0), poses(3, [1, -1, 3], 1), poses(0, [], 2)]
+    for f, p in enumerate(frames):
+        sink.add(Frame(image, "/videos/walk.mp4", f), p)
+        assert len(read(path)) == sum(len(q) for q in frames[:f + 1]) * K  # readable while the run goes on
+    sink.add(Frame(image, "/images/a b.jpg"), poses(1, None, 3))  # not tracked: empty track
+    assert sink.close() == path
+    rows = read(path)
+    assert len(rows) == 6 * K
+    r = rows[(2 + 1) * K + 2]  # frame 1, pose 1, keypoint 2
+    assert (r["source"], r["frame"], r["pose"], r["track"], r["keypoint"]) == ("walk.mp4", "1", "1", "", "left_hand")
+    assert float(r["x"]) == pytest.approx(float(frames[1].keypoints[1, 2, 0]), abs=0.01)
+    assert float(r["confidence"]) == pytest.approx(float(frames[1].keypoints[1, 2, 2]), abs=1e-4)
+    assert [x["track"] for x in rows[2 * K:5 * K:K]] == ["1", "", "3"]
+    assert (rows[-1]["source"], rows[-1]["frame"], rows[-1]["track"]) == ("a b.jpg", "", "")
+
+
+def test_csv_unwritable_folder_is_one_line_error(tmp_path):
+    from kapao.errors import DataError
+
+    with pytest.raises(DataError, match="cannot write .*keypoints.csv"):
+        CsvSink(tmp_path / "missing" / "keypoints.csv", NAMES).open()
