@@ -279,18 +279,19 @@ class KAPAO:
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
         total = _total_frames(spec, readers)
-        csv_sink = CsvSink(save_dir / "keypoints.csv", self.schema.names) if save_csv and save_dir else None
+        csv_sink = CsvSink(self.schema.names) if save_csv and save_dir else None
         t0 = time.perf_counter()
         try:
             if csv_sink is not None:
-                csv_sink.open()
+                csv_sink.open(save_dir)
             bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
             _predict_frames(predictor, spec, readers, writer, run, imgsz, batch, keep_results, bar, tracking, csv_sink)
         finally:
             for r in readers.values():
                 r.close()
             if csv_sink is not None:
-                run.csv_path = csv_sink.close()
+                csv_sink.close()
+                run.csv_path = csv_sink.path
             if writer:
                 path = writer.close()
                 run.json_path = path if save_json else None

@@ -153,26 +153,35 @@ class ResultWriter:
 
 
 class CsvSink:
-    """`--save-csv`: one row per keypoint of every pose, written and flushed frame by frame.
+    """`--save-csv`: one row per keypoint of every pose in ``save_dir/keypoints.csv``, written frame by frame.
 
     Columns: source (file name), frame (index in the video; empty for images), pose (index in the
     frame), track (track id; empty when not tracked), keypoint (name), x, y (original-image pixels),
     confidence. Each frame's rows go out in one write followed by a flush, so a crash or kill leaves a
-    readable CSV of every frame done. Filter it by `track` to follow one person.
+    readable CSV of every frame done. An existing file is appended to (a resumed run), after cutting
+    an unfinished last line. Filter by `track` to follow one person. Follows the sinks' open(save_dir) /
+    add(frame, poses) / close() protocol.
     """
 
     COLUMNS = ("source", "frame", "pose", "track", "keypoint", "x", "y", "confidence")
+    FILENAME = "keypoints.csv"
 
-    def __init__(self, path: Path, keypoint_names: Sequence[str]) -> None:
-        self.path, self.names = Path(path), list(keypoint_names)
+    def __init__(self, keypoint_names: Sequence[str]) -> None:
+        self.names = list(keypoint_names)
+        self.path: Path | None = None
         self._file: io.TextIOWrapper | None = None
 
-    def open(self) -> None:
+    def open(self, save_dir: Path | None) -> None:
+        if save_dir is None:
+            raise ValueError("CsvSink needs a run folder")
+        self.path = Path(save_dir) / self.FILENAME
         try:
-            self._file = open(self.path, "w", newline="", encoding="utf-8")
+            fresh = _keep_whole_lines(self.path) == 0
+            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
-        self._write([self.COLUMNS])
+        if fresh:
+            self._write([self.COLUMNS])
 
     def add(self, frame: Frame, poses: Poses) -> None:
         """Rows of one frame or image (its poses in original-image pixels)."""
@@ -195,8 +204,19 @@ class CsvSink:
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; free disk space") from None
 
-    def close(self) -> Path:
+    def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
-        return self.path
+            f, self._file = self._file, None
+            f.close()
+
+
+def _keep_whole_lines(path: Path) -> int:
+    """Cut a file after its last newline (a line a killed run left unfinished); its size after, 0 if absent."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return keep

@@ -30,15 +30,16 @@ def read(path) -> list[dict[str, str]]:
 def test_csv_rows_per_keypoint_flushed_every_frame(tmp_path):
     image = np.zeros((8, 8, 3), np.uint8)
     path = tmp_path / "keypoints.csv"
-    sink = CsvSink(path, NAMES)
-    sink.open()
+    sink = CsvSink(NAMES)
+    sink.open(tmp_path)
     assert read(path) == [] and path.read_text().startswith("source,frame,pose,track,keypoint,x,y,confidence")
     frames = [poses(2, [1, 2], 0), poses(3, [1, -1, 3], 1), poses(0, [], 2)]
     for f, p in enumerate(frames):
         sink.add(Frame(image, "/videos/walk.mp4", f), p)
         assert len(read(path)) == sum(len(q) for q in frames[:f + 1]) * K  # readable while the run goes on
     sink.add(Frame(image, "/images/a b.jpg"), poses(1, None, 3))  # not tracked: empty track
-    assert sink.close() == path
+    sink.close()
+    assert sink.path == path
     rows = read(path)
     assert len(rows) == 6 * K
     r = rows[(2 + 1) * K + 2]  # frame 1, pose 1, keypoint 2
@@ -53,4 +54,20 @@ def test_csv_unwritable_folder_is_one_line_error(tmp_path):
     from kapao.errors import DataError
 
     with pytest.raises(DataError, match="cannot write .*keypoints.csv"):
-        CsvSink(tmp_path / "missing" / "keypoints.csv", NAMES).open()
+        CsvSink(NAMES).open(tmp_path / "missing")
+
+
+def test_csv_appends_to_a_resumed_run_after_cutting_an_unfinished_line(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    sink = CsvSink(NAMES)
+    sink.open(tmp_path)
+    sink.add(Frame(image, "v.mp4", 0), poses(1, [1]))
+    sink.close()
+    with open(tmp_path / "keypoints.csv", "a") as f:
+        f.write("v.mp4,1,0,1,no")  # a kill in the middle of a line
+    sink = CsvSink(NAMES)
+    sink.open(tmp_path)
+    sink.add(Frame(image, "v.mp4", 1), poses(2, [1, 2]))
+    sink.close()
+    rows = read(tmp_path / "keypoints.csv")
+    assert [r["frame"] for r in rows] == ["0"] * K + ["1"] * 2 * K  # one header, no broken row
