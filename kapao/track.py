@@ -12,18 +12,16 @@ similarity (OKS) did not lower id switches on synthetic crossings (scripts/bench
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from kapao.errors import ConfigError, KapaoError
 from kapao.postprocess import Poses
-from kapao.settings import OneEuroSettings
+from kapao.settings import OneEuroSettings, read_yaml
 from kapao.smooth import KeypointSmoother
 from kapao.sources import Frame
 
@@ -33,8 +31,6 @@ except ImportError as e:  # lap is a declared dependency; tests/test_track.py hi
     raise KapaoError("tracking needs the 'lap' package, a kapao dependency: pip install 'lap>=0.5.12'") from e
 from ultralytics.trackers.bot_sort import BOTSORT
 from ultralytics.trackers.byte_tracker import BYTETracker
-
-LOGGER = logging.getLogger(__name__)
 
 TRACKERS: dict[str, type[BYTETracker]] = {"bytetrack": BYTETracker, "botsort": BOTSORT}
 UNTRACKED = -1  # track id of a pose that is in no confirmed track this frame (e.g. a track's first frame)
@@ -56,36 +52,26 @@ def load_tracker_config(tracker: str | Path = "bytetrack") -> SimpleNamespace:
     """
     text = str(tracker)
     if text in TRACKERS:
-        return SimpleNamespace(**_read_yaml(tracker_yaml(text)))
+        return SimpleNamespace(**read_yaml(tracker_yaml(text)))
     path = Path(text).expanduser()
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--tracker {text}: use {' or '.join(TRACKERS)}, or a tracker YAML file")
     if not path.is_file():
         raise ConfigError(f"--tracker {text}: no such file; use {' or '.join(TRACKERS)} or an existing YAML")
-    cfg = _read_yaml(path)
+    cfg = read_yaml(path)
     kind = cfg.get("tracker_type")
     if kind not in TRACKERS:
         raise ConfigError(f"--tracker {path}: 'tracker_type' must be one of {', '.join(TRACKERS)}, got {kind!r}")
-    merged = {**_read_yaml(tracker_yaml(kind)), **cfg}
+    merged = {**read_yaml(tracker_yaml(kind)), **cfg}
     if merged.get("with_reid"):
         raise ConfigError(f"--tracker {path}: 'with_reid: true' needs a ReID network, which kapao does not run; "
                           "set it to false")
-    for key in ("track_high_thresh", "track_low_thresh", "new_track_thresh", "match_thresh"):
-        if not 0 <= float(merged[key]) <= 1:
-            raise ConfigError(f"--tracker {path}: '{key}' must be in [0, 1], got {merged[key]}")
-    if int(merged["track_buffer"]) < 0:
-        raise ConfigError(f"--tracker {path}: 'track_buffer' must be >= 0 frames, got {merged['track_buffer']}")
+    for key, low, high in (("track_high_thresh", 0, 1), ("track_low_thresh", 0, 1), ("new_track_thresh", 0, 1),
+                           ("match_thresh", 0, 1), ("track_buffer", 0, float("inf"))):
+        v = merged[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise ConfigError(f"--tracker {path}: '{key}' must be a number in [{low}, {high}], got {v!r}")
     return SimpleNamespace(**merged)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--tracker {path}: cannot read it as YAML ({e}); fix the file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--tracker {path}: expected a mapping of tracker settings")
-    return data
 
 
 class Detections:

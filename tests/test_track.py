@@ -186,7 +186,8 @@ def test_tracker_configs(tmp_path):
     cfg = load_tracker_config(own)
     assert cfg.track_buffer == 90 and cfg.match_thresh == load_tracker_config("bytetrack").match_thresh
     bad = {"type.yaml": "tracker_type: sort\n", "reid.yaml": "tracker_type: botsort\nwith_reid: true\n",
-           "range.yaml": "tracker_type: bytetrack\nmatch_thresh: 3\n", "list.yaml": "- 1\n"}
+           "range.yaml": "tracker_type: bytetrack\nmatch_thresh: 3\n", "list.yaml": "- 1\n",
+           "text.yaml": "tracker_type: botsort\ntrack_buffer: long\n"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=name):
