@@ -170,13 +170,13 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
     in a way only the full kept set determines; here they keep their input order (as torchvision's
     other path does), which also decides which of them fill the last places at max_det.
     """
-    if torch.jit.is_tracing():
-        return torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
     n = scores.numel()
+    if n == 0 or torch.jit.is_tracing():
+        return torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
     vanilla = _tv_uses_vanilla(boxes)
     shift = boxes.max() + torch.tensor(1).to(boxes)  # as torchvision's coordinate trick computes it
-    size = max(NMS_FIRST_PREFIX, 4 * max_det)
-    while size < n and bool(torch.isfinite(scores).all()):
+    size = max(NMS_FIRST_PREFIX, 4 * max_det) if bool(torch.isfinite(scores).all()) else n  # NaN: no prefixes
+    while size < n:
         t = torch.topk(scores, size, sorted=False).values.min()
         idx = torch.nonzero(scores >= t).squeeze(1)  # ascending: the input order of ties is kept
         keep = idx[_nms_subset(boxes[idx], scores[idx], classes[idx], iou, vanilla, shift)]
