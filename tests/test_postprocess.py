@@ -776,3 +776,15 @@ def test_batched_nms_top_per_class_path_takes_ties_in_input_order(max_det):
         full = torchvision.ops.batched_nms(boxes, scores, classes, 0.45)[:max_det]
         assert torch.equal(scores[full], scores[want])  # torchvision's two paths agree up to tie order
         assert torch.equal(batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+
+
+def test_torchvision_path_thresholds_are_the_ones_followed():
+    """batched_nms_top follows torchvision's choice between its two batched NMS paths; fail loudly if a
+    torchvision release moves the thresholds (pytorch/vision#8925 raised the CUDA one)."""
+    import inspect
+
+    from kapao.postprocess import _TV_VANILLA_NUMEL
+
+    src = inspect.getsource(torchvision.ops.boxes.batched_nms).replace("_", "")
+    assert f'boxes.numel() > ({_TV_VANILLA_NUMEL["cpu"]} if boxes.device.type == "cpu" else ' \
+           f'{_TV_VANILLA_NUMEL["cuda"]})' in src
