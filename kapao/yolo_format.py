@@ -344,6 +344,10 @@ def parse_split(cfg: DatasetConfig, files: SplitFiles, workers: int = 8,
     found = [p for _, rows in parsed for p in rows.problems]
     if problems is not None:
         problems.extend(found)
+        problems.extend(LabelProblem(files.labels[i], 0, f"{rows.outside} row(s) have coordinates outside the image "
+                                     f"(beyond 0..1 by more than {COORD_TOLERANCE}); they are clipped in or dropped "
+                                     "while training; fix the labels")
+                        for i, (_, rows) in enumerate(parsed) if rows.outside)
     elif found:
         more = f" ({len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise DataError(f"{found[0]}{more}; `kapao check --data {cfg.source}` lists them all")
