@@ -275,6 +275,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--data", default=None, callback=_exists("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
@@ -284,7 +285,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
 @click.pass_context
-def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, imgsz: int,
+def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool, imgsz: int,
         batch: int, workers: int, device: str | None, half: bool,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
@@ -301,13 +302,17 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
     scales, flips = _tta(scales, flips, tta)
     settings = _settings(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    cfg = load_dataset_config(data)
+    cfg = load_dataset_config(data, single_cls=single_cls)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name)
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
+    if cfg.yolo is not None:
+        from kapao.yolo_format import OKS_AREA_NOTE
+
+        click.echo(OKS_AREA_NOTE)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")
@@ -420,8 +425,11 @@ def check(ctx: click.Context, data: str, splits: tuple[str, ...], single_cls: bo
     from kapao.check import check_dataset, format_report
 
     setup_logging(ctx.obj.get("verbose", False))
-    report = check_dataset(data, single_cls=single_cls, splits=splits or None, samples=samples, project=project,
-                           name=name)
+    try:
+        report = check_dataset(data, single_cls=single_cls, splits=splits or None, samples=samples, project=project,
+                               name=name)
+    except ConfigError as e:  # a YAML that cannot be read as a dataset config: the --data value is wrong
+        raise _bad(e, ctx, "data") from None
     click.echo(format_report(report))
     click.echo(f"Samples saved to {report.save_dir}")
     if report.errors:
@@ -442,7 +450,10 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
     from kapao.convert import coco_to_yolo, yolo_to_coco
 
     setup_logging(ctx.obj.get("verbose", False))
-    cfg = load_dataset_config(data, single_cls=single_cls)
+    try:
+        cfg = load_dataset_config(data, single_cls=single_cls)
+    except ConfigError as e:
+        raise _bad(e, ctx, "data") from None
     if cfg.format == to:
         raise click.UsageError(f"{data} is already in the {to} layout; use --to {'coco' if to == 'yolo' else 'yolo'}")
     res = coco_to_yolo(cfg, out, copy_images=copy_images) if to == "yolo" else yolo_to_coco(cfg, out)

@@ -203,8 +203,8 @@ def _list_entry(line: str, list_file: Path, root: Path) -> Path:
     if p.is_absolute():
         return p
     if line.startswith("./"):
-        return (list_file.parent / p).resolve()
-    return next((c for c in (root / p, list_file.parent / p) if c.exists()), root / p).resolve()
+        return Path(os.path.abspath(list_file.parent / p))  # not resolve(): a linked image keeps its labels/ path
+    return Path(os.path.abspath(next((c for c in (root / p, list_file.parent / p) if c.exists()), root / p)))
 
 
 def label_files(images: Sequence[Path]) -> list[Path]:
@@ -273,7 +273,7 @@ def read_label_file(path: Path, k: int, ndim: int, num_classes: int, single_cls:
         else:
             rows.append(row)
     a = np.array(rows, np.float64).reshape(-1, width)
-    coords = np.concatenate([a[:, 1:5], a[:, 5:].reshape(len(a), k, ndim)[..., :2].reshape(len(a), -1)], 1)
+    coords = np.concatenate([a[:, 1:5], a[:, 5:].reshape(len(a), k, ndim)[..., :2].reshape(len(a), 2 * k)], 1)
     outside = int(((coords < -COORD_TOLERANCE) | (coords > 1 + COORD_TOLERANCE)).any(1).sum())
     return LabelRows(a[:, 0].astype(np.int64), a[:, 1:5].astype(np.float32),
                      a[:, 5:].reshape(len(a), k, ndim).astype(np.float32), False, outside, problems)
