@@ -173,7 +173,7 @@ def _check_split(cfg: DatasetConfig, split: str, report: CheckReport) -> tuple[L
     report.counts[split] = SplitCounts(s.images, s.persons, s.box_only, s.negatives, s.missing, s.corrupt, per_type, no_label)
     problems += _image_problems(labels, root, split)
     problems += _stat_problems(labels, cfg, split)
-    problems += _tiny_boxes(labels, root, split)
+    problems += _tiny_boxes(labels, root, f"{cfg.name} {split}")
     problems += left_right_problems(labels, cfg.schema, f"{cfg.name} {split}")
     return labels, root
 
@@ -209,7 +209,8 @@ def _image_problems(labels: Labels, root: Path, split: str) -> list[Problem]:
 
 def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Problem]:
     """Label defects the parser counted (it fixes them while training: clips, drops or skips)."""
-    s, where = labels.stats, f"{cfg.annotations.get(split, cfg.name)}"
+    s = labels.stats
+    where = f"{cfg.name} {split}" if cfg.yolo is not None else str(cfg.annotations[split])
     found = {"person box(es) lie outside the image (zero size after clipping) and are skipped": s.empty_boxes,
              "labelled keypoint(s) lie far outside the image and are dropped": s.kpts_dropped,
              "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations}
@@ -219,7 +220,7 @@ def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Probl
     return out
 
 
-def _tiny_boxes(labels: Labels, root: Path, split: str) -> list[Problem]:
+def _tiny_boxes(labels: Labels, root: Path, where: str) -> list[Problem]:
     side = np.minimum(labels.boxes[:, 2] - labels.boxes[:, 0], labels.boxes[:, 3] - labels.boxes[:, 1])
     image_of = np.repeat(np.arange(len(labels)), np.diff(labels.offsets))
     long_side = labels.shapes.max(1)[image_of] if len(labels) else np.zeros(0)
@@ -227,7 +228,7 @@ def _tiny_boxes(labels: Labels, root: Path, split: str) -> list[Problem]:
     if not tiny.any():
         return []
     files = sorted({str(root / str(labels.files[i])) for i in image_of[tiny]})
-    return [Problem("warning", f"split {split}", f"{int(tiny.sum())} person box(es) have a side below "
+    return [Problem("warning", where, f"{int(tiny.sum())} person box(es) have a side below "
                     f"{TINY_BOX_FRACTION:.0%} of the image's long side, too small to learn at usual input sizes "
                     f"(in {_listed(files)}); check them or remove them")]
 
@@ -239,10 +240,11 @@ def _duplicates(loaded: dict[str, tuple[Labels, Path]]) -> list[Problem]:
     seen: set[Path] = set()
     for split, (labels, root) in loaded.items():
         for f in labels.files:
-            path = (root / str(f)).resolve()
-            if path not in seen:
-                seen.add(path)
-                by_hash[hashlib.sha1(path.read_bytes()).hexdigest()].append((split, path))
+            path = root / str(f)
+            real = path.resolve()
+            if real not in seen:
+                seen.add(real)
+                by_hash[hashlib.sha1(real.read_bytes()).hexdigest()].append((split, path))
     out = []
     for group in by_hash.values():
         if len(group) > 1:

@@ -456,7 +456,10 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
         raise _bad(e, ctx, "data") from None
     if cfg.format == to:
         raise click.UsageError(f"{data} is already in the {to} layout; use --to {'coco' if to == 'yolo' else 'yolo'}")
-    res = coco_to_yolo(cfg, out, copy_images=copy_images) if to == "yolo" else yolo_to_coco(cfg, out)
+    try:
+        res = coco_to_yolo(cfg, out, copy_images=copy_images) if to == "yolo" else yolo_to_coco(cfg, out)
+    except ConfigError as e:  # --out is not a new or empty folder
+        raise _bad(e, ctx, "out") from None
     click.echo(res.summary())
     click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
 
