@@ -270,6 +270,8 @@ def test_train_two_epochs_on_yolo_data(coco_mini: Path, tmp_path: Path):
     from kapao.weights import load_model
 
     yaml_path = write_yolo(tmp_path / "ds", coco_mini, k=14, ndim=2, image_list=True)
+    doc = yaml.safe_load(yaml_path.read_text())  # a skeleton and sigmas in the YAML travel into the weights (predict draws it)
+    yaml_path.write_text(yaml.safe_dump({**doc, "skeleton": [[0, 1], [2, 3], [8, 10]], "sigmas": [0.07] * 14}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -281,4 +283,6 @@ def test_train_two_epochs_on_yolo_data(coco_mini: Path, tmp_path: Path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(v)) for r in rows for k, v in r.items() if "loss" in k)
     model, _ = load_model(run / "weights" / "best.pt")
-    assert model.schema == load_dataset_config(yaml_path).schema  # names, flip order and sigmas of the YAML
+    schema = load_dataset_config(yaml_path).schema
+    assert schema.skeleton == ((0, 1), (2, 3), (8, 10)) and schema.sigmas == (0.07,) * 14
+    assert model.schema == schema  # names, flip order, sigmas and skeleton of the YAML
