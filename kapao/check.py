@@ -32,7 +32,7 @@ import numpy as np
 from kapao.config import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config
 from kapao.config import _resolve_dataset_yaml  # the raw keys, to check flip_idx and classes before the schema does
 from kapao.data import Labels, load_image, parse_annotations
-from kapao.errors import ConfigError, DataError
+from kapao.errors import DataError
 from kapao.runtime import increment_run_dir
 
 LOGGER = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ def test_ultralytics_verifier_accepts_the_labels(coco_mini_yaml: Path, tmp_path:
     assert len(images) == 4
     for img in images:
         label = tmp_path / "yolo" / "labels" / "val" / (img.stem + ".txt")
-        _, lb, _, _, kpts, missing, found, empty, corrupt, msg = verify_image_label(
+        _, lb, _, _, kpts, missing, found, _, corrupt, msg = verify_image_label(
             (str(img), str(label), "", True, 1, 17, 3, False))
         assert (missing, found, corrupt) == (0, 1, 0), msg
         assert kpts.shape == (len(lb), 17, 3)
