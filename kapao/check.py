@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from kapao.config import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config
 from kapao.config import _resolve_dataset_yaml  # the raw keys, to check flip_idx and classes before the schema does
@@ -238,13 +239,17 @@ def _duplicates(loaded: dict[str, tuple[Labels, Path]]) -> list[Problem]:
     splits list on purpose, e.g. val = train for a quick test, is not reported)."""
     by_hash: dict[str, list[tuple[str, Path]]] = defaultdict(list)
     seen: set[Path] = set()
+    total = sum(len(labels) for labels, _ in loaded.values())
+    bar = tqdm(total=total, desc="looking for identical images", unit="img", leave=False, disable=total < 1000)
     for split, (labels, root) in loaded.items():
         for f in labels.files:
+            bar.update()
             path = root / str(f)
             real = path.resolve()
             if real not in seen:
                 seen.add(real)
                 by_hash[hashlib.sha1(real.read_bytes()).hexdigest()].append((split, path))
+    bar.close()
     out = []
     for group in by_hash.values():
         if len(group) > 1:
