@@ -169,7 +169,7 @@ def _check_split(cfg: DatasetConfig, split: str, report: CheckReport) -> tuple[L
         return None
     root = cfg.images[split]
     s = labels.stats
-    v = labels.keypoints[..., 2].astype(np.int64).clip(0, 2)
+    v = np.digitize(labels.keypoints[..., 2], [1e-9, 1.5])  # 0, 1 (0 < v < 1.5, e.g. a float score) or 2
     per_type = np.stack([(v == i).sum(0) for i in range(3)], 1) if len(v) else np.zeros((cfg.schema.num_keypoints, 3), np.int64)
     report.counts[split] = SplitCounts(s.images, s.persons, s.box_only, s.negatives, s.missing, s.corrupt, per_type, no_label)
     problems += _image_problems(labels, root, split)
