@@ -35,6 +35,8 @@ from kapao.config import _resolve_dataset_yaml  # the raw keys, to check flip_id
 from kapao.data import Labels, load_image, parse_annotations
 from kapao.errors import DataError
 from kapao.runtime import increment_run_dir
+from kapao.yolo_config import class_names, kpt_shape
+from kapao.yolo_labels import parse_split, split_files
 
 LOGGER = logging.getLogger(__name__)
 
@@ -119,8 +121,6 @@ def _load_config(data: str | os.PathLike, single_cls: bool, problems: list[Probl
     raw, source = _resolve_dataset_yaml(data)
     overrides: dict[str, Any] = {}
     if "kpt_shape" in raw:
-        from kapao.yolo_format import class_names, kpt_shape
-
         classes = class_names(raw, source)
         if len(classes) > 1 and not (single_cls or raw.get("single_cls")):
             problems.append(Problem("error", source, f"{len(classes)} classes ({', '.join(classes[:6])}) but kapao "
@@ -180,8 +180,6 @@ def _check_split(cfg: DatasetConfig, split: str, report: CheckReport) -> tuple[L
 
 
 def _parse_yolo(cfg: DatasetConfig, split: str, problems: list[Problem]) -> tuple[Labels, int]:
-    from kapao.yolo_format import parse_split, split_files
-
     files = split_files(cfg, split)
     found: list = []
     labels = parse_split(cfg, files, problems=found)

@@ -310,7 +310,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
     if cfg.yolo is not None:
-        from kapao.yolo_format import OKS_AREA_NOTE
+        from kapao.yolo_labels import OKS_AREA_NOTE
 
         click.echo(OKS_AREA_NOTE)
     ms = res.timing_ms

@@ -28,6 +28,7 @@ ANCHORS: tuple[tuple[tuple[int, int], ...], ...] = (
 OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss weight per level
 MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
+BOX_AREA_FACTOR = 0.53  # OKS area of a person whose labels carry no segmentation area: 0.53 x box area (crowdpose-api, Ultralytics)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
@@ -181,7 +182,7 @@ class TargetLayout:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class YoloLayout:
-    """What an Ultralytics YOLO-pose data YAML adds to a dataset (see kapao.yolo_format).
+    """What an Ultralytics YOLO-pose data YAML adds to a dataset (kapao.yolo_config, kapao.yolo_labels).
 
     Labels are one txt file per image (rows `class cx cy w h x1 y1 [v1] ...`, normalised), found by
     Ultralytics' images/ -> labels/ path rule; `ndim` is 2 (x, y) or 3 (x, y, visibility).
@@ -303,7 +304,7 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
         check_dataset_spec(text)
         path, builtin = Path(text).expanduser(), False
     data = _read_yaml(path)
-    if "kpt_shape" in data and not builtin:  # an Ultralytics YOLO-pose YAML: kapao.yolo_format reads it
+    if "kpt_shape" in data and not builtin:  # an Ultralytics YOLO-pose YAML: kapao.yolo_config reads it
         return {**data, "yaml_file": str(path)}, str(path)
     unknown = set(data) - _DATASET_KEYS
     if unknown:
@@ -329,13 +330,13 @@ def load_dataset_config(spec: str | os.PathLike, *, single_cls: bool = False,
     """Load a dataset config by short name (`coco`, `crowdpose`) or YAML path.
 
     An Ultralytics YOLO-pose YAML (recognised by its `kpt_shape` key) is read by
-    :func:`kapao.yolo_format.yolo_dataset_config`; `single_cls` merges its classes into one.
+    :func:`kapao.yolo_config.yolo_dataset_config`; `single_cls` merges its classes into one.
     `overrides` replace keys of the YAML (kapao check uses it to go on past a bad flip_idx).
     """
     data, source = _resolve_dataset_yaml(spec)
     data = {**data, **(overrides or {})}
     if "kpt_shape" in data:
-        from kapao.yolo_format import yolo_dataset_config  # yolo_format builds on this module
+        from kapao.yolo_config import yolo_dataset_config  # yolo_config builds on this module
 
         return yolo_dataset_config(data, source, single_cls=single_cls)
     if "path" not in data:

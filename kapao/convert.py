@@ -25,11 +25,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from kapao.config import SPLITS, DatasetConfig
+from kapao.config import BOX_AREA_FACTOR, SPLITS, DatasetConfig
 from kapao.data import _probe_image, read_coco
 from kapao.errors import ConfigError, DataError
 from kapao.runtime import atomic_write
-from kapao.yolo_format import OKS_AREA_FACTOR, read_label_file, row_annotations, split_files
+from kapao.yolo_labels import read_label_file, row_annotations, split_files
 
 LOGGER = logging.getLogger(__name__)
 DECIMALS = 6
@@ -169,7 +169,7 @@ def yolo_to_coco(cfg: DatasetConfig, out: str | os.PathLike,
                 kp = a["keypoints"]
                 kp[2::3] = [int(v) for v in kp[2::3]]
                 anns.append({"id": len(anns) + 1, "image_id": n, "category_id": 1, "iscrowd": 0, "bbox": a["bbox"],
-                             "area": a["bbox"][2] * a["bbox"][3] * OKS_AREA_FACTOR, "keypoints": kp,
+                             "area": a["bbox"][2] * a["bbox"][3] * BOX_AREA_FACTOR, "keypoints": kp,
                              "num_keypoints": sum(v > 0 for v in kp[2::3])})
         path = out / "annotations" / f"{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -469,8 +469,8 @@ class PoseDataset(Dataset):
         self.batch_size = batch_size
         self.mosaic = augment and not rect  # as official: rectangular batches never use mosaic
         # rect (official val.py --rect, pad 0): images sorted by aspect ratio, one input shape per batch
-        if cfg.yolo is not None:  # Ultralytics txt labels (kapao.yolo_format builds on this module)
-            from kapao.yolo_format import load_yolo_labels
+        if cfg.yolo is not None:  # Ultralytics txt labels (kapao.yolo_labels builds on this module)
+            from kapao.yolo_labels import load_yolo_labels
 
             self.labels, self._coco = load_yolo_labels(cfg, split), None
         else:
@@ -521,7 +521,7 @@ class PoseDataset(Dataset):
     @property
     def coco(self):  # -> pycocotools.coco.COCO, loaded on first use when the labels came from the cache
         if self._coco is None and self.cfg.yolo is not None:  # built from the txt labels (OKS area 0.53 x box)
-            from kapao.yolo_format import ground_truth
+            from kapao.yolo_labels import ground_truth
 
             self._coco = ground_truth(self.labels, self.schema)
         if self._coco is None:

@@ -1,187 +1,45 @@
-"""Ultralytics YOLO-pose datasets as they are: the data YAML and one labels/…/*.txt file per image.
+"""Ultralytics YOLO-pose labels: one labels/…/*.txt file per image, read into :class:`kapao.labels.Labels`.
 
-The layout is the one `yolo pose train` reads (and Roboflow, CVAT and Label Studio export):
+Each image's labels are found by Ultralytics' rule (the last `/images/` of the image path becomes
+`/labels/`, the suffix `.txt`), one row per object: `class cx cy w h x1 y1 [v1] … xK yK [vK]`, all
+normalised to the image's width/height (EXIF orientation applied, as Ultralytics reads it). The YAML
+that names the images is read by :mod:`kapao.yolo_config`.
 
-* a YAML with `path`, `train`/`val`/`test` (image folders, `.txt` image lists, or lists of both),
-  `kpt_shape: [K, 2|3]`, `flip_idx`, `names` and optionally `kpt_names` (a list, or per class);
-  kapao also reads `skeleton`, `sigmas`, `kp_bbox` and `single_cls` from it when present;
-* per image a txt file found by Ultralytics' rule (the last `/images/` of the image path becomes
-  `/labels/`, the suffix `.txt`), one row per object: `class cx cy w h x1 y1 [v1] … xK yK [vK]`,
-  all normalised to the image's width/height (EXIF orientation applied, as Ultralytics reads it).
-
-Rows become the same per-image label arrays as COCO input (:class:`kapao.data.Labels`), through the
-same per-annotation rules (:func:`kapao.data._parse_annotation`): boxes clipped to the image,
-persons without labelled keypoints kept as box-only pose objects, images without rows kept as
-negatives, keypoints slightly outside clipped in. Without a visibility column a keypoint is labelled
-(v = 2) when it lies inside the image and is not exactly (0, 0), the placeholder exporters write for
-a missing keypoint. Parsed labels are cached like COCO labels.
+Rows become the same per-image label arrays as COCO input, through the same per-annotation rules
+(:func:`kapao.labels._parse_annotation`): boxes clipped to the image, persons without labelled
+keypoints kept as box-only pose objects, images without rows kept as negatives, keypoints slightly
+outside clipped in. Without a visibility column a keypoint is labelled (v = 2) when it lies inside the
+image and is not exactly (0, 0), the placeholder exporters write for a missing keypoint. Parsed labels
+are cached like COCO labels (key: :func:`cache_key`).
 
 For evaluation the ground truth is built in memory (:func:`ground_truth`); YOLO labels carry no
-segmentation area, so a person's OKS area is 0.53 x its box area, the convention of Ultralytics and
-the CrowdPose tools.
+segmentation area, so a person's OKS area is 0.53 x its box area (:data:`kapao.config.BOX_AREA_FACTOR`),
+the convention of Ultralytics and the CrowdPose tools.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from kapao.config import (DEFAULT_SIGMA, IMAGE_SUFFIXES, SPLITS, DatasetConfig, KeypointSchema, YoloLayout)
-from kapao.data import (CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation, _probe_image)
+from kapao.config import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
+from kapao.data import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation, _probe_image
 from kapao.errors import ConfigError, DataError
-from kapao.evaluate import CROWDPOSE_AREA_FACTOR
 
 LOGGER = logging.getLogger(__name__)
 
-OKS_AREA_FACTOR = CROWDPOSE_AREA_FACTOR  # OKS area of a YOLO-labelled person = 0.53 x box area
-OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {OKS_AREA_FACTOR} x box area "
+OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {BOX_AREA_FACTOR} x box area "
                  "(the Ultralytics / CrowdPose convention)")
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01
-YOLO_KEYS = {"path", *SPLITS, "minival", "names", "nc", "kpt_shape", "flip_idx", "kpt_names", "download",
-             "channels", "roboflow", "yaml_file", "name", "sigmas", "skeleton", "kp_bbox", "single_cls"}
 
 
-# ----------------------------------------------------------------------------------------------
-# The YAML
-def is_yolo_pose(data: Mapping[str, Any]) -> bool:
-    """True for an Ultralytics pose data YAML (it has `kpt_shape`)."""
-    return "kpt_shape" in data
-
-
-def class_names(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
-    """Class names in id order from `names` (a list or {id: name}) or `nc`; ConfigError if neither."""
-    names = data.get("names")
-    if isinstance(names, Mapping):
-        try:
-            ids = sorted(int(i) for i in names)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: 'names' keys must be class ids 0, 1, …") from None
-        if ids != list(range(len(ids))):
-            raise ConfigError(f"{where}: 'names' must number the classes 0..{len(ids) - 1}, got ids {ids}")
-        return tuple(str(names[i] if i in names else names[str(i)]) for i in ids)
-    if isinstance(names, (list, tuple)) and names:
-        return tuple(str(n) for n in names)
-    if isinstance(data.get("nc"), int) and data["nc"] > 0:
-        return tuple(f"class_{i}" for i in range(data["nc"]))
-    raise ConfigError(f"{where}: needs 'names' (the class names, e.g. names: {{0: person}}) or 'nc'")
-
-
-def kpt_shape(data: Mapping[str, Any], where: str) -> tuple[int, int]:
-    """(K, ndim) from `kpt_shape: [K, 2|3]`."""
-    shape = data.get("kpt_shape")
-    try:
-        k, ndim = (int(v) for v in shape)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: 'kpt_shape' must be [K, 2] or [K, 3] (keypoints, values per keypoint), "
-                          f"got {shape!r}") from None
-    if k < 1 or ndim not in (2, 3):
-        raise ConfigError(f"{where}: 'kpt_shape' must be [K, 2] or [K, 3] with K >= 1, got {list(shape)}")
-    return k, ndim
-
-
-def keypoint_names(data: Mapping[str, Any], k: int, where: str) -> tuple[str, ...]:
-    """`kpt_names` (a list, or {class id: list} of which class 0's is used), else kp0..kp{K-1}."""
-    names = data.get("kpt_names")
-    if names is None:
-        return tuple(f"kp{i}" for i in range(k))
-    if isinstance(names, Mapping):
-        lists = [list(v) for _, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
-        if any(v != lists[0] for v in lists[1:]):
-            warnings.warn(f"{where}: 'kpt_names' differs between classes; using class 0's names", stacklevel=3)
-        names = lists[0] if lists else []
-    names = tuple(str(n) for n in names)
-    if len(names) != k:
-        raise ConfigError(f"{where}: 'kpt_names' lists {len(names)} names but kpt_shape says K={k}")
-    return names
-
-
-def yolo_schema(data: Mapping[str, Any], where: str) -> KeypointSchema:
-    """The keypoint schema of a YOLO-pose YAML (K from kpt_shape; names, flip, sigmas, skeleton if given)."""
-    k, _ = kpt_shape(data, where)
-    flip = data.get("flip_idx")
-    if flip is None:
-        warnings.warn(f"{where}: no 'flip_idx'; left-right flips will not swap any keypoints (add flip_idx, or "
-                      "--hyp-set fliplr=0 if the keypoints have left/right pairs)", stacklevel=3)
-        flip = list(range(k))
-    if len(flip) != k:
-        raise ConfigError(f"{where}: 'flip_idx' has {len(flip)} entries but kpt_shape says K={k}")
-    sigmas = data.get("sigmas")
-    if sigmas is None:
-        warnings.warn(f"{where}: no 'sigmas' given; using {DEFAULT_SIGMA} for every keypoint in OKS", stacklevel=3)
-        sigmas = [DEFAULT_SIGMA] * k
-    try:
-        return KeypointSchema(names=keypoint_names(data, k, where), flip_index=tuple(int(i) for i in flip),
-                              sigmas=tuple(float(s) for s in sigmas),
-                              skeleton=tuple((int(a), int(b)) for a, b in data.get("skeleton") or []),
-                              kp_bbox=float(data.get("kp_bbox", 0.05)))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _resolve_entry(root: Path, entry: str) -> Path:
-    """An image folder/list of the YAML under the root; Roboflow's `../train/images` also found as
-    `train/images` when the former does not exist (Ultralytics' rule)."""
-    p = Path(entry).expanduser()
-    x = p if p.is_absolute() else (root / p).resolve()
-    if not x.exists() and entry.startswith("../"):
-        alt = (root / entry[3:]).resolve()
-        x = alt if alt.exists() else x
-    return x
-
-
-def dataset_root(data: Mapping[str, Any]) -> Path:
-    """The dataset root: `path` relative to the YAML's folder (kapao's rule; an existing folder of that
-    name under the current directory, Ultralytics' first choice, is used when the former is missing)."""
-    yaml_dir = Path(data["yaml_file"]).parent
-    if not data.get("path"):
-        return yaml_dir.resolve()
-    p = Path(str(data["path"])).expanduser()
-    if p.is_absolute():
-        return p
-    here = (yaml_dir / p).resolve()
-    return here if here.exists() or not p.is_dir() else p.resolve()
-
-
-def yolo_dataset_config(data: Mapping[str, Any], source: str, *, single_cls: bool = False) -> DatasetConfig:
-    """A DatasetConfig from an Ultralytics pose YAML's keys (`yaml_file` = the YAML's path).
-
-    Several classes are refused unless `single_cls` (argument or YAML key) merges them: kapao's head
-    has one pose-object class (see README, "Bring your own dataset").
-    """
-    where = f"dataset config {source}"
-    unknown = set(data) - YOLO_KEYS
-    if unknown:
-        LOGGER.warning("%s: ignoring key(s) kapao does not use: %s", where, ", ".join(sorted(unknown)))
-    _, ndim = kpt_shape(data, where)
-    classes = class_names(data, where)
-    single = bool(single_cls or data.get("single_cls", False))
-    if len(classes) > 1 and not single:
-        raise ConfigError(f"{where} has {len(classes)} classes ({', '.join(classes[:6])}{', …' if len(classes) > 6 else ''})"
-                          " but kapao trains one pose class; merge them with --single-cls (or `single_cls: true` in "
-                          "the YAML), or make one dataset per class")
-    root = dataset_root(data)
-    sources: dict[str, tuple[Path, ...]] = {}
-    for s in SPLITS:
-        entry = data.get(s)
-        if entry:
-            entries = entry if isinstance(entry, (list, tuple)) else [entry]
-            sources[s] = tuple(_resolve_entry(root, str(e)) for e in entries)
-    schema = yolo_schema(data, where)
-    return DatasetConfig(name=str(data.get("name") or Path(data["yaml_file"]).stem), root=root,
-                         images={s: root for s in sources}, annotations={s: v[0] for s, v in sources.items()},
-                         schema=schema, source=source, yolo=YoloLayout(sources, classes, ndim, single))
-
-
-# ----------------------------------------------------------------------------------------------
-# Image and label files
 def image_files(sources: Sequence[Path], root: Path) -> list[Path]:
     """Image paths of a split, sorted: folders searched recursively, .txt lists read one path a line
     (`./x` relative to the list's folder, as Ultralytics; other relative lines under the root, else
@@ -439,7 +297,7 @@ def ground_truth(labels: Labels, schema: KeypointSchema):  # -> pycocotools.coco
             x1, y1, x2, y2 = (float(v) for v in labels.boxes[j])
             kp = labels.keypoints[j].astype(np.float64)
             anns.append({"id": len(anns) + 1, "image_id": int(image_id), "category_id": 1, "iscrowd": 0,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1) * OKS_AREA_FACTOR,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1) * BOX_AREA_FACTOR,
                          "keypoints": kp.reshape(-1).tolist(), "num_keypoints": int((kp[:, 2] > 0).sum())})
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": [
