@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from kapao.config import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config
 from kapao.config import _resolve_dataset_yaml  # the raw keys, to check flip_idx and classes before the schema does
-from kapao.data import Labels, load_image, parse_annotations
+from kapao.labels import Labels, parse_annotations
 from kapao.errors import DataError
 from kapao.runtime import increment_run_dir
+from kapao.sources import load_image
 from kapao.yolo_config import class_names, kpt_shape
 from kapao.yolo_labels import parse_split, split_files
 

@@ -5,16 +5,23 @@ the class count (1 + K), the head's channel layout and the training-target layou
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
-
-import yaml
+from typing import Any, ClassVar, Mapping, Sequence
 
 from kapao.errors import ConfigError, DataError
+from kapao.settings import (  # noqa: F401 re-exported
+    BUILTIN_HYPS,
+    PREDICT_SETTINGS,
+    VAL_SETTINGS,
+    Hyp,
+    InferenceSettings,
+    builtin_config_file,
+    check_hyp_spec,
+    load_hyp,
+    read_yaml,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Constants of the method (facts from the official KAPAO models/training)
@@ -30,11 +37,13 @@ MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
 BOX_AREA_FACTOR = 0.53  # OKS area of a person whose labels carry no segmentation area: 0.53 x box area (crowdpose-api, Ultralytics)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PAD_VALUE = 114  # grey (uint8) of letterbox padding, mosaic background, affine borders and TTA padding
+# The official test-time augmentation: input scales and, per scale, a left-right flip
+OFFICIAL_TTA: tuple[tuple[float, ...], tuple[bool, ...]] = ((0.8, 1.0, 1.2), (False, True, False))
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
 BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}
 GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpose.sh"}  # download scripts
-BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
 SPLITS = ("train", "val", "test")
 
 
@@ -123,6 +132,83 @@ class KeypointSchema:
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def generic(cls, num_keypoints: int) -> "KeypointSchema":
+        """Keypoints kp0..kp{K-1}, no left/right pairs, the default OKS sigma."""
+        k = _check_count(num_keypoints)
+        return cls(names=tuple(f"kp{i}" for i in range(k)), flip_index=tuple(range(k)), sigmas=(DEFAULT_SIGMA,) * k)
+
+    @classmethod
+    def builtin(cls, dataset: str) -> "KeypointSchema":
+        """The schema of a built-in dataset (``coco``, ``crowdpose``), read from its YAML."""
+        if dataset not in BUILTIN_DATASETS:
+            raise ConfigError(f"unknown built-in dataset '{dataset}'; choose one of {', '.join(BUILTIN_DATASETS)}")
+        return load_dataset_config(dataset).schema
+
+    @classmethod
+    def for_count(cls, num_keypoints: int) -> "KeypointSchema":
+        """The built-in schema with K keypoints: COCO for 17, CrowdPose for 14, else :meth:`generic`."""
+        dataset = _BUILTIN_BY_COUNT.get(_check_count(num_keypoints))
+        return cls.builtin(dataset) if dataset else cls.generic(num_keypoints)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> "KeypointSchema":
+        """The schema for known keypoint names (e.g. read from weights without a schema).
+
+        Names equal to a built-in dataset's give that dataset's schema (flip pairs, sigmas, skeleton);
+        other names get left/right flip pairs guessed from the names (``left_x`` <-> ``right_x``; none
+        if the guess is not a set of pairs) and the default sigma.
+        """
+        names = tuple(str(n) for n in names)
+        for dataset in BUILTIN_DATASETS:
+            schema = cls.builtin(dataset)
+            if schema.names == names:
+                return schema
+        index = {n: i for i, n in enumerate(names)}
+        flip = []
+        for i, n in enumerate(names):
+            for a, b in (("left", "right"), ("right", "left")):
+                if a in n and n.replace(a, b) in index:
+                    flip.append(index[n.replace(a, b)])
+                    break
+            else:
+                flip.append(i)
+        if any(flip[flip[i]] != i for i in range(len(flip))):
+            flip = list(range(len(names)))
+        return cls(names=names, flip_index=tuple(flip), sigmas=(DEFAULT_SIGMA,) * len(names))
+
+    @classmethod
+    def infer(cls, num_keypoints: int, names: Sequence[str] | None = None) -> "KeypointSchema":
+        """The schema of weights with K keypoints and (optionally) their names: :meth:`from_names`
+        when names are known, else :meth:`for_count`."""
+        if names is None:
+            return cls.for_count(num_keypoints)
+        names = tuple(names)
+        if len(names) != num_keypoints:
+            raise ConfigError(f"{len(names)} keypoint names given for {num_keypoints} keypoints")
+        return cls.from_names(names)
+
+    @classmethod
+    def resolve(cls, num_keypoints: int | None = None, data: str | os.PathLike | None = None) -> "KeypointSchema":
+        """Schema from a dataset config (``coco``, ``crowdpose`` or a YAML path) or else from a keypoint
+        count (:meth:`for_count`, 17 when neither is given); both given must agree."""
+        if data is None:
+            return cls.for_count(17 if num_keypoints is None else num_keypoints)
+        schema = load_dataset_config(data).schema
+        if num_keypoints is not None and num_keypoints != schema.num_keypoints:
+            raise ConfigError(f"{num_keypoints} keypoints requested, but dataset config '{data}' has "
+                              f"{schema.num_keypoints}; drop one of the two")
+        return schema
+
+
+_BUILTIN_BY_COUNT = {17: "coco", 14: "crowdpose"}  # keypoint count -> built-in dataset with that many
+
+
+def _check_count(num_keypoints: int) -> int:
+    if int(num_keypoints) < 1:
+        raise ConfigError(f"the number of keypoints must be at least 1, got {num_keypoints}")
+    return int(num_keypoints)
 
 
 @dataclass(frozen=True)
@@ -248,32 +334,6 @@ class DatasetConfig:
         return {**d, **self.schema.to_dict()}
 
 
-def builtin_config_file(name: str) -> Path:
-    """Path of a YAML that ships inside the package (works from a wheel as well as a checkout)."""
-    try:
-        return Path(str(resources.files("kapao.configs") / name))
-    except ModuleNotFoundError:  # imported from a source tree that is not installed: read ../data
-        return Path(__file__).resolve().parents[1] / "data" / name
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:  # a folder, no permission, …
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text (YAML) file; pass a dataset/hyperparameter YAML") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return data
-
-
 _DATASET_KEYS = {"base", "name", "path", *SPLITS, *(f"{s}_annotations" for s in SPLITS),
                  "kpt_names", "flip_idx", "sigmas", "skeleton", "kp_bbox"}
 
@@ -286,13 +346,6 @@ def check_dataset_spec(spec: str | os.PathLike) -> None:
         raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
 
 
-def check_hyp_spec(spec: str | os.PathLike) -> None:
-    """ConfigError unless `spec` is a built-in hyperparameter set or an existing file (nothing is read)."""
-    text = str(spec)
-    if text not in BUILTIN_HYPS and not Path(text).expanduser().is_file():
-        raise ConfigError(f"hyperparameter file not found: {text} (built-in: {', '.join(BUILTIN_HYPS)})")
-
-
 def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
     """Read a dataset YAML (short name or path) and merge it over its `base:` chain."""
     if depth > 4:
@@ -303,7 +356,7 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
     else:
         check_dataset_spec(text)
         path, builtin = Path(text).expanduser(), False
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if "kpt_shape" in data and not builtin:  # an Ultralytics YOLO-pose YAML: kapao.yolo_config reads it
         return {**data, "yaml_file": str(path)}, str(path)
     unknown = set(data) - _DATASET_KEYS
@@ -347,108 +400,3 @@ def load_dataset_config(spec: str | os.PathLike, *, single_cls: bool = False,
     schema = KeypointSchema.from_dict(data, where=f"dataset config {source}")
     return DatasetConfig(name=str(data["name"]), root=root, images=images, annotations=annotations,
                          schema=schema, source=source)
-
-
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Hyp:
-    """Training hyperparameters (loss gains, optimiser schedule, augmentation)."""
-
-    # optimiser and schedule
-    lr0: float = 0.01
-    lrf: float = 0.2  # final lr = lr0 * lrf (cosine)
-    momentum: float = 0.937
-    weight_decay: float = 5e-4  # scaled by batch/nominal_batch; conv weights only
-    nominal_batch: int = 64  # gradients are accumulated up to this batch size
-    warmup_epochs: float = 3.0
-    warmup_min_iters: int = 1000
-    warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
-    ema_decay: float = 0.9999
-    ema_tau: float = 2000.0
-    # loss
-    box: float = 0.05
-    obj: float = 0.7
-    cls: float = 0.3
-    kp: float = 0.025
-    anchor_t: float = 4.0
-    # augmentation
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.9
-    shear: float = 0.0
-    perspective: float = 0.0
-    fliplr: float = 0.5
-    mosaic: float = 1.0
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
-                raise ConfigError(f"hyperparameter '{f.name}' must be a finite non-negative number, got {v!r}")
-        for name in ("fliplr", "mosaic"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"hyperparameter '{name}' is a probability and must be in [0, 1]")
-
-    def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, where: str = "hyp") -> "Hyp":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        for k, v in d.items():
-            try:
-                float(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
-        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
-                      for k, v in d.items()})
-
-
-def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
-    """Load hyperparameters from a built-in name (`default`) or a YAML path; missing keys keep defaults."""
-    text = "default" if spec is None else str(spec)
-    check_hyp_spec(text)
-    path = builtin_config_file(BUILTIN_HYPS[text]) if text in BUILTIN_HYPS else Path(text).expanduser()
-    return Hyp.from_dict(_read_yaml(path), where=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Thresholds of decode -> NMS -> keypoint-object fusion, passed as one object."""
-
-    conf: float = 0.7  # pose-object (person) score threshold
-    iou: float = 0.45  # pose-object NMS IoU
-    max_det: int = 300
-    conf_kp: float = 0.5  # keypoint-object score threshold
-    iou_kp: float = 0.45  # keypoint-object NMS IoU
-    conf_kp_person: float = 0.2  # poses above this score take part in fusion
-    tolerance: float = 25.0  # fusion distance in original-image pixels
-    fuse: bool = True  # fuse keypoint objects into poses
-
-    def __post_init__(self) -> None:
-        for name in ("conf", "iou", "conf_kp", "iou_kp", "conf_kp_person"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"'{name}' must be in [0, 1], got {v}")
-        if self.max_det < 1:
-            raise ConfigError(f"'max_det' must be at least 1, got {self.max_det}")
-        if self.tolerance < 0:
-            raise ConfigError(f"'tolerance' must be non-negative, got {self.tolerance}")
-
-    def replace(self, **changes: Any) -> "InferenceSettings":
-        """A copy with the given fields changed (None values are ignored)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-PREDICT_SETTINGS = InferenceSettings()  # the official demos' thresholds
-VAL_SETTINGS = InferenceSettings(conf=0.001, iou=0.65, max_det=300, conf_kp=0.2, iou_kp=0.25,
-                                 conf_kp_person=0.3, tolerance=50.0)

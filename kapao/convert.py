@@ -26,9 +26,10 @@ import yaml
 from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, SPLITS, DatasetConfig
-from kapao.data import _probe_image, read_coco
+from kapao.labels import read_coco
 from kapao.errors import ConfigError, DataError
 from kapao.runtime import atomic_write
+from kapao.sources import probe_image
 from kapao.yolo_labels import read_label_file, row_annotations, split_files
 
 LOGGER = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def yolo_to_coco(cfg: DatasetConfig, out: str | os.PathLike,
         res.skipped[split] = 0
         for n, (img, lab) in enumerate(tqdm(list(zip(files.images, files.labels)), desc=f"convert {split}",
                                             unit="img", leave=False), 1):
-            status, _, hw = _probe_image(img)
+            status, _, hw = probe_image(img)
             if status != "ok":
                 res.skipped[split] += 1
                 LOGGER.warning("%s is %s; left out", img, status)

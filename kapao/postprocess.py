@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from kapao.config import MAX_STRIDE, HeadLayout, InferenceSettings
+from kapao.config import MAX_STRIDE, OFFICIAL_TTA, PAD_VALUE, HeadLayout, InferenceSettings
 
 
 @dataclass
@@ -91,9 +91,9 @@ class Poses:
 # not rounded; equal keypoint-object scores are taken in input order; distances are compared squared.
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
-TTA_SCALES: tuple[float, ...] = (0.8, 1.0, 1.2)  # official test-time augmentation
-TTA_FLIPS: tuple[bool, ...] = (False, True, False)
-TTA_PAD_VALUE = 0.447  # grey padding of rescaled TTA inputs (114 / 255), as in training letterbox
+TTA_SCALES, TTA_FLIPS = OFFICIAL_TTA  # official test-time augmentation: scales, left-right flip per scale
+# grey padding of rescaled TTA inputs: PAD_VALUE / 255 rounded as the official scale_img does (kept for equal outputs)
+TTA_PAD_VALUE = round(PAD_VALUE / 255, 3)
 
 
 class Detections(NamedTuple):

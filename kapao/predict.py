@@ -1,14 +1,16 @@
 """Inference: the one pre-process -> model -> decode -> NMS -> fusion path, and the `predict` verb.
 
-`Predictor` is shared by predict, val and export checks; `KAPAO` is the Python API the CLI wraps.
+`Predictor` is shared by predict, val and training; the network behind it is a backend
+(:mod:`kapao.backends`: torch, onnxruntime). `KAPAO` is the Python API the CLI wraps; frames come
+from :mod:`kapao.sources` and results go to :mod:`kapao.sinks`.
 """
 from __future__ import annotations
 
-import json
+import logging
 import math
+import os
 import shutil
-import queue
-import threading
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,17 +21,19 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from kapao.augment import letterbox
-from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, check_imgsz
-from kapao.data import load_image
-from kapao.draw import draw_poses
+from kapao.backends import Backend, TorchBackend, load_backend
+from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
-from kapao.runtime import atomic_write, increment_run_dir, select_device
-from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
+from kapao.runtime import increment_run_dir
+from kapao.sinks import DrawOptions, ResultWriter
+from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
+from kapao.weights.registry import native_imgsz
 
-OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
+LOGGER = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,14 +77,16 @@ class Timing:
 
 
 class Predictor:
-    """Network input tensor -> list of Poses. Wraps a torch model (or any forward callable)."""
+    """Network input tensor -> list of Poses, through a backend (:mod:`kapao.backends`) or any forward callable.
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
+    `forward` maps (B, 3, H, W) float in [0, 1] to decoded (B, N, 6 + 3K); pre-processing, TTA, NMS
+    and keypoint fusion are the same whatever runs the network.
+    """
+
+    def __init__(self, forward: Backend | Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
                  settings: InferenceSettings = PREDICT_SETTINGS, half: bool = False,
                  scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
                  return_kp_objects: bool = False) -> None:
-        from kapao.config import HeadLayout
-
         if scales and flips and len(scales) != len(flips):
             raise ConfigError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
         self.forward, self.schema, self.device = forward, schema, device
@@ -92,18 +98,18 @@ class Predictor:
         self.timing = Timing()
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fuse: bool = True,
-                   **kwargs: Any) -> "Predictor":
-        """A predictor over a KapaoModel: eval mode, Conv+BN folded (a copy when fusing), fp16 on CUDA if asked."""
-        if half and device.type != "cuda":
-            raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
-        if fuse:
-            import copy
+    def from_backend(cls, backend: Backend, settings: InferenceSettings = PREDICT_SETTINGS,
+                     scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
+                     return_kp_objects: bool = False) -> "Predictor":
+        """A predictor over a backend: its schema, device and precision."""
+        return cls(backend, backend.schema, backend.device, settings, backend.half, scales, flips, return_kp_objects)
 
-            model = copy.deepcopy(model).fuse()
-        model = model.to(device).eval()
-        model = model.half() if half else model.float()
-        return cls(lambda x: model(x)[0], model.schema, device, half=half, **kwargs)
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fold_bn: bool = True,
+                   **kwargs: Any) -> "Predictor":
+        """A predictor over a KapaoModel (:class:`kapao.backends.TorchBackend`: eval mode, Conv+BN folded on
+        a copy, fp16 on CUDA if asked)."""
+        return cls.from_backend(TorchBackend(model, device, half, fold_bn), **kwargs)
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -138,132 +144,8 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------------------
-def image_id_of(frame: Frame) -> int | str:
-    """COCO-style id: the frame index for videos, the file stem (as int when numeric) for images."""
-    if frame.frame is not None:
-        return frame.frame
-    stem = Path(frame.path).stem
-    return int(stem) if stem.isdigit() else stem
-
-
-@dataclass
-class DrawOptions:
-    show_boxes: bool = False
-    show_scores: bool = False
-    show_kp_objects: bool = False
-    line_width: int | None = None
-    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (confidence > 0)
-
-
-class _VideoSink:
-    """Draws and encodes the frames of one output video in a background thread (bounded queue), so that
-    drawing and mp4 encoding (OpenCV releases the GIL) overlap the next frame's inference."""
-
-    def __init__(self, writer: cv2.VideoWriter, path: Path, prefetch: int = 8) -> None:
-        self.writer, self.path = writer, path
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.writer.write(job())
-                except Exception as e:  # noqa: BLE001 - reported on the main thread by put()/release()
-                    self._error = e
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise DataError(f"cannot write video {self.path}: {self._error}; check the output folder and free space")
-
-    def put(self, make_image: Callable[[], np.ndarray]) -> None:
-        self._check()
-        self._queue.put(make_image)
-
-    def release(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.writer.release()
-        self._check()
-
-
-class ResultWriter:
-    """Writes drawn images/videos and a COCO-format predictions JSON into a run folder."""
-
-    def __init__(self, save_dir: Path, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
-                 show: bool = False) -> None:
-        self.save_dir, self.schema, self.draw, self.save_media = save_dir, schema, draw, save_media
-        self.show = show
-        self.records: list[dict[str, Any]] = []
-        self._videos: dict[str, _VideoSink] = {}
-        self.written: list[Path] = []
-
-    def add(self, frame: Frame, poses: Poses, fps: float | None = None) -> None:
-        for rec in poses.to_coco(image_id_of(frame)):
-            rec["file"] = Path(frame.path).name
-            self.records.append(rec)
-        if not (self.save_media or self.show):
-            return
-        p = poses.to("cpu")
-        if frame.frame is not None and self.save_media and not self.show:  # drawn in the video's thread
-            self._video_sink(frame, fps or 30.0).put(lambda: self._draw(frame.image, p))
-            return
-        img = self._draw(frame.image, p)
-        if self.show:
-            cv2.imshow("kapao", img)
-            cv2.waitKey(1)
-        if not self.save_media:
-            return
-        if frame.frame is None:
-            out = self.save_dir / Path(frame.path).name
-            if not cv2.imwrite(str(out), img):
-                raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
-            self.written.append(out)
-        else:
-            self._video_sink(frame, fps or 30.0).put(lambda: img)
-
-    def _draw(self, image: np.ndarray, p: Poses) -> np.ndarray:
-        return draw_poses(image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
-                          line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
-                          show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
-                          kp_threshold=0.0 if self.draw.fused_only else None)
-
-    def _video_sink(self, frame: Frame, fps: float) -> _VideoSink:
-        key = frame.path
-        if key not in self._videos:
-            name = Path(key).stem if not key.isdigit() else f"webcam{key}"
-            out = self.save_dir / f"{name}.mp4"
-            h, w = frame.image.shape[:2]
-            writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            if not writer.isOpened():
-                raise DataError(f"cannot write video {out}; check that the output folder is writable")
-            self._videos[key] = _VideoSink(writer, out)
-            self.written.append(out)
-        return self._videos[key]
-
-    def close(self) -> Path:
-        sinks, self._videos = list(self._videos.values()), {}
-        for sink in sinks:
-            sink.release()
-        if self.show:
-            cv2.destroyAllWindows()
-        path = self.save_dir / "predictions.json"
-        try:
-            with atomic_write(path, "w") as f:
-                json.dump(self.records, f)
-        except OSError as e:
-            raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or use --project with a "
-                            "writable folder") from None
-        return path
-
-
 def _display_available() -> str | None:
     """None when a window can be opened, else the reason why not."""
-    import os
-    import sys
-
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return "no display found (DISPLAY is not set)"
     try:
@@ -293,8 +175,6 @@ def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader],
         except DataError as e:
             if len(spec) == 1:
                 raise
-            from kapao.data import LOGGER
-
             LOGGER.warning("skipped: %s", e)
             if unreadable is not None:
                 unreadable.append(item)
@@ -334,36 +214,22 @@ class KAPAO:
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
                  half: bool = False) -> None:
-        from kapao.export import OnnxBackend, is_onnx
-        from kapao.weights import load_model
-
-        self.device = select_device(device)
-        self.backend: OnnxBackend | None = None
-        self.model: torch.nn.Module | None = None
-        if isinstance(weights, torch.nn.Module):
-            self.model, self.info = weights, {}
-        elif is_onnx(weights):
-            self.backend = OnnxBackend(weights, device=self.device)
-            if half and not self.backend.fp16:
-                raise ConfigError(f"--half: {weights} is an fp32 ONNX model; export it with --half (CUDA) or drop --half")
-            self.info = {"path": str(weights), "format": "onnx", **self.backend.info.raw}
-            self.device, half = self.backend.device, self.backend.fp16
-        else:
-            self.model, self.info = load_model(weights, device="cpu")
-        self.schema: KeypointSchema = self.backend.schema if self.backend else self.model.schema
-        self.half = half
-        self._fused: Any = None
+        self.backend: Backend = load_backend(weights, device, half)
+        self.info: dict[str, Any] = self.backend.info
+        self.schema: KeypointSchema = self.backend.schema
+        self.device, self.half = self.backend.device, self.backend.half
 
     @property
     def default_imgsz(self) -> int:
-        """1280 (the paper's size), or the input size of a fixed-shape ONNX file."""
-        fixed = self.backend.fixed_shape if self.backend else None
-        return max(fixed) if fixed else 1280
+        """The input size of a fixed-shape ONNX file, else the native size of named weights
+        (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
+        fixed = self.backend.fixed_shape
+        return max(fixed) if fixed else native_imgsz(self.info.get("name"))
 
     def check_imgsz(self, imgsz: int) -> int:
         """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""
         check_imgsz(imgsz)
-        fixed = self.backend.fixed_shape if self.backend else None
+        fixed = self.backend.fixed_shape
         if fixed and imgsz > max(fixed):
             raise ConfigError(f"--imgsz {imgsz}: {self.info['path']} has a fixed {fixed[0]}x{fixed[1]} input; "
                               f"use --imgsz {max(fixed)} or export with --dynamic")
@@ -371,11 +237,8 @@ class KAPAO:
 
     def predictor(self, settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
                   flips: Sequence[bool] | None = None, return_kp_objects: bool = False) -> Predictor:
-        if self._fused is None:  # fold Conv+BN once (or open the ONNX session) and reuse it
-            self._fused = (Predictor(self.backend, self.schema, self.device, half=self.half) if self.backend
-                           else Predictor.from_model(self.model, self.device, self.half))
-        return Predictor(self._fused.forward, self.schema, self.device, settings, self.half, scales, flips,
-                         return_kp_objects)
+        """A predictor with these settings over the backend loaded once (Conv+BN folded, session open)."""
+        return Predictor.from_backend(self.backend, settings, scales, flips, return_kp_objects)
 
     def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
                 imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
@@ -391,8 +254,6 @@ class KAPAO:
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
             name: str = "exp", keep_results: bool = True, progress: bool = False) -> PredictRun:
         """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
-        from tqdm import tqdm
-
         self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
@@ -404,35 +265,15 @@ class KAPAO:
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir = None
-        try:
-            if save or save_json:
-                save_dir = increment_run_dir(project, name)
-        except BaseException:
-            for r in readers.values():
-                r.close()
-            raise
+        save_dir = _open_run_dir(project, name, readers) if save or save_json else None
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
         total = _total_frames(spec, readers)
         t0 = time.perf_counter()
-        bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
-            for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
-                results = predictor.predict_images([f.image for f in chunk], imgsz)
-                for frame, poses in zip(chunk, results):
-                    poses = poses.to("cpu")
-                    if writer:
-                        fps = readers[frame.path].fps if frame.path in readers else None
-                        writer.add(frame, poses, fps)
-                    if keep_results:
-                        run.results.append(poses)
-                    run.poses += len(poses)
-                run.frames += len(chunk)
-                bar.update(len(chunk))
-                bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+            bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
+            _predict_frames(predictor, spec, readers, writer, run, imgsz, batch, keep_results, bar)
         finally:
-            bar.close()
             for r in readers.values():
                 r.close()
             if writer:
@@ -447,6 +288,40 @@ class KAPAO:
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
+
+
+def _open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader]) -> Path:
+    """The next runs/predict/expN folder; the readers already open are closed when it cannot be made."""
+    try:
+        return increment_run_dir(project, name)
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
+
+
+def _predict_frames(predictor: Predictor, spec: SourceSpec, readers: dict[str, VideoReader],
+                    writer: ResultWriter | None, run: PredictRun, imgsz: int, batch: int, keep_results: bool,
+                    bar: tqdm) -> None:
+    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> writer and `run` counts.
+    Closes the progress bar."""
+    t0 = time.perf_counter()
+    try:
+        for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
+            results = predictor.predict_images([f.image for f in chunk], imgsz)
+            for frame, poses in zip(chunk, results):
+                poses = poses.to("cpu")
+                if writer:
+                    fps = readers[frame.path].fps if frame.path in readers else None
+                    writer.add(frame, poses, fps)
+                if keep_results:
+                    run.results.append(poses)
+                run.poses += len(poses)
+            run.frames += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+    finally:
+        bar.close()
 
 
 def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:

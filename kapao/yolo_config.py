@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from kapao.config import DEFAULT_SIGMA, SPLITS, DatasetConfig, KeypointSchema, YoloLayout
+from kapao.config import SPLITS, DatasetConfig, KeypointSchema, YoloLayout
 from kapao.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def keypoint_names(data: Mapping[str, Any], k: int, where: str) -> tuple[str, ..
     """`kpt_names` (a list, or {class id: list} of which class 0's is used), else kp0..kp{K-1}."""
     names = data.get("kpt_names")
     if names is None:
-        return tuple(f"kp{i}" for i in range(k))
+        return KeypointSchema.generic(k).names
     if isinstance(names, Mapping):
         lists = [list(v) for _, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
         if any(v != lists[0] for v in lists[1:]):
@@ -79,7 +79,8 @@ def keypoint_names(data: Mapping[str, Any], k: int, where: str) -> tuple[str, ..
 
 
 def yolo_schema(data: Mapping[str, Any], where: str) -> KeypointSchema:
-    """The keypoint schema of a YOLO-pose YAML (K from kpt_shape; names, flip, sigmas, skeleton if given)."""
+    """The keypoint schema of a YOLO-pose YAML: its keys translated to kapao's (K from kpt_shape; flip,
+    names, sigmas, skeleton if given) and built by :meth:`KeypointSchema.from_dict`."""
     k, _ = kpt_shape(data, where)
     flip = data.get("flip_idx")
     if flip is None:
@@ -88,16 +89,13 @@ def yolo_schema(data: Mapping[str, Any], where: str) -> KeypointSchema:
         flip = list(range(k))
     if len(flip) != k:
         raise ConfigError(f"{where}: 'flip_idx' has {len(flip)} entries but kpt_shape says K={k}")
-    sigmas = data.get("sigmas")
-    if sigmas is None:
-        warnings.warn(f"{where}: no 'sigmas' given; using {DEFAULT_SIGMA} for every keypoint in OKS", stacklevel=3)
-        sigmas = [DEFAULT_SIGMA] * k
+    keys = {"kpt_names": keypoint_names(data, k, where), "flip_idx": flip,
+            **{key: data[key] for key in ("sigmas", "skeleton", "kp_bbox") if data.get(key) is not None}}
     try:
-        return KeypointSchema(names=keypoint_names(data, k, where), flip_index=tuple(int(i) for i in flip),
-                              sigmas=tuple(float(s) for s in sigmas),
-                              skeleton=tuple((int(a), int(b)) for a, b in data.get("skeleton") or []),
-                              kp_bbox=float(data.get("kp_bbox", 0.05)))
-    except (TypeError, ValueError) as e:
+        return KeypointSchema.from_dict(keys, where=where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. a sigma that is not a number
         raise ConfigError(f"{where}: {e}") from None
 
 

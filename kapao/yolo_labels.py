@@ -30,8 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
-from kapao.data import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation, _probe_image
+from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation
 from kapao.errors import ConfigError, DataError
+from kapao.sources import probe_image
 
 LOGGER = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def parse_split(cfg: DatasetConfig, files: SplitFiles, workers: int = 8,
     k, y = cfg.schema.num_keypoints, cfg.yolo
 
     def one(i: int) -> tuple[tuple[str, tuple[int, int], tuple[int, int]], LabelRows]:
-        return _probe_image(files.images[i]), read_label_file(files.labels[i], k, y.ndim, len(y.classes), y.single_cls)
+        return probe_image(files.images[i]), read_label_file(files.labels[i], k, y.ndim, len(y.classes), y.single_cls)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         jobs = pool.map(one, range(len(files.images)))

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_train.py [--device cpu|0] [--iters 4] [--warmup 1] [--threads N]
 
-Times what `kapao train` does per batch (kapao.train.TrainStep): forward, loss, backward, and every
+Times what `kapao train` does per batch (kapao.train_step.TrainStep): forward, loss, backward, and every
 `accumulate` batches (nominal batch 64) the SGD step and the EMA update. Data loading is excluded
 (scripts/benchmark_loader.py measures it). Synthetic batches: random images, 6 persons per image
 with all 17 keypoints visible (plus their keypoint objects). Cases: sizes n and s at 640 px, batch 8,
@@ -19,11 +19,12 @@ import torch
 
 from kapao.augment import Instances
 from kapao.config import Hyp, load_dataset_config
-from kapao.data import build_targets, collate
+from kapao.data import collate, encode_targets
 from kapao.loss import KapaoLoss
 from kapao.model import build_model
+from kapao.optim import ModelEMA, accumulate_steps, build_optimizer
 from kapao.runtime import select_device
-from kapao.train import ModelEMA, TrainStep, accumulate_steps, build_optimizer
+from kapao.train_step import TrainStep
 
 PERSONS = 6
 
@@ -41,7 +42,7 @@ def synthetic_batch(batch: int, imgsz: int, rng: np.random.Generator) -> tuple[t
         kpts[..., :2] = xy[:, None] + rng.uniform(0, 1, (PERSONS, k, 2)) * wh[:, None]
         inst = Instances(boxes, kpts, np.ones(PERSONS, bool))
         img = torch.from_numpy(rng.integers(0, 255, (3, imgsz, imgsz), dtype=np.uint8))
-        items.append((img, torch.from_numpy(build_targets(inst, (imgsz, imgsz), schema)), {}))
+        items.append((img, torch.from_numpy(encode_targets(inst, (imgsz, imgsz), schema)), {}))
     images, targets, _ = collate(items)
     return images, targets
 

@@ -47,7 +47,7 @@ def test_round_trip_keeps_every_box_and_keypoint(coco_mini_yaml: Path, coco_mini
             np.testing.assert_allclose(k1[:, :2], k0[:, :2], atol=1e-2)
     ccfg = load_dataset_config(back.yaml_path)  # a kapao COCO-format YAML reading the images where they are
     assert ccfg.format == "coco" and ccfg.schema == cfg.schema
-    from kapao.data import load_labels
+    from kapao.labels import load_labels
 
     labels, _ = load_labels(ccfg.annotations["val"], ccfg.images["val"], 17, skip_crowd=False)
     assert labels.stats.images == 4 and labels.stats.persons == 14 and labels.stats.missing == 0

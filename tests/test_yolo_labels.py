@@ -20,7 +20,8 @@ from click.testing import CliRunner
 import kapao.yolo_labels as yf
 from kapao.cli import cli
 from kapao.config import BOX_AREA_FACTOR, load_dataset_config
-from kapao.data import PoseDataset, read_coco
+from kapao.data import PoseDataset
+from kapao.labels import read_coco
 from kapao.errors import ConfigError, DataError
 from kapao.evaluate import evaluate
 
