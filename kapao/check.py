@@ -30,10 +30,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from kapao.config import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config
-from kapao.config import _resolve_dataset_yaml  # the raw keys, to check flip_idx and classes before the schema does
-from kapao.labels import Labels, parse_annotations
+# _resolve_dataset_yaml: the raw keys, to check flip_idx and classes before the schema does
+from kapao.config import SPLITS, DatasetConfig, KeypointSchema, _resolve_dataset_yaml, load_dataset_config
 from kapao.errors import DataError
+from kapao.labels import Labels, parse_annotations
 from kapao.runtime import increment_run_dir
 from kapao.sources import load_image
 from kapao.yolo_config import class_names, kpt_shape

@@ -35,7 +35,7 @@ ANCHORS: tuple[tuple[tuple[int, int], ...], ...] = (
 OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss weight per level
 MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
-BOX_AREA_FACTOR = 0.53  # OKS area of a person whose labels carry no segmentation area: 0.53 x box area (crowdpose-api, Ultralytics)
+BOX_AREA_FACTOR = 0.53  # OKS area of a person without segmentation area: 0.53 x box area (crowdpose-api, Ultralytics)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114  # grey (uint8) of letterbox padding, mosaic background, affine borders and TTA padding
 # The official test-time augmentation: input scales and, per scale, a left-right flip

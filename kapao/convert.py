@@ -26,8 +26,8 @@ import yaml
 from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, SPLITS, DatasetConfig
-from kapao.labels import read_coco
 from kapao.errors import ConfigError, DataError
+from kapao.labels import read_coco
 from kapao.runtime import atomic_write
 from kapao.sources import probe_image
 from kapao.yolo_labels import read_label_file, row_annotations, split_files

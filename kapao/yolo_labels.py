@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
-from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation
 from kapao.errors import ConfigError, DataError
+from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation
 from kapao.sources import probe_image
 
 LOGGER = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def load_yolo_labels(cfg: DatasetConfig, split: str) -> Labels:
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
-def ground_truth(labels: Labels, schema: KeypointSchema):  # -> pycocotools.coco.COCO
+def ground_truth(labels: Labels, schema: KeypointSchema) -> Any:  # pycocotools.coco.COCO (imported lazily)
     """An in-memory COCO ground truth of parsed labels: one image per labelled image (ids as in
     `labels.image_ids`), one person per row with bbox [x, y, w, h] and keypoints in original-image
     pixels, area = 0.53 x box area (see :data:`OKS_AREA_NOTE`)."""

@@ -21,9 +21,9 @@ import kapao.yolo_labels as yf
 from kapao.cli import cli
 from kapao.config import BOX_AREA_FACTOR, load_dataset_config
 from kapao.data import PoseDataset
-from kapao.labels import read_coco
 from kapao.errors import ConfigError, DataError
 from kapao.evaluate import evaluate
+from kapao.labels import read_coco
 
 COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 MIDPOINTS = [(5, 6), (11, 12), (13, 14), (15, 16)]  # K = 21: COCO + 4 self-symmetric midpoints
