@@ -261,20 +261,22 @@ def test_train_two_epochs_on_yolo_data(coco_mini: Path, tmp_path: Path):
     from kapao.train import TrainArgs, train
     from kapao.weights import load_model
 
-    yaml_path = write_yolo(tmp_path / "ds", coco_mini, k=14, ndim=2, image_list=True)
+    yaml_path = write_yolo(tmp_path / "ds", coco_mini, k=14, ndim=2, image_list=True,  # two classes, merged
+                           classes={0: "adult", 1: "child"}, class_of=lambda n: n % 2)
     doc = yaml.safe_load(yaml_path.read_text())  # a skeleton and sigmas in the YAML travel into the weights (predict draws it)
     yaml_path.write_text(yaml.safe_dump({**doc, "skeleton": [[0, 1], [2, 3], [8, 10]], "sigmas": [0.07] * 14}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run = train(TrainArgs(data=str(yaml_path), size="n", imgsz=128, epochs=2, batch=2, workers=0, device="cpu",
-                              project=str(tmp_path / "runs"), hyp_overrides={"warmup_min_iters": 2, "nominal_batch": 2}))
+                              project=str(tmp_path / "runs"), hyp_overrides={"warmup_min_iters": 2, "nominal_batch": 2},
+                              single_cls=True))
     finally:
         torch.set_num_threads(threads)
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(v)) for r in rows for k, v in r.items() if "loss" in k)
     model, _ = load_model(run / "weights" / "best.pt")
-    schema = load_dataset_config(yaml_path).schema
+    schema = load_dataset_config(yaml_path, single_cls=True).schema
     assert schema.skeleton == ((0, 1), (2, 3), (8, 10)) and schema.sigmas == (0.07,) * 14
     assert model.schema == schema  # names, flip order, sigmas and skeleton of the YAML
