@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -15,7 +16,7 @@ from kapao.cli_options import (
     settings_from,
     tta_passes,
 )
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
 from kapao.version import __version__
@@ -155,6 +156,15 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     click.echo(f"Results saved to {run.save_dir}")
 
 
+def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
+    """--data read as a dataset config; a YAML that is not one (malformed, several classes without
+    --single-cls) is a usage error naming --data."""
+    try:
+        return load_dataset_config(data, single_cls=single_cls)
+    except ConfigError as e:
+        raise bad_parameter(e, ctx, "data") from None
+
+
 @cli.command()
 @click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
@@ -187,7 +197,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
     scales, flips = tta_passes(scales, flips, tta)
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    cfg = load_dataset_config(data, single_cls=single_cls)
+    cfg = _dataset_config(ctx, data, single_cls)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name)
@@ -278,6 +288,10 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
+    elif data is not None:
+        with warnings.catch_warnings():  # training reads the YAML again and warns then
+            warnings.simplefilter("ignore")
+            _dataset_config(ctx, data, single_cls)
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -333,10 +347,7 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
     from kapao.convert import coco_to_yolo, yolo_to_coco
 
     setup_logging(ctx.obj.get("verbose", False))
-    try:
-        cfg = load_dataset_config(data, single_cls=single_cls)
-    except ConfigError as e:
-        raise bad_parameter(e, ctx, "data") from None
+    cfg = _dataset_config(ctx, data, single_cls)
     if cfg.format == to:
         raise click.UsageError(f"{data} is already in the {to} layout; use --to {'coco' if to == 'yolo' else 'yolo'}")
     try:

@@ -96,3 +96,12 @@ def test_malformed_yaml_is_a_usage_error_on_the_command_line(tmp_path: Path):
     assert res.exit_code == 2 and "kpt_shape" in res.output
     res = CliRunner().invoke(cli, ["convert", "--data", str(path), "--to", "coco", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "kpt_shape" in res.output
+
+
+@pytest.mark.parametrize("verb", [["train", "--size", "n", "--device", "cpu"], ["val", "--device", "cpu"]])
+def test_train_and_val_refuse_several_classes_as_a_usage_error(tmp_path: Path, verb: list[str]):
+    path = _write(tmp_path / "zoo.yaml", train="i", val="i", kpt_shape=[1, 3], flip_idx=[0], sigmas=[0.1],
+                  names={0: "cat", 1: "dog"})
+    res = CliRunner().invoke(cli, [*verb, "--data", str(path), "--project", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and "2 classes (cat, dog)" in res.output and "--single-cls" in res.output
+    assert not (tmp_path / "runs").exists()
