@@ -235,7 +235,7 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 @click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
 @click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
 @click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
-@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
+@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused).")
 @click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
 @click.pass_context
 def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,

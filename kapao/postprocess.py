@@ -18,15 +18,22 @@ class Poses:
 
     boxes:      (N, 4) person boxes x1, y1, x2, y2
     scores:     (N,) person score = objectness x person-class probability
-    keypoints:  (N, K, 3) x, y, confidence (after fusion: the fused keypoint object's score, else 0)
+    keypoints:  (N, K, 3) x, y, confidence of every keypoint (see :func:`postprocess`: a fused
+                keypoint carries its keypoint object's score, any other keypoint the best
+                keypoint-class evidence within the fusion tolerance, 0 when there is none)
     kp_objects: (M, 6) keypoint-object detections x1, y1, x2, y2, score, keypoint index (0..K-1),
                 present when asked for
+    fused:      (N, K) bool, True where the keypoint was fused from a keypoint object (the official
+                rule's "confirmed" keypoints); all False when not given
+    track_ids:  (N,) int64 track identities, or None when the poses are not tracked
     """
 
     boxes: Tensor
     scores: Tensor
     keypoints: Tensor
     kp_objects: Tensor | None = None
+    fused: Tensor | None = None
+    track_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.boxes.shape[0]
@@ -34,6 +41,13 @@ class Poses:
                 or self.keypoints.shape[0] != n or self.keypoints.shape[2] != 3:
             raise ValueError(f"Poses: inconsistent shapes boxes {tuple(self.boxes.shape)}, scores "
                              f"{tuple(self.scores.shape)}, keypoints {tuple(self.keypoints.shape)}")
+        if self.fused is None:
+            self.fused = torch.zeros(self.keypoints.shape[:2], dtype=torch.bool, device=self.keypoints.device)
+        elif self.fused.shape != self.keypoints.shape[:2] or self.fused.dtype != torch.bool:
+            raise ValueError(f"Poses: fused must be a bool tensor of shape {tuple(self.keypoints.shape[:2])}, "
+                             f"got {self.fused.dtype} {tuple(self.fused.shape)}")
+        if self.track_ids is not None and self.track_ids.shape != (n,):
+            raise ValueError(f"Poses: track_ids must be ({n},), got {tuple(self.track_ids.shape)}")
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -48,8 +62,11 @@ class Poses:
         return cls(z((0, 4), device=device), z((0,), device=device), z((0, num_keypoints, 3), device=device))
 
     def to(self, device: torch.device | str) -> "Poses":
-        kpo = None if self.kp_objects is None else self.kp_objects.to(device)
-        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device), kpo)
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device),
+                     move(self.kp_objects), move(self.fused), move(self.track_ids))
 
     def to_coco(self, image_id: Any, category_id: int = 1) -> list[dict[str, Any]]:
         """COCO keypoint results: one dict per pose with keypoints [x, y, c]*K, score and bbox xywh."""
@@ -89,11 +106,20 @@ class Poses:
 # which shares max_det between persons and keypoints and keeps keypoint scores >= conf_kp); all
 # keypoints are clipped to the image (the official clipping reaches only the first two); boxes are
 # not rounded; equal keypoint-object scores are taken in input order; distances are compared squared.
+# Deliberate addition (positions, fused confidences and person scores are exactly the official ones):
+# a keypoint that was NOT fused gets a confidence instead of 0 -- the best keypoint-class evidence of
+# its type within the fusion tolerance: max over anchors of objectness x p(class k + 1) (whatever the
+# anchor's argmax class, before any NMS, counted only above KP_EVIDENCE_FLOOR for both factors) whose
+# box centre lies at distance < tolerance from the keypoint, 0 if there is none (keypoint_confidence).
+# Poses.fused keeps the official distinction: True exactly where the official rule gives confidence > 0.
+# OKS-based metrics ignore keypoint scores, so COCO/CrowdPose AP do not change.
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
 TTA_SCALES: tuple[float, ...] = (0.8, 1.0, 1.2)  # official test-time augmentation
 TTA_FLIPS: tuple[bool, ...] = (False, True, False)
 TTA_PAD_VALUE = 0.447  # grey padding of rescaled TTA inputs (114 / 255), as in training letterbox
+KP_EVIDENCE_FLOOR = 0.01  # keypoint-class scores (and objectness) at or below this are no evidence
+_EVIDENCE_CHUNK = 1 << 22  # distance-matrix elements per step of keypoint_confidence (bounds memory)
 
 
 class Detections(NamedTuple):
@@ -299,6 +325,48 @@ def fuse_keypoints(boxes: Tensor, scores: Tensor, keypoints_xy: Tensor, kp_objec
     return flat[: n * k].reshape(n, k, 3)
 
 
+def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDENCE_FLOOR) -> list[Tensor]:
+    """Keypoint-class evidence of every anchor, all images of the batch at once, before any NMS.
+
+    pred: (B, N, layout.num_outputs) decoded predictions (see `nms`), network-input pixels.
+    Returns per image a (P, 4) tensor: box centre x, y | score = objectness x p(class k + 1) |
+    keypoint index k, one row per (anchor, keypoint type) whose objectness and score both exceed
+    `floor`; at most MAX_NMS rows per image (the highest scores). Rows of TTA passes merged by
+    `merge_tta` are already mapped back, so TTA needs nothing more.
+    """
+    _check_pred(pred, layout)
+    obj = pred[..., layout.obj]
+    kp_scores = pred[..., layout.cls][..., 1:] * obj.unsqueeze(-1)  # (B, N, K)
+    img, anchor, kind = ((kp_scores > floor) & (obj > floor).unsqueeze(-1)).nonzero(as_tuple=True)
+    rows = torch.cat((pred[img, anchor, :2], kp_scores[img, anchor, kind, None], kind[:, None].to(pred.dtype)), 1)
+    parts = torch.split(rows, torch.bincount(img, minlength=pred.shape[0]).tolist())
+    return [p if len(p) <= MAX_NMS else p[torch.topk(p[:, 2], MAX_NMS).indices] for p in parts]
+
+
+def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float) -> Tensor:
+    """Confidence of every keypoint from the evidence around it.
+
+    keypoints_xy (N, K, 2) and evidence (P, 4) centre x, y, score, keypoint index (from
+    `keypoint_evidence`, mapped to the same pixels), tolerance in those pixels. Returns (N, K): for
+    keypoint k of pose n the largest evidence score of type k whose centre lies at distance
+    < tolerance (the fusion rule's test), 0 where there is none. Vectorised; the (N, P) distance
+    matrix is built in chunks of at most _EVIDENCE_CHUNK elements.
+    """
+    n, k = keypoints_xy.shape[:2]
+    work = torch.promote_types(keypoints_xy.dtype, torch.float32)  # half precision overflows d^2
+    conf = torch.zeros(n, k, dtype=work, device=keypoints_xy.device)
+    if n == 0 or evidence.shape[0] == 0:
+        return conf.to(keypoints_xy.dtype)
+    kxy, ev = keypoints_xy.to(work), evidence.to(work)
+    tol2 = float(tolerance) * float(tolerance)
+    for part in torch.split(ev, max(1, _EVIDENCE_CHUNK // n)):
+        kind = part[:, 3].long()
+        d = _sq_dist(kxy[:, kind], part[None, :, :2])  # (N, Pc)
+        s = torch.where(d < tol2, part[None, :, 2], 0.0)
+        conf = conf.scatter_reduce(1, kind.expand(n, -1), s, "amax")
+    return conf.to(keypoints_xy.dtype)
+
+
 def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
                 metas: Sequence[ImageMeta | Mapping[str, Any] | None] | None = None,
                 return_kp_objects: bool = False) -> list[Poses]:
@@ -309,26 +377,33 @@ def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
     gives them, as a tuple or a mapping with keys orig_shape, ratio, pad (other keys ignored);
     None (or a None entry) keeps network-input pixels without clipping.
     Steps: nms -> scale_to_original (clipped) -> fuse_keypoints when settings.fuse (the tolerance is
-    in original pixels, so fusion runs after the mapping). Keypoint objects (M, 6) in original
-    pixels are attached as Poses.kp_objects when return_kp_objects.
+    in original pixels, so fusion runs after the mapping) -> a confidence for every keypoint that
+    was not fused (`keypoint_confidence` over `keypoint_evidence`, same tolerance); Poses.fused
+    marks the fused ones. Keypoint objects (M, 6) in original pixels are attached as
+    Poses.kp_objects when return_kp_objects.
     """
     dets = nms(pred, settings, layout)
     if metas is not None and len(metas) != len(dets):
         raise ValueError(f"postprocess: {len(metas)} image metas for a batch of {len(dets)}")
+    evidence = keypoint_evidence(pred, layout)
     out = []
     for i, d in enumerate(dets):
         meta = None if metas is None else metas[i]
-        boxes, kxy, kpo = d.boxes, d.keypoints, d.kp_objects
+        boxes, kxy, kpo, ev = d.boxes, d.keypoints, d.kp_objects, evidence[i]
         if meta is not None:
             shape, ratio, pad = _parse_meta(meta)
             boxes = scale_to_original(boxes, ratio, pad, shape)
             kxy = scale_to_original(kxy, ratio, pad, shape)
             kpo = torch.cat((scale_to_original(kpo[:, :4], ratio, pad, shape), kpo[:, 4:]), 1)
+            ev = torch.cat((scale_to_original(ev[:, :2], ratio, pad, shape), ev[:, 2:]), 1)
         if settings.fuse:
             keypoints = fuse_keypoints(boxes, d.scores, kxy, kpo, settings)
         else:
             keypoints = torch.cat((kxy, kxy.new_zeros(*kxy.shape[:2], 1)), -1)
-        out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None))
+        fused = keypoints[..., 2] > 0  # the official rule gives exactly the fused keypoints a confidence > 0
+        conf = torch.where(fused, keypoints[..., 2], keypoint_confidence(kxy, ev, settings.tolerance))
+        keypoints = torch.cat((keypoints[..., :2], conf[..., None]), -1)
+        out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None, fused))
     return out
 
 

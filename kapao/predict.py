@@ -152,7 +152,7 @@ class DrawOptions:
     show_scores: bool = False
     show_kp_objects: bool = False
     line_width: int | None = None
-    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (confidence > 0)
+    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (Poses.fused)
 
 
 class _VideoSink:
@@ -228,7 +228,7 @@ class ResultWriter:
         return draw_poses(image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
                           line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
                           show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
-                          kp_threshold=0.0 if self.draw.fused_only else None)
+                          kp_threshold=None, keypoint_mask=p.fused if self.draw.fused_only else None)
 
     def _video_sink(self, frame: Frame, fps: float) -> _VideoSink:
         key = frame.path
