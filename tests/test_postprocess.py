@@ -1,7 +1,6 @@
 """Post-processing: NMS, mapping to original pixels, keypoint-object fusion, TTA, result type."""
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -15,7 +14,6 @@ from kapao.postprocess import (
     TTA_FLIPS,
     TTA_SCALES,
     Detections,
-    Poses,
     deaugment,
     fuse_keypoints,
     keypoint_confidence,
@@ -549,28 +547,7 @@ def test_tta_forward_pads_with_grey_and_empty_model_output():
 
 
 # ----------------------------------------------------------------------------------------------
-# Result type
-
-def _poses_from_coco(results, k):
-    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)]).reshape(-1, 4)
-    return Poses(boxes, torch.tensor([r["score"] for r in results]),
-                 torch.tensor([r["keypoints"] for r in results]).reshape(-1, k, 3))
-
-
-def test_poses_to_coco_round_trip():
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(4, 2, generator=g) * 500
-    boxes = torch.cat((xy, xy + torch.rand(4, 2, generator=g) * 100 + 1), 1)
-    poses = Poses(boxes, torch.rand(4, generator=g), torch.rand(4, 17, 3, generator=g) * 600)
-    results = json.loads(json.dumps(poses.to_coco(image_id=42)))
-    assert len(results) == 4 and all(r["image_id"] == 42 and r["category_id"] == 1 for r in results)
-    assert all(len(r["keypoints"]) == 51 for r in results)
-    back = _poses_from_coco(results, 17)
-    assert torch.allclose(back.boxes, poses.boxes, atol=0.011)
-    assert torch.allclose(back.scores, poses.scores, atol=1e-5)
-    assert torch.allclose(back.keypoints, poses.keypoints, atol=1e-3)
-    assert Poses.empty(17).to_coco(1) == []
-
+# Serialisation of postprocess output (the result type itself: tests/test_poses.py)
 
 def test_postprocess_output_serialises_to_coco():
     pred = _random_pred(b=1, n=200, seed=4).float()
@@ -732,18 +709,3 @@ def test_tta_merged_output_carries_confidence_and_fused_flag():
     expected = _evidence_reference(merged[0], LT, kxy, meta[0], settings.tolerance)
     assert torch.allclose(p.keypoints[..., 2][~p.fused], expected[~p.fused], rtol=0, atol=1e-12)
     assert (p.keypoints[..., 2][~p.fused] > 0).any()
-
-
-def test_poses_fused_and_track_ids_defaults_and_checks():
-    p = Poses(torch.zeros(2, 4), torch.zeros(2), torch.zeros(2, 3, 3))
-    assert p.fused.shape == (2, 3) and not p.fused.any() and p.track_ids is None
-    q = Poses(p.boxes, p.scores, p.keypoints, fused=torch.ones(2, 3, dtype=torch.bool),
-              track_ids=torch.tensor([4, 7]))
-    moved = q.to("cpu")
-    assert moved.fused.all() and moved.track_ids.tolist() == [4, 7]
-    with pytest.raises(ValueError, match="fused"):
-        Poses(p.boxes, p.scores, p.keypoints, fused=torch.ones(2, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="fused"):
-        Poses(p.boxes, p.scores, p.keypoints, fused=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="track_ids"):
-        Poses(p.boxes, p.scores, p.keypoints, track_ids=torch.tensor([1]))
