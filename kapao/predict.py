@@ -4,11 +4,10 @@
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
+import os
 import shutil
-import queue
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,15 +18,17 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from kapao.augment import letterbox
 from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.data import load_image
-from kapao.draw import draw_poses
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
 from kapao.runtime import atomic_write, increment_run_dir, select_device
-from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
+from kapao.sinks import (PREDICTIONS_JSONL, DrawOptions, Progress, ResultWriter, Sink, load_progress,  # noqa: F401
+                         source_name, source_root)
+from kapao.sources import STREAM_PREFIXES, Frame, SourceSpec, VideoReader, count_frames, resolve_source
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
 
@@ -138,127 +139,6 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------------------
-def image_id_of(frame: Frame) -> int | str:
-    """COCO-style id: the frame index for videos, the file stem (as int when numeric) for images."""
-    if frame.frame is not None:
-        return frame.frame
-    stem = Path(frame.path).stem
-    return int(stem) if stem.isdigit() else stem
-
-
-@dataclass
-class DrawOptions:
-    show_boxes: bool = False
-    show_scores: bool = False
-    show_kp_objects: bool = False
-    line_width: int | None = None
-    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (Poses.fused)
-
-
-class _VideoSink:
-    """Draws and encodes the frames of one output video in a background thread (bounded queue), so that
-    drawing and mp4 encoding (OpenCV releases the GIL) overlap the next frame's inference."""
-
-    def __init__(self, writer: cv2.VideoWriter, path: Path, prefetch: int = 8) -> None:
-        self.writer, self.path = writer, path
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.writer.write(job())
-                except Exception as e:  # noqa: BLE001 - reported on the main thread by put()/release()
-                    self._error = e
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise DataError(f"cannot write video {self.path}: {self._error}; check the output folder and free space")
-
-    def put(self, make_image: Callable[[], np.ndarray]) -> None:
-        self._check()
-        self._queue.put(make_image)
-
-    def release(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.writer.release()
-        self._check()
-
-
-class ResultWriter:
-    """Writes drawn images/videos and a COCO-format predictions JSON into a run folder."""
-
-    def __init__(self, save_dir: Path, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
-                 show: bool = False) -> None:
-        self.save_dir, self.schema, self.draw, self.save_media = save_dir, schema, draw, save_media
-        self.show = show
-        self.records: list[dict[str, Any]] = []
-        self._videos: dict[str, _VideoSink] = {}
-        self.written: list[Path] = []
-
-    def add(self, frame: Frame, poses: Poses, fps: float | None = None) -> None:
-        for rec in poses.to_coco(image_id_of(frame)):
-            rec["file"] = Path(frame.path).name
-            self.records.append(rec)
-        if not (self.save_media or self.show):
-            return
-        p = poses.to("cpu")
-        if frame.frame is not None and self.save_media and not self.show:  # drawn in the video's thread
-            self._video_sink(frame, fps or 30.0).put(lambda: self._draw(frame.image, p))
-            return
-        img = self._draw(frame.image, p)
-        if self.show:
-            cv2.imshow("kapao", img)
-            cv2.waitKey(1)
-        if not self.save_media:
-            return
-        if frame.frame is None:
-            out = self.save_dir / Path(frame.path).name
-            if not cv2.imwrite(str(out), img):
-                raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
-            self.written.append(out)
-        else:
-            self._video_sink(frame, fps or 30.0).put(lambda: img)
-
-    def _draw(self, image: np.ndarray, p: Poses) -> np.ndarray:
-        return draw_poses(image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
-                          line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
-                          show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
-                          kp_threshold=None, keypoint_mask=p.fused if self.draw.fused_only else None)
-
-    def _video_sink(self, frame: Frame, fps: float) -> _VideoSink:
-        key = frame.path
-        if key not in self._videos:
-            name = Path(key).stem if not key.isdigit() else f"webcam{key}"
-            out = self.save_dir / f"{name}.mp4"
-            h, w = frame.image.shape[:2]
-            writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            if not writer.isOpened():
-                raise DataError(f"cannot write video {out}; check that the output folder is writable")
-            self._videos[key] = _VideoSink(writer, out)
-            self.written.append(out)
-        return self._videos[key]
-
-    def close(self) -> Path:
-        sinks, self._videos = list(self._videos.values()), {}
-        for sink in sinks:
-            sink.release()
-        if self.show:
-            cv2.destroyAllWindows()
-        path = self.save_dir / "predictions.json"
-        try:
-            with atomic_write(path, "w") as f:
-                json.dump(self.records, f)
-        except OSError as e:
-            raise DataError(f"cannot write {path}: {e.strerror or e}; free disk space or use --project with a "
-                            "writable folder") from None
-        return path
-
-
 def _display_available() -> str | None:
     """None when a window can be opened, else the reason why not."""
     import os
@@ -274,21 +154,22 @@ def _display_available() -> str | None:
     return None
 
 
-def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader],
-                unreadable: list[str] | None = None) -> Iterator[Frame]:
+def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader], unreadable: list[str] | None = None,
+                skip: Callable[[str, int | None], bool] | None = None) -> Iterator[Frame]:
     """Frames of every item of a source: images once, videos/streams frame by frame.
 
     A reader already in `readers` (opened early) is used as is. An image or video of a folder or glob
     that cannot be read is logged, appended to `unreadable` and skipped, so one bad file never stops the
-    run; a lone file that cannot be read raises DataError.
+    run; a lone file that cannot be read raises DataError. `skip(item, frame index or None)` True drops
+    an image before it is read, or a video frame after it is decoded (a resumed run's finished work).
     """
     for item in spec.items:
         try:
             if spec.is_video(item):
                 reader = readers.get(item) or VideoReader(item)
                 readers[item] = reader
-                yield from reader
-            else:
+                yield from (f for f in reader if skip is None or not skip(item, f.frame))
+            elif skip is None or not skip(item, None):
                 yield Frame(load_image(item), item)
         except DataError as e:
             if len(spec) == 1:
@@ -326,7 +207,8 @@ class PredictRun:
     unreadable: list[str] = field(default_factory=list)  # images/videos that could not be decoded
     seconds: float = 0.0
     timing: Timing | None = None
-    json_path: Path | None = None
+    json_path: Path | None = None  # predictions.json (built from predictions.jsonl at the end)
+    resumed: int = 0  # frames/images a resumed run found already done in its predictions.jsonl
 
 
 class KAPAO:
@@ -383,20 +265,35 @@ class KAPAO:
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
             return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
-        return self.run(source, imgsz=imgsz, settings=settings, save=False, **kwargs).results
+        return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
             settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
-            name: str = "exp", keep_results: bool = True, progress: bool = False) -> PredictRun:
-        """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
-        from tqdm import tqdm
+            name: str = "exp", keep_results: bool = False, progress: bool = False,
+            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = ()) -> PredictRun:
+        """The predict verb: run on a source; into runs/predict/expN stream predictions.jsonl (one line per
+        frame, as it is made), drawn media, and at the end predictions.json (built from the JSONL).
 
+        keep_results: also keep every frame's Poses in PredictRun.results (memory grows with the run).
+        resume: continue a run -- a run folder (or its predictions.jsonl), or True/"latest" (see
+        :func:`find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
+        Images and video frames already in its JSONL are skipped, the rest appended.
+        sinks: extra :class:`kapao.sinks.Sink` objects fed every frame (e.g. a CSV export).
+        """
         self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
+        resume_dir, stored = None, None
+        if resume:
+            resume_dir = find_resume_run(resume, project, name, _source_text(source))
+            stored = read_run_args(resume_dir)
+            source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
+        args = self._run_args(spec, imgsz, settings, scales, flips)
+        if resume_dir is not None:
+            _check_resume(resume_dir, spec, stored, args)
         if show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
         draw = draw or DrawOptions()
@@ -404,49 +301,159 @@ class KAPAO:
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir = None
-        try:
-            if save or save_json:
-                save_dir = increment_run_dir(project, name)
-        except BaseException:
-            for r in readers.values():
-                r.close()
-            raise
-        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
-        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
-        total = _total_frames(spec, readers)
+        save_dir, done = _open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        root = source_root(spec)
+        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
+                              root=root, sinks=sinks) if save_dir or show or sinks else None
+        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
+        skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
-        bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
         try:
-            for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
-                results = predictor.predict_images([f.image for f in chunk], imgsz)
-                for frame, poses in zip(chunk, results):
-                    poses = poses.to("cpu")
-                    if writer:
-                        fps = readers[frame.path].fps if frame.path in readers else None
-                        writer.add(frame, poses, fps)
-                    if keep_results:
-                        run.results.append(poses)
-                    run.poses += len(poses)
-                run.frames += len(chunk)
-                bar.update(len(chunk))
-                bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+            bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
+                       dynamic_ncols=True)
+            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), readers, writer, run,
+                            imgsz, batch, keep_results, bar)
         finally:
-            bar.close()
             for r in readers.values():
                 r.close()
             if writer:
-                path = writer.close()
-                run.json_path = path if save_json else None
-                if not save_json:
-                    path.unlink()
+                run.json_path = writer.close()
         run.seconds = time.perf_counter() - t0
-        if run.frames == 0:
+        if run.frames == 0 and resume_dir is None:
             if save_dir is not None:  # nothing was produced: leave no empty run folder behind
                 shutil.rmtree(save_dir, ignore_errors=True)
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
+
+    def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
+                  flips: Sequence[bool] | None) -> dict[str, Any]:
+        """What a run folder's args.yaml records: the options a resumed run must share."""
+        return {"source": _source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
+                **dataclasses.asdict(settings), "scales": [float(v) for v in scales] if scales else None,
+                "flips": [bool(v) for v in flips] if flips else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders and --resume
+
+RUN_ARGS = "args.yaml"
+
+
+def _source_text(source: Any) -> str | None:
+    return None if source is None else source.source if isinstance(source, SourceSpec) else str(source)
+
+
+def _source_key(text: str) -> str:
+    """SOURCE as a run folder remembers it: streams and webcams as given, paths and globs made absolute."""
+    if text.isdigit() or text.lower().startswith(STREAM_PREFIXES):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def read_run_args(run_dir: Path) -> dict[str, Any]:
+    """A predict run folder's args.yaml (ConfigError when it is missing or unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / RUN_ARGS).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({getattr(e, 'strerror', None) or e}); "
+                          "resume a folder made by kapao predict") from None
+    if not isinstance(data, dict) or "source" not in data:
+        raise ConfigError(f"--resume {run_dir}: {RUN_ARGS} is not a kapao predict record; resume a folder made by "
+                          "kapao predict")
+    return data
+
+
+def find_resume_run(resume: bool | str | Path, project: str | Path, name: str, source: str | None) -> Path:
+    """The run folder --resume continues: a folder (or its predictions.jsonl) as given; True/"latest":
+    `project/name` when `name` is not the default "exp", else the newest run under `project` with a
+    predictions.jsonl (of SOURCE, when given). ConfigError when there is none."""
+    if resume is True or (isinstance(resume, str) and resume.strip() in ("", "latest")):
+        if name != "exp":
+            found = [Path(project) / name]
+        else:
+            runs = sorted((p.parent for p in Path(project).glob(f"*/{PREDICTIONS_JSONL}")),
+                          key=lambda d: (d / PREDICTIONS_JSONL).stat().st_mtime, reverse=True)
+            key = None if source is None else _source_key(source)
+            found = [d for d in runs if key is None or _stored_source(d) == key][:1]
+        if not found or not (found[0] / PREDICTIONS_JSONL).is_file():
+            of = f" of {source}" if source is not None else ""
+            raise ConfigError(f"--resume: no predict run{of} to resume under {project} (a run folder with "
+                              f"{PREDICTIONS_JSONL}); pass the run folder: --resume {project}/expN")
+        return found[0]
+    path = Path(resume).expanduser()
+    run_dir = path.parent if path.name == PREDICTIONS_JSONL else path
+    if not (run_dir / PREDICTIONS_JSONL).is_file():
+        raise ConfigError(f"--resume {resume}: no {PREDICTIONS_JSONL} there; pass a run folder made by kapao predict")
+    return run_dir
+
+
+def _stored_source(run_dir: Path) -> str | None:
+    try:
+        return read_run_args(run_dir)["source"]
+    except ConfigError:
+        return None
+
+
+def _check_resume(run_dir: Path, spec: SourceSpec, stored: dict[str, Any], args: dict[str, Any]) -> None:
+    """A resumed run goes on with its own SOURCE and options: anything else is a usage error."""
+    if spec.kind == "stream":
+        raise ConfigError(f"--resume: {spec.source} is a stream; resume works for images, folders, globs and video files")
+    diff = [f"{k} {stored.get(k)!r} (given {v!r})" for k, v in args.items()
+            if k in stored and stored[k] != v and not (k == "weights" and None in (stored[k], v))]
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: the run was made with other options: {'; '.join(diff)}; give the "
+                          "run's own options (see its args.yaml) or start a new run without --resume")
+
+
+def _open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader], args: dict[str, Any],
+                  resume_dir: Path | None, wanted: bool) -> tuple[Path | None, Progress]:
+    """The run folder and what it already holds: the resumed one (its JSONL read, an unfinished last line
+    cut off), or the next runs/predict/expN with its args.yaml; the readers are closed when this fails."""
+    import yaml
+
+    try:
+        if resume_dir is not None:
+            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL)
+        if not wanted:
+            return None, Progress()
+        save_dir = increment_run_dir(project, name)
+        try:
+            with atomic_write(save_dir / RUN_ARGS, "w") as f:
+                yaml.safe_dump(args, f, sort_keys=False)
+        except OSError as e:
+            shutil.rmtree(save_dir, ignore_errors=True)  # still empty: leave no run folder behind
+            raise DataError(f"cannot write {save_dir / RUN_ARGS}: {e.strerror or e}; free disk space") from None
+        return save_dir, Progress()
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
+
+
+def _predict_frames(predictor: Predictor, frames: Iterator[Frame], readers: dict[str, VideoReader],
+                    writer: ResultWriter | None, run: PredictRun, imgsz: int, batch: int, keep_results: bool,
+                    bar: Any) -> None:
+    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> writer and `run` counts.
+    Closes the progress bar."""
+    t0 = time.perf_counter()
+    try:
+        for chunk in _batches(frames, batch):
+            results = predictor.predict_images([f.image for f in chunk], imgsz)
+            for frame, poses in zip(chunk, results):
+                poses = poses.to("cpu")
+                if writer:
+                    writer.add(frame, poses)
+                if keep_results:
+                    run.results.append(poses)
+                run.poses += len(poses)
+            run.frames += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+    finally:
+        bar.close()
 
 
 def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:

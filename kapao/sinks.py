@@ -362,15 +362,17 @@ class MediaSink:
 
 
 class ResultWriter:
-    """Feeds every frame's poses to the run's sinks: predictions.jsonl (when `save_json`), drawn media
-    (when `save_media` or `show`) and `sinks`; at close, predictions.json is built from the JSONL."""
+    """Feeds every frame's poses to the run's sinks: drawn media (when `save_media` or `show`), `sinks`,
+    and last predictions.jsonl (when `save_json`): a frame's JSONL line is its commit record -- once it is
+    there, the frame's drawn image and extra outputs were made, so --resume may skip it. At close,
+    predictions.json is built from the JSONL."""
 
     def __init__(self, save_dir: Path | None, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
                  show: bool = False, save_json: bool = True, root: Path | None = None,
                  sinks: Sequence[Sink] = ()) -> None:
         self.save_dir, self.schema, self.save_json = save_dir, schema, save_json and save_dir is not None
-        self.sinks: list[Sink] = [*([JsonlSink(root)] if self.save_json else []),
-                                  *([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks]
+        self.sinks: list[Sink] = [*([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks,
+                                  *([JsonlSink(root)] if self.save_json else [])]
         opened: list[Sink] = []
         try:
             for s in self.sinks:

@@ -149,6 +149,9 @@ def test_result_writer_feeds_extra_sinks_and_closes_all_of_them(tmp_path: Path):
     (tmp_path / "r2").mkdir()
     w = ResultWriter(tmp_path / "r2", schema, DrawOptions(), save_media=False, save_json=False)
     assert w.sinks == [] and w.close() is None  # nothing asked for: no sink, no JSON
+    w = ResultWriter(tmp_path / "r2", schema, DrawOptions(), sinks=[_Recorder([], "x")])
+    assert [type(x).__name__ for x in w.sinks] == ["MediaSink", "_Recorder", "JsonlSink"]  # the JSONL line last
+    w.close()
     with pytest.raises(DataError, match=r"cannot write .*missing.*predictions\.jsonl"):
         ResultWriter(tmp_path / "missing", schema, DrawOptions(), save_media=False)
 
