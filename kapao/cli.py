@@ -289,7 +289,7 @@ def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, sc
     import dataclasses
 
     from kapao.config import InferenceSettings
-    from kapao.predict import find_resume_run, read_run_args
+    from kapao.resume import find_resume_run, read_run_args
 
     try:
         run_dir = find_resume_run(resume, project, name, source)

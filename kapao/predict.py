@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -25,10 +24,10 @@ from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, Keypoi
 from kapao.data import load_image
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
-from kapao.runtime import atomic_write, increment_run_dir, select_device
-from kapao.sinks import (PREDICTIONS_JSONL, DrawOptions, Progress, ResultWriter, Sink, load_progress,  # noqa: F401
-                         source_name, source_root)
-from kapao.sources import STREAM_PREFIXES, Frame, SourceSpec, VideoReader, count_frames, resolve_source
+from kapao.runtime import select_device
+from kapao.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
+from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root  # noqa: F401 - DrawOptions: API
+from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
 
 OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
 
@@ -278,7 +277,7 @@ class KAPAO:
 
         keep_results: also keep every frame's Poses in PredictRun.results (memory grows with the run).
         resume: continue a run -- a run folder (or its predictions.jsonl), or True/"latest" (see
-        :func:`find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
+        :func:`kapao.resume.find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
         Images and video frames already in its JSONL are skipped, the rest appended.
         sinks: extra :class:`kapao.sinks.Sink` objects fed every frame (e.g. a CSV export).
         """
@@ -287,13 +286,13 @@ class KAPAO:
             raise ConfigError(f"--batch {batch}: must be at least 1")
         resume_dir, stored = None, None
         if resume:
-            resume_dir = find_resume_run(resume, project, name, _source_text(source))
+            resume_dir = find_resume_run(resume, project, name, source_text(source))
             stored = read_run_args(resume_dir)
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
         args = self._run_args(spec, imgsz, settings, scales, flips)
         if resume_dir is not None:
-            _check_resume(resume_dir, spec, stored, args)
+            check_resume(resume_dir, spec, stored, args)
         if show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
         draw = draw or DrawOptions()
@@ -301,7 +300,7 @@ class KAPAO:
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir, done = _open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
         root = source_root(spec)
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
                               root=root, sinks=sinks) if save_dir or show or sinks else None
@@ -329,108 +328,9 @@ class KAPAO:
     def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
                   flips: Sequence[bool] | None) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
-        return {"source": _source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
+        return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
                 **dataclasses.asdict(settings), "scales": [float(v) for v in scales] if scales else None,
                 "flips": [bool(v) for v in flips] if flips else None}
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders and --resume
-
-RUN_ARGS = "args.yaml"
-
-
-def _source_text(source: Any) -> str | None:
-    return None if source is None else source.source if isinstance(source, SourceSpec) else str(source)
-
-
-def _source_key(text: str) -> str:
-    """SOURCE as a run folder remembers it: streams and webcams as given, paths and globs made absolute."""
-    if text.isdigit() or text.lower().startswith(STREAM_PREFIXES):
-        return text
-    return os.path.abspath(os.path.expanduser(text))
-
-
-def read_run_args(run_dir: Path) -> dict[str, Any]:
-    """A predict run folder's args.yaml (ConfigError when it is missing or unreadable)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load((run_dir / RUN_ARGS).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({getattr(e, 'strerror', None) or e}); "
-                          "resume a folder made by kapao predict") from None
-    if not isinstance(data, dict) or "source" not in data:
-        raise ConfigError(f"--resume {run_dir}: {RUN_ARGS} is not a kapao predict record; resume a folder made by "
-                          "kapao predict")
-    return data
-
-
-def find_resume_run(resume: bool | str | Path, project: str | Path, name: str, source: str | None) -> Path:
-    """The run folder --resume continues: a folder (or its predictions.jsonl) as given; True/"latest":
-    `project/name` when `name` is not the default "exp", else the newest run under `project` with a
-    predictions.jsonl (of SOURCE, when given). ConfigError when there is none."""
-    if resume is True or (isinstance(resume, str) and resume.strip() in ("", "latest")):
-        if name != "exp":
-            found = [Path(project) / name]
-        else:
-            runs = sorted((p.parent for p in Path(project).glob(f"*/{PREDICTIONS_JSONL}")),
-                          key=lambda d: (d / PREDICTIONS_JSONL).stat().st_mtime, reverse=True)
-            key = None if source is None else _source_key(source)
-            found = [d for d in runs if key is None or _stored_source(d) == key][:1]
-        if not found or not (found[0] / PREDICTIONS_JSONL).is_file():
-            of = f" of {source}" if source is not None else ""
-            raise ConfigError(f"--resume: no predict run{of} to resume under {project} (a run folder with "
-                              f"{PREDICTIONS_JSONL}); pass the run folder: --resume {project}/expN")
-        return found[0]
-    path = Path(resume).expanduser()
-    run_dir = path.parent if path.name == PREDICTIONS_JSONL else path
-    if not (run_dir / PREDICTIONS_JSONL).is_file():
-        raise ConfigError(f"--resume {resume}: no {PREDICTIONS_JSONL} there; pass a run folder made by kapao predict")
-    return run_dir
-
-
-def _stored_source(run_dir: Path) -> str | None:
-    try:
-        return read_run_args(run_dir)["source"]
-    except ConfigError:
-        return None
-
-
-def _check_resume(run_dir: Path, spec: SourceSpec, stored: dict[str, Any], args: dict[str, Any]) -> None:
-    """A resumed run goes on with its own SOURCE and options: anything else is a usage error."""
-    if spec.kind == "stream":
-        raise ConfigError(f"--resume: {spec.source} is a stream; resume works for images, folders, globs and video files")
-    diff = [f"{k} {stored.get(k)!r} (given {v!r})" for k, v in args.items()
-            if k in stored and stored[k] != v and not (k == "weights" and None in (stored[k], v))]
-    if diff:
-        raise ConfigError(f"--resume {run_dir}: the run was made with other options: {'; '.join(diff)}; give the "
-                          "run's own options (see its args.yaml) or start a new run without --resume")
-
-
-def _open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader], args: dict[str, Any],
-                  resume_dir: Path | None, wanted: bool) -> tuple[Path | None, Progress]:
-    """The run folder and what it already holds: the resumed one (its JSONL read, an unfinished last line
-    cut off), or the next runs/predict/expN with its args.yaml; the readers are closed when this fails."""
-    import yaml
-
-    try:
-        if resume_dir is not None:
-            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL)
-        if not wanted:
-            return None, Progress()
-        save_dir = increment_run_dir(project, name)
-        try:
-            with atomic_write(save_dir / RUN_ARGS, "w") as f:
-                yaml.safe_dump(args, f, sort_keys=False)
-        except OSError as e:
-            shutil.rmtree(save_dir, ignore_errors=True)  # still empty: leave no run folder behind
-            raise DataError(f"cannot write {save_dir / RUN_ARGS}: {e.strerror or e}; free disk space") from None
-        return save_dir, Progress()
-    except BaseException:
-        for r in readers.values():
-            r.close()
-        raise
 
 
 def _predict_frames(predictor: Predictor, frames: Iterator[Frame], readers: dict[str, VideoReader],
