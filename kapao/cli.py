@@ -11,6 +11,7 @@ from kapao.version import __version__
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
+from kapao.weights.registry import weights_help
 
 
 class KapaoGroup(click.Group):
@@ -186,21 +187,36 @@ def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
 
 @cli.command()
 @click.option("--weights", default=None, callback=_exists("weights"),
-              help="Describe a checkpoint (kapao or official file, or a name such as kapao_s_coco).")
+              help=f"Describe a checkpoint (kapao or official file) or named weights: {weights_help()}.")
+@click.option("--names", "list_names", is_flag=True, help="List the named weights (published AP, dataset, input size).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
 @click.option("--kpts", type=click.IntRange(min=1), default=None,
               help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
 @click.option("--data", default=None, callback=_exists("data"),
               help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
-def info(weights: str | None, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
-    """Print a model summary: layers, parameters, GFLOPs and keypoint names."""
-    from kapao.model import build_model, format_model_info, model_info, resolve_schema
+def info(weights: str | None, list_names: bool, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
+    """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
+    too; the summary once the file is in the cache)."""
+    from kapao.config import KeypointSchema
+    from kapao.model import build_model, format_model_info, model_info
+    from kapao.weights.registry import REGISTRY, check_weights_spec
 
+    if list_names:
+        for e in REGISTRY.values():
+            ap = f"{e.ap:.1f} AP ({e.benchmark})" if e.ap is not None else "AP not published"
+            click.echo(f"{e.name:<18} {e.dataset:<9} imgsz {e.imgsz}  {ap}")
+        return
     if weights is None:
-        model = build_model(size, resolve_schema(num_keypoints=kpts, data=data))
+        model = build_model(size, KeypointSchema.resolve(num_keypoints=kpts, data=data))
         click.echo(format_model_info(model_info(model, imgsz)))
         return
+    path, name = check_weights_spec(weights)
+    if name is not None:
+        click.echo(REGISTRY[name].describe())
+        if not path.is_file():
+            click.echo("not downloaded yet: `kapao predict/val --weights NAME` downloads it")
+            return
     from kapao.weights import load_model
 
     model, meta = load_model(weights)
@@ -221,7 +237,7 @@ def info(weights: str | None, size: str, kpts: int | None, data: str | None, img
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
-              help="kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name kapao_{s,m,l}_{coco,crowdpose}.")
+              help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}.")
 @click.option("--imgsz", type=ImgSize(), default=None,
               help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
 @click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import yaml
 
@@ -122,6 +122,83 @@ class KeypointSchema:
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def generic(cls, num_keypoints: int) -> "KeypointSchema":
+        """Keypoints kp0..kp{K-1}, no left/right pairs, the default OKS sigma."""
+        k = _check_count(num_keypoints)
+        return cls(names=tuple(f"kp{i}" for i in range(k)), flip_index=tuple(range(k)), sigmas=(DEFAULT_SIGMA,) * k)
+
+    @classmethod
+    def builtin(cls, dataset: str) -> "KeypointSchema":
+        """The schema of a built-in dataset (``coco``, ``crowdpose``), read from its YAML."""
+        if dataset not in BUILTIN_DATASETS:
+            raise ConfigError(f"unknown built-in dataset '{dataset}'; choose one of {', '.join(BUILTIN_DATASETS)}")
+        return load_dataset_config(dataset).schema
+
+    @classmethod
+    def for_count(cls, num_keypoints: int) -> "KeypointSchema":
+        """The built-in schema with K keypoints: COCO for 17, CrowdPose for 14, else :meth:`generic`."""
+        dataset = _BUILTIN_BY_COUNT.get(_check_count(num_keypoints))
+        return cls.builtin(dataset) if dataset else cls.generic(num_keypoints)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> "KeypointSchema":
+        """The schema for known keypoint names (e.g. read from weights without a schema).
+
+        Names equal to a built-in dataset's give that dataset's schema (flip pairs, sigmas, skeleton);
+        other names get left/right flip pairs guessed from the names (``left_x`` <-> ``right_x``; none
+        if the guess is not a set of pairs) and the default sigma.
+        """
+        names = tuple(str(n) for n in names)
+        for dataset in BUILTIN_DATASETS:
+            schema = cls.builtin(dataset)
+            if schema.names == names:
+                return schema
+        index = {n: i for i, n in enumerate(names)}
+        flip = []
+        for i, n in enumerate(names):
+            for a, b in (("left", "right"), ("right", "left")):
+                if a in n and n.replace(a, b) in index:
+                    flip.append(index[n.replace(a, b)])
+                    break
+            else:
+                flip.append(i)
+        if any(flip[flip[i]] != i for i in range(len(flip))):
+            flip = list(range(len(names)))
+        return cls(names=names, flip_index=tuple(flip), sigmas=(DEFAULT_SIGMA,) * len(names))
+
+    @classmethod
+    def infer(cls, num_keypoints: int, names: Sequence[str] | None = None) -> "KeypointSchema":
+        """The schema of weights with K keypoints and (optionally) their names: :meth:`from_names`
+        when names are known, else :meth:`for_count`."""
+        if names is None:
+            return cls.for_count(num_keypoints)
+        names = tuple(names)
+        if len(names) != num_keypoints:
+            raise ConfigError(f"{len(names)} keypoint names given for {num_keypoints} keypoints")
+        return cls.from_names(names)
+
+    @classmethod
+    def resolve(cls, num_keypoints: int | None = None, data: str | os.PathLike | None = None) -> "KeypointSchema":
+        """Schema from a dataset config (``coco``, ``crowdpose`` or a YAML path) or else from a keypoint
+        count (:meth:`for_count`, 17 when neither is given); both given must agree."""
+        if data is None:
+            return cls.for_count(17 if num_keypoints is None else num_keypoints)
+        schema = load_dataset_config(data).schema
+        if num_keypoints is not None and num_keypoints != schema.num_keypoints:
+            raise ConfigError(f"{num_keypoints} keypoints requested, but dataset config '{data}' has "
+                              f"{schema.num_keypoints}; drop one of the two")
+        return schema
+
+
+_BUILTIN_BY_COUNT = {17: "coco", 14: "crowdpose"}  # keypoint count -> built-in dataset with that many
+
+
+def _check_count(num_keypoints: int) -> int:
+    if int(num_keypoints) < 1:
+        raise ConfigError(f"the number of keypoints must be at least 1, got {num_keypoints}")
+    return int(num_keypoints)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from pycocotools.cocoeval import COCOeval
 
 from kapao.config import KeypointSchema
 from kapao.errors import ConfigError, DataError
-from kapao.runtime import atomic_write
+from kapao.runtime import atomic_write, plain_data
 
 PROTOCOLS = ("coco", "crowdpose")
 COCO_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -358,13 +358,11 @@ def _normalise_result(i: int, r: Mapping[str, Any]) -> dict[str, Any]:
         bbox = [min(x), min(y), max(x) - min(x), max(y) - min(y)]
     elif len(bbox) != 4:
         raise DataError(f"result #{i}: bbox must be [x, y, w, h], got {len(bbox)} values")
-    return {"image_id": _plain(image_id), "category_id": _plain(category_id), "keypoints": kpts,
-            "score": score, "bbox": bbox}
-
-
-def _plain(v: Any) -> Any:
-    """numpy/torch integers -> int so ids hash like the ground truth's and serialise to JSON."""
-    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+    try:  # numpy integers -> int, so that ids hash like the ground truth's and serialise to JSON
+        image_id, category_id = plain_data(image_id, "image_id"), plain_data(category_id, "category_id")
+    except TypeError as e:
+        raise DataError(f"result #{i}: {e}; ids must be numbers or strings") from None
+    return {"image_id": image_id, "category_id": category_id, "keypoints": kpts, "score": score, "bbox": bbox}
 
 
 _IOU_ALL = "0.50:0.95"

@@ -23,7 +23,7 @@ from ultralytics.nn.modules import C3, SPP, Concat, Conv, Focus
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from kapao.config import (
-    ANCHORS, DEFAULT_SIGMA, MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz, load_dataset_config,
+    ANCHORS, MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz,
 )
 from kapao.errors import ConfigError
 
@@ -215,30 +215,9 @@ def decode(raw: Sequence[Tensor], anchors: Tensor, strides: Sequence[int], layou
 # The model
 
 
-def generic_schema(num_keypoints: int) -> KeypointSchema:
-    """Keypoints kp0..kp{K-1}, no left/right pairs, the default OKS sigma."""
-    return KeypointSchema(names=tuple(f"kp{i}" for i in range(num_keypoints)),
-                          flip_index=tuple(range(num_keypoints)), sigmas=(DEFAULT_SIGMA,) * num_keypoints)
-
-
-def default_schema(num_keypoints: int) -> KeypointSchema:
-    """The built-in schema with K keypoints: COCO for 17, CrowdPose for 14, else :func:`generic_schema`."""
-    builtin = {17: "coco", 14: "crowdpose"}.get(num_keypoints)
-    if num_keypoints < 1:
-        raise ConfigError(f"the number of keypoints must be at least 1, got {num_keypoints}")
-    return load_dataset_config(builtin).schema if builtin else generic_schema(num_keypoints)
-
-
-def resolve_schema(num_keypoints: int | None = None, data: str | None = None) -> KeypointSchema:
-    """Schema from a dataset config (``coco``, ``crowdpose`` or a YAML path) or else from a keypoint
-    count (:func:`default_schema`, 17 when neither is given); both given must agree."""
-    if data is None:
-        return default_schema(17 if num_keypoints is None else num_keypoints)
-    schema = load_dataset_config(data).schema
-    if num_keypoints is not None and num_keypoints != schema.num_keypoints:
-        raise ConfigError(f"{num_keypoints} keypoints requested, but dataset config '{data}' has "
-                          f"{schema.num_keypoints}; drop one of the two")
-    return schema
+# Kept for imports from before the schema builders moved to :class:`kapao.config.KeypointSchema`.
+generic_schema = KeypointSchema.generic
+default_schema = KeypointSchema.for_count
 
 
 class KapaoModel(nn.Module):
@@ -254,7 +233,7 @@ class KapaoModel(nn.Module):
         if size not in SIZES:
             raise ConfigError(f"unknown model size '{size}'; choose one of {', '.join(SIZES)}")
         self.size = size
-        self.schema = schema if isinstance(schema, KeypointSchema) else default_schema(int(schema))
+        self.schema = schema if isinstance(schema, KeypointSchema) else KeypointSchema.for_count(int(schema))
         self.layout = HeadLayout(self.schema.num_keypoints)
         self.strides = STRIDES
         scale = SIZES[size]

@@ -237,9 +237,12 @@ class KAPAO:
 
     @property
     def default_imgsz(self) -> int:
-        """1280 (the paper's size), or the input size of a fixed-shape ONNX file."""
+        """The input size of a fixed-shape ONNX file, else the native size of named weights
+        (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
+        from kapao.weights.registry import native_imgsz
+
         fixed = self.backend.fixed_shape if self.backend else None
-        return max(fixed) if fixed else 1280
+        return max(fixed) if fixed else native_imgsz(self.info.get("name"))
 
     def check_imgsz(self, imgsz: int) -> int:
         """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""

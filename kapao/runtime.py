@@ -6,9 +6,10 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from kapao.errors import ConfigError, KapaoError
 
@@ -139,6 +140,46 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def plain_data(obj: Any, where: str = "value") -> Any:
+    """A copy of ``obj`` holding only plain data: what JSON and ``torch.load(weights_only=True)`` read.
+
+    Kept: None, bool, int, float, str (subclasses such as numpy scalars and enums become the exact
+    type), tensors (detached, on the CPU), dicts with str/int keys, lists, tuples. Converted: numpy
+    scalars -> Python numbers, numpy arrays -> tensors, paths -> str, ``nn.Module`` -> its state_dict.
+    Anything else raises TypeError naming where it is (``where`` plus the keys/indices down to it).
+    """
+    if obj is None:
+        return None
+    for t in (bool, int, float, str):  # exact types: np.float64, enums etc. are subclasses
+        if isinstance(obj, t):
+            return t(obj)
+    torch = sys.modules.get("torch")  # a tensor or module can only exist if torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if torch is not None and isinstance(obj, torch.nn.Module):  # e.g. the EMA model
+        return {k: v.detach().cpu() for k, v in obj.state_dict().items()}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray) and obj.dtype != object and torch is not None:
+            return torch.from_numpy(obj.copy())
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; keys must be str or int")
+            out[k] = plain_data(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, not plain data")
 
 
 def setup_logging(verbose: bool = False, main_process: bool = True) -> None:

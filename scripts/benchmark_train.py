@@ -2,7 +2,7 @@
 
     python scripts/benchmark_train.py [--device cpu|0] [--iters 4] [--warmup 1] [--threads N]
 
-Times what `kapao train` does per batch (kapao.train.TrainStep): forward, loss, backward, and every
+Times what `kapao train` does per batch (kapao.train_step.TrainStep): forward, loss, backward, and every
 `accumulate` batches (nominal batch 64) the SGD step and the EMA update. Data loading is excluded
 (scripts/benchmark_loader.py measures it). Synthetic batches: random images, 6 persons per image
 with all 17 keypoints visible (plus their keypoint objects). Cases: sizes n and s at 640 px, batch 8,
@@ -23,7 +23,8 @@ from kapao.data import build_targets, collate
 from kapao.loss import KapaoLoss
 from kapao.model import build_model
 from kapao.runtime import select_device
-from kapao.train import ModelEMA, TrainStep, accumulate_steps, build_optimizer
+from kapao.optim import ModelEMA, accumulate_steps, build_optimizer
+from kapao.train_step import TrainStep
 
 PERSONS = 6
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kapao.config import (
-    PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, TargetLayout,
+    DEFAULT_SIGMA, PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, TargetLayout,
     load_dataset_config, load_hyp,
 )
 from kapao.errors import ConfigError, DataError
@@ -170,6 +170,8 @@ def test_configs_ship_in_wheel(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("coco-kp.yaml", "crowdpose.yaml", "hyp-kapao.yaml"):
         assert f"kapao/configs/{f}" in names
+    for f in ("__init__", "checkpoint", "unpickle", "official", "registry", "loader"):  # the weights subpackage
+        assert f"kapao/weights/{f}.py" in names
 
 
 def test_require_names_missing_data_and_how_to_get_it(tmp_path: Path, monkeypatch):
@@ -184,3 +186,43 @@ def test_require_names_missing_data_and_how_to_get_it(tmp_path: Path, monkeypatc
     y.write_text("base: coco\npath: nowhere\n")
     with pytest.raises(DataError, match="check 'path' and the 'val' entries of"):
         load_dataset_config(y).require("val")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a KeypointSchema (the one home for it)
+
+
+def test_schema_generic_and_for_count():
+    g = KeypointSchema.generic(5)
+    assert g.names == ("kp0", "kp1", "kp2", "kp3", "kp4") and g.flip_index == (0, 1, 2, 3, 4)
+    assert g.sigmas == (DEFAULT_SIGMA,) * 5 and g.skeleton == ()
+    assert KeypointSchema.for_count(17) == KeypointSchema.builtin("coco") == load_dataset_config("coco").schema
+    assert KeypointSchema.for_count(14) == KeypointSchema.builtin("crowdpose")
+    assert KeypointSchema.for_count(21) == KeypointSchema.generic(21)
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="at least 1"):
+            KeypointSchema.for_count(bad)
+    with pytest.raises(ConfigError, match="unknown built-in dataset 'mpii'.*coco, crowdpose"):
+        KeypointSchema.builtin("mpii")
+
+
+def test_schema_from_names_matches_builtins_and_guesses_flip_pairs():
+    coco = KeypointSchema.builtin("coco")
+    assert KeypointSchema.from_names(list(coco.names)) == coco  # flip pairs, sigmas and skeleton included
+    s = KeypointSchema.from_names(["head", "left_hand", "right_hand", "right_foot", "left_foot", "tail"])
+    assert s.flip_index == (0, 2, 1, 4, 3, 5) and s.sigmas == (DEFAULT_SIGMA,) * 6
+    # a guess that is not a set of pairs (right_eye_left -> left_eye_left, which has no partner) gives none
+    odd = KeypointSchema.from_names(["left_eye", "right_eye", "left_eye_left", "right_eye_left"])
+    assert odd.flip_index == (0, 1, 2, 3)
+    assert KeypointSchema.infer(14) == KeypointSchema.builtin("crowdpose")
+    assert KeypointSchema.infer(2, ["left_x", "right_x"]).flip_index == (1, 0)
+    with pytest.raises(ConfigError, match="3 keypoint names given for 2 keypoints"):
+        KeypointSchema.infer(2, ["a", "b", "c"])
+
+
+def test_schema_resolve_from_count_or_dataset():
+    assert KeypointSchema.resolve() == KeypointSchema.builtin("coco")
+    assert KeypointSchema.resolve(num_keypoints=14) == KeypointSchema.builtin("crowdpose")
+    assert KeypointSchema.resolve(num_keypoints=14, data="crowdpose") == KeypointSchema.builtin("crowdpose")
+    with pytest.raises(ConfigError, match="17 keypoints requested, but dataset config 'crowdpose' has 14"):
+        KeypointSchema.resolve(num_keypoints=17, data="crowdpose")

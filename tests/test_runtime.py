@@ -87,3 +87,24 @@ def test_check_writable_leaves_nothing(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
         check_writable(tmp_path / "file" / "x.onnx")
+
+
+def test_plain_data_converts_to_weights_only_types_and_names_the_culprit(tmp_path: Path):
+    import numpy as np
+
+    from kapao.runtime import plain_data
+
+    src = {"epoch": np.int64(3), "lr": np.float32(0.5), "ok": np.bool_(True), "path": tmp_path / "a",
+           "arr": np.arange(3), "t": torch.ones(2, requires_grad=True), "nested": [1, ("x", None)],
+           "module": torch.nn.Linear(2, 1)}
+    out = plain_data(src, "extra")
+    assert type(out["epoch"]) is int and out["epoch"] == 3
+    assert type(out["lr"]) is float and type(out["ok"]) is bool
+    assert out["path"] == str(tmp_path / "a") and out["nested"] == [1, ("x", None)]
+    assert torch.equal(out["arr"], torch.arange(3)) and not out["t"].requires_grad
+    assert set(out["module"]) == {"weight", "bias"}
+    assert type(src["epoch"]) is np.int64  # the input is not modified
+    with pytest.raises(TypeError, match=r"extra\['a'\]\[1\] is a builtins.object"):
+        plain_data({"a": [1, object()]}, "extra")
+    with pytest.raises(TypeError, match=r"extra has a key \(1, 2\) of type tuple"):
+        plain_data({(1, 2): 0}, "extra")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kapao import weights as W
+from kapao.weights import registry
 from kapao.config import ANCHORS, STRIDES, load_dataset_config
 from kapao.errors import WeightsError
 from kapao.model import KapaoHead, KapaoModel, generic_schema
@@ -432,7 +433,7 @@ def test_weights_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv(W.DIR_ENV)
     pkg = tmp_path / "checkout" / "kapao"
     pkg.mkdir(parents=True)
-    monkeypatch.setattr(W, "_PACKAGE_DIR", pkg)
+    monkeypatch.setattr(registry, "_PACKAGE_DIR", pkg)
     if sys.platform.startswith("linux"):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
         assert W.weights_dir() == tmp_path / "xdg" / "kapao"  # installed package: user cache
@@ -508,40 +509,63 @@ def test_download_once_then_cache_hit(cache, served_bytes, monkeypatch, model_n,
         assert len(srv.requests) == 1  # second time: from the cache, no request
 
 
-def test_download_follows_google_drive_confirmation_form(cache, served_bytes, monkeypatch):
-    def warning_page(h, q):
-        page = (f'<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>'
-                f'<form id="download-form" action="/download" method="get">'
-                f'<input type="submit" value="Download anyway"/>'
-                f'<input type="hidden" name="id" value="{q["id"]}"><input type="hidden" name="export" value="download">'
-                f'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-123">'
-                f'</form></body></html>').encode()
-        _send(h, page, ctype="text/html; charset=utf-8")
+def _fake_gdown(monkeypatch, answer):
+    """Install a stand-in `gdown` module whose download(**kw) calls answer(kw) and records its calls."""
+    calls = []
 
-    def download(h, q):
-        if q.get("uuid") != "u-123" or q.get("confirm") != "t":
-            h.send_error(403)
-        else:
-            _send(h, served_bytes)
+    def download(**kw):
+        calls.append(kw)
+        return answer(kw)
 
-    with _Server({"/uc": warning_page, "/download": download}) as srv:
-        monkeypatch.setenv(W.URL_ENV, srv.url + "/uc?id={id}&export=download")
-        path = W.download_weights("kapao_m_crowdpose")
-        assert path == cache / "kapao_m_crowdpose.pt" and path.read_bytes() == served_bytes
-        assert [urllib.parse.urlsplit(r).path for r in srv.requests] == ["/uc", "/download"]
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=download))
+    return calls
 
 
-def test_confirmation_page_parsing():
-    form = ('<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
-            '<input type="hidden" name="id" value="ID1"><input type="hidden" name="confirm" value="t">'
-            '<input type="hidden" name="uuid" value="a&amp;b"></form>')
-    assert W._confirmation_url(form, "https://drive.google.com/uc?id=ID1") == (
-        "https://drive.usercontent.google.com/download?id=ID1&confirm=t&uuid=a%26b")
-    legacy = '<a id="uc-download-link" href="/uc?export=download&amp;confirm=Xy_9&amp;id=ID1">Download anyway</a>'
-    got = urllib.parse.urlsplit(W._confirmation_url(legacy, "https://docs.google.com/uc?export=download&id=ID1"))
-    assert got.netloc == "docs.google.com"
-    assert dict(urllib.parse.parse_qsl(got.query)) == {"export": "download", "id": "ID1", "confirm": "Xy_9"}
-    assert W._confirmation_url("<html>Too many users have viewed or downloaded this file</html>", "https://x") is None
+def test_drive_download_goes_through_gdown_quietly_with_our_progress_bar(cache, served_bytes, monkeypatch, capsys):
+    def answer(kw):
+        print("Downloading... From: To:")  # what gdown prints when not quiet: must not reach the user
+        for i in range(0, len(served_bytes), 50_000):
+            kw["output"].write(served_bytes[i:i + 50_000])
+        return kw["output"]
+
+    monkeypatch.delenv(W.URL_ENV, raising=False)
+    calls = _fake_gdown(monkeypatch, answer)
+    path = W.download_weights("kapao_m_crowdpose")
+    assert path == cache / "kapao_m_crowdpose.pt" and path.read_bytes() == served_bytes
+    assert sorted(p.name for p in cache.iterdir()) == ["kapao_m_crowdpose.pt"]
+    assert len(calls) == 1 and calls[0]["id"] == W.GDRIVE_IDS["kapao_m_crowdpose"]
+    assert calls[0]["quiet"] is True and calls[0]["use_cookies"] is False
+    out, err = capsys.readouterr()
+    assert "Downloading" not in out + err
+    assert "kapao_m_crowdpose.pt" in err and "B/s" in err  # our tqdm bar
+    W.download_weights("kapao_m_crowdpose")
+    assert len(calls) == 1  # cached
+
+
+def test_drive_download_failure_says_what_to_fetch_and_where(cache, monkeypatch, capsys):
+    def refused(kw):
+        kw["output"].write(b"partial")
+        print("Access denied with the following error: Too many users have viewed or downloaded this file")
+        return None  # what gdown does after printing an access error
+
+    monkeypatch.delenv(W.URL_ENV, raising=False)
+    _fake_gdown(monkeypatch, refused)
+    with pytest.raises(WeightsError) as e:
+        W.download_weights("kapao_l_crowdpose")
+    msg = str(e.value)
+    assert "Too many users have viewed" in msg
+    assert "https://drive.google.com/file/d/146DW9ELzIBY2oDofPru446yLErxHrjJU/view" in msg
+    assert f"save it as {cache / 'kapao_l_crowdpose.pt'}" in msg
+    assert list(cache.iterdir()) == []
+    assert "Access denied" not in capsys.readouterr().out
+
+    def offline(kw):
+        raise ConnectionError("Failed to establish a new connection")
+
+    _fake_gdown(monkeypatch, offline)
+    with pytest.raises(WeightsError, match="Failed to establish a new connection; offline.*by hand and save it as"):
+        W.download_weights("kapao_l_crowdpose")
+    assert list(cache.iterdir()) == []
 
 
 def test_truncated_download_leaves_nothing(cache, served_bytes, monkeypatch):
