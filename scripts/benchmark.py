@@ -330,7 +330,7 @@ def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
             found = postprocess(pred, PREDICT_SETTINGS, layout, metas)[0]
             row.post = median_ms(lambda: postprocess(pred, PREDICT_SETTINGS, layout, metas), args.runs, args.warmup,
                                  sync)
-            row.notes.append(f"{len(found)} poses, {int((found.keypoints[..., 2] > 0).sum())} fused keypoints")
+            row.notes.append(f"{len(found)} poses, {int(found.fused.sum())} fused keypoints")
             api = kapao_api(model, device, backend, path)
             api.predict(ctx.frames[0], imgsz=imgsz)  # warm-up at the video's input shape
             run = api.run(str(ctx.clip), imgsz=imgsz, save=True, project=ctx.project, name=f"{size}_{imgsz}",
