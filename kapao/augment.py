@@ -13,9 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from kapao.config import MAX_STRIDE, Hyp
-
-PAD_VALUE = 114  # grey used for letterbox padding, mosaic background and affine borders
+from kapao.config import MAX_STRIDE, PAD_VALUE, Hyp
 
 
 # ----------------------------------------------------------------------------------------------

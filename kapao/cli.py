@@ -1,16 +1,24 @@
 """The `kapao` command: a thin click layer that parses options, builds settings and calls the library."""
 from __future__ import annotations
 
-import re
 import sys
-from typing import Callable
 
 import click
 
-from kapao.version import __version__
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, check_imgsz
+from kapao.cli_options import (
+    MODEL_SIZES,
+    ImgSize,
+    bad_parameter,
+    check_device,
+    inference_options,
+    must_exist,
+    settings_from,
+    tta_passes,
+)
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
+from kapao.version import __version__
 from kapao.weights.registry import weights_help
 
 
@@ -24,7 +32,7 @@ class KapaoGroup(click.Group):
     diverged training, disk and permission problems.
     """
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except KapaoError as e:
@@ -47,152 +55,14 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
-MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
-
-
-class ImgSize(click.ParamType):
-    """A positive multiple of the network's largest stride (64), checked by kapao.config.check_imgsz."""
-
-    name = "imgsz"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        try:
-            v = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not an integer", param, ctx)
-        try:
-            return check_imgsz(v)
-        except ConfigError as e:
-            self.fail(str(e).removeprefix("--imgsz "), param, ctx)
-
-
-class FloatList(click.ParamType):
-    """Comma-separated floats, e.g. `0.8,1,1.2`."""
-
-    name = "floats"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        try:
-            vals = [float(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
-        if not vals or any(v <= 0 for v in vals):
-            self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
-        return vals
-
-
-class FlipList(click.ParamType):
-    """Comma-separated flips: `none` (or 0/-1) and `lr` (or 1/3), e.g. `none,lr,none`."""
-
-    name = "flips"
-    WORDS = {"none": False, "0": False, "-1": False, "n": False, "lr": True, "1": True, "3": True}
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
-        bad = [v for v in items if v not in self.WORDS]
-        if bad or not items:
-            self.fail(f"{value!r}: use none or lr per pass, e.g. none,lr,none", param, ctx)
-        return [self.WORDS[v] for v in items]
-
-
-def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
-    if value is None or value == "":
-        return value
-    from kapao.runtime import select_device
-
-    try:
-        select_device(value)
-    except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--device '{value}': "), ctx, param) from None
-    return value
-
-
-def _bad(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
-    """A library error about one option's value as a usage error (exit 2) naming that option."""
-    if isinstance(param, str):
-        param = next(p for p in ctx.command.params if p.name == param)
-    return click.BadParameter(re.sub(rf"^{re.escape(param.opts[0])}:? ", "", str(e)), ctx, param)
-
-
-def _exists(what: str) -> Callable:
-    """Callback: the value must name something that exists — a built-in name or an existing file —
-    checked at parse time without reading it (`what`: data, hyp or weights). Reading it comes later."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if what == "weights":
-            from kapao.weights import check_weights_spec as check
-        else:
-            from kapao.config import check_dataset_spec, check_hyp_spec
-
-            check = check_dataset_spec if what == "data" else check_hyp_spec
-        try:
-            check(value)
-        except KapaoError as e:
-            raise _bad(e, ctx, param) from None
-        return value
-
-    return callback
-
-
-UNIT = click.FloatRange(0.0, 1.0)
-
-
-def inference_options(defaults: InferenceSettings) -> Callable:
-    """Threshold and TTA options shared by predict and val (defaults differ: demo vs val settings)."""
-
-    def wrap(f):  # noqa: ANN001, ANN202
-        opts = [
-            click.option("--conf", type=UNIT, default=None, help=f"Pose (person) score threshold. [default: {defaults.conf}]"),
-            click.option("--iou", type=UNIT, default=None, help=f"Pose NMS IoU threshold. [default: {defaults.iou}]"),
-            click.option("--conf-kp", type=UNIT, default=None, help=f"Keypoint-object score threshold. [default: {defaults.conf_kp}]"),
-            click.option("--iou-kp", type=UNIT, default=None, help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
-            click.option("--conf-kp-person", type=UNIT, default=None,
-                         help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
-            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
-                         help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
-            click.option("--max-det", type=click.IntRange(min=1), default=None, help=f"Max poses per image. [default: {defaults.max_det}]"),
-            click.option("--no-fuse", is_flag=True, help="Keep the regressed keypoints; skip keypoint-object fusion."),
-            click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
-            click.option("--flips", type=FlipList(), default=None, help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
-            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return wrap
-
-
-def _settings(defaults, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse):  # noqa: ANN001, ANN202
-    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
-                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
-
-
-def _tta(scales, flips, tta):  # noqa: ANN001, ANN202
-    if tta:
-        if scales or flips:
-            raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
-        return [0.8, 1.0, 1.2], [False, True, False]
-    if scales and flips and len(scales) != len(flips):
-        raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
-    return scales, flips
-
-
 @cli.command()
-@click.option("--weights", default=None, callback=_exists("weights"),
+@click.option("--weights", default=None, callback=must_exist("weights"),
               help=f"Describe a checkpoint (kapao or official file) or named weights: {weights_help()}.")
 @click.option("--names", "list_names", is_flag=True, help="List the named weights (published AP, dataset, input size).")
 @click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
 @click.option("--kpts", type=click.IntRange(min=1), default=None,
               help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
-@click.option("--data", default=None, callback=_exists("data"),
+@click.option("--data", default=None, callback=must_exist("data"),
               help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
 def info(weights: str | None, list_names: bool, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
@@ -236,11 +106,11 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
+@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}.")
 @click.option("--imgsz", type=ImgSize(), default=None,
               help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
 @inference_options(PREDICT_SETTINGS)
@@ -273,16 +143,16 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     from kapao.sources import resolve_source
 
     setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = _tta(scales, flips, tta)
+    scales, flips = tta_passes(scales, flips, tta)
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
         source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
                                                                                scales, flips, project, name)
-    settings = _settings(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     try:
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
-        raise _bad(e, ctx, "source") from None
+        raise bad_parameter(e, ctx, "source") from None
     api = KAPAO(weights, device=device, half=half)
     try:
         run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
@@ -290,7 +160,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
                       project=project, name=name, keep_results=False, progress=True, resume=resume)
     except ConfigError as e:
         if str(e).startswith("--resume"):
-            raise _bad(e, ctx, "resume") from None
+            raise bad_parameter(e, ctx, "resume") from None
         raise
     skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
         (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "") + \
@@ -311,7 +181,7 @@ def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, sc
         run_dir = find_resume_run(resume, project, name, source)
         stored = read_run_args(run_dir)
     except ConfigError as e:
-        raise _bad(e, ctx, "resume") from None
+        raise bad_parameter(e, ctx, "resume") from None
     if ctx.get_parameter_source("weights") == click.core.ParameterSource.DEFAULT and stored.get("weights"):
         weights = stored["weights"]
     if not (scales or flips):
@@ -321,15 +191,15 @@ def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, sc
 
 
 @cli.command()
-@click.option("--weights", default=None, callback=_exists("weights"),
+@click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
-@click.option("--data", default=None, callback=_exists("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
+@click.option("--data", default=None, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
@@ -340,7 +210,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    from kapao.config import load_dataset_config
     from kapao.val import run_val
 
     setup_logging(ctx.obj.get("verbose", False))
@@ -350,8 +219,8 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         data, split = "crowdpose", split or "test"
         weights = weights or "kapao_s_crowdpose"
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
-    scales, flips = _tta(scales, flips, tta)
-    settings = _settings(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+    scales, flips = tta_passes(scales, flips, tta)
+    settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
@@ -375,8 +244,6 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected KEY=NUMBER such as lr0=0.02", ctx, param)
     if out:  # names and ranges checked now, against the defaults
-        from kapao.config import Hyp
-
         try:
             Hyp.from_dict({**Hyp().to_dict(), **out}, where="--hyp-set")
         except KapaoError as e:
@@ -388,23 +255,23 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
     """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
     if value and "," in value:
         for d in value.split(","):
-            _check_device(ctx, param, d.strip())
+            check_device(ctx, param, d.strip())
         return value
-    return _check_device(ctx, param, value)
+    return check_device(ctx, param, value)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
-@click.option("--data", default="coco", show_default=True, callback=_exists("data"), help="coco, crowdpose or a dataset YAML.")
+@click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
 @click.option("--device", default=None, callback=_check_train_device,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, callback=_exists("weights"),
+@click.option("--weights", default=None, callback=must_exist("weights"),
               help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
-@click.option("--hyp", default=None, callback=_exists("hyp"),
+@click.option("--hyp", default=None, callback=must_exist("hyp"),
               help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
               help="Override one hyperparameter, e.g. --hyp-set lr0=0.02 (repeatable).")
@@ -439,7 +306,7 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
         try:
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
-            raise _bad(e, ctx, "resume") from None
+            raise bad_parameter(e, ctx, "resume") from None
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -467,7 +334,7 @@ class ImgShape(click.ParamType):
 
 
 @cli.command()
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=_exists("weights"),
+@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help="Checkpoint or name to export.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")
 @click.option("--imgsz", type=ImgShape(), default="640", show_default=True,
@@ -477,7 +344,7 @@ class ImgShape(click.ParamType):
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim.")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True, help="ONNX opset (SiLU needs 13+).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
-@click.option("--device", default=None, callback=_check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
+@click.option("--device", default=None, callback=check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
@@ -485,7 +352,8 @@ class ImgShape(click.ParamType):
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
            opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
-    from kapao.export import describe_check, export_onnx, read_metadata
+    from kapao.backends import read_metadata
+    from kapao.export import describe_check, export_onnx
 
     setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,

@@ -5,16 +5,23 @@ the class count (1 + K), the head's channel layout and the training-target layou
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-import yaml
-
 from kapao.errors import ConfigError, DataError
+from kapao.settings import (  # noqa: F401 re-exported
+    BUILTIN_HYPS,
+    PREDICT_SETTINGS,
+    VAL_SETTINGS,
+    Hyp,
+    InferenceSettings,
+    builtin_config_file,
+    check_hyp_spec,
+    load_hyp,
+    read_yaml,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Constants of the method (facts from the official KAPAO models/training)
@@ -29,11 +36,13 @@ OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss
 MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PAD_VALUE = 114  # grey (uint8) of letterbox padding, mosaic background, affine borders and TTA padding
+# The official test-time augmentation: input scales and, per scale, a left-right flip
+OFFICIAL_TTA: tuple[tuple[float, ...], tuple[bool, ...]] = ((0.8, 1.0, 1.2), (False, True, False))
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
 BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}
 GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpose.sh"}  # download scripts
-BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
 SPLITS = ("train", "val", "test")
 
 
@@ -295,32 +304,6 @@ class DatasetConfig:
         return {**d, **self.schema.to_dict()}
 
 
-def builtin_config_file(name: str) -> Path:
-    """Path of a YAML that ships inside the package (works from a wheel as well as a checkout)."""
-    try:
-        return Path(str(resources.files("kapao.configs") / name))
-    except ModuleNotFoundError:  # imported from a source tree that is not installed: read ../data
-        return Path(__file__).resolve().parents[1] / "data" / name
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:  # a folder, no permission, …
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text (YAML) file; pass a dataset/hyperparameter YAML") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return data
-
-
 _DATASET_KEYS = {"base", "name", "path", *SPLITS, *(f"{s}_annotations" for s in SPLITS),
                  "kpt_names", "flip_idx", "sigmas", "skeleton", "kp_bbox"}
 
@@ -333,13 +316,6 @@ def check_dataset_spec(spec: str | os.PathLike) -> None:
         raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
 
 
-def check_hyp_spec(spec: str | os.PathLike) -> None:
-    """ConfigError unless `spec` is a built-in hyperparameter set or an existing file (nothing is read)."""
-    text = str(spec)
-    if text not in BUILTIN_HYPS and not Path(text).expanduser().is_file():
-        raise ConfigError(f"hyperparameter file not found: {text} (built-in: {', '.join(BUILTIN_HYPS)})")
-
-
 def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
     """Read a dataset YAML (short name or path) and merge it over its `base:` chain."""
     if depth > 4:
@@ -350,7 +326,7 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
     else:
         check_dataset_spec(text)
         path, builtin = Path(text).expanduser(), False
-    data = _read_yaml(path)
+    data = read_yaml(path)
     unknown = set(data) - _DATASET_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_DATASET_KEYS))}")
@@ -381,108 +357,3 @@ def load_dataset_config(spec: str | os.PathLike) -> DatasetConfig:
     schema = KeypointSchema.from_dict(data, where=f"dataset config {source}")
     return DatasetConfig(name=str(data["name"]), root=root, images=images, annotations=annotations,
                          schema=schema, source=source)
-
-
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Hyp:
-    """Training hyperparameters (loss gains, optimiser schedule, augmentation)."""
-
-    # optimiser and schedule
-    lr0: float = 0.01
-    lrf: float = 0.2  # final lr = lr0 * lrf (cosine)
-    momentum: float = 0.937
-    weight_decay: float = 5e-4  # scaled by batch/nominal_batch; conv weights only
-    nominal_batch: int = 64  # gradients are accumulated up to this batch size
-    warmup_epochs: float = 3.0
-    warmup_min_iters: int = 1000
-    warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
-    ema_decay: float = 0.9999
-    ema_tau: float = 2000.0
-    # loss
-    box: float = 0.05
-    obj: float = 0.7
-    cls: float = 0.3
-    kp: float = 0.025
-    anchor_t: float = 4.0
-    # augmentation
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.9
-    shear: float = 0.0
-    perspective: float = 0.0
-    fliplr: float = 0.5
-    mosaic: float = 1.0
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
-                raise ConfigError(f"hyperparameter '{f.name}' must be a finite non-negative number, got {v!r}")
-        for name in ("fliplr", "mosaic"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"hyperparameter '{name}' is a probability and must be in [0, 1]")
-
-    def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, where: str = "hyp") -> "Hyp":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        for k, v in d.items():
-            try:
-                float(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
-        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
-                      for k, v in d.items()})
-
-
-def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
-    """Load hyperparameters from a built-in name (`default`) or a YAML path; missing keys keep defaults."""
-    text = "default" if spec is None else str(spec)
-    check_hyp_spec(text)
-    path = builtin_config_file(BUILTIN_HYPS[text]) if text in BUILTIN_HYPS else Path(text).expanduser()
-    return Hyp.from_dict(_read_yaml(path), where=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Thresholds of decode -> NMS -> keypoint-object fusion, passed as one object."""
-
-    conf: float = 0.7  # pose-object (person) score threshold
-    iou: float = 0.45  # pose-object NMS IoU
-    max_det: int = 300
-    conf_kp: float = 0.5  # keypoint-object score threshold
-    iou_kp: float = 0.45  # keypoint-object NMS IoU
-    conf_kp_person: float = 0.2  # poses above this score take part in fusion
-    tolerance: float = 25.0  # fusion distance in original-image pixels
-    fuse: bool = True  # fuse keypoint objects into poses
-
-    def __post_init__(self) -> None:
-        for name in ("conf", "iou", "conf_kp", "iou_kp", "conf_kp_person"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"'{name}' must be in [0, 1], got {v}")
-        if self.max_det < 1:
-            raise ConfigError(f"'max_det' must be at least 1, got {self.max_det}")
-        if self.tolerance < 0:
-            raise ConfigError(f"'tolerance' must be non-negative, got {self.tolerance}")
-
-    def replace(self, **changes: Any) -> "InferenceSettings":
-        """A copy with the given fields changed (None values are ignored)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-PREDICT_SETTINGS = InferenceSettings()  # the official demos' thresholds
-VAL_SETTINGS = InferenceSettings(conf=0.001, iou=0.65, max_det=300, conf_kp=0.2, iou_kp=0.25,
-                                 conf_kp_person=0.3, tolerance=50.0)

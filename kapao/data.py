@@ -1,413 +1,34 @@
 """Training/validation data: COCO-format keypoint JSON + images -> augmented images and KAPAO targets.
 
-Labels are parsed straight from the JSON (no conversion step) and cached in a numpy .npz next to the
-JSON (or in the user cache dir when that folder is read-only). Targets follow
+Labels come from :mod:`kapao.labels` (parsed from the JSON, cached). Targets follow
 :class:`kapao.config.TargetLayout`: one pose object (class 0: box + K keypoints) per person and one
 keypoint object (class k+1, a square box) per visible keypoint, built after augmentation.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
-import io
 import logging
 import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
-from kapao.augment import (Instances, PixelNoise, augment_hsv, fliplr, letterbox, mosaic4, random_affine,
-                           resize_long_side)
-from kapao.config import (IMAGE_SUFFIXES, MAX_STRIDE, DatasetConfig, Hyp, KeypointSchema, TargetLayout,
-                          check_imgsz)
+from kapao.augment import Instances, PixelNoise, augment_hsv, fliplr, letterbox, mosaic4, random_affine, resize_long_side
+from kapao.config import MAX_STRIDE, PAD_VALUE, DatasetConfig, Hyp, KeypointSchema, TargetLayout, check_imgsz
 from kapao.errors import ConfigError, DataError
-from kapao.runtime import atomic_write
+from kapao.labels import load_labels, read_coco
+from kapao.sources import load_image
 
-LOGGER = logging.getLogger("kapao.data")
-CACHE_VERSION = 2
-KPT_CLIP_MARGIN = 0.02  # labelled keypoints up to this fraction of max(h, w) outside the image are clipped in
-_EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+LOGGER = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class DatasetStats:
-    """Counts from parsing one split. `persons` are kept pose objects, `box_only` those of them with
-    no labelled keypoint; `negatives` are usable images without persons."""
-
-    images: int = 0
-    persons: int = 0
-    box_only: int = 0
-    negatives: int = 0
-    missing: int = 0
-    corrupt: int = 0
-    crowd_skipped: int = 0
-    empty_boxes: int = 0
-    kpts_clipped: int = 0
-    kpts_dropped: int = 0
-    size_mismatch: int = 0
-    orphan_annotations: int = 0  # annotations whose image_id is not among the JSON's images
-
-    def summary(self) -> str:
-        """One line for the log."""
-        line = (f"{self.images} images, {self.persons} persons ({self.box_only} box-only), {self.negatives} negatives, "
-                f"{self.missing} missing + {self.corrupt} corrupt images skipped")
-        extras = {"crowd annotations skipped": self.crowd_skipped, "zero-size boxes skipped": self.empty_boxes,
-                  "keypoints clipped into the image": self.kpts_clipped, "keypoints far outside dropped": self.kpts_dropped,
-                  "images whose size differs from the JSON (labels rescaled)": self.size_mismatch,
-                  "annotations of image ids missing from 'images' skipped": self.orphan_annotations}
-        return line + "".join(f", {v} {k}" for k, v in extras.items() if v)
-
-    def to_array(self) -> np.ndarray:
-        return np.array(dataclasses.astuple(self), np.int64)
-
-    @classmethod
-    def from_array(cls, a: np.ndarray) -> "DatasetStats":
-        return cls(*(int(v) for v in a))
-
-
-# ----------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike, apply_exif: bool = True) -> np.ndarray:
-    """Read an image as BGR uint8 (H, W, 3): EXIF orientation applied, gray/RGBA/16-bit converted.
-
-    Raises DataError naming the file when it is missing or cannot be decoded.
-    """
-    try:
-        buf = np.fromfile(str(path), np.uint8)  # fromfile + imdecode also handles non-ASCII paths
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {e.strerror or e}; check that the file exists") from None
-    flags = cv2.IMREAD_COLOR if apply_exif else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    try:
-        img = cv2.imdecode(buf, flags) if buf.size else None
-    except cv2.error:  # e.g. more pixels than OpenCV accepts
-        img = None
-    if img is None:
-        img = _load_with_pil(path, apply_exif)
-    if img is None:
-        raise DataError(f"cannot decode image {path}: the file is corrupt or not an image; remove or replace it")
-    return img
-
-
-def _load_with_pil(path: str | os.PathLike, apply_exif: bool) -> np.ndarray | None:
-    """Fallback for formats OpenCV cannot decode."""
-    from PIL import ImageOps
-
-    try:
-        with _pil_open(path) as im:
-            im = ImageOps.exif_transpose(im) if apply_exif else im
-            return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
-    except Exception:  # noqa: BLE001 - any decoder failure means "not readable"
-        return None
-
-
-def _pil_open(path: str | os.PathLike):  # -> PIL.Image.Image
-    """PIL's own Image.open. Importing ultralytics replaces it with a version that, on a file PIL cannot
-    identify, tries to pip-install a HEIF plugin: a corrupt or foreign file must not install packages."""
-    import sys
-
-    from PIL import Image
-
-    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)(path)
-
-
-def _probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """Cheap check without decoding pixels: ('ok'|'missing'|'corrupt', raw (h, w), EXIF-applied (h, w)).
-
-    Reads the header with PIL and, for JPEGs, checks for the end-of-image marker in the last 1 KiB.
-    """
-    try:
-        with _pil_open(path) as im:
-            w, h = im.size
-            fmt = im.format
-            # (PNG is left out: PIL decodes the whole file to find its EXIF chunk)
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP") else 1
-            if fmt == "PNG":  # a truncated PNG has a valid header; only the chunk CRCs tell (no decoding)
-                try:
-                    im.verify()
-                except Exception:  # noqa: BLE001 - PIL raises OSError/SyntaxError for broken chunks
-                    return "corrupt", (0, 0), (0, 0)
-        if fmt in ("JPEG", "MPO"):
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - 1024))
-                if b"\xff\xd9" not in f.read():
-                    return "corrupt", (0, 0), (0, 0)
-    except FileNotFoundError:
-        return "missing", (0, 0), (0, 0)
-    except Exception:  # noqa: BLE001 - PIL cannot read it: let OpenCV decide
-        try:
-            shape = load_image(path).shape[:2]
-        except DataError:
-            return ("corrupt" if path.exists() else "missing"), (0, 0), (0, 0)
-        return "ok", shape, shape
-    if w < 2 or h < 2:
-        return "corrupt", (0, 0), (0, 0)
-    return "ok", (h, w), ((w, h) if orientation in _EXIF_TRANSPOSED else (h, w))
-
-
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Labels:
-    """Parsed labels of one split, as flat arrays (cheap to cache and to share with workers).
-
-    Image i has persons offsets[i]:offsets[i+1] of boxes (P, 4: x1, y1, x2, y2) and keypoints
-    (P, K, 3: x, y, v), in pixels of the original (decoded) image; shapes (N, 2) are (h, w).
-    """
-
-    files: np.ndarray  # (N,) str, relative to the image folder
-    image_ids: np.ndarray  # (N,) int64 (or str for datasets with string ids)
-    shapes: np.ndarray  # (N, 2) int64
-    apply_exif: np.ndarray  # (N,) bool; False where the JSON's size matches the raw, un-rotated pixels
-    offsets: np.ndarray  # (N + 1,) int64
-    boxes: np.ndarray  # (P, 4) float32
-    keypoints: np.ndarray  # (P, K, 3) float32
-    stats: DatasetStats
-    skipped: np.ndarray  # (S,) str: missing or corrupt image files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def instances(self, i: int) -> Instances:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return Instances(self.boxes[a:b].copy(), self.keypoints[a:b].copy(), np.ones(b - a, bool))
-
-    def save(self, path: Path, key: str) -> None:
-        """Write atomically as .npz (no pickle)."""
-        with atomic_write(path) as f:
-            np.savez(f, version=np.int64(CACHE_VERSION), key=np.str_(key), files=self.files, image_ids=self.image_ids,
-                     shapes=self.shapes, apply_exif=self.apply_exif, offsets=self.offsets, boxes=self.boxes,
-                     keypoints=self.keypoints, stats=self.stats.to_array(), skipped=self.skipped)
-
-    @classmethod
-    def load(cls, path: Path, key: str) -> "Labels | None":
-        """The cached labels, or None when the file is absent, stale or unreadable."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if int(z["version"]) != CACHE_VERSION or str(z["key"]) != key:
-                    return None
-                return cls(files=z["files"], image_ids=z["image_ids"], shapes=z["shapes"], apply_exif=z["apply_exif"],
-                           offsets=z["offsets"], boxes=z["boxes"], keypoints=z["keypoints"],
-                           stats=DatasetStats.from_array(z["stats"]), skipped=z["skipped"])
-        except Exception:  # noqa: BLE001 - absent, truncated or foreign file: parse again
-            return None
-
-
-def read_coco(ann_file: Path):  # -> pycocotools.coco.COCO
-    """Load a COCO-format JSON with pycocotools (its progress prints silenced)."""
-    from pycocotools.coco import COCO
-
-    if not ann_file.is_file():
-        raise DataError(f"annotation file not found: {ann_file}; check the dataset YAML's *_annotations entries")
-    if ann_file.stat().st_size == 0:
-        raise DataError(f"{ann_file} is empty (0 bytes); re-download or fix the file")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
-    except OSError as e:
-        raise DataError(f"cannot read {ann_file}: {e.strerror or e}; check its permissions") from None
-    except (ValueError, AssertionError, KeyError, TypeError) as e:  # JSON syntax (ValueError) or structure
-        why = f"an entry has no {e} key" if isinstance(e, KeyError) else str(e)
-        raise DataError(f"{ann_file}: not a valid COCO-format JSON ({why}); re-download or fix the file") from None
-
-
-def _person_category_ids(coco) -> set | None:
-    """Ids of categories that define keypoints; None (= all annotations) when none do."""
-    ids = {c["id"] for c in coco.dataset.get("categories", []) if c.get("keypoints")}
-    return ids or None
-
-
-def _parse_annotation(a: dict, img_hw: tuple[int, int], sxy: tuple[float, float], k: int, ann_file: Path,
-                      stats: DatasetStats) -> tuple[np.ndarray, np.ndarray] | None:
-    """One annotation -> (box (4,) xyxy, keypoints (K, 3)) in image pixels, or None if skipped."""
-    h, w = img_hw
-    raw = a.get("keypoints") or []
-    raw = raw if isinstance(raw, (list, tuple)) else []
-    if len(raw) != 3 * k:
-        raise DataError(f"{ann_file}: annotation id {a.get('id')} has {len(raw) / 3:g} keypoints but the dataset schema "
-                        f"has K={k}; fix the annotation or the dataset YAML's kpt_names")
-    try:
-        x, y, bw, bh = (float(v) for v in a["bbox"])
-        kpts = np.array(raw, np.float32).reshape(k, 3) if k else np.zeros((0, 3), np.float32)
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{ann_file}: annotation id {a.get('id')} needs a 'bbox' of 4 numbers [x, y, w, h] and "
-                        f"numeric 'keypoints'; fix the annotation") from None
-    box = np.array([x * sxy[0], y * sxy[1], (x + bw) * sxy[0], (y + bh) * sxy[1]], np.float32)
-    box[[0, 2]] = box[[0, 2]].clip(0, w)
-    box[[1, 3]] = box[[1, 3]].clip(0, h)
-    if box[2] <= box[0] or box[3] <= box[1]:
-        stats.empty_boxes += 1
-        return None
-    kpts[:, :2] *= sxy
-    kpts[kpts[:, 2] <= 0] = 0.0
-    vis = kpts[:, 2] > 0
-    margin = KPT_CLIP_MARGIN * max(h, w)
-    out = vis & ((kpts[:, 0] < 0) | (kpts[:, 0] >= w) | (kpts[:, 1] < 0) | (kpts[:, 1] >= h))
-    far = out & ((kpts[:, 0] < -margin) | (kpts[:, 0] >= w + margin) | (kpts[:, 1] < -margin) | (kpts[:, 1] >= h + margin))
-    kpts[far] = 0.0
-    kpts[:, 0] = np.where(out & ~far, kpts[:, 0].clip(0, w - 1e-3), kpts[:, 0])  # inside [0, w)
-    kpts[:, 1] = np.where(out & ~far, kpts[:, 1].clip(0, h - 1e-3), kpts[:, 1])
-    stats.kpts_dropped += int(far.sum())
-    stats.kpts_clipped += int((out & ~far).sum())
-    return box, kpts
-
-
-def _label_frame(info: dict, raw_hw: tuple[int, int],
-                 hw: tuple[int, int]) -> tuple[tuple[int, int], bool, tuple[float, float]]:
-    """The pixel frame labels refer to: ((h, w) after decoding, apply EXIF?, JSON-to-pixel scale (sx, sy)).
-
-    If the JSON's size matches the raw pixels but not the EXIF-rotated ones, the labels were made on
-    the raw pixels: keep them un-rotated. Any other size difference rescales the labels.
-    """
-    json_hw = (int(info.get("height") or hw[0]), int(info.get("width") or hw[1]))  # checked by _check_images
-    apply_exif = not (json_hw == raw_hw and json_hw != hw)
-    hw = hw if apply_exif else raw_hw
-    return hw, apply_exif, (hw[1] / json_hw[1], hw[0] / json_hw[0])
-
-
-def _image_persons(anns: list[dict], hw: tuple[int, int], sxy: tuple[float, float], k: int, cats: set | None,
-                   skip_crowd: bool, ann_file: Path, stats: DatasetStats) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The kept (box, keypoints) pairs of one image's annotations; updates the skip counters."""
-    persons = []
-    for a in anns:
-        if cats is not None and a.get("category_id") not in cats:
-            continue
-        if skip_crowd and a.get("iscrowd", 0):
-            stats.crowd_skipped += 1
-            continue
-        parsed = _parse_annotation(a, hw, sxy, k, ann_file, stats)
-        if parsed is not None:
-            persons.append(parsed)
-            stats.box_only += not (parsed[1][:, 2] > 0).any()
-    return persons
-
-
-def _check_images(infos: list[dict], ann_file: Path) -> None:
-    """DataError naming the first image entry without a usable file_name, width or height."""
-    for info in infos:
-        ok = isinstance(info.get("file_name"), str) and info["file_name"]
-        try:
-            ok = ok and all(int(info.get(key) or 1) > 0 for key in ("height", "width"))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise DataError(f"{ann_file}: image id {info.get('id')!r} needs a 'file_name' and positive integer "
-                            "'width'/'height'; fix the image entry")
-
-
-def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: bool,
-                      coco: Any = None, workers: int = 8) -> Labels:
-    """Parse a COCO keypoint JSON and probe its images (threads). Raises DataError on bad annotations."""
-    coco = coco if coco is not None else read_coco(ann_file)
-    stats, k, cats = DatasetStats(), num_keypoints, _person_category_ids(coco)
-    infos = list(coco.imgs.values())
-    _check_images(infos, ann_file)
-    stats.orphan_annotations = sum(len(v) for i, v in coco.imgToAnns.items() if i not in coco.imgs)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        jobs = pool.map(lambda info: _probe_image(img_dir / info["file_name"]), infos)
-        probes = list(tqdm(jobs, total=len(infos), desc=f"checking images in {img_dir.name}", unit="img",
-                           leave=False, disable=len(infos) < 1000))  # only the first start of a big set is slow
-    kept, frames, persons, skipped = [], [], [], []
-    for info, (status, raw_hw, hw) in zip(infos, probes):
-        if status != "ok":
-            stats.missing += status == "missing"
-            stats.corrupt += status == "corrupt"
-            skipped.append(info["file_name"])
-            continue
-        hw, apply_exif, sxy = _label_frame(info, raw_hw, hw)
-        stats.size_mismatch += sxy != (1.0, 1.0)
-        kept.append(info)
-        frames.append((hw, apply_exif))
-        persons.append(_image_persons(coco.imgToAnns.get(info["id"], []), hw, sxy, k, cats, skip_crowd, ann_file, stats))
-    counts = [len(p) for p in persons]
-    flat = [x for p in persons for x in p]
-    stats.images, stats.persons, stats.negatives = len(kept), len(flat), counts.count(0)
-    return Labels(files=np.array([i["file_name"] for i in kept], dtype=str), image_ids=np.array([i["id"] for i in kept]),
-                  shapes=np.array([f[0] for f in frames], np.int64).reshape(-1, 2),
-                  apply_exif=np.array([f[1] for f in frames], bool),
-                  offsets=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
-                  boxes=np.array([b for b, _ in flat], np.float32).reshape(-1, 4),
-                  keypoints=np.array([kp for _, kp in flat], np.float32).reshape(-1, k, 3),
-                  stats=stats, skipped=np.array(skipped, dtype=str))
-
-
-# ----------------------------------------------------------------------------------------------
-def _listing_digest(img_dir: Path) -> str:
-    """Digest of the relative names of all image files under the image folder."""
-    h = hashlib.sha1()
-    for root, dirs, names in os.walk(img_dir):
-        dirs.sort()
-        rel = os.path.relpath(root, img_dir)
-        for n in sorted(names):
-            if n.lower().endswith(IMAGE_SUFFIXES):
-                h.update(f"{rel}/{n}\n".encode(errors="surrogateescape"))
-    return h.hexdigest()
-
-
-def _writable_dir(d: Path) -> bool:
-    """True for an existing folder we may write; honours missing write bits even when running as root."""
-    try:
-        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
-    except OSError:
-        return False
-
-
-def _cache_paths(ann_file: Path, img_dir: Path, setup: str) -> list[Path]:
-    """Cache files to try, best first: $KAPAO_CACHE_DIR if set, next to the JSON if that folder is
-    writable, else the user cache dir ($XDG_CACHE_HOME/kapao or ~/.cache/kapao)."""
-    tag = hashlib.sha1(f"{img_dir.resolve()}|{setup}".encode()).hexdigest()[:8]
-    name = f"{ann_file.name}.{tag}.cache"
-    where = hashlib.sha1(str(ann_file.resolve()).encode()).hexdigest()[:8]
-    if os.environ.get("KAPAO_CACHE_DIR"):
-        return [Path(os.environ["KAPAO_CACHE_DIR"]) / f"{where}-{name}"]
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kapao" / f"{where}-{name}"
-    return [ann_file.with_name(name), user] if _writable_dir(ann_file.parent) else [user]
-
-
-def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: bool) -> tuple[Labels, Any]:
-    """Labels of a split from the cache when it matches the JSON and image folder, else parsed and cached.
-
-    Returns (labels, coco): coco is the pycocotools object when the JSON was parsed, None on a cache
-    hit. The cache key covers the JSON's size and mtime, the image file names, K, the crowd rule and
-    the cache format version.
-    """
-    try:
-        st = ann_file.stat()
-    except FileNotFoundError:
-        raise DataError(f"annotation file not found: {ann_file}; check the dataset YAML's *_annotations entries") from None
-    if not img_dir.is_dir():
-        raise DataError(f"image folder not found: {img_dir}; check the dataset YAML's path and split entries")
-    setup = f"K={num_keypoints}|crowd={'skip' if skip_crowd else 'keep'}"
-    key = f"{CACHE_VERSION}|{st.st_size}|{st.st_mtime_ns}|{setup}|{_listing_digest(img_dir)}"
-    paths = _cache_paths(ann_file, img_dir, setup)
-    for p in paths:
-        labels = Labels.load(p, key)
-        if labels is not None:
-            return labels, None
-    coco = read_coco(ann_file)
-    labels = parse_annotations(ann_file, img_dir, num_keypoints, skip_crowd, coco=coco)
-    for p in paths:
-        try:
-            labels.save(p, key)
-            break
-        except OSError:
-            continue
-    else:
-        LOGGER.warning("could not write a label cache (tried %s); the next start parses %s again",
-                       ", ".join(str(p.parent) for p in paths), ann_file.name)
-    return labels, coco
-
-
-# ----------------------------------------------------------------------------------------------
-def build_targets(inst: Instances, img_hw: tuple[int, int], schema: KeypointSchema) -> np.ndarray:
+def encode_targets(inst: Instances, img_hw: tuple[int, int], schema: KeypointSchema) -> np.ndarray:
     """Targets (M, 6 + 3K) of one image in TargetLayout order, image-index column 0 left at 0.
 
     Pose objects (class 0, kept persons): box cx, cy, w, h and K keypoints x, y, v, normalised to
@@ -514,7 +135,7 @@ class PoseDataset(Dataset):
         return {**self.__dict__, "_coco": None}
 
     @property
-    def coco(self):  # -> pycocotools.coco.COCO, loaded on first use when the labels came from the cache
+    def coco(self) -> Any:  # pycocotools.coco.COCO, loaded on first use when the labels came from the cache
         if self._coco is None:
             self._coco = read_coco(self.ann_file)
         return self._coco
@@ -542,7 +163,7 @@ class PoseDataset(Dataset):
             if j not in self._broken:
                 LOGGER.warning("%s; used as an empty grey image without labels", e)
             self._broken.add(j)
-            img = np.full((int(h0), int(w0), 3), 114, np.uint8)
+            img = np.full((int(h0), int(w0), 3), PAD_VALUE, np.uint8)
         shrink = self.imgsz < max(img.shape[:2]) and not self.augment
         img = resize_long_side(img, self.imgsz, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return img, (img.shape[1] / w0, img.shape[0] / h0)
@@ -582,7 +203,7 @@ class PoseDataset(Dataset):
             meta.update(extra)
         if self.augment:
             img, inst, meta["flipped"] = self._photometric_and_flip(img, inst)
-        targets = torch.from_numpy(build_targets(inst, img.shape[:2], self.schema))
+        targets = torch.from_numpy(encode_targets(inst, img.shape[:2], self.schema))
         image = torch.from_numpy(np.stack(cv2.split(img)[::-1]))  # HWC BGR -> CHW RGB (fastest copy)
         return image, targets, meta
 

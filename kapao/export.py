@@ -1,6 +1,6 @@
-"""ONNX export of a KAPAO model and the onnxruntime backend that runs the exported file.
+"""ONNX export of a KAPAO model: writes the file, checks it against torch (:mod:`kapao.backends` runs it).
 
-Export (:func:`export_onnx`) traces the Conv+BN-fused network behind :class:`DecodedOutput`, the only
+Export (:func:`export_onnx`) traces the Conv+BN-folded network behind :class:`DecodedOutput`, the only
 export-specific piece: it returns the decoded tensor of the eval forward and drops the raw list.
 
 ONNX graph
@@ -15,14 +15,11 @@ structured): ``format`` (kapao-onnx), ``format_version``, ``kapao_version``, ``s
 [h, w], ``batch`` (int, or null when dynamic), ``stride`` (64), ``strides``, ``dynamic``, ``half``,
 ``opset``, ``num_keypoints``, ``schema`` (:meth:`KeypointSchema.to_dict`: kpt_names, flip_idx, sigmas,
 skeleton, kp_bbox), ``names`` (class names), ``source`` (the weights it came from) and ``check``
-(the export's own comparison with torch, see :func:`compare_outputs`). :class:`OnnxBackend` rebuilds
-the schema from it, so no checkpoint is needed at runtime.
-
-:class:`OnnxBackend` is a forward callable for :class:`kapao.predict.Predictor` -- the one inference
-path (pre-process, NMS, fusion stay in torch)::
+(the export's own comparison with torch, see :func:`compare_outputs`).
+:class:`kapao.backends.OnnxBackend` rebuilds the schema from it, so no checkpoint is needed at runtime::
 
     backend = OnnxBackend("kapao_s_coco.onnx")
-    predictor = Predictor(backend, backend.schema, backend.device)
+    predictor = Predictor.from_backend(backend)
 """
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,19 +36,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kapao.augment import letterbox
+from kapao.backends import ONNX_FORMAT, ONNX_FORMAT_VERSION, OnnxBackend, require
 from kapao.config import MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, WeightsError
+from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
+from kapao.sources import default_source, load_image
+from kapao.version import __version__
+from kapao.weights import load_model
 
-LOGGER = logging.getLogger("kapao.export")
+LOGGER = logging.getLogger(__name__)
 
-ONNX_FORMAT = "kapao-onnx"
-ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
 MIN_OPSET = 13  # SiLU is exported as Sigmoid * Mul; 13 is the oldest opset tested
 DEFAULT_OPSET = 17
-PAD_VALUE = 114 / 255  # letterbox grey, as network input in [0, 1]
-INSTALL_HINT = "pip install kapao[onnx]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,15 +82,6 @@ def image_size(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         raise ConfigError(f"--imgsz {imgsz}: height and width must be positive multiples of {MAX_STRIDE}") from None
 
 
-def _require(module: str, why: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise WeightsError(f"{why} needs the '{module}' package, which is not installed; {INSTALL_HINT}") from None
-
-
 def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
     """(model on CPU, weights file or None, source description)."""
     if isinstance(weights_or_model, nn.Module):
@@ -100,8 +89,6 @@ def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
         if not isinstance(getattr(model, "schema", None), KeypointSchema) or not hasattr(model, "size"):
             raise ConfigError("export needs a kapao model (with .schema and .size) or a weights file/name")
         return model, None, f"kapao-{model.size} (in memory)"
-    from kapao.weights import load_model
-
     model, info = load_model(weights_or_model, device="cpu")
     path = Path(info["path"])
     return model, path, info.get("name") or path.name
@@ -119,8 +106,6 @@ def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str
 def export_metadata(model: nn.Module, imgsz: tuple[int, int], *, dynamic: bool, half: bool, batch: int,
                     opset: int, source: str = "") -> dict[str, str]:
     """The ``metadata_props`` of an exported model (see the module docstring)."""
-    from kapao.version import __version__
-
     schema: KeypointSchema = model.schema
     return {
         "format": ONNX_FORMAT,
@@ -162,7 +147,7 @@ def _trace(wrapper: nn.Module, x: Tensor, opset: int, dynamic: bool) -> bytes:
             torch.onnx.export(wrapper, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], dynamic_axes=axes if dynamic else None,
                               do_constant_folding=True)
-        except Exception as e:  # unsupported opset and the like
+        except Exception as e:  # noqa: BLE001 - unsupported opset and the like
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ConfigError(f"ONNX export failed at opset {opset} ({type(e).__name__}: {first}); "
                               f"try the default --opset {DEFAULT_OPSET}") from None
@@ -171,7 +156,7 @@ def _trace(wrapper: nn.Module, x: Tensor, opset: int, dynamic: bool) -> bytes:
 
 def _onnxslim() -> Any:
     try:
-        import onnxslim
+        import onnxslim  # optional: only for --simplify
     except ImportError:
         raise ConfigError("--simplify needs the 'onnxslim' package: pip install onnxslim "
                           "(or export without --simplify)") from None
@@ -181,10 +166,6 @@ def _onnxslim() -> Any:
 def check_image_tensor(image: str | os.PathLike | np.ndarray | None, imgsz: tuple[int, int]) -> Tensor:
     """(1, 3, h, w) float RGB in [0, 1]: a BGR image (path or array; default ultralytics' bus.jpg)
     letterboxed to exactly ``imgsz`` -- the input the export compares torch and onnxruntime on."""
-    from kapao.augment import letterbox
-    from kapao.data import load_image
-    from kapao.sources import default_source
-
     if image is None:
         image = default_source() / "bus.jpg"
     im = load_image(str(image)) if not isinstance(image, np.ndarray) else image
@@ -211,7 +192,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 device: str | torch.device | None = None) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
-    The model is deep-copied, Conv+BN fused and put in eval mode (the caller's model is untouched);
+    The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);
     the graph outputs only the decoded (B, N, no) tensor (see the module docstring). ``imgsz`` (int
     or (h, w), multiples of 64) and ``batch`` fix the input shape unless ``dynamic`` (free batch,
     height and width). ``half`` exports fp16 and needs a CUDA device (``device``, default: CPU, or the
@@ -221,12 +202,10 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     With ``check`` the exported file is run with onnxruntime on ``check_image`` (default: bus.jpg from
     ultralytics) letterboxed to ``imgsz`` and compared with the torch model; the differences (see
     :func:`compare_outputs`) are stored in the metadata key ``check`` (read them with
-    :func:`read_metadata`, print them with :func:`describe_check`) and logged at debug level.
+    :func:`kapao.backends.read_metadata`, print them with :func:`describe_check`) and logged at debug level.
     Returns the path of the written file.
     """
-    from kapao.runtime import select_device
-
-    onnx = _require("onnx", "ONNX export")
+    onnx = require("onnx", "ONNX export")
     h, w = image_size(imgsz)
     if not MIN_OPSET <= opset:
         raise ConfigError(f"--opset {opset}: kapao exports opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
@@ -241,8 +220,8 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     out = _output_path(path, weights, model.size)
     _write_output(out, None)  # an unwritable output fails now, not after the slow export
     net = copy.deepcopy(model).float().to(dev).eval()
-    if hasattr(net, "fuse"):
-        net.fuse()
+    if hasattr(net, "fold_bn"):
+        net.fold_bn()
     if half:
         net = net.half()
     for p in net.parameters():
@@ -283,7 +262,7 @@ def _check(data: bytes, wrapper: nn.Module, image: Any, imgsz: tuple[int, int], 
 
 
 def describe_check(meta: Mapping[str, Any]) -> str:
-    """One line about the export check stored in metadata (raw strings or :func:`read_metadata`)."""
+    """One line about the export check stored in metadata (raw strings or :func:`kapao.backends.read_metadata`)."""
     check = meta.get("check")
     if isinstance(check, str):
         check = json.loads(check)
@@ -297,8 +276,6 @@ def describe_check(meta: Mapping[str, Any]) -> str:
 
 def _write_output(path: Path, data: bytes | None) -> None:
     """Write `data` to `path` atomically; `data` None only checks that it could (before the slow export)."""
-    from kapao.runtime import atomic_write, check_writable, os_error_reason
-
     try:
         if data is None:
             check_writable(path)
@@ -307,212 +284,3 @@ def _write_output(path: Path, data: bytes | None) -> None:
             f.write(data)
     except OSError as e:
         raise WeightsError(f"cannot write {path}: {os_error_reason(e, path)}; choose a writable folder") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Metadata
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    """The kapao metadata of an exported file, parsed."""
-
-    schema: KeypointSchema
-    imgsz: tuple[int, int]  # (h, w) the file was exported at
-    size: str
-    stride: int
-    dynamic: bool
-    half: bool
-    batch: int | None
-    kapao_version: str
-    raw: dict[str, str]  # every metadata entry as stored
-
-    @property
-    def check(self) -> dict[str, Any] | None:
-        return json.loads(self.raw["check"]) if self.raw.get("check") else None
-
-
-def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxInfo:
-    """:class:`OnnxInfo` from ``metadata_props`` strings; WeightsError for a file kapao did not export."""
-    if meta.get("format") != ONNX_FORMAT or "schema" not in meta:
-        raise WeightsError(f"{where} has no kapao metadata (schema, image size); export it with "
-                           "`kapao export` (kapao.export.export_onnx)")
-    if int(meta.get("format_version", "0")) > ONNX_FORMAT_VERSION:
-        raise WeightsError(f"{where} was exported by a newer kapao (format version {meta['format_version']}); "
-                           "upgrade kapao")
-    try:
-        schema = KeypointSchema.from_dict(json.loads(meta["schema"]), where=f"{where} metadata")
-        h, w = json.loads(meta["imgsz"])
-        batch = json.loads(meta.get("batch", "null"))
-        return OnnxInfo(schema=schema, imgsz=(int(h), int(w)), size=meta.get("size", "?"),
-                        stride=int(meta.get("stride", MAX_STRIDE)),
-                        dynamic=bool(json.loads(meta.get("dynamic", "false"))),
-                        half=bool(json.loads(meta.get("half", "false"))), batch=None if batch is None else int(batch),
-                        kapao_version=meta.get("kapao_version", "?"), raw=dict(meta))
-    except (ValueError, TypeError, KeyError, ConfigError) as e:
-        raise WeightsError(f"{where} has unreadable kapao metadata ({e}); export it again") from None
-
-
-def read_metadata(path: str | os.PathLike) -> OnnxInfo:
-    """The kapao metadata of an exported ONNX file (read with onnx, weights not loaded)."""
-    onnx = _require("onnx", "reading ONNX metadata")
-    path = Path(path)
-    _check_file(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise _corrupt(path, e) from None
-    return parse_metadata({p.key: p.value for p in proto.metadata_props}, where=str(path))
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise WeightsError(f"ONNX model not found: {path}; check the path or create it with `kapao export`")
-    if not path.is_file():
-        raise WeightsError(f"ONNX model path {path} is a folder, not a file; pass the .onnx file inside it")
-
-
-def _corrupt(path: Path | str, e: BaseException) -> WeightsError:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return WeightsError(f"{path} is not a readable ONNX model ({type(e).__name__}: {reason}); "
-                        "export it again with `kapao export`")
-
-
-# ----------------------------------------------------------------------------------------------
-# onnxruntime backend
-
-
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (hyper-threads do not speed up convolutions)."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or allowed
-    except ImportError:
-        physical = allowed
-    return max(1, min(allowed, physical))
-
-
-class OnnxBackend:
-    """An exported kapao ONNX file run by onnxruntime; a forward callable for ``Predictor``.
-
-    ``path``: the .onnx file (bytes of a model are accepted too); ``device``: 'cpu', a GPU index, or a
-    torch.device -- CUDA uses onnxruntime's CUDAExecutionProvider when available (onnxruntime-gpu),
-    else falls back to CPU with a warning; ``providers`` overrides the choice; ``threads``: intra-op
-    threads (default: physical cores).
-
-    Attributes: ``schema``, ``layout``, ``imgsz`` (h, w) exported at, ``dynamic``, ``fp16``,
-    ``fixed_shape`` ((h, w) every input must be padded to, None when dynamic), ``batch`` (fixed
-    batch size or None), ``device`` (where outputs are returned), ``provider``, ``info`` (OnnxInfo).
-    """
-
-    def __init__(self, path: str | os.PathLike | bytes, device: str | torch.device = "cpu",
-                 providers: list[Any] | None = None, threads: int | None = None) -> None:
-        from kapao.runtime import select_device
-
-        ort = _require_onnxruntime()
-        where = "ONNX model (bytes)" if isinstance(path, bytes) else str(path)
-        if not isinstance(path, bytes):
-            path = Path(path)
-            _check_file(path)
-        dev = device if isinstance(device, torch.device) else select_device(device)
-        if providers is None:
-            providers = ["CPUExecutionProvider"]
-            if dev.type == "cuda":
-                if "CUDAExecutionProvider" in ort.get_available_providers():
-                    providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev.index or 0}))
-                else:
-                    LOGGER.warning("onnxruntime here has no CUDA support (install onnxruntime-gpu); running the "
-                                   "ONNX model on the CPU")
-                    dev = torch.device("cpu")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or physical_cores()
-        opts.inter_op_num_threads = 1
-        # no busy-waiting between runs: predict does NMS, drawing and video writing on the same cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # errors only
-        try:
-            self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts,
-                                                providers=providers)
-        except Exception as e:
-            raise _corrupt(where, e) from None
-        self.info = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
-        self.schema: KeypointSchema = self.info.schema
-        self.layout = HeadLayout(self.schema.num_keypoints)
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
-        self.fp16 = inp.type == "tensor(float16)"
-        self._np_dtype = np.float16 if self.fp16 else np.float32
-        dims = list(inp.shape)
-        self.batch: int | None = dims[0] if isinstance(dims[0], int) else None
-        self.fixed_shape: tuple[int, int] | None = (
-            (int(dims[2]), int(dims[3])) if all(isinstance(d, int) for d in dims[2:]) else None)
-        self.dynamic = self.fixed_shape is None
-        self.imgsz: tuple[int, int] = self.info.imgsz
-        self.provider = self.session.get_providers()[0]
-        self.device = dev if self.provider == "CUDAExecutionProvider" else torch.device("cpu")
-        if self.fp16 and self.device.type != "cuda":
-            raise WeightsError(f"{where} is an fp16 (--half) export, which needs onnxruntime with CUDA; "
-                               "export without --half for the CPU")
-
-    def __repr__(self) -> str:
-        shape = "dynamic" if self.dynamic else f"{self.fixed_shape[0]}x{self.fixed_shape[1]}"
-        return (f"OnnxBackend(kapao-{self.info.size}, {shape}, {'fp16' if self.fp16 else 'fp32'}, "
-                f"{self.provider}, K={self.schema.num_keypoints})")
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """x: (B, 3, H, W) float RGB in [0, 1] -> (B, N, no) float32 decoded predictions (input pixels).
-
-        A fixed-shape model gets inputs smaller than its shape padded right/bottom with letterbox grey
-        (coordinates are unchanged: they are measured from the top-left corner) and batches split/padded
-        to its batch size; a larger input is an error.
-        """
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"OnnxBackend: input must be (B, 3, H, W), got {tuple(x.shape)}")
-        device = x.device
-        if self.fixed_shape is not None:
-            x = self._pad_to_shape(x)
-        if self.batch is None or x.shape[0] == self.batch:
-            y = self._run(x)
-        else:
-            y = torch.cat([self._run_padded_batch(x[i:i + self.batch]) for i in range(0, x.shape[0], self.batch)])
-        return y.to(device)
-
-    def _pad_to_shape(self, x: Tensor) -> Tensor:
-        (h, w), (fh, fw) = x.shape[-2:], self.fixed_shape
-        if h > fh or w > fw:
-            raise ConfigError(f"input {h}x{w} does not fit the ONNX model's fixed input {fh}x{fw}; use --imgsz "
-                              f"{max(fh, fw)} or less, or export with --dynamic")
-        if (h, w) == (fh, fw):
-            return x
-        return torch.nn.functional.pad(x, [0, fw - w, 0, fh - h], value=PAD_VALUE)
-
-    def _run_padded_batch(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        if n < self.batch:
-            x = torch.cat((x, x.new_full((self.batch - n, *x.shape[1:]), PAD_VALUE)))
-        return self._run(x)[:n]
-
-    def _run(self, x: Tensor) -> Tensor:
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self._np_dtype)
-        y = self.session.run([self.output_name], {self.input_name: arr})[0]
-        return torch.from_numpy(y).float()
-
-
-def _require_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise WeightsError("running .onnx models needs onnxruntime, which is not installed; "
-                           f"{INSTALL_HINT} (onnxruntime-gpu for CUDA)") from None
-    return onnxruntime
-
-
-def is_onnx(weights: Any) -> bool:
-    """True for a path/name ending in .onnx (the KAPAO API and CLI switch to :class:`OnnxBackend`)."""
-    return isinstance(weights, (str, os.PathLike)) and str(weights).lower().endswith(".onnx")

@@ -44,7 +44,7 @@ class LevelTargets:
         return self.image.shape[0]
 
 
-def build_targets(targets: Tensor, grid_shapes: Sequence[tuple[int, int]], anchors: Tensor,
+def assign_targets(targets: Tensor, grid_shapes: Sequence[tuple[int, int]], anchors: Tensor,
                   num_keypoints: int, anchor_t: float = 4.0) -> list[LevelTargets]:
     """Assign targets to anchors and cells of every level (the YOLOv5 rule, as KAPAO trains).
 
@@ -165,7 +165,7 @@ class KapaoLoss:
         lay, k = self.layout, self.layout.num_keypoints
         device = raw[0].device
         anchors = self.anchors.to(device)
-        levels = build_targets(targets.to(device), [p.shape[2:4] for p in raw], anchors, k, self.hyp.anchor_t)
+        levels = assign_targets(targets.to(device), [p.shape[2:4] for p in raw], anchors, k, self.hyp.anchor_t)
         zero = torch.zeros((), device=device)
         lbox, lobj, lcls, lkp = zero, zero, zero, zero
 

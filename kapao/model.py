@@ -23,7 +23,12 @@ from ultralytics.nn.modules import C3, SPP, Concat, Conv, Focus
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from kapao.config import (
-    ANCHORS, MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz,
+    ANCHORS,
+    MAX_STRIDE,
+    STRIDES,
+    HeadLayout,
+    KeypointSchema,
+    check_imgsz,
 )
 from kapao.errors import ConfigError
 
@@ -166,7 +171,7 @@ class KapaoHead(nn.Module):
                 b[:, self.layout.obj] += math.log(8 / (640 / s) ** 2)
                 b[:, self.layout.cls] += math.log(0.6 / (nc - 0.99))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # Official checkpoints also store `anchor_grid` (the same anchors in pixels, another shape);
         # it is derived data, so it is dropped here to let them load strictly.
         state_dict.pop(prefix + "anchor_grid", None)
@@ -321,7 +326,7 @@ class KapaoModel(nn.Module):
             return raw
         return decode(raw, self.anchors, self.strides, self.layout), raw
 
-    def fuse(self) -> "KapaoModel":
+    def fold_bn(self) -> "KapaoModel":
         """Fold every Conv's BatchNorm into its convolution, for inference (in place; returns self)."""
         for m in self.modules():
             if isinstance(m, Conv) and hasattr(m, "bn"):

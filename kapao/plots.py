@@ -14,9 +14,9 @@ from torch import Tensor
 
 from kapao.augment import resize_long_side
 from kapao.config import KeypointSchema
-from kapao.data import load_image
 from kapao.draw import draw_poses, render_batch
 from kapao.errors import DataError, KapaoError
+from kapao.sources import load_image
 
 LOGGER = logging.getLogger(__name__)
 

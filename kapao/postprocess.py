@@ -11,9 +11,8 @@ import torch
 import torchvision
 from torch import Tensor
 
-from kapao.config import MAX_STRIDE, HeadLayout, InferenceSettings
+from kapao.config import MAX_STRIDE, OFFICIAL_TTA, PAD_VALUE, HeadLayout, InferenceSettings
 from kapao.poses import Poses  # noqa: F401 - the result type, also importable from here as before
-
 
 # ----------------------------------------------------------------------------------------------
 # From decoded network output to poses: NMS -> map to original pixels -> keypoint-object fusion.
@@ -49,9 +48,9 @@ from kapao.poses import Poses  # noqa: F401 - the result type, also importable f
 # OKS-based metrics ignore keypoint scores, so COCO/CrowdPose AP do not change.
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
-TTA_SCALES: tuple[float, ...] = (0.8, 1.0, 1.2)  # official test-time augmentation
-TTA_FLIPS: tuple[bool, ...] = (False, True, False)
-TTA_PAD_VALUE = 0.447  # grey padding of rescaled TTA inputs (114 / 255), as in training letterbox
+TTA_SCALES, TTA_FLIPS = OFFICIAL_TTA  # official test-time augmentation: scales, left-right flip per scale
+# grey padding of rescaled TTA inputs: PAD_VALUE / 255 rounded as the official scale_img does (kept for equal outputs)
+TTA_PAD_VALUE = round(PAD_VALUE / 255, 3)
 KP_EVIDENCE_FLOOR = 0.01  # keypoint-class scores (and objectness) at or below this are no evidence
 _EVIDENCE_CHUNK = 1 << 22  # distance-matrix elements per step of keypoint_confidence (bounds memory)
 

@@ -1,12 +1,17 @@
 """Inference: the one pre-process -> model -> decode -> NMS -> fusion path, and the `predict` verb.
 
-`Predictor` is shared by predict, val and export checks; `KAPAO` is the Python API the CLI wraps.
+`Predictor` is shared by predict, val and training; the network behind it is a backend
+(:mod:`kapao.backends`: torch, onnxruntime). `KAPAO` is the Python API the CLI wraps; frames come
+from :mod:`kapao.sources` and results go to :mod:`kapao.sinks`.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,16 +25,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kapao.augment import letterbox
-from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, InferenceSettings, KeypointSchema, check_imgsz
-from kapao.data import load_image
+from kapao.backends import Backend, TorchBackend, load_backend
+from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.postprocess import Poses, postprocess, tta_forward
-from kapao.runtime import select_device
 from kapao.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
-from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root  # noqa: F401 - DrawOptions: API
-from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, resolve_source
+from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
+from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
+from kapao.weights.registry import native_imgsz
 
-OFFICIAL_TTA = ((0.8, 1.0, 1.2), (False, True, False))  # scales, left-right flips of the official TTA
+LOGGER = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,14 +78,16 @@ class Timing:
 
 
 class Predictor:
-    """Network input tensor -> list of Poses. Wraps a torch model (or any forward callable)."""
+    """Network input tensor -> list of Poses, through a backend (:mod:`kapao.backends`) or any forward callable.
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
+    `forward` maps (B, 3, H, W) float in [0, 1] to decoded (B, N, 6 + 3K); pre-processing, TTA, NMS
+    and keypoint fusion are the same whatever runs the network.
+    """
+
+    def __init__(self, forward: Backend | Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
                  settings: InferenceSettings = PREDICT_SETTINGS, half: bool = False,
                  scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
                  return_kp_objects: bool = False) -> None:
-        from kapao.config import HeadLayout
-
         if scales and flips and len(scales) != len(flips):
             raise ConfigError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
         self.forward, self.schema, self.device = forward, schema, device
@@ -92,18 +99,18 @@ class Predictor:
         self.timing = Timing()
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fuse: bool = True,
-                   **kwargs: Any) -> "Predictor":
-        """A predictor over a KapaoModel: eval mode, Conv+BN folded (a copy when fusing), fp16 on CUDA if asked."""
-        if half and device.type != "cuda":
-            raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
-        if fuse:
-            import copy
+    def from_backend(cls, backend: Backend, settings: InferenceSettings = PREDICT_SETTINGS,
+                     scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
+                     return_kp_objects: bool = False) -> "Predictor":
+        """A predictor over a backend: its schema, device and precision."""
+        return cls(backend, backend.schema, backend.device, settings, backend.half, scales, flips, return_kp_objects)
 
-            model = copy.deepcopy(model).fuse()
-        model = model.to(device).eval()
-        model = model.half() if half else model.float()
-        return cls(lambda x: model(x)[0], model.schema, device, half=half, **kwargs)
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fold_bn: bool = True,
+                   **kwargs: Any) -> "Predictor":
+        """A predictor over a KapaoModel (:class:`kapao.backends.TorchBackend`: eval mode, Conv+BN folded on
+        a copy, fp16 on CUDA if asked)."""
+        return cls.from_backend(TorchBackend(model, device, half, fold_bn), **kwargs)
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -140,9 +147,6 @@ class Predictor:
 # ----------------------------------------------------------------------------------------------
 def _display_available() -> str | None:
     """None when a window can be opened, else the reason why not."""
-    import os
-    import sys
-
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return "no display found (DISPLAY is not set)"
     try:
@@ -173,8 +177,6 @@ def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader], unreadable: l
         except DataError as e:
             if len(spec) == 1:
                 raise
-            from kapao.data import LOGGER
-
             LOGGER.warning("skipped: %s", e)
             if unreadable is not None:
                 unreadable.append(item)
@@ -215,39 +217,22 @@ class KAPAO:
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
                  half: bool = False) -> None:
-        from kapao.export import OnnxBackend, is_onnx
-        from kapao.weights import load_model
-
-        self.device = select_device(device)
-        self.backend: OnnxBackend | None = None
-        self.model: torch.nn.Module | None = None
-        if isinstance(weights, torch.nn.Module):
-            self.model, self.info = weights, {}
-        elif is_onnx(weights):
-            self.backend = OnnxBackend(weights, device=self.device)
-            if half and not self.backend.fp16:
-                raise ConfigError(f"--half: {weights} is an fp32 ONNX model; export it with --half (CUDA) or drop --half")
-            self.info = {"path": str(weights), "format": "onnx", **self.backend.info.raw}
-            self.device, half = self.backend.device, self.backend.fp16
-        else:
-            self.model, self.info = load_model(weights, device="cpu")
-        self.schema: KeypointSchema = self.backend.schema if self.backend else self.model.schema
-        self.half = half
-        self._fused: Any = None
+        self.backend: Backend = load_backend(weights, device, half)
+        self.info: dict[str, Any] = self.backend.info
+        self.schema: KeypointSchema = self.backend.schema
+        self.device, self.half = self.backend.device, self.backend.half
 
     @property
     def default_imgsz(self) -> int:
         """The input size of a fixed-shape ONNX file, else the native size of named weights
         (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
-        from kapao.weights.registry import native_imgsz
-
-        fixed = self.backend.fixed_shape if self.backend else None
+        fixed = self.backend.fixed_shape
         return max(fixed) if fixed else native_imgsz(self.info.get("name"))
 
     def check_imgsz(self, imgsz: int) -> int:
         """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""
         check_imgsz(imgsz)
-        fixed = self.backend.fixed_shape if self.backend else None
+        fixed = self.backend.fixed_shape
         if fixed and imgsz > max(fixed):
             raise ConfigError(f"--imgsz {imgsz}: {self.info['path']} has a fixed {fixed[0]}x{fixed[1]} input; "
                               f"use --imgsz {max(fixed)} or export with --dynamic")
@@ -255,11 +240,8 @@ class KAPAO:
 
     def predictor(self, settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
                   flips: Sequence[bool] | None = None, return_kp_objects: bool = False) -> Predictor:
-        if self._fused is None:  # fold Conv+BN once (or open the ONNX session) and reuse it
-            self._fused = (Predictor(self.backend, self.schema, self.device, half=self.half) if self.backend
-                           else Predictor.from_model(self.model, self.device, self.half))
-        return Predictor(self._fused.forward, self.schema, self.device, settings, self.half, scales, flips,
-                         return_kp_objects)
+        """A predictor with these settings over the backend loaded once (Conv+BN folded, session open)."""
+        return Predictor.from_backend(self.backend, settings, scales, flips, return_kp_objects)
 
     def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
                 imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:

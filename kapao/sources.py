@@ -1,4 +1,4 @@
-"""Input sources for predict: image files, folders, globs, video files, webcams and streams.
+"""Input sources: image files (read for predict and for the dataset), folders, globs, videos, webcams, streams.
 
 Every source yields :class:`Frame` items (BGR uint8 images plus where they came from), so predict
 treats a folder of images and a video the same way.
@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 from kapao.config import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from kapao.errors import DataError
 
+_EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
@@ -50,7 +54,7 @@ class SourceSpec:
 
 def default_source() -> Path:
     """Sample images that ship inside the installed ultralytics package (bus.jpg, zidane.jpg)."""
-    import ultralytics
+    import ultralytics  # deferred: heavy, only for the default example images
 
     return Path(ultralytics.__file__).parent / "assets"
 
@@ -176,3 +180,78 @@ class VideoReader:
             except queue.Empty:
                 self._thread.join(timeout=0.05)
         self.cap.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files
+
+
+def load_image(path: str | os.PathLike, apply_exif: bool = True) -> np.ndarray:
+    """Read an image as BGR uint8 (H, W, 3): EXIF orientation applied, gray/RGBA/16-bit converted.
+
+    Raises DataError naming the file when it is missing or cannot be decoded.
+    """
+    try:
+        buf = np.fromfile(str(path), np.uint8)  # fromfile + imdecode also handles non-ASCII paths
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror or e}; check that the file exists") from None
+    flags = cv2.IMREAD_COLOR if apply_exif else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        img = cv2.imdecode(buf, flags) if buf.size else None
+    except cv2.error:  # e.g. more pixels than OpenCV accepts
+        img = None
+    if img is None:
+        img = _load_with_pil(path, apply_exif)
+    if img is None:
+        raise DataError(f"cannot decode image {path}: the file is corrupt or not an image; remove or replace it")
+    return img
+
+
+def _load_with_pil(path: str | os.PathLike, apply_exif: bool) -> np.ndarray | None:
+    """Fallback for formats OpenCV cannot decode."""
+    try:
+        with _pil_open(path) as im:
+            im = ImageOps.exif_transpose(im) if apply_exif else im
+            return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+    except Exception:  # noqa: BLE001 - any decoder failure means "not readable"
+        return None
+
+
+def _pil_open(path: str | os.PathLike) -> Any:  # PIL.Image.Image (PIL imported lazily)
+    """PIL's own Image.open. Importing ultralytics replaces it with a version that, on a file PIL cannot
+    identify, tries to pip-install a HEIF plugin: a corrupt or foreign file must not install packages."""
+    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)(path)
+
+
+def probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """Cheap check without decoding pixels: ('ok'|'missing'|'corrupt', raw (h, w), EXIF-applied (h, w)).
+
+    Reads the header with PIL and, for JPEGs, checks for the end-of-image marker in the last 1 KiB.
+    """
+    try:
+        with _pil_open(path) as im:
+            w, h = im.size
+            fmt = im.format
+            # (PNG is left out: PIL decodes the whole file to find its EXIF chunk)
+            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP") else 1
+            if fmt == "PNG":  # a truncated PNG has a valid header; only the chunk CRCs tell (no decoding)
+                try:
+                    im.verify()
+                except Exception:  # noqa: BLE001 - PIL raises OSError/SyntaxError for broken chunks
+                    return "corrupt", (0, 0), (0, 0)
+        if fmt in ("JPEG", "MPO"):
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 1024))
+                if b"\xff\xd9" not in f.read():
+                    return "corrupt", (0, 0), (0, 0)
+    except FileNotFoundError:
+        return "missing", (0, 0), (0, 0)
+    except Exception:  # noqa: BLE001 - PIL cannot read it: let OpenCV decide
+        try:
+            shape = load_image(path).shape[:2]
+        except DataError:
+            return ("corrupt" if path.exists() else "missing"), (0, 0), (0, 0)
+        return "ok", shape, shape
+    if w < 2 or h < 2:
+        return "corrupt", (0, 0), (0, 0)
+    return "ok", (h, w), ((w, h) if orientation in _EXIF_TRANSPOSED else (h, w))

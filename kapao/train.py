@@ -33,21 +33,47 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kapao.config import VAL_SETTINGS, Hyp, load_dataset_config
-from kapao.distributed import (DistEnv, broadcast, close, init_device, launch_distributed, should_launch,
-                               sync_batchnorm, unwrap, wrap_ddp)
+from kapao.distributed import (
+    DistEnv,
+    broadcast,
+    close,
+    init_device,
+    launch_distributed,
+    should_launch,
+    sync_batchnorm,
+    unwrap,
+    wrap_ddp,
+)
 from kapao.errors import ConfigError, KapaoError
 from kapao.evaluate import COCO_METRICS, CROWDPOSE_METRICS
 from kapao.loss import KapaoLoss
 from kapao.model import build_model
-from kapao.optim import (ModelEMA, accumulate_steps, build_optimizer, cosine_lf, set_epoch_lr, set_warmup,
-                         warmup_iterations, warmup_values)
+from kapao.optim import (
+    ModelEMA,
+    accumulate_steps,
+    build_optimizer,
+    cosine_lf,
+    set_epoch_lr,
+    set_warmup,
+    warmup_iterations,
+    warmup_values,
+)
 from kapao.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.predict import Predictor
 from kapao.runtime import setup_logging
 from kapao.train_data import build_train_loader
 from kapao.train_log import ResultsLog, progress_text
-from kapao.train_run import (TrainArgs, absolute_if_file, build_hyp, default_epochs, load_resume, prepare_run,
-                             resolve_resume, strip_checkpoint, write_run_files)
+from kapao.train_run import (
+    TrainArgs,
+    absolute_if_file,
+    build_hyp,
+    default_epochs,
+    load_resume,
+    prepare_run,
+    resolve_resume,
+    strip_checkpoint,
+    write_run_files,
+)
 from kapao.train_step import NonFiniteLoss, TrainStep
 from kapao.val import make_val_loader, protocol_for, validate
 from kapao.weights import load_weights, save_checkpoint, transfer_weights
@@ -286,8 +312,8 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """COCO/CrowdPose metrics of the EMA model on the val split (and val_pred.jpg)."""
-        predictor = Predictor.from_model(self.ema.module, self.device, half=self.device.type == "cuda", fuse=True,
-                                         settings=VAL_SETTINGS)  # fusing works on a copy: the EMA is untouched
+        predictor = Predictor.from_model(self.ema.module, self.device, half=self.device.type == "cuda", fold_bn=True,
+                                         settings=VAL_SETTINGS)  # folding works on a copy: the EMA is untouched
         result = validate(predictor, self.val_loader, progress=True, keep=VAL_PLOT_IMAGES if self.args.plots else 0)
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)

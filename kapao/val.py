@@ -17,9 +17,11 @@ from kapao.config import VAL_SETTINGS, DatasetConfig, InferenceSettings
 from kapao.data import PoseDataset, build_dataloader
 from kapao.evaluate import evaluate, format_metrics, save_results
 from kapao.postprocess import Poses
-from kapao.predict import Predictor
+from kapao.predict import KAPAO, Predictor
+from kapao.runtime import increment_run_dir
+from kapao.weights import check_compatible
 
-LOGGER = logging.getLogger("kapao")
+LOGGER = logging.getLogger(__name__)
 
 
 def protocol_for(dataset: PoseDataset) -> str:
@@ -88,13 +90,9 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
     With `project`, predictions.json goes to a new `project/nameN` folder, made once the weights and
     the data have loaded (a run that fails on them leaves no empty folder).
     """
-    from kapao.runtime import increment_run_dir
-
-    from kapao.predict import KAPAO
-    from kapao.weights import check_compatible
-
     api = KAPAO(weights, device=device, half=half)
-    check_compatible(api.schema, cfg.schema, what=f"the weights ({weights})" if not isinstance(weights, torch.nn.Module) else "the model")
+    what = "the model" if isinstance(weights, torch.nn.Module) else f"the weights ({weights})"
+    check_compatible(api.schema, cfg.schema, what=what)
     loader = make_val_loader(cfg, split, api.check_imgsz(imgsz), batch, workers)
     save_dir = increment_run_dir(project, name) if project is not None else None
     return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress)

@@ -67,14 +67,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from kapao.backends import OnnxBackend, physical_cores  # noqa: E402
 from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
-from kapao.data import load_image  # noqa: E402
-from kapao.export import OnnxBackend, export_onnx, physical_cores  # noqa: E402
+from kapao.export import export_onnx  # noqa: E402
 from kapao.model import build_model  # noqa: E402
 from kapao.postprocess import postprocess  # noqa: E402
 from kapao.predict import KAPAO, Predictor, prepare_batch  # noqa: E402
 from kapao.runtime import select_device  # noqa: E402
-from kapao.sources import default_source  # noqa: E402
+from kapao.sources import default_source, load_image  # noqa: E402
 
 # Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
 BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))

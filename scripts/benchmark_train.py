@@ -19,11 +19,11 @@ import torch
 
 from kapao.augment import Instances
 from kapao.config import Hyp, load_dataset_config
-from kapao.data import build_targets, collate
+from kapao.data import collate, encode_targets
 from kapao.loss import KapaoLoss
 from kapao.model import build_model
-from kapao.runtime import select_device
 from kapao.optim import ModelEMA, accumulate_steps, build_optimizer
+from kapao.runtime import select_device
 from kapao.train_step import TrainStep
 
 PERSONS = 6
@@ -42,7 +42,7 @@ def synthetic_batch(batch: int, imgsz: int, rng: np.random.Generator) -> tuple[t
         kpts[..., :2] = xy[:, None] + rng.uniform(0, 1, (PERSONS, k, 2)) * wh[:, None]
         inst = Instances(boxes, kpts, np.ones(PERSONS, bool))
         img = torch.from_numpy(rng.integers(0, 255, (3, imgsz, imgsz), dtype=np.uint8))
-        items.append((img, torch.from_numpy(build_targets(inst, (imgsz, imgsz), schema)), {}))
+        items.append((img, torch.from_numpy(encode_targets(inst, (imgsz, imgsz), schema)), {}))
     images, targets, _ = collate(items)
     return images, targets
 

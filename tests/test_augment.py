@@ -4,8 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kapao.augment import (Instances, PixelNoise, affine_matrix, augment_hsv, box_candidates, fliplr, letterbox,
-                           mosaic4, random_affine, resize_long_side, warp)
+from kapao.augment import (
+    Instances,
+    PixelNoise,
+    affine_matrix,
+    augment_hsv,
+    box_candidates,
+    fliplr,
+    letterbox,
+    mosaic4,
+    random_affine,
+    resize_long_side,
+    warp,
+)
 from kapao.config import Hyp
 
 

@@ -14,8 +14,15 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kapao.calibration import (KeypointOutcomes, keypoint_similarity, match_image, match_predictions,
-                               person_area, reliability, roc_auc)
+from kapao.calibration import (
+    KeypointOutcomes,
+    keypoint_similarity,
+    match_image,
+    match_predictions,
+    person_area,
+    reliability,
+    roc_auc,
+)
 from kapao.config import load_dataset_config
 from kapao.model import kapao_n
 from kapao.postprocess import Poses

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from kapao.config import (
-    DEFAULT_SIGMA, PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, TargetLayout,
-    load_dataset_config, load_hyp,
+    DEFAULT_SIGMA,
+    PREDICT_SETTINGS,
+    VAL_SETTINGS,
+    HeadLayout,
+    InferenceSettings,
+    KeypointSchema,
+    TargetLayout,
+    load_dataset_config,
+    load_hyp,
 )
 from kapao.errors import ConfigError, DataError
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kapao.data as kd
+import kapao.labels as kl
 from kapao.augment import Instances
 from kapao.config import DatasetConfig, Hyp, KeypointSchema, TargetLayout, load_dataset_config
 from kapao.draw import draw_poses, render_batch
@@ -161,7 +162,7 @@ def test_second_start_hits_the_cache(coco_mini_yaml, monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("parse_annotations called although a valid cache exists")
 
-    monkeypatch.setattr(kd, "parse_annotations", boom)
+    monkeypatch.setattr(kl, "parse_annotations", boom)
     second = kd.PoseDataset(cfg, "train", 256)
     assert second.stats == first.stats and second.image_ids == first.image_ids
     assert second._coco is None and len(second.coco.anns) == 14  # COCO object still available, lazily
@@ -173,8 +174,8 @@ def test_cache_invalidated_by_json_change(tmp_path, monkeypatch):
     monkeypatch.delenv("KAPAO_CACHE_DIR")
     cfg, _ = make_dataset(tmp_path / "d", k=5)
     calls = []
-    real = kd.parse_annotations
-    monkeypatch.setattr(kd, "parse_annotations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = kl.parse_annotations
+    monkeypatch.setattr(kl, "parse_annotations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     kd.PoseDataset(cfg, "val", 256)
     kd.PoseDataset(cfg, "val", 256)
     assert len(calls) == 1
@@ -296,27 +297,6 @@ def test_no_usable_images_is_a_data_error(tmp_path):
         kd.PoseDataset(dataset_config(tmp_path, ann, make_schema(3)), "val", 256)
 
 
-def test_load_image_formats_and_exif(tmp_path):
-    from PIL import Image
-
-    gray = np.tile(np.arange(40, dtype=np.uint8), (30, 1))
-    cv2.imwrite(str(tmp_path / "g.png"), gray)
-    cv2.imwrite(str(tmp_path / "g16.png"), gray.astype(np.uint16) * 256)
-    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([np.full((30, 40, 3), 7, np.uint8), np.zeros((30, 40), np.uint8)]))
-    for name in ("g.png", "g16.png", "rgba.png"):
-        img = kd.load_image(tmp_path / name)
-        assert img.shape == (30, 40, 3) and img.dtype == np.uint8, name
-    assert kd.load_image(tmp_path / "g16.png")[0, 39, 0] == 39  # 16-bit scaled down, not clipped
-    pil = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
-    exif = pil.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    pil.save(tmp_path / "rot.jpg", exif=exif)
-    assert kd.load_image(tmp_path / "rot.jpg").shape == (40, 30, 3)
-    assert kd._probe_image(tmp_path / "rot.jpg") == ("ok", (30, 40), (40, 30))
-    with pytest.raises(DataError, match="nope.jpg"):
-        kd.load_image(tmp_path / "nope.jpg")
-
-
 def test_exif_rotated_image_follows_the_json_size(tmp_path):
     """If the JSON's width/height are those of the raw pixels, labels were made on them: no rotation."""
     from PIL import Image
@@ -424,7 +404,7 @@ def test_build_targets_layout():
     schema = make_schema(3)
     kpts = np.array([[[10, 20, 2], [0, 0, 0], [30, 40, 1]], [[50, 60, 2], [70, 80, 2], [0, 0, 0]]], np.float32)
     inst = Instances(np.array([[0, 0, 100, 50], [20, 20, 60, 100]], np.float32), kpts, np.array([True, False]))
-    t = kd.build_targets(inst, (200, 100), schema)  # h=200, w=100
+    t = kd.encode_targets(inst, (200, 100), schema)  # h=200, w=100
     layout = TargetLayout(3)
     assert t.shape == (1 + 4, layout.width)
     pose = t[t[:, 1] == 0]

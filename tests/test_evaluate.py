@@ -15,8 +15,17 @@ from pycocotools.cocoeval import COCOeval
 
 from kapao.config import load_dataset_config
 from kapao.errors import ConfigError, DataError
-from kapao.evaluate import (COCO_METRICS, CROWDPOSE_METRICS, CrowdPoseEval, evaluate, evaluate_coco,
-                            evaluate_crowdpose, format_metrics, save_results, sort_results)
+from kapao.evaluate import (
+    COCO_METRICS,
+    CROWDPOSE_METRICS,
+    CrowdPoseEval,
+    evaluate,
+    evaluate_coco,
+    evaluate_crowdpose,
+    format_metrics,
+    save_results,
+    sort_results,
+)
 
 # crowdpose-api/PythonAPI/crowdposetools/cocoeval.py, computeOks (hard-coded there)
 OFFICIAL_CROWDPOSE_SIGMAS = np.array([.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79, .79]) / 10.0

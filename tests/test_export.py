@@ -17,16 +17,14 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from kapao.backends import OnnxBackend, read_metadata  # noqa: E402
 from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema  # noqa: E402
-from kapao.data import load_image  # noqa: E402
 from kapao.errors import ConfigError, WeightsError  # noqa: E402
-from kapao.export import (  # noqa: E402
-    OnnxBackend, check_image_tensor, compare_outputs, export_onnx, read_metadata,
-)
+from kapao.export import check_image_tensor, compare_outputs, export_onnx  # noqa: E402
 from kapao.model import default_schema, kapao_n  # noqa: E402
 from kapao.postprocess import Poses  # noqa: E402
 from kapao.predict import Predictor, prepare_batch  # noqa: E402
-from kapao.sources import VideoReader, default_source  # noqa: E402
+from kapao.sources import VideoReader, default_source, load_image  # noqa: E402
 from kapao.weights import save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

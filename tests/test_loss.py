@@ -13,7 +13,7 @@ import torch
 from ultralytics.utils.metrics import bbox_iou
 
 from kapao.config import OBJ_LEVEL_WEIGHTS, STRIDES, HeadLayout, Hyp, TargetLayout
-from kapao.loss import KapaoLoss, LossGains, build_targets
+from kapao.loss import KapaoLoss, LossGains, assign_targets
 from kapao.model import decode, kapao_n
 
 
@@ -48,7 +48,7 @@ ONE_ANCHOR = torch.tensor([[[2.0, 2.0]]])  # one level, one anchor of 2x2 cells
 def test_assignment_own_cell_plus_nearest_neighbours():
     k = 1
     t = torch.tensor([_target(k, 0, 3.25 / 8, 5.75 / 8, 2 / 8, 2 / 8, [(0, 3.6 / 8, 5.1 / 8, 2)])])
-    (lvl,) = build_targets(t, [(8, 8)], ONE_ANCHOR, k)
+    (lvl,) = assign_targets(t, [(8, 8)], ONE_ANCHOR, k)
     # x: 0.25 into cell 3 -> also the left cell 2; y: 0.75 into cell 5 -> also the cell below, 6
     assert _cells(lvl) == [(0, 2, 5), (0, 3, 5), (0, 3, 6)]
     by_cell = {(gi, gj): i for i, (gi, gj) in enumerate(zip(lvl.gi.tolist(), lvl.gj.tolist()))}
@@ -68,7 +68,7 @@ def test_assignment_centre_on_cell_border():
     # x exactly on the border between cells 3 and 4: both sides; the own cell (4) comes twice, as in
     # the official rule. y = 2.5, the middle of a cell: no vertical neighbour.
     t = torch.tensor([_target(1, 0, 4.0 / 8, 2.5 / 8, 2 / 8, 2 / 8)])
-    (lvl,) = build_targets(t, [(8, 8)], ONE_ANCHOR, 1)
+    (lvl,) = assign_targets(t, [(8, 8)], ONE_ANCHOR, 1)
     assert _cells(lvl) == [(0, 3, 2), (0, 4, 2), (0, 4, 2)]
 
 
@@ -78,7 +78,7 @@ def test_assignment_no_neighbours_outside_or_at_image_border():
         _target(1, 0, 7.8 / 8, 7.5 / 8, 2 / 8, 2 / 8),  # near the right border, middle of its row
         _target(1, 0, 0.9 / 8, 7.2 / 8, 2 / 8, 2 / 8),  # nearer the right and top edges of its cell
     ])
-    (lvl,) = build_targets(t, [(8, 8)], ONE_ANCHOR, 1)
+    (lvl,) = assign_targets(t, [(8, 8)], ONE_ANCHOR, 1)
     # 1st: x 0.3 is in the left half of cell 0 but there is no cell -1; y 0.5 is no half -> own only.
     # 2nd: x 7.8 is in the right half of the last column -> own only. 3rd: right (1, 7) and up (0, 6)
     # neighbours, no cell below the last row.
@@ -91,7 +91,7 @@ def test_assignment_anchor_ratio_rule():
         _target(1, 0, 3.5 / 8, 3.5 / 8, 3 / 8, 3 / 8),  # ratios 3, 1.33, 6.67 -> anchors 0 and 1
         _target(1, 2, 1.5 / 8, 1.5 / 8, 4 / 8, 1 / 8),  # vs (1,1): w ratio exactly 4 -> not < 4
     ])
-    (lvl,) = build_targets(t, [(8, 8)], anchors, 1)
+    (lvl,) = assign_targets(t, [(8, 8)], anchors, 1)
     got = sorted(zip(lvl.anchor.tolist(), lvl.cls.tolist()))
     # second target vs anchor (4,4): w 1.0, h ratio 4 -> rejected too; vs (20,20): 5 and 20 -> rejected
     assert got == [(0, 0), (1, 0)]
@@ -101,7 +101,7 @@ def test_assignment_anchor_ratio_rule():
 def test_assignment_scales_per_level_and_keeps_image_index():
     anchors = torch.tensor([[[2.0, 2.0]], [[1.0, 1.0]]])  # level 0: 8x8, level 1: 4x4
     t = torch.tensor([_target(1, 5, 0.5625, 0.5625, 0.25, 0.25, image=3)])  # 4.5 cells of 8 / 2.25 of 4
-    lv0, lv1 = build_targets(t, [(8, 8), (4, 4)], anchors, 1)
+    lv0, lv1 = assign_targets(t, [(8, 8), (4, 4)], anchors, 1)
     assert _cells(lv0) == [(0, 4, 4)]  # 4.5: middle of cell 4, no neighbour
     assert _cells(lv1) == [(0, 1, 2), (0, 2, 1), (0, 2, 2)]  # 2.25: left and up neighbours
     assert lv1.image.tolist() == [3, 3, 3] and lv1.cls.tolist() == [5, 5, 5]
@@ -138,7 +138,7 @@ def test_assignment_matches_brute_force_reference():
     t[:, 4:6] = torch.rand(m, 2, generator=g) * 0.5 + 0.01
     anchors = torch.tensor([[[1.0, 1.5], [3.0, 2.0], [2.5, 6.0]], [[0.6, 0.9], [1.2, 0.8], [2.0, 3.0]]])
     grids = [(10, 12), (5, 6)]
-    levels = build_targets(t, grids, anchors, k)
+    levels = assign_targets(t, grids, anchors, k)
     for lvl, grid, anc in zip(levels, grids, anchors):
         assert _cells(lvl) == _reference_assign(t, grid, anc)
         assert len(lvl) > m  # neighbours were added
@@ -147,14 +147,14 @@ def test_assignment_matches_brute_force_reference():
 def test_assignment_empty_and_inputs_unchanged():
     k = 2
     empty = torch.zeros(0, TargetLayout(k).width)
-    levels = build_targets(empty, [(8, 8), (4, 4)], torch.ones(2, 3, 2), k)
+    levels = assign_targets(empty, [(8, 8), (4, 4)], torch.ones(2, 3, 2), k)
     assert [len(lv) for lv in levels] == [0, 0] and levels[0].keypoints.shape == (0, k, 3)
     t = torch.tensor([_target(k, 0, 0.3, 0.4, 0.2, 0.2, [(1, 0.31, 0.42, 1)])])
     before = t.clone()
-    build_targets(t, [(8, 8)], torch.ones(1, 3, 2), k)
+    assign_targets(t, [(8, 8)], torch.ones(1, 3, 2), k)
     assert torch.equal(t, before)
     with pytest.raises(ValueError, match="targets must be"):
-        build_targets(torch.zeros(1, 6), [(8, 8)], torch.ones(1, 3, 2), k)
+        assign_targets(torch.zeros(1, 6), [(8, 8)], torch.ones(1, 3, 2), k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_loss_values_hand_computed(model_k2):
     kp0 = (3 * 8 / imgsz, 5 * 8 / imgsz, 2)  # the cell's corner: predicted exactly
     kp1 = ((3 + 0.3) * 8 / imgsz, (5 + 0.4) * 8 / imgsz, 1)  # 0.5 grid units away
     t = torch.tensor([_target(k, 0, cx, cy, w, h, [(0, *kp0), (1, *kp1)])])
-    levels = build_targets(t, [(16, 16), (8, 8), (4, 4), (2, 2)], loss_fn.anchors, k)
+    levels = assign_targets(t, [(16, 16), (8, 8), (4, 4), (2, 2)], loss_fn.anchors, k)
     # P3 anchors 19x27, 44x40, 38x94 all within ratio 4 of 19x27 (94/27 = 3.5); P4's smallest, 96x68, not
     assert [len(lv) for lv in levels] == [3, 0, 0, 0]
     p3 = levels[0]
@@ -246,7 +246,7 @@ def test_gradients_reach_every_output_level():
     ])
     x = torch.rand(2, 3, imgsz, imgsz)
     kp_only = KapaoLoss(model, Hyp(box=0, obj=0, cls=0), imgsz)
-    levels = build_targets(t, [(imgsz // s, imgsz // s) for s in STRIDES], kp_only.anchors, k)
+    levels = assign_targets(t, [(imgsz // s, imgsz // s) for s in STRIDES], kp_only.anchors, k)
     assert all(len(lv) > 0 for lv in levels)
     total, comp = kp_only(model(x), t)
     assert comp[[0, 1, 2]].tolist() == [0.0, 0.0, 0.0] and comp[3] > 0

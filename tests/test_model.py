@@ -15,7 +15,15 @@ from kapao.cli import MODEL_SIZES, cli
 from kapao.config import ANCHORS, STRIDES, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError
 from kapao.model import (
-    SIZES, KapaoModel, build_model, count_flops, decode, default_schema, kapao_n, kapao_s, model_info,
+    SIZES,
+    KapaoModel,
+    build_model,
+    count_flops,
+    decode,
+    default_schema,
+    kapao_n,
+    kapao_s,
+    model_info,
 )
 
 NO = {14: 48, 17: 57, 21: 5 + 22 + 42}
@@ -156,7 +164,7 @@ def test_fuse_keeps_outputs():
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         before, _ = model(x)
-        model.fuse()
+        model.fold_bn()
         after, _ = model(x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(before, after, rtol=1e-3, atol=1e-3)

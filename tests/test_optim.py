@@ -9,8 +9,17 @@ from torch import nn
 
 from kapao.config import Hyp
 from kapao.model import build_model
-from kapao.optim import (ModelEMA, accumulate_steps, build_optimizer, cosine_lf, param_groups, set_epoch_lr,
-                         set_warmup, warmup_iterations, warmup_values)
+from kapao.optim import (
+    ModelEMA,
+    accumulate_steps,
+    build_optimizer,
+    cosine_lf,
+    param_groups,
+    set_epoch_lr,
+    set_warmup,
+    warmup_iterations,
+    warmup_values,
+)
 
 
 def test_cosine_schedule_points():

@@ -26,7 +26,6 @@ from kapao.postprocess import (
     xywh_to_xyxy,
 )
 
-
 # ----------------------------------------------------------------------------------------------
 # Sequential reference of the official fusion rule (val.py post_process_batch), in plain Python.
 

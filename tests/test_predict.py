@@ -69,7 +69,7 @@ def test_predictor_uses_fused_copy_and_matches_unfused():
     model = eager_model()
     x, metas = prepare_batch([np.full((128, 128, 3), 100, np.uint8)], 128)
     fused = Predictor.from_model(model, torch.device("cpu"))
-    plain = Predictor.from_model(model, torch.device("cpu"), fuse=False)
+    plain = Predictor.from_model(model, torch.device("cpu"), fold_bn=False)
     a, b = fused(x, metas)[0], plain(x, metas)[0]
     assert any(hasattr(m, "bn") for m in model.modules())  # the caller's model was not fused in place
     assert len(a) == len(b) and torch.allclose(a.keypoints, b.keypoints, atol=1e-2)

@@ -13,8 +13,19 @@ import kapao.sinks as ks
 from kapao.config import KeypointSchema
 from kapao.errors import DataError
 from kapao.poses import Poses
-from kapao.sinks import (JsonlSink, ResultWriter, DrawOptions, frame_record, load_progress, pose_records,
-                         poses_from_records, read_records, source_name, source_root, write_coco_json)
+from kapao.sinks import (
+    DrawOptions,
+    JsonlSink,
+    ResultWriter,
+    frame_record,
+    load_progress,
+    pose_records,
+    poses_from_records,
+    read_records,
+    source_name,
+    source_root,
+    write_coco_json,
+)
 from kapao.sources import Frame, SourceSpec
 
 K = 5

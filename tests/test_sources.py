@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from kapao.errors import DataError
-from kapao.sources import VideoReader, default_source, resolve_source
+from kapao.sources import VideoReader, default_source, load_image, probe_image, resolve_source
 
 
 def test_default_source_is_ultralytics_assets():
@@ -68,3 +69,24 @@ def test_unreadable_video(tmp_path: Path):
 def test_no_webcam():
     with pytest.raises(DataError, match="webcam"):
         VideoReader("9")
+
+
+def test_load_image_formats_and_exif(tmp_path):
+    from PIL import Image
+
+    gray = np.tile(np.arange(40, dtype=np.uint8), (30, 1))
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    cv2.imwrite(str(tmp_path / "g16.png"), gray.astype(np.uint16) * 256)
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([np.full((30, 40, 3), 7, np.uint8), np.zeros((30, 40), np.uint8)]))
+    for name in ("g.png", "g16.png", "rgba.png"):
+        img = load_image(tmp_path / name)
+        assert img.shape == (30, 40, 3) and img.dtype == np.uint8, name
+    assert load_image(tmp_path / "g16.png")[0, 39, 0] == 39  # 16-bit scaled down, not clipped
+    pil = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+    exif = pil.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    pil.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").shape == (40, 30, 3)
+    assert probe_image(tmp_path / "rot.jpg") == ("ok", (30, 40), (40, 30))
+    with pytest.raises(DataError, match="nope.jpg"):
+        load_image(tmp_path / "nope.jpg")

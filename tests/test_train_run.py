@@ -12,8 +12,18 @@ from kapao.config import Hyp, load_dataset_config
 from kapao.distributed import DistEnv
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.model import build_model
-from kapao.train_run import (RESUME_ONLY, TrainArgs, absolute_if_file, build_hyp, default_epochs, load_resume,
-                             prepare_run, resolve_resume, strip_checkpoint, write_run_files)
+from kapao.train_run import (
+    RESUME_ONLY,
+    TrainArgs,
+    absolute_if_file,
+    build_hyp,
+    default_epochs,
+    load_resume,
+    prepare_run,
+    resolve_resume,
+    strip_checkpoint,
+    write_run_files,
+)
 from kapao.weights import load_checkpoint, save_checkpoint
 
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from kapao import weights as W
-from kapao.weights import registry
 from kapao.config import ANCHORS, STRIDES, load_dataset_config
 from kapao.errors import WeightsError
 from kapao.model import KapaoHead, KapaoModel, generic_schema
+from kapao.weights import registry
 
 COCO = load_dataset_config("coco").schema
 CROWDPOSE = load_dataset_config("crowdpose").schema

@@ -1,0 +1,153 @@
+"""Click parameter types, callbacks and option groups shared by the `kapao` verbs (validated at parse
+time, so a wrong command line exits with 2 before anything heavy is imported)."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import click
+
+from kapao.config import OFFICIAL_TTA, InferenceSettings, check_dataset_spec, check_hyp_spec, check_imgsz
+from kapao.errors import ConfigError, KapaoError
+from kapao.runtime import select_device
+
+MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
+
+
+class ImgSize(click.ParamType):
+    """A positive multiple of the network's largest stride (64), checked by kapao.config.check_imgsz."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        try:
+            return check_imgsz(v)
+        except ConfigError as e:
+            self.fail(str(e).removeprefix("--imgsz "), param, ctx)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated floats, e.g. `0.8,1,1.2`."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            vals = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
+        if not vals or any(v <= 0 for v in vals):
+            self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
+        return vals
+
+
+class FlipList(click.ParamType):
+    """Comma-separated flips: `none` (or 0/-1) and `lr` (or 1/3), e.g. `none,lr,none`."""
+
+    name = "flips"
+    WORDS = {"none": False, "0": False, "-1": False, "n": False, "lr": True, "1": True, "3": True}
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in self.WORDS]
+        if bad or not items:
+            self.fail(f"{value!r}: use none or lr per pass, e.g. none,lr,none", param, ctx)
+        return [self.WORDS[v] for v in items]
+
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Validate --device now so a bad value is a usage error (exit 2) naming the valid choices."""
+    if value is None or value == "":
+        return value
+    try:
+        select_device(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--device '{value}': "), ctx, param) from None
+    return value
+
+
+def bad_parameter(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
+    """A library error about one option's value as a usage error (exit 2) naming that option."""
+    if isinstance(param, str):
+        param = next(p for p in ctx.command.params if p.name == param)
+    return click.BadParameter(re.sub(rf"^{re.escape(param.opts[0])}:? ", "", str(e)), ctx, param)
+
+
+def must_exist(what: str) -> Callable:
+    """Callback: the value must name something that exists — a built-in name or an existing file —
+    checked at parse time without reading it (`what`: data, hyp or weights). Reading it comes later."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if what == "weights":
+            from kapao.weights import check_weights_spec as check
+        else:
+            check = check_dataset_spec if what == "data" else check_hyp_spec
+        try:
+            check(value)
+        except KapaoError as e:
+            raise bad_parameter(e, ctx, param) from None
+        return value
+
+    return callback
+
+
+UNIT = click.FloatRange(0.0, 1.0)
+
+
+def inference_options(defaults: InferenceSettings) -> Callable:
+    """Threshold and TTA options shared by predict and val (defaults differ: demo vs val settings)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.option("--conf", type=UNIT, default=None, help=f"Pose (person) score threshold. [default: {defaults.conf}]"),
+            click.option("--iou", type=UNIT, default=None, help=f"Pose NMS IoU threshold. [default: {defaults.iou}]"),
+            click.option("--conf-kp", type=UNIT, default=None,
+                         help=f"Keypoint-object score threshold. [default: {defaults.conf_kp}]"),
+            click.option("--iou-kp", type=UNIT, default=None,
+                         help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
+            click.option("--conf-kp-person", type=UNIT, default=None,
+                         help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
+            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+                         help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
+            click.option("--max-det", type=click.IntRange(min=1), default=None,
+                         help=f"Max poses per image. [default: {defaults.max_det}]"),
+            click.option("--no-fuse", is_flag=True, help="Keep the regressed keypoints; skip keypoint-object fusion."),
+            click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
+            click.option("--flips", type=FlipList(), default=None,
+                         help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
+            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def settings_from(defaults: InferenceSettings, conf: float | None, iou: float | None, conf_kp: float | None,
+                  iou_kp: float | None, conf_kp_person: float | None, tolerance: float | None, max_det: int | None,
+                  no_fuse: bool) -> InferenceSettings:
+    """`defaults` with the values given on the command line (None = keep the default)."""
+    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
+                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
+
+
+def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) -> tuple[list[float] | None, list[bool] | None]:
+    """The TTA passes (scales, flips) asked for by --tta or --scales/--flips; a usage error if they contradict."""
+    if tta:
+        if scales or flips:
+            raise click.UsageError("--tta is the official --scales/--flips; give either --tta or --scales/--flips")
+        return list(OFFICIAL_TTA[0]), list(OFFICIAL_TTA[1])
+    if scales and flips and len(scales) != len(flips):
+        raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
+    return scales, flips
