@@ -35,6 +35,7 @@ from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_ima
 from kapao.weights.registry import native_imgsz
 
 LOGGER = logging.getLogger(__name__)
+FrameTransform = Callable[[Frame, Poses], Poses]  # a per-frame step of a predict run (e.g. tracking)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +257,8 @@ class KAPAO:
             flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
             name: str = "exp", keep_results: bool = False, progress: bool = False,
-            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = ()) -> PredictRun:
+            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = (),
+            transforms: Sequence[FrameTransform] = ()) -> PredictRun:
         """The predict verb: run on a source; into runs/predict/expN stream predictions.jsonl (one line per
         frame, as it is made), drawn media, and at the end predictions.json (built from the JSONL).
 
@@ -265,6 +267,8 @@ class KAPAO:
         :func:`kapao.resume.find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
         Images and video frames already in its JSONL are skipped, the rest appended.
         sinks: extra :class:`kapao.sinks.Sink` objects fed every frame (e.g. a CSV export).
+        transforms: per-frame steps `(frame, poses) -> poses` applied in order before the sinks see the
+        poses (e.g. tracking, then smoothing).
         """
         self.check_imgsz(imgsz)
         if batch < 1:
@@ -295,8 +299,8 @@ class KAPAO:
         try:
             bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
                        dynamic_ncols=True)
-            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), readers, writer, run,
-                            imgsz, batch, keep_results, bar)
+            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
+                            keep_results, bar, transforms)
         finally:
             for r in readers.values():
                 r.close()
@@ -318,17 +322,19 @@ class KAPAO:
                 "flips": [bool(v) for v in flips] if flips else None}
 
 
-def _predict_frames(predictor: Predictor, frames: Iterator[Frame], readers: dict[str, VideoReader],
-                    writer: ResultWriter | None, run: PredictRun, imgsz: int, batch: int, keep_results: bool,
-                    bar: Any) -> None:
-    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> writer and `run` counts.
-    Closes the progress bar."""
+def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
+                    imgsz: int, batch: int, keep_results: bool, bar: tqdm,
+                    transforms: Sequence[FrameTransform] = ()) -> None:
+    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> transforms -> writer and
+    `run` counts. Closes the progress bar."""
     t0 = time.perf_counter()
     try:
         for chunk in _batches(frames, batch):
             results = predictor.predict_images([f.image for f in chunk], imgsz)
             for frame, poses in zip(chunk, results):
                 poses = poses.to("cpu")
+                for step in transforms:
+                    poses = step(frame, poses)
                 if writer:
                     writer.add(frame, poses)
                 if keep_results:

@@ -406,3 +406,19 @@ def test_sigkill_during_folder_predict_then_resume_gives_every_image_once(eager_
     per_file = Counter(r["file"] for r in results)
     assert per_file == Counter({r["source"]: len(r["poses"]) for r in recs}) and len(per_file) == n
     assert sorted(p.name for p in (project / "exp").glob("*.jpg")) == [f"im{i:03d}.jpg" for i in range(n)]
+
+
+def test_run_applies_frame_transforms_before_the_sinks(eager_weights: Path, coco_mini: Path, tmp_path: Path):
+    seen = []
+
+    def tag(frame, poses):  # e.g. a tracker: give every pose an id
+        seen.append(Path(frame.path).name)
+        return Poses(poses.boxes, poses.scores, poses.keypoints, poses.kp_objects, poses.fused,
+                     torch.arange(len(poses), dtype=torch.int64) + 100)
+
+    run = KAPAO(eager_weights, device="cpu").run(coco_mini / "images", imgsz=128, project=tmp_path, save=False,
+                                                 transforms=[tag], keep_results=True)
+    assert seen == sorted(p.name for p in (coco_mini / "images").glob("*.jpg"))
+    recs = _jsonl(run.save_dir)
+    assert [p["track_id"] for p in recs[0]["poses"]] == list(range(100, 100 + len(recs[0]["poses"])))
+    assert run.results[0].track_ids is not None
