@@ -116,7 +116,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
 @inference_options(PREDICT_SETTINGS)
 @click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
-@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written).")
+@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (predictions.jsonl/.json are still written).")
 @click.option("--show", is_flag=True, help="Show results in a window (needs a display).")
 @click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
 @click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
