@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,21 +13,15 @@ from kapao.cli_options import (
     check_device,
     inference_options,
     must_exist,
-    predict_options,
     settings_from,
-    smooth_settings,
-    tracking_options,
     tta_passes,
 )
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
+from kapao.cli_predict import predict, track
+from kapao.config import VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
-from kapao.settings import OneEuroSettings
 from kapao.version import __version__
 from kapao.weights.registry import weights_help
-
-if TYPE_CHECKING:
-    from kapao.track import PoseTracker
 
 
 class KapaoGroup(click.Group):
@@ -62,6 +55,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """KAPAO multi-person pose estimation: keypoints and poses as objects."""
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+
+
+cli.add_command(predict)
+cli.add_command(track)
 
 
 @cli.command()
@@ -113,79 +110,6 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
 
 
-@cli.command()
-@predict_options("runs/predict")
-@click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
-@tracking_options
-@click.pass_context
-def predict(ctx: click.Context, track_: bool, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-            smooth_beta: float | None, **opts: Any) -> None:
-    """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
-
-    Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
-    COCO-format predictions.json) go to runs/predict/expN. --track adds track ids (as `kapao track`;
-    keypoints unsmoothed unless --smooth).
-    """
-    if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
-        raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
-    tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
-    _predict(ctx, tracking, **opts)
-
-
-@cli.command()
-@predict_options("runs/track")
-@tracking_options
-@click.pass_context
-def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-          smooth_beta: float | None, **opts: Any) -> None:
-    """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
-
-    Same options as predict, plus the tracker (ByteTrack or BoT-SORT from ultralytics) and One Euro
-    smoothing of each track's keypoints (on by default). Drawn videos colour each track; results go to
-    runs/track/expN (predictions.json with track_id; keypoints.csv with --save-csv).
-    """
-    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), **opts)
-
-
-def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
-    """The per-frame tracking step the options ask for (a usage error for an unusable --tracker)."""
-    from kapao.track import PoseTracker
-
-    try:
-        return PoseTracker(tracker or "bytetrack", smooth)
-    except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
-
-
-def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
-             device: str | None, half: bool, batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
-             tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
-             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
-             line_width: int | None, track_ids: bool = True) -> None:
-    """predict and track: build the settings, run, print the summary."""
-    from kapao.errors import DataError
-    from kapao.predict import KAPAO, DrawOptions
-    from kapao.sources import resolve_source
-
-    setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = tta_passes(scales, flips, tta)
-    settings = settings_from(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
-    except DataError as e:
-        raise bad_parameter(e, ctx, "source") from None
-    api = KAPAO(weights, device=device, half=half)
-    run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                  save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids),
-                  project=project, name=name, keep_results=False, progress=True, tracking=tracking, save_csv=save_csv)
-    skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
-        (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")
-    tracks = f", {tracking.tracks_total} tracks" if tracking is not None else ""
-    click.echo(f"{run.frames} frames, {run.poses} poses{tracks} in {run.seconds:.1f} s "
-               f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
-    click.echo(f"Results saved to {run.save_dir}")
-
-
 def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
     """--data read as a dataset config; a YAML that is not one (malformed, several classes without
     --single-cls) is a usage error naming --data."""
@@ -193,8 +117,6 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
         return load_dataset_config(data, single_cls=single_cls)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "data") from None
-
-
 @cli.command()
 @click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")

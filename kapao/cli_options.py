@@ -171,15 +171,15 @@ def predict_options(project: str) -> Callable:
             inference_options(PREDICT_SETTINGS),
             click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
             click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …)."),
-            click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written)."),
+            click.option("--nosave", is_flag=True,
+                         help="Do not write drawn images/videos (predictions.jsonl/.json are still written)."),
             click.option("--save-csv", is_flag=True, help="Also write keypoints.csv: source, frame, pose, track, keypoint, "
                                                           "x, y, confidence (one row per keypoint, written as it goes)."),
             click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
             click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
             click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
             click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
-            click.option("--fused-only", is_flag=True,
-                         help="Draw only keypoints confirmed by a keypoint object (confidence > 0)."),
+            click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused)."),
             click.option("--line-width", type=click.IntRange(min=1), default=None,
                          help="Line width in pixels. [default: from image size]"),
         ]

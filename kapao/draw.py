@@ -44,13 +44,14 @@ def _point(x: float, y: float) -> tuple[int, int]:
 def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: KeypointSchema, scores: Any = None,
                kp_objects: Any = None, line_width: int | None = None, show_boxes: bool = True,
                show_scores: bool = True, show_kp_objects: bool = False,
-               kp_threshold: float | None = 0.0, track_ids: Any = None, show_track_ids: bool = True) -> np.ndarray:
+               kp_threshold: float | None = 0.0, keypoint_mask: Any = None, track_ids: Any = None,
+               show_track_ids: bool = True) -> np.ndarray:
     """A copy of `img_bgr` (H, W, 3 uint8) with poses drawn; all coordinates in its pixels.
 
     boxes (N, 4) x1, y1, x2, y2; keypoints (N, K, 3) x, y, conf: a keypoint is drawn when its conf
-    > kp_threshold (0: skips v = 0 labels and unfused predictions; None: draws every keypoint, e.g.
-    the regressed keypoints of predicted poses, whose confidence is 0 unless a keypoint object was
-    fused); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
+    > kp_threshold (0: skips v = 0 labels; None: draws every keypoint) and, when `keypoint_mask`
+    (N, K) bool is given, where it is True (e.g. Poses.fused: only keypoints confirmed by a keypoint
+    object); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
     skeleton limb, one per keypoint type. Tensors or arrays. With `track_ids` (N,) (Poses.track_ids;
     negative = untracked), a tracked pose's box and limbs take its track's colour and, with
     `show_track_ids`, its id is written above the box.
@@ -61,6 +62,7 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
     k = schema.num_keypoints
     kpts = _as_numpy(keypoints).reshape(len(boxes), k, 3) if len(boxes) else np.zeros((0, k, 3), np.float32)
     scores = None if scores is None else _as_numpy(scores).reshape(-1)
+    mask = None if keypoint_mask is None else _as_numpy(keypoint_mask).reshape(len(boxes), k) > 0
     if show_kp_objects and kp_objects is not None:
         _draw_kp_objects(img, _as_numpy(kp_objects, 6), k, max(1, lw // 2))
     ids = None if track_ids is None else torch.as_tensor(track_ids).cpu().numpy().astype(np.int64).reshape(-1)
@@ -72,17 +74,20 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
                         + ([f"{scores[i]:.2f}"] if show_boxes and show_scores and scores is not None else []))
         if text:
             _label(img, text, _point(box[0], box[1]), lw, color or BOX_COLOR)
-        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold, color)
+        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold, None if mask is None else mask[i], color)
     return img
 
 
 def _draw_skeleton(img: np.ndarray, kpts: np.ndarray, schema: KeypointSchema, lw: int,
-                   kp_threshold: float | None, limb_color: tuple[int, int, int] | None = None) -> None:
+                   kp_threshold: float | None, mask: np.ndarray | None = None,
+                   limb_color: tuple[int, int, int] | None = None) -> None:
     """Limbs (both ends drawn; one colour per limb, or `limb_color` for all) then keypoint dots, in place;
-    kpts (K, 3) pixels + conf."""
+    kpts (K, 3) pixels + conf; mask (K,) bool."""
     ok = np.isfinite(kpts[:, :2]).all(1)
     if kp_threshold is not None:
         ok &= kpts[:, 2] > kp_threshold
+    if mask is not None:
+        ok &= mask
     for (a, b), color in zip(schema.skeleton, palette(len(schema.skeleton))):
         color = limb_color or color
         if ok[a] and ok[b]:

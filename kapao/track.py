@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kapao.errors import ConfigError, KapaoError
-from kapao.postprocess import Poses
+from kapao.poses import Poses
 from kapao.settings import OneEuroSettings, read_yaml
 from kapao.smooth import KeypointSmoother
 from kapao.sources import Frame
@@ -140,17 +140,17 @@ class PoseTracker:
         self._max_id = 0
         self._sequence, self._index = None, 0
 
-    def update_frame(self, frame: Frame, poses: Poses, fps: float | None = None) -> Poses:
-        """Track the poses of one frame of a predict run: each video or stream is its own sequence (tracks
-        restart when the path changes); images (frame index None) form one sequence in the order given.
-        Time stamps are frame index / fps (VIDEO_FPS_FALLBACK when the source reports none)."""
+    def update_frame(self, frame: Frame, poses: Poses) -> Poses:
+        """Track the poses of one frame of a run (a per-frame transform of KAPAO.run): each video or stream
+        is its own sequence (tracks restart when the path changes); images (frame index None) form one
+        sequence in the order given. Time stamps are frame index / frame.fps (VIDEO_FPS_FALLBACK if None)."""
         key = frame.path if frame.frame is not None else "<images>"
         if key != self._sequence:
             self.reset()
             self._sequence = key
         index = frame.frame if frame.frame is not None else self._index
         self._index += 1
-        return self(poses, index / (fps or VIDEO_FPS_FALLBACK), frame.image)
+        return self(poses, index / (frame.fps or VIDEO_FPS_FALLBACK), frame.image)
 
     def alive_ids(self) -> set[int]:
         """Ids of the tracks the tracker still holds (tracked or lost, not removed)."""

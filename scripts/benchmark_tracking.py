@@ -27,7 +27,7 @@ import torch
 from ultralytics.trackers.byte_tracker import BYTETracker
 
 from kapao.config import load_dataset_config
-from kapao.postprocess import Poses
+from kapao.poses import Poses
 from kapao.track import (
     TRACKERS,
     UNTRACKED,
