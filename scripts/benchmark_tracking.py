@@ -208,7 +208,8 @@ def video_timing(video: str, weights: str, imgsz: int, device: str | None, frame
         runs = (("warm-up", None), ("predict", None), ("track", PoseTracker(tracker, smooth=OneEuroSettings())),
                 ("predict", None), ("track", PoseTracker(tracker, smooth=OneEuroSettings())))
         for label, tracking in runs:
-            run = api.run(str(looped), imgsz=imgsz, save=False, save_json=False, keep_results=False, tracking=tracking)
+            run = api.run(str(looped), imgsz=imgsz, save=False, save_json=False, keep_results=False,
+                          transforms=[tracking.update_frame] if tracking else ())
             if label != "warm-up":
                 print(f"verb {label}: {run.frames} frames, {run.frames / run.seconds:.2f} fps")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
