@@ -117,6 +117,8 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
         return load_dataset_config(data, single_cls=single_cls)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "data") from None
+
+
 @cli.command()
 @click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
