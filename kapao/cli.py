@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -18,7 +19,8 @@ from kapao.cli_options import (
     settings_from,
     tta_passes,
 )
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
+from kapao.cli_predict import predict, track
+from kapao.config import VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.runtime import quiet_third_party, setup_logging
 from kapao.version import __version__
@@ -83,6 +85,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
 
 
+cli.add_command(predict)
+cli.add_command(track)
+
+
 @cli.command()
 @click.option("--weights", default=None, callback=must_exist("weights"),
               help=f"Describe a checkpoint (kapao or official file) or named weights: {weights_help()}.")
@@ -112,7 +118,11 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
             click.echo(f"{e.name:<18} {e.dataset:<9} imgsz {e.imgsz}  {ap}")
         return
     if weights is None:
-        model = build_model(size, KeypointSchema.resolve(num_keypoints=kpts, data=data))
+        try:
+            schema = KeypointSchema.resolve(num_keypoints=kpts, data=data)
+        except ConfigError as e:  # a --data YAML that is not a dataset config: a usage error, as for val/train
+            raise bad_parameter(e, ctx, "data") from None
+        model = build_model(size, schema)
         click.echo(format_model_info(model_info(model, imgsz)))
         return
     path, name = check_weights_spec(weights)
@@ -138,58 +148,13 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
 
 
-@cli.command()
-@click.argument("source", required=False)
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
-              help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}.")
-@click.option("--imgsz", type=ImgSize(), default=None,
-              help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
-@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
-@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
-@inference_options(PREDICT_SETTINGS)
-@click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
-@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
-@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (the JSON is still written).")
-@click.option("--show", is_flag=True, help="Show results in a window (needs a display).")
-@click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
-@click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
-@click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
-@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
-@click.option("--line-width", type=click.IntRange(min=1, max=MAX_LINE_WIDTH), default=None,
-              help="Line width in pixels. [default: from image size]")
-@click.pass_context
-def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
-            conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-            project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
-            fused_only: bool, line_width: int | None) -> None:
-    """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
-
-    Without SOURCE it runs on the sample images that ship with ultralytics. Results (drawn media and a
-    COCO-format predictions.json) go to runs/predict/expN.
-    """
-    from kapao.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
-
-    setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = tta_passes(scales, flips, tta)
-    settings = settings_from(PREDICT_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
+    """--data read as a dataset config; a YAML that is not one (malformed, several classes without
+    --single-cls) is a usage error naming --data."""
     try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
-    except DataError as e:
-        raise bad_parameter(e, ctx, "source") from None
-    check_half(ctx, half, device)
-    from kapao.predict import KAPAO, DrawOptions
-
-    announce_tta(scales, flips)
-    api = KAPAO(weights, device=device, half=half)
-    run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                  save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only),
-                  project=project, name=name, keep_results=False, progress=True)
-    skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
-        (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "")
-    click.echo(f"{run.frames} frames, {run.poses} poses in {run.seconds:.1f} s "
-               f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
-    click.echo(f"Results saved to {run.save_dir}")
+        return load_dataset_config(data, single_cls=single_cls)
+    except ConfigError as e:
+        raise bad_parameter(e, ctx, "data") from None
 
 
 @cli.command()
@@ -198,6 +163,7 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--data", default=None, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
@@ -207,8 +173,8 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
 @click.pass_context
-def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, imgsz: int,
-        batch: int, workers: int, device: str | None, half: bool,
+def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool,
+        imgsz: int, batch: int, workers: int, device: str | None, half: bool,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
@@ -221,7 +187,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
     scales, flips = tta_passes(scales, flips, tta)
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    cfg = load_dataset_config(data)
+    cfg = _dataset_config(ctx, data, single_cls)
     try:
         cfg.require(split)  # a missing dataset or split is a usage error, before anything is loaded or created
     except (ConfigError, DataError) as e:
@@ -235,6 +201,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
+    if cfg.yolo is not None:
+        from kapao.yolo_labels import OKS_AREA_NOTE
+
+        click.echo(OKS_AREA_NOTE)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")
@@ -298,12 +268,13 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across GPUs.")
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
 @click.pass_context
 def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
           workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
           exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
-          no_amp: bool, seed: int, no_plots: bool) -> None:
+          no_amp: bool, seed: int, single_cls: bool, no_plots: bool) -> None:
     """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
@@ -321,7 +292,9 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
     else:
-        cfg = load_dataset_config(data)
+        with warnings.catch_warnings():  # training reads the YAML again and warns then
+            warnings.simplefilter("ignore")
+            cfg = _dataset_config(ctx, data, single_cls)
         try:  # a missing dataset or split is a usage error, before a run folder is made
             for split in ("train", "val"):
                 cfg.require(split)
@@ -336,9 +309,64 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
     args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
                      workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
                      exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,
-                     sync_bn=sync_bn, amp=not no_amp, seed=seed, plots=not no_plots)
+                     sync_bn=sync_bn, amp=not no_amp, seed=seed, single_cls=single_cls, plots=not no_plots)
     run_dir = run_training(args)
     click.echo(f"Results saved to {run_dir}")
+
+
+@cli.command()
+@click.option("--data", required=True, callback=must_exist("data"),
+              help="coco, crowdpose, a kapao dataset YAML or an Ultralytics YOLO-pose data YAML.")
+@click.option("--split", "splits", type=click.Choice(["train", "val", "test"]), multiple=True,
+              help="Split to check (repeatable). [default: all]")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
+@click.option("--samples", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Annotated images drawn per split.")
+@click.option("--project", default="runs/check", show_default=True, help="Parent folder of run folders.")
+@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@click.pass_context
+def check(ctx: click.Context, data: str, splits: tuple[str, ...], single_cls: bool, samples: int, project: str,
+          name: str) -> None:
+    """Check a dataset: counts per split and every problem found, with the file and what to do.
+
+    Exit status 1 when it found errors. Annotated samples go to runs/check/expN.
+    """
+    from kapao.check import check_dataset, format_report
+
+    setup_logging(ctx.obj.get("verbose", False))
+    try:
+        report = check_dataset(data, single_cls=single_cls, splits=splits or None, samples=samples, project=project,
+                               name=name)
+    except ConfigError as e:  # a YAML that cannot be read as a dataset config: the --data value is wrong
+        raise bad_parameter(e, ctx, "data") from None
+    click.echo(format_report(report))
+    click.echo(f"Samples saved to {report.save_dir}")
+    if report.errors:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--data", required=True, callback=must_exist("data"), help="The dataset to convert: a dataset YAML.")
+@click.option("--to", "to", type=click.Choice(["yolo", "coco"]), required=True,
+              help="yolo: Ultralytics YOLO-pose txt labels; coco: COCO keypoint JSON.")
+@click.option("--out", required=True, help="New (or empty) output folder.")
+@click.option("--copy-images", is_flag=True, help="--to yolo: copy the images instead of linking them.")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
+@click.pass_context
+def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool, single_cls: bool) -> None:
+    """Convert a dataset between COCO keypoint JSON and the Ultralytics YOLO-pose layout."""
+    from kapao.convert import coco_to_yolo, yolo_to_coco
+
+    setup_logging(ctx.obj.get("verbose", False))
+    cfg = _dataset_config(ctx, data, single_cls)
+    if cfg.format == to:
+        raise click.UsageError(f"{data} is already in the {to} layout; use --to {'coco' if to == 'yolo' else 'yolo'}")
+    try:
+        res = coco_to_yolo(cfg, out, copy_images=copy_images) if to == "yolo" else yolo_to_coco(cfg, out)
+    except ConfigError as e:  # --out is not a new or empty folder
+        raise bad_parameter(e, ctx, "out") from None
+    click.echo(res.summary())
+    click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
 
 
 class ImgShape(click.ParamType):

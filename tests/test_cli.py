@@ -48,7 +48,8 @@ def test_usage_error_exit_code_2():
 # Exit codes: 2 = the command line is wrong (a value malformed, out of range, not finite, contradicting
 # another option, hardware this machine lacks, or naming something that does not exist: a file, folder,
 # dataset folder, name or run, or an output that exists); 1 = what the options name exists but fails while
-# running (files of the wrong kind, corrupt files, invalid annotations or dataset YAMLs, I/O).
+# running (files of the wrong kind, corrupt files, invalid annotations, I/O). A --data YAML that is not a
+# valid dataset config is a usage error (2) naming --data and the YAML.
 # USAGE_ERRORS: (argv, option named in the message, key phrase), all exit 2; {tmp} holds empty/ and file.txt.
 USAGE_ERRORS = [
     (["predict", "{tmp}/nope.jpg"], "'[SOURCE]'", "does not exist; give an image, video, folder"),
@@ -157,9 +158,9 @@ MORE_CASES = [
      "dup.json", "appears twice"),
     (["val", "--data", "{in}/strid.yaml", "--weights", "{in}/tiny.pt", "--device", "cpu", "--imgsz", "128"], 1,
      "strid.json", "use one id type"),
-    (["val", "--data", "{in}/badsig.yaml"], 1, "badsig.yaml", "'sigmas' must be a list of numbers"),
-    (["val", "--data", "{in}/flip.yaml"], 1, "flip.yaml", "'flip_idx' must be a list of integers"),
-    (["val", "--data", "{in}/badbase.yaml"], 1, "badbase.yaml", "base: dataset config"),
+    (["val", "--data", "{in}/badsig.yaml"], 2, "badsig.yaml", "'sigmas' must be a list of numbers"),
+    (["val", "--data", "{in}/flip.yaml"], 2, "flip.yaml", "'flip_idx' must be a list of integers"),
+    (["val", "--data", "{in}/badbase.yaml"], 2, "badbase.yaml", "base: dataset config"),
     (["val", "--data", "{in}/mini.yaml", "--weights", "{in}/photo.pt", "--device", "cpu"], 1, "photo.pt",
      "is a JPEG image"),
     (["train", "--device", "cpu,cpu"], 2, "'--device'", "a device list names distinct GPU indices"),
@@ -179,7 +180,7 @@ MORE_CASES = [
     (["train", "--imgsz", "100000"], 2, "'--imgsz'", "larger than 8192"),
     (["train", "--seed", "x"], 2, "'--seed'", "is not a valid integer"),
     (["train", "--epochs", "0", "--verbose"], 2, "'--epochs'", "x>=1"),
-    (["train", "--data", "{in}/badsig.yaml"], 1, "badsig.yaml", "'sigmas' must be a list of numbers"),
+    (["train", "--data", "{in}/badsig.yaml"], 2, "badsig.yaml", "'sigmas' must be a list of numbers"),
     (["export", "--weights", "{in}/tiny.pt", "-o", "{in}/keep.onnx"], 2, "keep.onnx",
      "already exists; add --exist-ok to overwrite it"),
     (["export", "--weights", "{in}/tiny.pt", "-o", "{in}"], 2, "tiny.onnx", "already exists; add --exist-ok"),
@@ -201,10 +202,10 @@ MORE_CASES = [
     (["info", "--weights", "{in}/photo.pt"], 1, "photo.pt", "is a JPEG image, not a checkpoint"),
     (["info", "--weights", "{in}/model.onnx"], 1, "model.onnx", "is an ONNX model"),
     (["info", "--weights", "{in}/trunc.pt"], 1, "trunc.pt", "is truncated or corrupt"),
-    (["info", "--data", "{in}/badsig.yaml"], 1, "badsig.yaml", "'sigmas' must be a list of numbers"),
-    (["info", "--data", "{in}/nansig.yaml"], 1, "nansig.yaml", "'sigmas' must be finite positive numbers"),
-    (["info", "--data", "{in}/flip.yaml"], 1, "flip.yaml", "'flip_idx' must be a list of integers"),
-    (["info", "--data", "{in}/badbase.yaml"], 1, "badbase.yaml", "missing.yaml"),
+    (["info", "--data", "{in}/badsig.yaml"], 2, "badsig.yaml", "'sigmas' must be a list of numbers"),
+    (["info", "--data", "{in}/nansig.yaml"], 2, "nansig.yaml", "'sigmas' must be finite positive numbers"),
+    (["info", "--data", "{in}/flip.yaml"], 2, "flip.yaml", "'flip_idx' must be a list of integers"),
+    (["info", "--data", "{in}/badbase.yaml"], 2, "badbase.yaml", "missing.yaml"),
     (["info", "--imgsz", "100000"], 2, "'--imgsz'", "larger than 8192"),
     (["info", "--kpts", "x"], 2, "'--kpts'", "is not a valid integer"),
     (["info", "--kpts", "0", "--verbose"], 2, "'--kpts'", "x>=1"),

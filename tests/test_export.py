@@ -6,6 +6,7 @@ measured: about 2e-4 px and 1e-7.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,7 @@ def assert_same_poses(a: Poses, b: Poses) -> None:
     assert len(a) == len(b) > 0
     assert torch.allclose(a.scores, b.scores, atol=SCORE_TOL)
     assert torch.allclose(a.boxes, b.boxes, atol=0.05) and torch.allclose(a.keypoints, b.keypoints, atol=0.05)
+    assert torch.equal(a.fused, b.fused)  # the per-keypoint confidences (above) come from the same decoded tensor
 
 
 def test_predict_through_onnxruntime_gives_same_poses(model: torch.nn.Module, dynamic_onnx: Path):
@@ -185,11 +187,12 @@ def test_predict_through_onnxruntime_gives_same_poses(model: torch.nn.Module, dy
     backend = OnnxBackend(dynamic_onnx)
     ort_pred = Predictor(backend, backend.schema, backend.device, settings)
     torch_pred = Predictor.from_model(model, CPU, settings=settings)
-    fused = 0
+    fused = unfused_with_conf = 0
     for a, b in zip(ort_pred.predict_images(images, 256), torch_pred.predict_images(images, 256)):
         assert_same_poses(a, b)
-        fused += int((a.keypoints[..., 2] > 0).sum())
-    assert fused > 0  # keypoint-object fusion took part
+        fused += int(a.fused.sum())
+        unfused_with_conf += int((a.keypoints[..., 2][~a.fused] > 0).sum())
+    assert fused > 0 and unfused_with_conf > 0  # fusion and the evidence of unfused keypoints took part
 
 
 def test_onnx_predict_on_video_matches_torch(model: torch.nn.Module, dynamic_onnx: Path, test_video: Path):
@@ -282,15 +285,25 @@ def test_simplified_export_matches_torch(model: torch.nn.Module, tmp_path: Path)
 
 def test_benchmark_quick_prints_table(tmp_path: Path):
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--project", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("|")]
-    assert len(lines) == 5 and "forward ms" in lines[0], res.stdout  # header, rule, torch, onnxruntime, YOLO
-    rows = {ln.split("|")[2].strip(): ln.split("|") for ln in lines[2:]}
-    assert set(rows) == {"torch eager", "onnxruntime dynamic", "ultralytics"}, res.stdout
-    for backend in ("torch eager", "onnxruntime dynamic"):  # forward (video, crowded), post, e2e fps
-        values = [float(rows[backend][i].split()[0]) for i in (3, 4, 5, 7)]
-        assert np.isfinite(values).all() and min(values) > 0, rows[backend]
+    out = res.stdout.splitlines()
+    start = next(i for i, ln in enumerate(out) if ln.startswith("| model |"))
+    lines = [ln for ln in out[start:out.index("", start)]]
+    assert len(lines) == 6 and "forward ms" in lines[0], res.stdout  # header, rule, torch, onnxruntime, 2 peers
+    rows = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln.split("|") for ln in lines[2:]}
+    assert set(rows) == {("kapao-n @256", "torch eager"), ("kapao-n @256", "onnxruntime dynamic"),
+                         ("yolo11n-pose @256", "ultralytics"), ("yolo26n-pose @256", "ultralytics")}, res.stdout
+    for key in (("kapao-n @256", "torch eager"), ("kapao-n @256", "onnxruntime dynamic")):
+        # forward (video, crowded), post, frame ms, GFLOP/s, e2e fps
+        values = [float(rows[key][i].split()[0]) for i in (3, 4, 5, 7, 8, 9)]
+        assert np.isfinite(values).all() and min(values) > 0, rows[key]
+    for key in (("yolo11n-pose @256", "ultralytics"), ("yolo26n-pose @256", "ultralytics")):
+        values = [float(rows[key][i].split()[0]) for i in (3, 7, 8, 9)]  # forward, frame ms, GFLOP/s, e2e fps
+        assert np.isfinite(values).all() and min(values) > 0, rows[key]
+    assert re.search(r"2048\^3 fp32 matmul = [0-9]+ GFLOP/s", res.stdout), res.stdout
+    hot = [ln for ln in out if ln.startswith("| conf 0.3 / conf-kp 0.3 |") or ln.startswith("| val thresholds")]
+    assert len(hot) == 2 and all("| identical |" in ln or "reordered" in ln for ln in hot), res.stdout
     assert "network access attempts: 0" in res.stdout and "Targets" in res.stdout
 
 

@@ -1,7 +1,6 @@
 """Post-processing: NMS, mapping to original pixels, keypoint-object fusion, TTA, result type."""
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -11,12 +10,14 @@ import torchvision
 
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings
 from kapao.postprocess import (
+    KP_EVIDENCE_FLOOR,
     TTA_FLIPS,
     TTA_SCALES,
     Detections,
-    Poses,
     deaugment,
     fuse_keypoints,
+    keypoint_confidence,
+    keypoint_evidence,
     merge_tta,
     nms,
     postprocess,
@@ -403,8 +404,10 @@ def test_postprocess_maps_then_fuses_with_tolerance_in_original_pixels():
     assert p.kp_objects.tolist() == [[176.0, 186.0, 184.0, 194.0, pytest.approx(0.9), 0.0]]
     (p,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [meta])
     assert p.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and p.kp_objects is None
+    assert p.fused.tolist() == [[True]]
     (p,) = postprocess(pred, settings.replace(tolerance=31.0, fuse=False), lay, [meta])
-    assert p.keypoints.tolist() == [[[180.0, 160.0, 0.0]]]
+    # not fused, but the keypoint object 30 px away (< 31) is its evidence
+    assert p.keypoints.tolist() == [[[180.0, 160.0, pytest.approx(0.9)]]] and p.fused.tolist() == [[False]]
     as_dict = {"orig_shape": (200, 300), "ratio": (0.5, 0.5), "pad": (10, 20), "image_id": 3}
     (q,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [as_dict])
     assert q.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and q.boxes.tolist() == [[140.0, 140.0, 220.0, 200.0]]
@@ -543,28 +546,7 @@ def test_tta_forward_pads_with_grey_and_empty_model_output():
 
 
 # ----------------------------------------------------------------------------------------------
-# Result type
-
-def _poses_from_coco(results, k):
-    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)]).reshape(-1, 4)
-    return Poses(boxes, torch.tensor([r["score"] for r in results]),
-                 torch.tensor([r["keypoints"] for r in results]).reshape(-1, k, 3))
-
-
-def test_poses_to_coco_round_trip():
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(4, 2, generator=g) * 500
-    boxes = torch.cat((xy, xy + torch.rand(4, 2, generator=g) * 100 + 1), 1)
-    poses = Poses(boxes, torch.rand(4, generator=g), torch.rand(4, 17, 3, generator=g) * 600)
-    results = json.loads(json.dumps(poses.to_coco(image_id=42)))
-    assert len(results) == 4 and all(r["image_id"] == 42 and r["category_id"] == 1 for r in results)
-    assert all(len(r["keypoints"]) == 51 for r in results)
-    back = _poses_from_coco(results, 17)
-    assert torch.allclose(back.boxes, poses.boxes, atol=0.011)
-    assert torch.allclose(back.scores, poses.scores, atol=1e-5)
-    assert torch.allclose(back.keypoints, poses.keypoints, atol=1e-3)
-    assert Poses.empty(17).to_coco(1) == []
-
+# Serialisation of postprocess output (the result type itself: tests/test_poses.py)
 
 def test_postprocess_output_serialises_to_coco():
     pred = _random_pred(b=1, n=200, seed=4).float()
@@ -576,3 +558,363 @@ def test_postprocess_output_serialises_to_coco():
     kp = p.keypoints
     assert (kp[..., 0] >= 0).all() and (kp[..., 0] <= 320).all() and (kp[..., 1] >= 0).all() and (kp[..., 1] <= 240).all()
     assert math.isclose(max(r["score"] for r in results), p.scores.max().item(), abs_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Early-stopping NMS (issue 14) against the previous implementation, kept in scripts/_reference_nms.py
+
+def _load_reference():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "_reference_nms.py"
+    spec = importlib.util.spec_from_file_location("kapao_reference_nms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REF = _load_reference()
+
+
+@pytest.fixture
+def nms_calls(monkeypatch):
+    """Records every postprocess.batched_nms_top call as (candidates, most candidates one NMS round saw):
+    fewer seen than given = answered by a prefix (early stop)."""
+    from kapao import postprocess as pp
+
+    calls, seen = [], []
+    real_subset, real_top = pp._nms_subset, pp.batched_nms_top
+
+    def recording_subset(boxes, *args):
+        seen.append(boxes.shape[0])
+        return real_subset(boxes, *args)
+
+    def recording_top(boxes, scores, *args):
+        del seen[:]
+        keep = real_top(boxes, scores, *args)
+        calls.append((scores.numel(), max(seen)))
+        return keep
+
+    monkeypatch.setattr(pp, "_nms_subset", recording_subset)
+    monkeypatch.setattr(pp, "batched_nms_top", recording_top)
+    return calls
+
+
+def _early(calls):
+    return sum(seen < n for n, seen in calls)
+
+
+def _assert_same_detections(new, old):
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _assert_same_up_to_tie_order(new, old, max_det):
+    """Same score sequence; every group of exactly equal scores holds the same rows, except the last
+    group when max_det cut it (torchvision's unstable sort picked some of its rows, we the first)."""
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        for rows_a, rows_b in ((torch.cat((a.boxes, a.scores[:, None], a.keypoints.flatten(1)), 1),
+                                torch.cat((b.boxes, b.scores[:, None], b.keypoints.flatten(1)), 1)),
+                               (a.kp_objects, b.kp_objects)):
+            s = rows_a[:, 4]
+            assert torch.equal(s, rows_b[:, 4])
+            for v in torch.unique(s):
+                if len(s) == max_det and v == s[-1]:
+                    continue
+                group_a, group_b = rows_a[s == v], rows_b[s == v]
+                assert torch.equal(torch.unique(group_a, dim=0), torch.unique(group_b, dim=0))
+
+
+def _tied_pred(g, b, n, layout, ties, width=640.0):
+    """Random decoded predictions; with `ties`, objectness, class probabilities and boxes come from
+    coarse grids, so scores and IoUs tie exactly and often."""
+    pred = torch.rand(b, n, layout.num_outputs, generator=g)
+    if ties:
+        pred[..., layout.obj] = 0.5 + torch.randint(0, 3, (b, n), generator=g) / 4
+        pred[..., layout.cls] = torch.randint(1, 9, (b, n, layout.num_classes), generator=g) / 8
+        pred[..., :4] = torch.randint(0, 16, (b, n, 4), generator=g).float()
+    pred[..., :2] *= width / pred[..., :2].max()
+    pred[..., 2:4] = pred[..., 2:4] * 40 + 4
+    pred[..., layout.kpt] *= width
+    return pred
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_nms_early_stop_equals_previous_implementation_on_random_inputs(ties, nms_calls):
+    """Distinct scores: identical to the previous NMS. Many exact ties: identical up to their order."""
+    layout = HeadLayout(3)
+    g = torch.Generator().manual_seed(1 + ties)
+    exact = 0
+    for trial, max_det in enumerate((1, 3, 40, 300, 5000)):
+        pred = _tied_pred(g, 2, 3000 + 500 * trial, layout, ties)
+        for settings in (VAL_SETTINGS.replace(max_det=max_det, conf_kp=0.05),
+                         PREDICT_SETTINGS.replace(max_det=max_det, conf=0.2, conf_kp=0.2, iou=0.3)):
+            new, old = nms(pred, settings, layout), REF.nms(pred, settings, layout)
+            _assert_same_up_to_tie_order(new, old, max_det)
+            distinct = all(bool((s[1:] < s[:-1]).all()) for d in old for s in (d.scores, d.kp_objects[:, 4]))
+            if distinct and not ties:  # no equal scores kept (nor at the max_det cut): bitwise the previous result
+                _assert_same_detections(new, old)
+                exact += 1
+    assert exact >= (0 if ties else 6)
+    assert _early(nms_calls) >= 8  # the prefixes answered calls (max_det <= 40 at least)
+
+
+def test_nms_early_stop_batch_and_images_without_candidates():
+    layout = HeadLayout(2)
+    g = torch.Generator().manual_seed(5)
+    pred = _tied_pred(g, 4, 3000, layout, ties=False)
+    pred[1, :, layout.obj] = 0.0  # an image with no candidates between busy ones
+    settings = VAL_SETTINGS.replace(max_det=7)
+    _assert_same_detections(nms(pred, settings, layout), REF.nms(pred, settings, layout))
+
+
+def _hot_pred_from_raw(model, imgsz, batch, seed):
+    """Decoded output of the hot network's head at imgsz x imgsz, from random logits around the hot biases
+    (the input shape of a 1280 frame without running the backbone)."""
+    from kapao.model import decode
+
+    g = torch.Generator().manual_seed(seed)
+    head, layout = model.head, model.layout
+    raw = []
+    for stride in model.strides:
+        n = imgsz // stride
+        logits = torch.randn(batch, head.na, n, n, head.no, generator=g) * 0.5
+        logits[..., layout.obj] += 2.0
+        raw.append(logits)
+    return decode(raw, model.anchors, model.strides, layout)
+
+
+@pytest.mark.parametrize("settings", [PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3), VAL_SETTINGS],
+                         ids=["conf0.3", "val"])
+def test_nms_early_stop_equals_previous_on_hot_1280_output(settings, nms_calls):
+    from kapao.model import build_model
+
+    model = build_model("n")
+    pred = _hot_pred_from_raw(model, 1280, 1, seed=0)
+    assert pred.shape[1] == 3 * sum((1280 // s) ** 2 for s in model.strides)
+    new = nms(pred, settings, model.layout)
+    _assert_same_detections(new, REF.nms(pred, settings, model.layout))
+    (d,) = new
+    assert len(d.scores) == len(d.kp_objects) == settings.max_det
+    assert _early(nms_calls) == 2  # persons and keypoint objects both answered by a prefix
+
+
+def test_nms_early_stop_equals_previous_on_hot_model(nms_calls):
+    """A real network with the hot biases: its scores differ by a few ulps at most, so exact ties abound."""
+    from kapao.model import build_model
+
+    torch.manual_seed(0)
+    model = REF.set_hot_biases(build_model("n").eval())
+    x = torch.rand(2, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        pred = model(x)[0]
+    for settings in (PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3), VAL_SETTINGS, VAL_SETTINGS.replace(max_det=2)):
+        old = REF.nms(pred, settings, model.layout)
+        _assert_same_up_to_tie_order(nms(pred, settings, model.layout), old, settings.max_det)
+        assert all(len(d.scores) == len(d.kp_objects) == settings.max_det for d in old)  # hot: every image is full
+    assert _early(nms_calls) >= 6  # keypoint objects of 2 images x 3 settings
+
+
+def _int_boxes(g, n, classes):
+    xy = torch.randint(0, 60, (n, 2), generator=g).float() * 10
+    boxes = torch.cat((xy, xy + torch.randint(5, 40, (n, 2), generator=g)), 1)
+    return boxes, torch.randint(1, 50, (n,), generator=g) / 50, torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("max_det", [1, 5, 300])
+def test_batched_nms_top_coordinate_trick_path(max_det, monkeypatch):
+    """torchvision's single-NMS path (taken on CUDA below its threshold) with a prefix, forced on CPU."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    from kapao import postprocess as pp
+
+    monkeypatch.setitem(pp._TV_VANILLA_NUMEL, "cpu", 10**12)
+    g = torch.Generator().manual_seed(max_det)
+    for _ in range(4):
+        boxes, scores, classes = _int_boxes(g, 3000, 4)
+        want = _batched_nms_coordinate_trick(boxes, scores, classes, 0.45)[:max_det]
+        assert torch.equal(pp.batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+
+
+@pytest.mark.parametrize("max_det", [1, 5, 300, 4000])
+def test_batched_nms_top_per_class_path_takes_ties_in_input_order(max_det):
+    """On CPU above 1000 boxes torchvision runs NMS per class and sorts the kept boxes unstably; on
+    integer boxes (exact arithmetic, so its class shift changes no decision) its stable single-NMS
+    path gives the same decisions with ties in input order: batched_nms_top must equal it."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    from kapao.postprocess import batched_nms_top
+
+    g = torch.Generator().manual_seed(max_det)
+    for _ in range(3):
+        boxes, scores, classes = _int_boxes(g, 3000, 5)
+        assert boxes.numel() > 4000  # torchvision's per-class path
+        want = _batched_nms_coordinate_trick(boxes, scores, classes, 0.45)[:max_det]
+        full = torchvision.ops.batched_nms(boxes, scores, classes, 0.45)[:max_det]
+        assert torch.equal(scores[full], scores[want])  # torchvision's two paths agree up to tie order
+        assert torch.equal(batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+
+
+def test_torchvision_path_thresholds_are_the_ones_followed():
+    """batched_nms_top follows torchvision's choice between its two batched NMS paths; fail loudly if a
+    torchvision release moves the thresholds (pytorch/vision#8925 raised the CUDA one)."""
+    import inspect
+
+    from kapao.postprocess import _TV_VANILLA_NUMEL
+
+    src = inspect.getsource(torchvision.ops.boxes.batched_nms).replace("_", "")
+    assert f'boxes.numel() > ({_TV_VANILLA_NUMEL["cpu"]} if boxes.device.type == "cpu" else ' \
+           f'{_TV_VANILLA_NUMEL["cuda"]})' in src
+
+
+# A confidence for every keypoint; fused positions, fused confidences and person scores unchanged
+
+def _scene(seed, b=2, k=4, persons=5, width=320.0, dtype=torch.float64):
+    """Decoded predictions that look like a network's: persons with keypoints, keypoint-object anchors
+    scattered around those keypoints (some within, some beyond the tolerance), and background."""
+    g = torch.Generator().manual_seed(seed)
+    lay = HeadLayout(k)
+    rows = []
+    for _ in range(b):
+        img = []
+        for _ in range(persons):
+            c = torch.rand(2, generator=g, dtype=dtype) * width
+            kps = c + (torch.rand(k, 2, generator=g, dtype=dtype) - 0.5) * 80
+            for _ in range(3):  # duplicates for NMS
+                r = torch.zeros(lay.num_outputs, dtype=dtype)
+                r[:2], r[2:4] = c + torch.rand(2, generator=g, dtype=dtype) * 4, torch.tensor([60.0, 120.0])
+                r[lay.obj] = 0.5 + 0.5 * torch.rand((), generator=g, dtype=dtype)
+                r[lay.cls] = torch.rand(lay.num_classes, generator=g, dtype=dtype) * 0.3
+                r[lay.cls.start] = 0.4 + 0.6 * torch.rand((), generator=g, dtype=dtype)
+                r[lay.kpt] = (kps + torch.randn(k, 2, generator=g, dtype=dtype) * 3).flatten()
+                img.append(r)
+            for j in range(k):
+                for _ in range(3):
+                    r = torch.zeros(lay.num_outputs, dtype=dtype)
+                    r[:2] = kps[j] + torch.randn(2, generator=g, dtype=dtype) * 12
+                    r[2:4] = 16.0
+                    r[lay.obj] = torch.rand((), generator=g, dtype=dtype)
+                    r[lay.cls] = torch.rand(lay.num_classes, generator=g, dtype=dtype) * 0.4
+                    r[lay.cls.start + 1 + j] = torch.rand((), generator=g, dtype=dtype)
+                    img.append(r)
+        bg = torch.rand(60, lay.num_outputs, generator=g, dtype=dtype)
+        bg[:, :4] *= width
+        bg[:, lay.obj] *= 0.05
+        img.extend(bg)
+        rows.append(torch.stack(img))
+    return torch.stack(rows), lay
+
+
+def _old_postprocess(pred, settings, lay, metas):
+    """Today's (official) output: nms -> map to original pixels -> the sequential fusion reference."""
+    out = []
+    for d, (shape, r, pad) in zip(nms(pred, settings, lay), metas):
+        boxes = scale_to_original(d.boxes, r, pad, shape)
+        kxy = scale_to_original(d.keypoints, r, pad, shape)
+        kpo = torch.cat((scale_to_original(d.kp_objects[:, :4], r, pad, shape), d.kp_objects[:, 4:]), 1)
+        out.append((boxes, d.scores, fuse_keypoints_reference(d.scores, kxy, kpo, settings.conf_kp_person,
+                                                                settings.tolerance), kxy))
+    return out
+
+
+def _evidence_reference(pred_i, lay, kxy, meta, tolerance, floor=KP_EVIDENCE_FLOOR):
+    """Plain loops: best objectness x p(k + 1) of any anchor within the tolerance, floors applied."""
+    (h, w), r, (padw, padh) = meta
+    conf = torch.zeros(kxy.shape[:2], dtype=torch.float64)
+    for a in pred_i.tolist():
+        obj = a[lay.obj]
+        cx, cy = min(max((a[0] - padw) / r, 0), w), min(max((a[1] - padh) / r, 0), h)
+        for j in range(lay.num_keypoints):
+            s = obj * a[lay.cls.start + 1 + j]
+            if obj <= floor or s <= floor:
+                continue
+            for n in range(kxy.shape[0]):
+                x, y = kxy[n, j].tolist()
+                if (cx - x) ** 2 + (cy - y) ** 2 < tolerance ** 2 and s > conf[n, j]:
+                    conf[n, j] = s
+    return conf
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_keeps_official_output_and_fills_unfused_confidences(seed):
+    pred, lay = _scene(seed)
+    metas = [((400, 500), 1.25, (8.0, 0.0)), ((260, 300), 0.9, (0.0, 12.0))]
+    settings = VAL_SETTINGS.replace(tolerance=20.0)
+    got = postprocess(pred, settings, lay, metas)
+    fused_total = unfused_with_conf = 0
+    for p, (boxes, scores, ref, kxy), meta, pred_i in zip(got, _old_postprocess(pred, settings, lay, metas), metas, pred):
+        assert len(p) > 2
+        assert torch.equal(p.boxes, boxes) and torch.equal(p.scores, scores)
+        assert torch.equal(p.keypoints[..., :2], ref[..., :2])  # every position as today
+        assert torch.equal(p.fused, ref[..., 2] > 0)  # fused == "confidence > 0 under the old rule"
+        assert torch.equal(p.keypoints[..., 2][p.fused], ref[..., 2][p.fused])
+        expected = _evidence_reference(pred_i, lay, kxy, meta, settings.tolerance)
+        assert torch.equal(p.keypoints[..., 2][~p.fused], expected[~p.fused])
+        fused_total += int(p.fused.sum())
+        unfused_with_conf += int((p.keypoints[..., 2][~p.fused] > 0).sum())
+    assert fused_total > 0 and unfused_with_conf > 0  # the scenes exercise both kinds
+
+
+def test_postprocess_float32_and_batch_independence():
+    pred, lay = _scene(11)
+    pred = pred.float()
+    metas = [((400, 500), 1.25, (8.0, 0.0))] * 2
+    both = postprocess(pred, VAL_SETTINGS, lay, metas)
+    for i in range(2):
+        (alone,) = postprocess(pred[i:i + 1], VAL_SETTINGS, lay, metas[i:i + 1])
+        assert torch.equal(alone.keypoints, both[i].keypoints) and torch.equal(alone.fused, both[i].fused)
+    assert both[0].keypoints.dtype == torch.float32 and both[0].fused.dtype == torch.bool
+
+
+def test_keypoint_evidence_floor_and_cap():
+    lay = HeadLayout(2)
+    rows = torch.zeros(1, 4, lay.num_outputs)
+    rows[0, :, :2] = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0]])
+    rows[0, :, lay.obj] = torch.tensor([0.5, 0.5, KP_EVIDENCE_FLOOR, 1.0])
+    rows[0, :, lay.cls] = torch.tensor([[1.0, 0.5, 0.01], [0.0, 0.0, 0.9], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    (ev,) = keypoint_evidence(rows, lay)
+    # anchor 0: type 0 (0.25; type 1 0.005 is below the floor), anchor 1: type 1 (0.45); anchor 2's
+    # objectness is not above the floor; anchor 3 has no keypoint class. Whatever the argmax class.
+    assert ev.tolist() == [[10.0, 20.0, 0.25, 0.0], [30.0, 40.0, pytest.approx(0.45), 1.0]]
+    assert [e.shape for e in keypoint_evidence(torch.zeros(3, 0, lay.num_outputs), lay)] == [(0, 4)] * 3
+
+
+def test_keypoint_confidence_strict_tolerance_type_and_chunks(monkeypatch):
+    kxy = torch.tensor([[[0.0, 0.0], [10.0, 0.0]], [[100.0, 0.0], [110.0, 0.0]]])
+    ev = torch.tensor([[3.0, 4.0, 0.6, 0.0],  # distance 5 to pose 0's type 0
+                       [1.0, 0.0, 0.3, 0.0],  # closer but lower: the best score wins, not the nearest
+                       [10.0, 0.0, 0.9, 0.0],  # on pose 0's type-1 keypoint, but of type 0: 10 px from kp 0
+                       [104.0, 0.0, 0.7, 1.0]])  # pose 1 type 1, 6 px
+    conf = keypoint_confidence(kxy, ev, 5.0)
+    assert conf.tolist() == [[pytest.approx(0.3), 0.0], [0.0, 0.0]]  # 5 px is not < 5, 6 px neither
+    conf = keypoint_confidence(kxy, ev, 10.5)
+    assert conf.tolist() == [[pytest.approx(0.9), 0.0], [0.0, pytest.approx(0.7)]]
+    import kapao.postprocess as pp
+
+    monkeypatch.setattr(pp, "_EVIDENCE_CHUNK", 2)  # one evidence row per step: same result
+    assert torch.equal(pp.keypoint_confidence(kxy, ev, 10.5), conf)
+    assert keypoint_confidence(torch.zeros(0, 2, 2), ev, 5.0).shape == (0, 2)
+    assert keypoint_confidence(kxy, torch.zeros(0, 4), 5.0).eq(0).all()
+    half = keypoint_confidence(kxy.half() * 5, (ev * torch.tensor([5.0, 5.0, 1.0, 1.0])).half(), 52.5)
+    assert half.dtype == torch.float16 and half.float().tolist() == [[pytest.approx(0.9, abs=1e-3), 0.0],
+                                                                     [0.0, pytest.approx(0.7, abs=1e-3)]]
+
+
+def test_tta_merged_output_carries_confidence_and_fused_flag():
+    pred, lay = _scene(5, b=1, k=LT.num_keypoints, persons=3)
+    assert lay == LT
+    passes = [_network_view(pred, s, f, 320.0) for s, f in zip(TTA_SCALES, TTA_FLIPS)]
+    merged = merge_tta(passes, TTA_SCALES, TTA_FLIPS, 320.0, LT, FLIP)
+    meta = [((300, 320), 1.0, (0.0, 0.0))]
+    settings = VAL_SETTINGS.replace(tolerance=20.0)
+    (p,) = postprocess(merged, settings, LT, meta)
+    ((boxes, scores, ref, kxy),) = _old_postprocess(merged, settings, LT, meta)
+    assert torch.equal(p.boxes, boxes) and torch.equal(p.keypoints[..., :2], ref[..., :2])
+    assert torch.equal(p.fused, ref[..., 2] > 0) and p.fused.any()
+    expected = _evidence_reference(merged[0], LT, kxy, meta[0], settings.tolerance)
+    assert torch.allclose(p.keypoints[..., 2][~p.fused], expected[~p.fused], rtol=0, atol=1e-12)
+    assert (p.keypoints[..., 2][~p.fused] > 0).any()
