@@ -5,7 +5,6 @@ the class count (1 + K), the head's channel layout and the training-target layou
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -141,8 +140,9 @@ class KeypointSchema:
         if d.get("flip_idx") is None:
             raise ConfigError(f"{where}: missing 'flip_idx' (left-right flip permutation; use 0..K-1 if there are no pairs)")
         if d.get("sigmas") is None:
-            logging.getLogger(__name__).warning("%s: no 'sigmas' given; using %s for every keypoint in OKS", where,
-                                                DEFAULT_SIGMA)
+            import warnings  # shown by the CLI as one `warning: …` line (runtime.quiet_third_party)
+
+            warnings.warn(f"{where}: no 'sigmas' given; using {DEFAULT_SIGMA} for every keypoint in OKS", stacklevel=2)
             sigmas = (DEFAULT_SIGMA,) * len(names)
         else:
             sigmas = tuple(_yaml_list(d, "sigmas", float, where))
