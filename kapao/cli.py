@@ -9,8 +9,11 @@ import click
 from kapao.cli_options import (
     MODEL_SIZES,
     ImgSize,
+    announce_tta,
     bad_parameter,
     check_device,
+    check_half,
+    given,
     inference_options,
     must_exist,
     settings_from,
@@ -18,33 +21,58 @@ from kapao.cli_options import (
 )
 from kapao.cli_predict import predict, track
 from kapao.config import VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
-from kapao.errors import ConfigError, KapaoError
-from kapao.runtime import setup_logging
+from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.runtime import quiet_third_party, setup_logging
 from kapao.version import __version__
 from kapao.weights.registry import weights_help
 
+RESUME_OPTIONS = ("resume", "epochs", "hyp_set", "device", "workers", "project")  # what a resume may set
+MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
 
 class KapaoGroup(click.Group):
-    """Turns library errors into one-line messages (exit 1) unless --verbose asks for the traceback.
+    """Turns every error into one line on stderr unless --verbose asks for the traceback.
 
-    Exit codes: 2 (click usage errors) when the command line is wrong: a value malformed, out of range,
-    contradicting another option, or naming something that does not exist (SOURCE, --weights, --data,
-    --hyp, --resume, --device; checked at parse time without reading anything). 1 (KapaoError) when what
-    the options name exists but fails while running: corrupt or unsafe files, unreadable media,
-    diverged training, disk and permission problems.
+    Exit codes (one rule for all verbs): 2 when the command line is wrong: a value malformed, out of
+    range, not finite, contradicting another option, asking for hardware this machine lacks (--half
+    without CUDA, a missing GPU) or naming something that does not exist (SOURCE, --weights, --data,
+    --hyp, --resume, a dataset folder); checked before anything heavy runs. 1 when what the options name
+    exists but fails while running: corrupt or unsafe files, unreadable media, invalid annotations,
+    diverged training, disk, memory and permission problems, and unexpected errors (a bug: the line
+    points to --verbose). 130 on Ctrl-C.
     """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Accept --verbose anywhere before `--` (after the verb too), as if given before the verb."""
+        end = args.index("--") if "--" in args else len(args)
+        if "--verbose" in args[:end]:
+            args = ["--verbose", *(a for a in args[:end] if a != "--verbose"), *args[end:]]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except KapaoError as e:
-            if ctx.obj and ctx.obj.get("verbose"):
-                raise
-            click.secho(f"Error: {e}", err=True, fg="red")
-            sys.exit(e.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.secho(f"Error: {error_line(e)}", err=True, fg="red")
+            sys.exit(e.exit_code if isinstance(e, KapaoError) else 1)
+
+
+def error_line(e: Exception) -> str:
+    """The one line printed for an error: a KapaoError's own message; out-of-memory with what to lower;
+    anything else named as unexpected, with the way to its traceback."""
+    if isinstance(e, KapaoError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in first:
+        return ("out of memory: the input is too large for this machine; use a smaller --imgsz or --batch "
+                "(add --verbose for details)")
+    return f"unexpected {type(e).__name__}: {first[:300]} (a bug? rerun with --verbose for the traceback and report it)"
 
 
 @click.group(cls=KapaoGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,13 +106,23 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
     from kapao.model import build_model, format_model_info, model_info
     from kapao.weights.registry import REGISTRY, check_weights_spec
 
+    ctx = click.get_current_context()
+    if kpts is not None and data is not None:
+        raise click.UsageError(f"--kpts {kpts} contradicts --data {data} (the dataset sets the keypoints); give one")
+    if weights is not None and given(ctx, "size", "kpts", "data"):
+        raise click.UsageError(f"{', '.join(given(ctx, 'size', 'kpts', 'data'))} describe a new model; --weights "
+                               "already fixes size and keypoints: give either --weights or those")
     if list_names:
         for e in REGISTRY.values():
             ap = f"{e.ap:.1f} AP ({e.benchmark})" if e.ap is not None else "AP not published"
             click.echo(f"{e.name:<18} {e.dataset:<9} imgsz {e.imgsz}  {ap}")
         return
     if weights is None:
-        model = build_model(size, KeypointSchema.resolve(num_keypoints=kpts, data=data))
+        try:
+            schema = KeypointSchema.resolve(num_keypoints=kpts, data=data)
+        except ConfigError as e:  # a --data YAML that is not a dataset config: a usage error, as for val/train
+            raise bad_parameter(e, ctx, "data") from None
+        model = build_model(size, schema)
         click.echo(format_model_info(model_info(model, imgsz)))
         return
     path, name = check_weights_spec(weights)
@@ -140,8 +178,6 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    from kapao.val import run_val
-
     setup_logging(ctx.obj.get("verbose", False))
     if crowdpose:
         if data not in (None, "crowdpose"):
@@ -152,7 +188,14 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     scales, flips = tta_passes(scales, flips, tta)
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = _dataset_config(ctx, data, single_cls)
-    cfg.require(split)  # a missing dataset fails before anything is loaded or created
+    try:
+        cfg.require(split)  # a missing dataset or split is a usage error, before anything is loaded or created
+    except (ConfigError, DataError) as e:
+        raise bad_parameter(e, ctx, "data") from None
+    check_half(ctx, half, device)
+    from kapao.val import run_val
+
+    announce_tta(scales, flips)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name)
     save_dir = res.json_path.parent
@@ -188,8 +231,11 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 def _check_train_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
     if value and "," in value:
-        for d in value.split(","):
-            check_device(ctx, param, d.strip())
+        ids = [d.strip() for d in value.split(",")]
+        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
+            raise click.BadParameter(f"{value!r}: a device list names distinct GPU indices, e.g. 0,1", ctx, param)
+        for d in ids:
+            check_device(ctx, param, d)
         return value
     return check_device(ctx, param, value)
 
@@ -233,19 +279,30 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
-    from kapao.train import TrainArgs, launch_distributed, resolve_resume, should_launch
-    from kapao.train import train as run_training
-
     setup_logging(ctx.obj.get("verbose", False))
     if resume:
+        fixed = given(ctx, *(p.name for p in ctx.command.params if p.name not in RESUME_OPTIONS))
+        if fixed:
+            raise click.UsageError(f"--resume continues a run with its own settings; {', '.join(fixed)} cannot change "
+                                   "(on resume: --epochs, --hyp-set lr0=/lrf=, --device, --workers, --project)")
+        from kapao.train_run import resolve_resume
+
         try:
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
-    elif data is not None:
+    else:
         with warnings.catch_warnings():  # training reads the YAML again and warns then
             warnings.simplefilter("ignore")
-            _dataset_config(ctx, data, single_cls)
+            cfg = _dataset_config(ctx, data, single_cls)
+        try:  # a missing dataset or split is a usage error, before a run folder is made
+            for split in ("train", "val"):
+                cfg.require(split)
+        except (ConfigError, DataError) as e:
+            raise bad_parameter(e, ctx, "data") from None
+    from kapao.train import TrainArgs, launch_distributed, should_launch
+    from kapao.train import train as run_training
+
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
@@ -340,18 +397,21 @@ class ImgShape(click.ParamType):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
+@click.option("--exist-ok", is_flag=True, help="Overwrite an existing output file (else export refuses).")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
 @click.pass_context
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
-           opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
+           opset: int, batch: int, device: str | None, output: str | None, exist_ok: bool, check_image: str | None,
+           no_check: bool) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
+    setup_logging(ctx.obj.get("verbose", False))
+    check_half(ctx, half, device)
     from kapao.backends import read_metadata
     from kapao.export import describe_check, export_onnx
 
-    setup_logging(ctx.obj.get("verbose", False))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device)
+                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok)
     info = read_metadata(path)
     shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
     click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {'fp16' if info.half else 'fp32'}; opset {opset})")
@@ -360,6 +420,7 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
 
 
 def main() -> None:
+    quiet_third_party()
     cli(obj={})
 
 

@@ -2,6 +2,7 @@
 time, so a wrong command line exits with 2 before anything heavy is imported)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -13,6 +14,7 @@ from kapao.runtime import select_device
 from kapao.settings import OneEuroSettings
 from kapao.weights.registry import weights_help
 
+MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
 MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
 
 
@@ -44,7 +46,7 @@ class FloatList(click.ParamType):
             vals = [float(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"{value!r}: expected comma-separated numbers such as 0.8,1,1.2", param, ctx)
-        if not vals or any(v <= 0 for v in vals):
+        if not vals or not all(v > 0 and math.isfinite(v) for v in vals):
             self.fail(f"{value!r}: expected positive numbers such as 0.8,1,1.2", param, ctx)
         return vals
 
@@ -103,7 +105,31 @@ def must_exist(what: str) -> Callable:
     return callback
 
 
-UNIT = click.FloatRange(0.0, 1.0)
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan (which compares false with every bound) and inf."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+UNIT = FiniteRange(0.0, 1.0)
+
+
+def check_half(ctx: click.Context, half: bool, device: str | None) -> None:
+    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything."""
+    if half and select_device(device).type != "cuda":
+        param = next(p for p in ctx.command.params if p.name == "half")
+        raise click.BadParameter("needs a CUDA device (fp16 is for GPUs); drop --half or use --device 0", ctx, param)
+
+
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among `names` the user typed (not defaults), as their flags (e.g. ['--size'])."""
+    src = click.core.ParameterSource.COMMANDLINE
+    params = {p.name: p for p in ctx.command.params}
+    return [params[n].opts[0] for n in names if ctx.get_parameter_source(n) == src]
 
 
 def inference_options(defaults: InferenceSettings) -> Callable:
@@ -119,7 +145,7 @@ def inference_options(defaults: InferenceSettings) -> Callable:
                          help=f"Keypoint-object NMS IoU threshold. [default: {defaults.iou_kp}]"),
             click.option("--conf-kp-person", type=UNIT, default=None,
                          help=f"Poses above this score take part in keypoint fusion. [default: {defaults.conf_kp_person}]"),
-            click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+            click.option("--tolerance", type=FiniteRange(min=0), default=None,
                          help=f"Fusion distance in original-image pixels. [default: {defaults.tolerance}]"),
             click.option("--max-det", type=click.IntRange(min=1), default=None,
                          help=f"Max poses per image. [default: {defaults.max_det}]"),
@@ -127,7 +153,8 @@ def inference_options(defaults: InferenceSettings) -> Callable:
             click.option("--scales", type=FloatList(), default=None, help="TTA: comma-separated image scales, e.g. 0.8,1,1.2."),
             click.option("--flips", type=FlipList(), default=None,
                          help="TTA: one flip per scale: none or lr, e.g. none,lr,none."),
-            click.option("--tta", is_flag=True, help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none."),
+            click.option("--tta", is_flag=True,
+                         help="The official TTA: --scales 0.8,1,1.2 --flips none,lr,none (3 passes: about 3x the time)."),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -155,6 +182,13 @@ def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) 
     return scales, flips
 
 
+def announce_tta(scales: list[float] | None, flips: list[bool] | None) -> None:
+    """Say what test-time augmentation costs before a run starts (stderr)."""
+    n = max(len(scales or []), len(flips or []))
+    if n > 1:
+        click.echo(f"TTA: {n} passes per image, about {n}x the inference time", err=True)
+
+
 def predict_options(project: str) -> Callable:
     """SOURCE and the options of predict, shared by track (which differs only in its run folder)."""
 
@@ -180,7 +214,7 @@ def predict_options(project: str) -> Callable:
             click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
             click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
             click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused)."),
-            click.option("--line-width", type=click.IntRange(min=1), default=None,
+            click.option("--line-width", type=click.IntRange(min=1, max=MAX_LINE_WIDTH), default=None,
                          help="Line width in pixels. [default: from image size]"),
         ]
         for o in reversed(opts):
@@ -198,9 +232,9 @@ def tracking_options(f: Callable) -> Callable:
                      help="ultralytics tracker, or a tracker YAML (tracker_type + the settings to change). [default: bytetrack]"),
         click.option("--smooth/--no-smooth", default=None,
                      help="One Euro smoothing of each track's keypoints. [default: on for track, off for predict --track]"),
-        click.option("--smooth-cutoff", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--smooth-cutoff", type=FiniteRange(min=0, min_open=True), default=None,
                      help=f"Smoothing cutoff at rest, Hz (lower = steadier). [default: {defaults.min_cutoff}]"),
-        click.option("--smooth-beta", type=click.FloatRange(min=0), default=None,
+        click.option("--smooth-beta", type=FiniteRange(min=0), default=None,
                      help=f"Cutoff increase with speed (higher = less lag on fast moves). [default: {defaults.beta}]"),
         click.option("--track-ids/--no-track-ids", default=True, show_default=True,
                      help="Label drawn poses with their track id."),

@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kapao.cli_options import bad_parameter, predict_options, settings_from, smooth_settings, tracking_options, tta_passes
+from kapao.cli_options import (
+    announce_tta,
+    bad_parameter,
+    check_half,
+    predict_options,
+    settings_from,
+    smooth_settings,
+    tracking_options,
+    tta_passes,
+)
 from kapao.config import PREDICT_SETTINGS
 from kapao.errors import ConfigError
 from kapao.runtime import setup_logging
@@ -73,9 +82,7 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
              line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
     """predict and track: build the settings, run, print the summary."""
     from kapao.errors import DataError
-    from kapao.keypoints_csv import CsvSink
-    from kapao.predict import KAPAO, DrawOptions
-    from kapao.sources import resolve_source
+    from kapao.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
 
     setup_logging(ctx.obj.get("verbose", False))
     scales, flips = tta_passes(scales, flips, tta)
@@ -88,6 +95,11 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
+    check_half(ctx, half, device)
+    from kapao.keypoints_csv import CsvSink
+    from kapao.predict import KAPAO, DrawOptions
+
+    announce_tta(scales, flips)
     api = KAPAO(weights, device=device, half=half)
     draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
     try:

@@ -5,6 +5,7 @@ the class count (1 + K), the head's channel layout and the training-target layou
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,35 @@ GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpos
 SPLITS = ("train", "val", "test")
 
 
+MAX_IMGSZ = 8192  # input side above which a single image's activations no longer fit in memory anywhere
+
+
 def check_imgsz(imgsz: int) -> int:
     """`imgsz` if it is a positive multiple of MAX_STRIDE (the network's input sides must be), else a
     ConfigError that suggests the nearest valid size."""
+    if imgsz > MAX_IMGSZ:
+        raise ConfigError(f"--imgsz {imgsz} is larger than {MAX_IMGSZ}, more memory than any machine has for this "
+                          f"network (the models are trained at 640-1280; try 1280)")
     if imgsz <= 0 or imgsz % MAX_STRIDE:
         near = max(1, round(imgsz / MAX_STRIDE)) * MAX_STRIDE
         raise ConfigError(f"--imgsz {imgsz} is not a positive multiple of {MAX_STRIDE} (try {near})")
     return imgsz
+
+
+def _yaml_list(d: Mapping[str, Any], key: str, kind: type, where: str) -> list:
+    """d[key] as a list of `kind` (int, float or str); a ConfigError naming the key otherwise."""
+    value = d[key]
+    what = {int: "integers", float: "numbers", str: "names"}[kind]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: '{key}' must be a list of {what}, got {value!r}")
+    try:
+        if kind is int and any(isinstance(v, bool) or float(v) != int(v) for v in value):
+            raise ValueError
+        if kind is float and any(isinstance(v, (bool, str)) for v in value):
+            raise ValueError
+        return [v if kind is str else kind(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{key}' must be a list of {what}, got {list(value)!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,27 +132,34 @@ class KeypointSchema:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "config") -> "KeypointSchema":
-        """Build from YAML keys; missing sigmas fall back to DEFAULT_SIGMA with a warning."""
+        """Build from YAML keys (lists of the right kind are checked here, with the key named in the
+        error); missing sigmas fall back to DEFAULT_SIGMA with a warning."""
         if "kpt_names" not in d:
             raise ConfigError(f"{where}: missing 'kpt_names' (the list of keypoint names)")
-        names = tuple(str(n) for n in d["kpt_names"])
-        flip = d.get("flip_idx")
-        if flip is None:
+        names = tuple(str(n) for n in _yaml_list(d, "kpt_names", str, where))
+        if d.get("flip_idx") is None:
             raise ConfigError(f"{where}: missing 'flip_idx' (left-right flip permutation; use 0..K-1 if there are no pairs)")
-        sigmas = d.get("sigmas")
-        if sigmas is None:
-            import warnings
+        if d.get("sigmas") is None:
+            import warnings  # shown by the CLI as one `warning: …` line (runtime.quiet_third_party)
 
             warnings.warn(f"{where}: no 'sigmas' given; using {DEFAULT_SIGMA} for every keypoint in OKS", stacklevel=2)
-            sigmas = [DEFAULT_SIGMA] * len(names)
+            sigmas = (DEFAULT_SIGMA,) * len(names)
+        else:
+            sigmas = tuple(_yaml_list(d, "sigmas", float, where))
+            if not all(math.isfinite(v) for v in sigmas):
+                raise ConfigError(f"{where}: 'sigmas' must be finite positive numbers, got {list(sigmas)}")
+        skeleton = d.get("skeleton") or []
         try:
-            return cls(
-                names=names,
-                flip_index=tuple(int(i) for i in flip),
-                sigmas=tuple(float(s) for s in sigmas),
-                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", []) or []),
-                kp_bbox=float(d.get("kp_bbox", 0.05)),
-            )
+            edges = tuple((int(a), int(b)) for a, b in skeleton)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: 'skeleton' must be a list of [a, b] keypoint index pairs") from None
+        try:
+            kp_bbox = float(d.get("kp_bbox", 0.05))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: 'kp_bbox' must be a number in (0, 1), got {d.get('kp_bbox')!r}") from None
+        flip = tuple(_yaml_list(d, "flip_idx", int, where))
+        try:
+            return cls(names=names, flip_index=flip, sigmas=sigmas, skeleton=edges, kp_bbox=kp_bbox)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -370,8 +400,14 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
             anchor = Path(os.environ.get("KAPAO_DATASETS", ".")) if builtin else path.parent
             root = anchor / root
         data["path"] = str(root)
-    if "base" in data:
-        base, _ = _resolve_dataset_yaml(data.pop("base"), depth + 1)
+    if "base" in data:  # like path:, a relative base: is read next to the YAML that names it
+        base_spec = str(data.pop("base"))
+        if not builtin and base_spec not in BUILTIN_DATASETS and not Path(base_spec).expanduser().is_absolute():
+            base_spec = str(path.parent / base_spec)
+        try:
+            base, _ = _resolve_dataset_yaml(base_spec, depth + 1)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: base: {e}") from None
         base.pop("name")  # a derived dataset is named after its own file unless it says otherwise
         data = {**base, **data}
     data.setdefault("name", text if builtin else path.stem)

@@ -22,6 +22,7 @@ from kapao.augment import Instances, PixelNoise, augment_hsv, fliplr, letterbox,
 from kapao.config import MAX_STRIDE, PAD_VALUE, DatasetConfig, Hyp, KeypointSchema, TargetLayout, check_imgsz
 from kapao.errors import ConfigError, DataError
 from kapao.labels import load_labels, read_coco
+from kapao.runtime import available_cpus
 from kapao.sources import load_image
 
 LOGGER = logging.getLogger(__name__)
@@ -250,9 +251,11 @@ def build_dataloader(dataset: PoseDataset, batch_size: int, workers: int, shuffl
                      sampler: Sampler | None = None, seed: int = 0) -> DataLoader:
     """A DataLoader with `collate`, seeded shuffling and per-worker augmentation seeds.
 
-    Workers are persistent; with workers=0 the dataset's own random state is reseeded from `seed`.
+    Workers are persistent and at most the CPUs available (more only slow the machine down, and torch
+    warns about them); with workers=0 the dataset's own random state is reseeded from `seed`.
     Rectangular datasets need shuffle=False and the batch size they were built with.
     """
+    workers = min(workers, available_cpus())
     if getattr(dataset, "rect", False) and (shuffle or batch_size != dataset.batch_size):
         raise ConfigError(f"rectangular batches need shuffle=False and batch_size={dataset.batch_size} "
                           f"(the dataset's), got shuffle={shuffle}, batch_size={batch_size}")

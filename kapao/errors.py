@@ -18,3 +18,10 @@ class DataError(KapaoError):
 
 class WeightsError(KapaoError):
     """A checkpoint is missing, corrupt, unsafe or incompatible."""
+
+
+class UsageError(KapaoError):
+    """The command line is wrong in a way only found after reading something it names (an output file
+    that exists, an option a resumed run cannot change): exit code 2, as click's own usage errors."""
+
+    exit_code = 2

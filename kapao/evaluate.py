@@ -28,6 +28,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -41,8 +42,10 @@ from pycocotools.cocoeval import COCOeval
 
 from kapao.config import BOX_AREA_FACTOR, KeypointSchema
 from kapao.errors import ConfigError, DataError
+from kapao.labels import validate_coco
 from kapao.runtime import atomic_write, plain_data
 
+LOGGER = logging.getLogger(__name__)
 PROTOCOLS = ("coco", "crowdpose")
 COCO_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 CROWDPOSE_METRICS = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard")
@@ -274,10 +277,13 @@ def _load_gt(gt: GroundTruth, num_keypoints: int, *, protocol: str) -> COCO:
             raise DataError(f"annotation file not found: {where}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: not a valid JSON file ({e})") from None
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list) \
-            or not isinstance(dataset.get("annotations"), list):
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("annotations"), list):
         raise DataError(f"{where}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
+    validate_coco(dataset, where, num_keypoints)  # every path to the metrics passes here, COCO objects too
     _complete_gt(dataset, num_keypoints, protocol=protocol, where=where)
+    if not any(not a.get("iscrowd") for a in dataset["annotations"]):
+        LOGGER.warning("%s: no person to evaluate (%s); every metric is -1 (undefined), not a score", where,
+                       "all annotations are iscrowd=1" if dataset["annotations"] else "no annotations")
     coco = COCO()
     coco.dataset = dataset
     with _quiet():
@@ -295,16 +301,8 @@ def _complete_gt(dataset: dict[str, Any], num_keypoints: int, *, protocol: str, 
             raise DataError(f"{where}: image {img['id']!r} has no 'crowdIndex'; the CrowdPose protocol needs "
                             "images[].crowdIndex (use the COCO protocol for other datasets)")
     for ann in dataset["annotations"]:
-        aid = ann.get("id", "?")
-        for key in ("id", "image_id", "category_id", "keypoints", "bbox"):
-            if key not in ann:
-                raise DataError(f"{where}: annotation {aid!r} has no '{key}'")
-        if not isinstance(ann["keypoints"], list) or len(ann["keypoints"]) != 3 * num_keypoints:
-            n = len(ann["keypoints"]) if isinstance(ann["keypoints"], list) else 0
-            raise DataError(f"{where}: annotation {aid!r} has {n} keypoint values, expected "
-                            f"{3 * num_keypoints} (3 x {num_keypoints} keypoints, one per OKS sigma)")
-        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-            raise DataError(f"{where}: annotation {aid!r} bbox must be [x, y, w, h]")
+        if "keypoints" not in ann:
+            raise DataError(f"{where}: annotation {ann['id']!r} has no 'keypoints'")
         ann.setdefault("iscrowd", 0)
         ann.setdefault("num_keypoints", int(sum(v > 0 for v in ann["keypoints"][2::3])))
         if "area" not in ann and protocol == "coco":

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from kapao.augment import letterbox
 from kapao.backends import ONNX_FORMAT, ONNX_FORMAT_VERSION, OnnxBackend, require
 from kapao.config import MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz
-from kapao.errors import ConfigError, WeightsError
+from kapao.errors import ConfigError, UsageError, WeightsError
 from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
 from kapao.sources import default_source, load_image
 from kapao.version import __version__
@@ -189,7 +189,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, half: bool = False,
                 simplify: bool = False, opset: int = DEFAULT_OPSET, batch: int = 1,
                 check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
-                device: str | torch.device | None = None) -> Path:
+                device: str | torch.device | None = None, exist_ok: bool = False) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
     The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);
@@ -197,7 +197,8 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     or (h, w), multiples of 64) and ``batch`` fix the input shape unless ``dynamic`` (free batch,
     height and width). ``half`` exports fp16 and needs a CUDA device (``device``, default: CPU, or the
     first GPU with ``half``). ``simplify`` runs onnxslim. The file is written to ``path`` (a file, or a
-    folder), by default next to the weights as ``<weights stem>.onnx``, atomically.
+    folder), by default next to the weights as ``<weights stem>.onnx``, atomically; an existing file is
+    only replaced with ``exist_ok`` (else UsageError, exit 2, before the slow export).
 
     With ``check`` the exported file is run with onnxruntime on ``check_image`` (default: bus.jpg from
     ultralytics) letterboxed to ``imgsz`` and compared with the torch model; the differences (see
@@ -218,6 +219,8 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
 
     model, weights, source = _resolve_model(weights_or_model)
     out = _output_path(path, weights, model.size)
+    if out.exists() and not exist_ok:
+        raise UsageError(f"{out} already exists; add --exist-ok to overwrite it, or choose another file with -o")
     _write_output(out, None)  # an unwritable output fails now, not after the slow export
     net = copy.deepcopy(model).float().to(dev).eval()
     if hasattr(net, "fold_bn"):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -115,8 +116,91 @@ class Labels:
             return None
 
 
+# ----------------------------------------------------------------------------------------------
+def _id_kind(value: Any) -> str | None:
+    """'int' or 'str' for a usable COCO id, None otherwise (bools and floats are not ids)."""
+    if isinstance(value, bool):
+        return None
+    return "int" if isinstance(value, int) else "str" if isinstance(value, str) and value else None
+
+
+def _check_ids(entries: list, what: str, where: str) -> str | None:
+    """The one id kind of `entries` (images or annotations); DataError on a missing, mixed or repeated id."""
+    kinds, seen = set(), set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DataError(f"{where}: {what} entry #{i} is not an object; fix the file")
+        kind = _id_kind(e.get("id"))
+        if kind is None:
+            raise DataError(f"{where}: {what} entry #{i} has id {e.get('id')!r}; ids must be integers (or all strings)")
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise DataError(f"{where}: {what} id {e['id']!r} is a {kind} but earlier ids are not; use one id type")
+        if e["id"] in seen:
+            raise DataError(f"{where}: {what} id {e['id']!r} appears twice; ids must be unique (the second entry "
+                            "would silently replace the first)")
+        seen.add(e["id"])
+    return kinds.pop() if kinds else None
+
+
+def _bad_numbers(values: Any, length: int | None) -> str | None:
+    """Why `values` is not a list of `length` (any multiple of 3 when 0) finite numbers, or None."""
+    if not isinstance(values, list) or any(isinstance(v, (bool, str)) or v is None for v in values):
+        return "must be a list of numbers"
+    if (length and len(values) != length) or (length == 0 and len(values) % 3):
+        return f"has {len(values)} values, expected {length or 'a multiple of 3'}"
+    try:
+        a = np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        return "must be a list of numbers"
+    return None if np.all(np.isfinite(a)) else "holds NaN or infinite values"
+
+
+def _check_annotation(a: dict, where: str, image_kind: str | None, num_keypoints: int | None) -> None:
+    """DataError naming the annotation id and field of the first bad value of one annotation."""
+    aid = a["id"]
+    for key in ("image_id", "category_id", "bbox"):
+        if key not in a:
+            raise DataError(f"{where}: annotation id {aid!r} has no '{key}'; fix the annotation")
+    if _id_kind(a["image_id"]) != image_kind:
+        raise DataError(f"{where}: annotation id {aid!r} has image_id {a['image_id']!r}, not an id of the kind the "
+                        "images use; use one id type")
+    if _id_kind(a["category_id"]) is None:
+        raise DataError(f"{where}: annotation id {aid!r}: 'category_id' must be an integer, got {a['category_id']!r}")
+    checks = [("bbox", a["bbox"], 4), ("keypoints", a.get("keypoints", []), 3 * num_keypoints if num_keypoints else 0)]
+    checks += [(k, [a[k]], 1) for k in ("area", "score") if k in a]
+    for key, values, n in checks:
+        why = _bad_numbers(values, n)
+        if why:
+            raise DataError(f"{where}: annotation id {aid!r}: '{key}' {why}; fix the annotation")
+    if a["bbox"][2] < 0 or a["bbox"][3] < 0:
+        raise DataError(f"{where}: annotation id {aid!r}: 'bbox' width and height must be >= 0, got {a['bbox']}")
+    if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), float):
+        raise DataError(f"{where}: annotation id {aid!r}: 'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
+
+
+def validate_coco(dataset: Any, where: str, num_keypoints: int | None = None) -> None:
+    """Check a COCO-format keypoint dataset (the parsed JSON) before anything reads its values.
+
+    Used by both the training labels (:func:`read_coco`) and evaluation (:mod:`kapao.evaluate`), so no
+    metric or target is ever computed from unchecked values. Checked: 'images' and 'annotations' are
+    lists (absent: empty); image and annotation ids are present, unique and of one type (int, or str); each annotation's
+    image_id has the images' id type, category_id is an id, bbox is 4 finite numbers with w, h >= 0,
+    keypoints are finite numbers (3 * num_keypoints of them when given, else a multiple of 3), area and
+    score (when present) are finite, iscrowd is 0 or 1. Raises DataError naming `where`, the id and the field.
+    """
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images", []), list) \
+            or not isinstance(dataset.get("annotations", []), list):
+        raise DataError(f"{where}: not a COCO annotation file (needs 'images' and 'annotations' lists); "
+                        "re-download or fix the file")
+    image_kind = _check_ids(dataset.get("images", []), "image", where)
+    _check_ids(dataset.get("annotations", []), "annotation", where)
+    for a in dataset.get("annotations", []):
+        _check_annotation(a, where, image_kind, num_keypoints)
+
+
 def read_coco(ann_file: Path) -> Any:  # pycocotools.coco.COCO (imported lazily)
-    """Load a COCO-format JSON with pycocotools (its progress prints silenced)."""
+    """Load a COCO-format JSON, checked by :func:`validate_coco`, as a pycocotools COCO object (prints silenced)."""
     from pycocotools.coco import COCO  # deferred: a start from the label cache never needs it
 
     if not ann_file.is_file():
@@ -124,13 +208,18 @@ def read_coco(ann_file: Path) -> Any:  # pycocotools.coco.COCO (imported lazily)
     if ann_file.stat().st_size == 0:
         raise DataError(f"{ann_file} is empty (0 bytes); re-download or fix the file")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
+        with open(ann_file, "rb") as f:
+            dataset = json.load(f)
     except OSError as e:
         raise DataError(f"cannot read {ann_file}: {e.strerror or e}; check its permissions") from None
-    except (ValueError, AssertionError, KeyError, TypeError) as e:  # JSON syntax (ValueError) or structure
-        why = f"an entry has no {e} key" if isinstance(e, KeyError) else str(e)
-        raise DataError(f"{ann_file}: not a valid COCO-format JSON ({why}); re-download or fix the file") from None
+    except ValueError as e:  # JSON syntax or encoding
+        raise DataError(f"{ann_file}: not a valid COCO-format JSON ({e}); re-download or fix the file") from None
+    validate_coco(dataset, str(ann_file))
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def _person_category_ids(coco: Any) -> set | None:
@@ -254,6 +343,15 @@ def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_cr
 
 
 # ----------------------------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    """SHA-1 of a file's bytes, read in 1 MiB chunks (about a second for COCO's largest JSON)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _listing_digest(img_dir: Path) -> str:
     """Digest of the relative names of all image files under the image folder."""
     h = hashlib.sha1()
@@ -290,7 +388,8 @@ def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: b
     """Labels of a split from the cache when it matches the JSON and image folder, else parsed and cached.
 
     Returns (labels, coco): coco is the pycocotools object when the JSON was parsed, None on a cache
-    hit. The cache key covers the JSON's size and mtime, the image file names, K, the crowd rule and
+    hit. The cache key covers the JSON's content (a digest: an edit that keeps size and mtime still
+    invalidates it), the image file names, K, the crowd rule and
     the cache format version.
     """
     try:
@@ -300,7 +399,7 @@ def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: b
     if not img_dir.is_dir():
         raise DataError(f"image folder not found: {img_dir}; check the dataset YAML's path and split entries")
     setup = f"K={num_keypoints}|crowd={'skip' if skip_crowd else 'keep'}"
-    key = f"{CACHE_VERSION}|{st.st_size}|{st.st_mtime_ns}|{setup}|{_listing_digest(img_dir)}"
+    key = f"{CACHE_VERSION}|{st.st_size}|{_file_digest(ann_file)}|{setup}|{_listing_digest(img_dir)}"
     paths = _cache_paths(ann_file, img_dir, setup)
     for p in paths:
         labels = Labels.load(p, key)

@@ -50,7 +50,8 @@ def prepare_batch(images: Sequence[np.ndarray], imgsz: int) -> tuple[Tensor, lis
     for im in images:
         h, w = im.shape[:2]
         r = imgsz / max(h, w)
-        shapes.append((math.ceil(round(h * r) / MAX_STRIDE) * MAX_STRIDE, math.ceil(round(w * r) / MAX_STRIDE) * MAX_STRIDE))
+        hw = max(1, round(h * r)), max(1, round(w * r))  # a very thin image keeps a side of at least 1 pixel
+        shapes.append((math.ceil(hw[0] / MAX_STRIDE) * MAX_STRIDE, math.ceil(hw[1] / MAX_STRIDE) * MAX_STRIDE))
     target = (max(s[0] for s in shapes), max(s[1] for s in shapes))
     batch, metas = [], []
     for im in images:
@@ -307,10 +308,10 @@ class KAPAO:
                 r.close()
             if writer:
                 run.json_path = writer.close()
+            if run.frames == 0 and resume_dir is None and save_dir is not None:
+                shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
         run.seconds = time.perf_counter() - t0
         if run.frames == 0 and resume_dir is None:
-            if save_dir is not None:  # nothing was produced: leave no empty run folder behind
-                shutil.rmtree(save_dir, ignore_errors=True)
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run

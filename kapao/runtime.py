@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -182,15 +183,55 @@ def plain_data(obj: Any, where: str = "value") -> Any:
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, not plain data")
 
 
+# Environment read by libraries when they are imported: OpenCV's and FFmpeg's own log lines (which would
+# print above kapao's one-line error) and ultralytics' settings banner are silenced; a user's own value wins.
+QUIET_ENV = {"OPENCV_LOG_LEVEL": "ERROR", "OPENCV_FFMPEG_LOGLEVEL": "-8", "YOLO_VERBOSE": "False"}
+
+
+def quiet_third_party() -> None:
+    """Set :data:`QUIET_ENV` (where unset) before OpenCV or ultralytics is imported, and show Python
+    warnings as one plain `kapao` log line instead of `file.py:304: UserWarning: …` plus a source line.
+    Called by the command-line entry point only; the library leaves a host program's settings alone."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         file: IO[str] | None = None, line: str | None = None) -> None:
+    logging.getLogger("kapao").warning("warning: %s", message)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines through tqdm, so that they never cut through a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
-    """Send the `kapao` logger's INFO (DEBUG with verbose) messages to stderr, unless logging is already
-    configured; in multi-process training the other ranks only warn."""
+    """Send the `kapao` logger's INFO (DEBUG with verbose) messages to stderr (through tqdm, so they do not
+    interleave with progress bars), unless logging is already configured; in multi-process training the
+    other ranks only warn."""
     logger = logging.getLogger("kapao")
     if not main_process:
         logger.setLevel(logging.WARNING)
         return
     if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
+        handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -312,6 +312,22 @@ class MediaSink:
         self.save_dir: Path | None = None
         self._videos: dict[str, _VideoSink] = {}
         self.written = 0  # files written (a count: an endless run keeps no list)
+        self._names: dict[str, str] = {}  # source image path -> its drawn file's name (see drawn_name)
+        self._taken: set[str] = set()
+
+    def drawn_name(self, path: str) -> str:
+        """The drawn image's file name for source image `path`, unique in the session: a second source file
+        with the same name (another folder of a glob) gets a suffix, `bus_2.jpg`, instead of overwriting the
+        first one's drawing. (A frame redone by --resume writes its own name again.)"""
+        if path not in self._names:
+            p, n = Path(path), 1
+            name = p.name
+            while name in self._taken:
+                n += 1
+                name = f"{p.stem}_{n}{p.suffix}"
+            self._names[path] = name
+            self._taken.add(name)
+        return self._names[path]
 
     def open(self, save_dir: Path | None) -> None:
         self.save_dir = save_dir
@@ -331,7 +347,7 @@ class MediaSink:
         if not self.save:
             return
         if frame.frame is None:
-            out = self.save_dir / Path(frame.path).name
+            out = self.save_dir / self.drawn_name(frame.path)
             if not cv2.imwrite(str(out), img):
                 raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
             self.written += 1

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from kapao.optim import (
 )
 from kapao.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.predict import Predictor
-from kapao.runtime import setup_logging
+from kapao.runtime import available_cpus, setup_logging
 from kapao.train_data import build_train_loader
 from kapao.train_log import ResultsLog, progress_text
 from kapao.train_run import (
@@ -116,7 +115,8 @@ class Trainer:
         self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val") if env.main else ("train",):  # fail before building anything
             self.cfg.require(split)
-        self.hyp = Hyp.from_dict(ckpt["extra"]["hyp"]) if ckpt is not None else build_hyp(args)
+        # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
+        self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
         self.epochs = int(args.epochs or default_epochs(self.cfg))
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
@@ -181,7 +181,7 @@ class Trainer:
                                "weights kapao-%s); check --size", self.model.size, info.get("size"))
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
-        workers = min(self.args.workers, os.cpu_count() or 1)
+        workers = min(self.args.workers, available_cpus())
         return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
 
     def _metric_names(self) -> tuple[str, ...]:
@@ -197,6 +197,8 @@ class Trainer:
                              "start a new run with --weights pointing at it instead")
         self.model.load_state_dict(extra["model"])
         self.optimizer.load_state_dict(extra["optimizer"])
+        for g in self.optimizer.param_groups:  # the schedule starts from this run's lr0 (a resume may lower it)
+            g["initial_lr"] = self.hyp.lr0
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
         if self.ema is not None:
@@ -205,7 +207,7 @@ class Trainer:
         self.state = RunState(start_epoch=epoch + 1, best_fitness=float(extra.get("best_fitness", 0.0)),
                               best_epoch=int(extra.get("best_epoch", -1)), epochs_done=epoch)
         if self.env.main:
-            LOGGER.info("resuming from epoch %d of %d (%d EMA updates)", epoch + 1, self.epochs,
+            LOGGER.info("resuming after epoch %d of %d (%d EMA updates)", epoch + 1, self.epochs,
                         self.ema.updates if self.ema else 0)
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -276,12 +278,21 @@ class Trainer:
         try:
             items = self.stepper.forward_backward(imgs, targets, sync=step)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e} at epoch {epoch}, iteration {i}: training diverged; lower lr0 (--hyp), or "
-                                f"check the data and labels. The last good checkpoint {self.wdir / 'last.pt'} is "
-                                "kept (resume from it with a lower lr0 or other data).") from None
+            raise NonFiniteLoss(f"{e} at epoch {epoch + 1}, iteration {i}: {self.divergence_advice()}") from None
         if step:
             self.stepper.step()
         return items
+
+    def divergence_advice(self) -> str:
+        """What to do after NaN/inf: resume from last.pt with a lower lr0 where one exists, else start again.
+        (The annotations were validated when loaded, so the cause is the optimisation, not NaN labels.)"""
+        lower = f"--hyp-set lr0={self.hyp.lr0 / 10:g}"
+        last = self.wdir / "last.pt"
+        if last.is_file():
+            return (f"training diverged; {last} (the last good epoch) is kept: continue with "
+                    f"`kapao train --resume {self.run_dir} {lower}`")
+        return (f"training diverged before any epoch was saved (no last.pt yet); start again with a lower lr0 "
+                f"({lower}) or a smaller --batch")
 
     # -- end of epoch: validation, results, checkpoints ------------------------------------------------
     def after_epoch(self, epoch: int, losses: list[float]) -> bool:
@@ -307,7 +318,7 @@ class Trainer:
         self.state.epochs_done = epoch
         if stop:
             LOGGER.info("early stop: no improvement in the last %d epochs; best fitness %.4f at epoch %d",
-                        patience, self.state.best_fitness, self.state.best_epoch)
+                        patience, self.state.best_fitness, self.state.best_epoch + 1)
         return stop
 
     def validate(self) -> dict[str, float]:
@@ -338,8 +349,8 @@ class Trainer:
         """Write a checkpoint (EMA weights + resume state); refuses NaN/inf weights, keeping the old file."""
         for name, m in (("model", unwrap(self.model)), ("EMA model", self.ema.module)):
             if not all(bool(torch.isfinite(t).all()) for t in m.state_dict().values() if t.is_floating_point()):
-                raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch}: training diverged; lower "
-                                    f"lr0 (--hyp) or check the data. {path} was not overwritten.")
+                raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch + 1} ({path} was not "
+                                    f"overwritten): {self.divergence_advice()}")
         save_checkpoint(path, self.ema.module, extra=self.checkpoint_extra(epoch, metrics, fi))
 
     def save_interrupted(self) -> None:
@@ -360,8 +371,10 @@ class Trainer:
         for path in (self.wdir / "last.pt", self.wdir / "best.pt"):
             strip_checkpoint(path)
         best = self.wdir / "best.pt"
-        LOGGER.info("%d epochs completed in %.3f hours. Best fitness %.4f (epoch %d). Weights: %s%s. Results: %s",
-                    n, seconds / 3600, self.state.best_fitness, self.state.best_epoch,
+        best_fit = (f"Best fitness {self.state.best_fitness:.4f} (epoch {self.state.best_epoch + 1})"
+                    if self.state.best_epoch >= 0 else "No epoch was validated (no best fitness)")
+        LOGGER.info("%d epochs completed in %.3f hours. %s. Weights: %s%s. Results: %s",
+                    n, seconds / 3600, best_fit,
                     self.wdir / "last.pt", f", {best}" if best.exists() else "", self.run_dir)
 
 

@@ -3,7 +3,6 @@ augmentation draws seeded per (seed, epoch, image), so that a resumed run repeat
 uninterrupted one would have done, whatever the workers or processes."""
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kapao.config import DatasetConfig, Hyp
 from kapao.data import PoseDataset, build_dataloader
+from kapao.runtime import available_cpus
 
 
 class EpochSampler(DistributedSampler):
@@ -45,7 +45,7 @@ def build_train_loader(cfg: DatasetConfig, hyp: Hyp, imgsz: int, batch: int, wor
     (workers capped at CPU count / processes). Call ``sampler.set_epoch(epoch)`` before each epoch."""
     ds = PoseDataset(cfg, "train", imgsz, hyp, augment=True, batch_size=batch, cache_images=cache)
     sampler = EpochSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    workers = min(workers, (os.cpu_count() or 1) // world_size)
+    workers = min(workers, available_cpus() // world_size)
     loader = build_dataloader(SeededItems(ds, seed), batch, workers, shuffle=False, sampler=sampler,
                               seed=seed + rank)
     return loader, sampler

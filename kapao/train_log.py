@@ -55,10 +55,11 @@ class ResultsLog:
 
 
 def progress_text(epoch: int, epochs: int, mloss: Tensor, instances: int, size: int, device: torch.device) -> str:
-    """The progress-bar description: epoch/last, memory (GB), mean losses, targets and image size of the batch."""
+    """The progress-bar description: epoch/epochs (counted from 1, as everywhere on screen), memory (GB), mean
+    losses, targets and image size of the batch."""
     mem = (torch.cuda.memory_reserved(device) if device.type == "cuda" else _rss()) / 1e9
     losses = " ".join(f"{n} {v:.4g}" for n, v in zip(LOSS_NAMES, mloss.tolist()))
-    return f"{epoch}/{epochs - 1} mem {mem:.3g}G {losses} inst {instances} size {size}"
+    return f"{epoch + 1}/{epochs} mem {mem:.3g}G {losses} inst {instances} size {size}"
 
 
 def _rss() -> float:

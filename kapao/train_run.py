@@ -7,6 +7,7 @@ Checkpoints (``weights/last.pt``, ``weights/best.pt``) hold the EMA weights as t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from kapao.config import DatasetConfig, Hyp, load_hyp
 from kapao.distributed import DistEnv, broadcast
-from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.errors import ConfigError, DataError, KapaoError, UsageError
 from kapao.model import KapaoModel
 from kapao.runtime import atomic_write, increment_run_dir
 from kapao.weights import load_checkpoint, resolve_weights, save_checkpoint
@@ -118,15 +119,36 @@ def prepare_run(args: TrainArgs, env: DistEnv) -> tuple[Path, Path | None, Train
     return Path(run_dir), (Path(last) if last else None), dataclasses.replace(args, weights=weights or args.weights)
 
 
+RESUME_HYP = ("lr0", "lrf")  # hyperparameters a resumed run may change (--hyp-set); the rest is the run's own
+
+
 def load_resume(last: Path, args: TrainArgs) -> tuple[dict[str, Any], TrainArgs]:
-    """(checkpoint, the run's own args) to continue from `last`; this call's device and workers are kept.
-    Raises KapaoError when the run has already finished all its epochs."""
+    """(checkpoint, the run's own args) to continue from `last`.
+
+    This call's device and workers are kept; its epochs (when given) and --hyp-set values of
+    :data:`RESUME_HYP` replace the run's own, so a diverged or finished run can continue with a lower
+    lr0 or for more epochs. Raises UsageError (exit 2) for other --hyp-set keys or too few epochs, and
+    KapaoError when the run has finished all its epochs and no more were asked for.
+    """
     ckpt = load_checkpoint(last)
     resumed = TrainArgs.from_dict(ckpt["extra"].get("train_args") or {})
-    if resumed.epochs is not None and int(ckpt["extra"]["epoch"]) + 1 >= resumed.epochs:
-        raise KapaoError(f"{last} has finished all {resumed.epochs} epochs; nothing to resume (start a new "
-                         "run with --weights to train further)")
-    return ckpt, dataclasses.replace(resumed, resume=str(last), device=args.device, workers=args.workers)
+    done = int(ckpt["extra"]["epoch"]) + 1
+    fixed = sorted(set(args.hyp_overrides) - set(RESUME_HYP))
+    if fixed:
+        raise UsageError(f"--hyp-set {', '.join(fixed)}: a resumed run keeps its own hyperparameters except "
+                         f"{', '.join(RESUME_HYP)}; start a new run with --weights {last} to change the others")
+    if args.epochs is not None and args.epochs <= done:
+        raise UsageError(f"--epochs {args.epochs}: {last} has already completed {done} epochs; give more than {done}")
+    epochs = args.epochs or resumed.epochs
+    if epochs is not None and done >= epochs:
+        raise KapaoError(f"{last} has finished all {epochs} epochs; nothing to resume (start a new run with "
+                         "--weights to train further)")
+    changed = ([f"epochs {resumed.epochs} -> {epochs}"] if epochs != resumed.epochs else []) + \
+        [f"{k} {ckpt['extra'].get('hyp', {}).get(k)} -> {v:g}" for k, v in args.hyp_overrides.items()]
+    if changed:
+        logging.getLogger(__name__).info("resume with %s", ", ".join(changed))
+    return ckpt, dataclasses.replace(resumed, resume=str(last), device=args.device, workers=args.workers, epochs=epochs,
+                                     hyp_overrides={**resumed.hyp_overrides, **args.hyp_overrides})
 
 
 def write_run_files(run_dir: Path, args: TrainArgs, hyp: Hyp) -> None:

@@ -92,6 +92,13 @@ def test_missing_sigmas_warns(tmp_path: Path):
     ("base: nowhere.yaml\n", "neither a built-in"),
     ("path: .\nflip_idx: [0]\n", "kpt_names"),
     (": : :\n", "not valid YAML"),
+    ("path: .\nkpt_names: [a, b]\nflip_idx: [1, 0]\nsigmas: [x, .1]\n", "'sigmas' must be a list of numbers"),
+    ("path: .\nkpt_names: [a, b]\nflip_idx: [1, 0]\nsigmas: [.nan, .1]\n", "'sigmas' must be finite"),
+    ("path: .\nkpt_names: [a, b]\nflip_idx: 1\nsigmas: [.1, .1]\n", "'flip_idx' must be a list of integers"),
+    ("path: .\nkpt_names: [a, b]\nflip_idx: [1.5, 0]\nsigmas: [.1, .1]\n", "'flip_idx' must be a list of integers"),
+    ("path: .\nkpt_names: a\nflip_idx: [0]\nsigmas: [.1]\n", "'kpt_names' must be a list"),
+    ("path: .\nkpt_names: [a]\nflip_idx: [0]\nsigmas: [.1]\nskeleton: 3\n", "'skeleton' must be a list"),
+    ("path: .\nkpt_names: [a]\nflip_idx: [0]\nsigmas: [.1]\nkp_bbox: big\n", "'kp_bbox' must be a number"),
 ])
 def test_bad_dataset_yaml(tmp_path: Path, body: str, match: str):
     y = tmp_path / "bad.yaml"
@@ -233,3 +240,17 @@ def test_schema_resolve_from_count_or_dataset():
     assert KeypointSchema.resolve(num_keypoints=14, data="crowdpose") == KeypointSchema.builtin("crowdpose")
     with pytest.raises(ConfigError, match="17 keypoints requested, but dataset config 'crowdpose' has 14"):
         KeypointSchema.resolve(num_keypoints=17, data="crowdpose")
+
+
+def test_relative_base_is_read_next_to_the_yaml(tmp_path: Path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "parent.yaml").write_text("path: data\nval: images\nkpt_names: [a, b]\nflip_idx: [1, 0]\n"
+                                                   "sigmas: [.1, .2]\n")
+    child = tmp_path / "cfg" / "child.yaml"
+    child.write_text("base: parent.yaml\nval_annotations: a.json\n")
+    monkeypatch.chdir(tmp_path)  # the current folder holds no parent.yaml: only the YAML's own folder does
+    cfg = load_dataset_config(child)
+    assert cfg.schema.sigmas == (0.1, 0.2) and cfg.root == tmp_path / "cfg" / "data"
+    child.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=f"{child}: base: .*missing.yaml"):
+        load_dataset_config(child)

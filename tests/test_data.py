@@ -189,6 +189,15 @@ def test_cache_invalidated_by_json_change(tmp_path, monkeypatch):
     cv2.imwrite(str(tmp_path / "d" / "images" / "new.png"), coord_image(10, 10, 1))  # image list changed
     kd.PoseDataset(cfg, "val", 256)
     assert len(calls) == 3
+    # same size, same mtime, other content (a keypoint moved): the content digest still notices
+    st = ann.stat()
+    text = ann.read_text()
+    edited = text.replace('"iscrowd": 0', '"iscrowd": 1', 1)
+    assert edited != text and len(edited) == len(text)
+    ann.write_text(edited)
+    os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ds = kd.PoseDataset(cfg, "val", 256)
+    assert len(calls) == 4 and ds.stats.persons == 3
 
 
 def test_read_only_folder_caches_in_user_dir(tmp_path, monkeypatch):
@@ -657,16 +666,18 @@ def _one_image_dataset(tmp_path: Path, text: str) -> DatasetConfig:
 @pytest.mark.parametrize("text, match", [
     ("", r"a\.json is empty \(0 bytes\)"),
     ("{}", r"a\.json lists none \(its 'images' list is empty or missing\)"),
-    ("[]", r"a\.json: not a valid COCO-format JSON"),
+    ("[]", r"a\.json: not a COCO annotation file"),
     ('{"images": [', r"a\.json: not a valid COCO-format JSON"),
     (json.dumps({"images": [IMG], "annotations": [{k: v for k, v in ANN.items() if k != "image_id"}]}),
-     r"a\.json: not a valid COCO-format JSON \(an entry has no 'image_id' key\)"),
+     r"a\.json: annotation id 5 has no 'image_id'"),
     (json.dumps({"images": [IMG], "annotations": [{k: v for k, v in ANN.items() if k != "bbox"}]}),
-     r"a\.json: annotation id 5 needs a 'bbox' of 4 numbers"),
-    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=["a", 1, 2, 3])]}), r"annotation id 5 needs a 'bbox'"),
-    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=None)]}), r"annotation id 5 needs a 'bbox'"),
-    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=["a"] * 9)]}), r"annotation id 5 .*numeric 'keypoints'"),
-    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=7)]}), r"annotation id 5 has 0 keypoints"),
+     r"a\.json: annotation id 5 has no 'bbox'"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=["a", 1, 2, 3])]}),
+     r"annotation id 5: 'bbox' must be a list of numbers"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, bbox=None)]}), r"annotation id 5: 'bbox' must be a list of numbers"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=["a"] * 9)]}),
+     r"annotation id 5: 'keypoints' must be a list of numbers"),
+    (json.dumps({"images": [IMG], "annotations": [dict(ANN, keypoints=7)]}), r"annotation id 5: 'keypoints' must be a list"),
     (json.dumps({"images": [{"id": 1, "height": 50, "width": 60}], "annotations": []}),
      r"a\.json: image id 1 needs a 'file_name'"),
     (json.dumps({"images": [dict(IMG, height="tall")], "annotations": []}), r"image id 1 needs .*'width'/'height'"),

@@ -358,7 +358,7 @@ def test_bad_inputs_raise_clear_errors(coco_json: Path) -> None:
         evaluate_coco(coco_json, [{**good[0], "image_id": 999999}], COCO_SIGMAS)
     with pytest.raises(DataError, match="keypoint values"):
         evaluate_coco(coco_json, [{**good[0], "keypoints": good[0]["keypoints"][:42]}], COCO_SIGMAS)
-    with pytest.raises(DataError, match="keypoint values"):
+    with pytest.raises(DataError, match="annotation id 442619: 'keypoints' has 51 values, expected 42"):
         evaluate_coco(coco_json, good, OFFICIAL_CROWDPOSE_SIGMAS)  # 14 sigmas, 17 keypoints in the GT
     with pytest.raises(DataError, match="result #0"):
         evaluate_coco(coco_json, [{"image_id": 785}], COCO_SIGMAS)
@@ -385,3 +385,43 @@ def test_coco_protocol_on_annotations_without_area(crowd_json: Path) -> None:
     with pytest.warns(UserWarning, match="no 'area'"):
         m = evaluate_coco(crowd_json, _gt_results(crowd_json), OFFICIAL_CROWDPOSE_SIGMAS)
     assert m["AP"] == 1.0 and m["AR"] == 1.0
+
+
+def _corrupted(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
+    data = json.loads(src.read_text())
+    edit(data)
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, float("nan")), "'keypoints' holds NaN"),
+    (lambda d: d["annotations"][0]["bbox"].__setitem__(2, float("inf")), "'bbox' holds NaN or infinite"),
+    (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, "12"), "'keypoints' must be a list of numbers"),
+    (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]), "'bbox' has 3 values, expected 4"),
+    (lambda d: d["annotations"][0].__setitem__("area", None), "'area' must be a list of numbers"),
+    (lambda d: d["annotations"][1].__setitem__("id", d["annotations"][0]["id"]), "appears twice"),
+    (lambda d: d["images"][1].__setitem__("id", d["images"][0]["id"]), "image id .* appears twice"),
+    (lambda d: d["annotations"][1].__setitem__("id", "a1"), "use one id type"),
+    (lambda d: d["annotations"][0].__setitem__("image_id", str(d["annotations"][0]["image_id"])), "use one id type"),
+    (lambda d: d["annotations"][0].__setitem__("iscrowd", 2), "'iscrowd' must be 0 or 1"),
+    (lambda d: d["annotations"][0].__setitem__("bbox", [0, 0, -5, 5]), "width and height must be >= 0"),
+])
+def test_ground_truth_values_are_validated(coco_json: Path, tmp_path: Path, edit, phrase) -> None:  # noqa: ANN001
+    """Both readers of a COCO JSON (evaluation and the training labels) refuse the same bad values,
+    naming the file and the annotation/image id, instead of computing metrics from them."""
+    from kapao.labels import read_coco
+
+    bad = _corrupted(coco_json, tmp_path / "bad.json", edit)
+    good = _gt_results(coco_json)
+    with pytest.raises(DataError, match=f"{bad}: .*{phrase}"):
+        evaluate_coco(bad, good, COCO_SIGMAS)
+    with pytest.raises(DataError, match=f"{bad}: .*{phrase}"):
+        read_coco(bad)
+
+
+def test_all_crowd_ground_truth_says_metrics_are_undefined(coco_json: Path, tmp_path: Path, caplog) -> None:
+    bad = _corrupted(coco_json, tmp_path / "crowd.json", lambda d: [a.__setitem__("iscrowd", 1) for a in d["annotations"]])
+    with caplog.at_level("WARNING", logger="kapao"):
+        m = evaluate_coco(bad, _gt_results(coco_json), COCO_SIGMAS)
+    assert m["AP"] == -1 and "no person to evaluate (all annotations are iscrowd=1)" in caplog.text

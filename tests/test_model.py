@@ -271,7 +271,7 @@ def test_cli_info_errors():
     res = runner.invoke(cli, ["info", "--size", "n", "--imgsz", "100"])
     assert res.exit_code == 2 and "multiple of 64" in res.output  # a usage error
     res = runner.invoke(cli, ["info", "--size", "n", "--data", "crowdpose", "--kpts", "17"])
-    assert res.exit_code == 1 and "dataset config 'crowdpose' has 14" in res.output
+    assert res.exit_code == 2 and "--kpts 17 contradicts --data crowdpose" in res.output  # a usage error too
     res = runner.invoke(cli, ["info", "--size", "q"])
     assert res.exit_code == 2
 

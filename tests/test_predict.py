@@ -269,6 +269,38 @@ def test_video_sink_writes_in_order_and_reports_errors(tmp_path: Path):
     assert bad.frames == [0, 1, 2]
 
 
+def test_prepare_batch_very_thin_image_keeps_a_row():
+    x, metas = prepare_batch([np.zeros((1, 3000, 3), np.uint8)], 256)  # 1 * 256/3000 rounds to 0 rows
+    assert tuple(x.shape) == (1, 3, 64, 256) and metas[0]["orig_shape"] == (1, 3000)
+
+
+def test_predict_same_file_names_in_different_folders_stay_apart(eager_weights: Path, tmp_path: Path):
+    for i, folder in enumerate(("a", "b")):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "img.jpg"), np.full((64 + 16 * i, 96, 3), 60, np.uint8))
+    cv2.imwrite(str(tmp_path / "a" / "img_2.jpg"), np.full((32, 96, 3), 30, np.uint8))  # the suffix is taken too
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "*" / "img*.jpg"), "--weights", str(eager_weights),
+                                   "--imgsz", "128", "--device", "cpu", "--project", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "exp"
+    assert sorted(p.name for p in run.glob("*.jpg")) == ["img.jpg", "img_2.jpg", "img_3.jpg"]
+    recs = json.loads((run / "predictions.json").read_text())
+    assert {r["file"] for r in recs} == {"a/img.jpg", "a/img_2.jpg", "b/img.jpg"}  # relative to the common folder
+    heights = sorted(cv2.imread(str(p)).shape[0] for p in run.glob("*.jpg"))
+    assert heights == [32, 64, 80]  # three drawn images, none overwritten
+
+
+def test_predict_failing_run_leaves_no_result_folder(eager_weights: Path, tmp_path: Path, monkeypatch):
+    img = tmp_path / "a.jpg"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 90, np.uint8))
+    monkeypatch.setattr(Predictor, "predict_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    res, last = _run(str(img), "--weights", str(eager_weights), "--device", "cpu", "--imgsz", "128",
+                     "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 1 and last == "Error: unexpected RuntimeError: boom (a bug? rerun with --verbose for the " \
+                                          "traceback and report it)"
+    assert not (tmp_path / "runs" / "exp").exists()  # no predictions.json = [] that reads as "nobody there"
+
+
 # ----------------------------------------------------------------------------------------------
 # Results that stream (predictions.jsonl) and survive (--resume)
 

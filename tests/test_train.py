@@ -168,7 +168,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
         try:
             deadline = time.time() + 180
             while proc.poll() is None and time.time() < deadline:  # wait for a batch of the epoch after last.pt
-                if last.exists() and f"{_load(last)['extra']['epoch'] + 1}/4 mem" in log_file.read_text():
+                if last.exists() and f"{_load(last)['extra']['epoch'] + 2}/5 mem" in log_file.read_text():
                     break
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -180,7 +180,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(run), "--device", "cpu",
                           "--workers", "0"], capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resuming from epoch {killed_at + 1} of 5" in out.stderr and f"Results saved to {run}" in out.stdout
+    assert f"resuming after epoch {killed_at + 1} of 5" in out.stderr and f"Results saved to {run}" in out.stdout
     assert [int(r["epoch"]) for r in _rows(run)] == [0, 1, 2, 3, 4]
     assert _load(last)["extra"]["epoch"] == 4
     out = subprocess.run([sys.executable, "-m", "kapao", "train", "--resume", str(last)], capture_output=True,
@@ -272,12 +272,40 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(coco_mini_yaml, tm
         return (loss * float("nan") if len(calls) > 2 else loss), items  # 2 batches per epoch
 
     monkeypatch.setattr(KapaoLoss, "__call__", nan_from_epoch_1)
-    with pytest.raises(KapaoError, match=r"epoch 1, iteration 0") as e:
+    with pytest.raises(KapaoError, match=r"epoch 2, iteration 0") as e:  # epochs counted from 1, as displayed
         train(_args(coco_mini_yaml, tmp_path, epochs=3))
-    assert "lower lr0" in str(e.value) and "last.pt" in str(e.value)
+    run = tmp_path / "runs" / "exp"
+    assert f"{run / 'weights' / 'last.pt'} (the last good epoch) is kept: continue with `kapao train --resume {run} " \
+        "--hyp-set lr0=0.001`" in str(e.value)
     ckpt = _load(tmp_path / "runs" / "exp" / "weights" / "last.pt")
     assert ckpt["extra"]["epoch"] == 0 and "optimizer" in ckpt["extra"]  # resumable, from before the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_divergence_in_the_first_epoch_names_no_missing_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
+    original = KapaoLoss.__call__
+    monkeypatch.setattr(KapaoLoss, "__call__", lambda self, raw, t: (lambda r: (r[0] * float("nan"), r[1]))(
+        original(self, raw, t)))
+    with pytest.raises(KapaoError, match=r"epoch 1, iteration 0") as e:
+        train(_args(coco_mini_yaml, tmp_path, epochs=2))
+    assert "before any epoch was saved (no last.pt yet); start again with a lower lr0 (--hyp-set lr0=0.001)" \
+        in str(e.value)
+    assert not (tmp_path / "runs" / "exp" / "weights" / "last.pt").exists()
+
+
+def test_resume_applies_more_epochs_and_a_lower_lr0(coco_mini_yaml, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "after_train", lambda self, epoch, seconds: None)  # keep last.pt resumable
+    run = train(_args(coco_mini_yaml, tmp_path, epochs=1))
+    seen = {}
+
+    def capture(self):
+        seen.update(epochs=self.epochs, lr0=self.hyp.lr0, initial=[g["initial_lr"] for g in self.optimizer.param_groups],
+                    start=self.state.start_epoch)
+        return self.run_dir
+
+    monkeypatch.setattr(Trainer, "fit", capture)
+    train(TrainArgs(resume=str(run), epochs=3, hyp_overrides={"lr0": 0.001}, device="cpu", workers=0))
+    assert seen == {"epochs": 3, "lr0": 0.001, "initial": [0.001] * len(seen["initial"]), "start": 1}
 
 
 @pytest.mark.parametrize("k", [17, 14])

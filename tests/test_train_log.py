@@ -53,4 +53,4 @@ def test_unwritable_results_are_a_one_line_error(tmp_path):
 
 def test_progress_text():
     text = progress_text(3, 10, torch.tensor([0.05, 0.12345, 0.0, 1.5]), 7, 128, torch.device("cpu"))
-    assert text.startswith("3/9 mem ") and text.endswith(" box 0.05 obj 0.1235 cls 0 kp 1.5 inst 7 size 128")
+    assert text.startswith("4/10 mem ") and text.endswith(" box 0.05 obj 0.1235 cls 0 kp 1.5 inst 7 size 128")

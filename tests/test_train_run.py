@@ -10,7 +10,7 @@ import yaml
 
 from kapao.config import Hyp, load_dataset_config
 from kapao.distributed import DistEnv
-from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.errors import ConfigError, DataError, KapaoError, UsageError
 from kapao.model import build_model
 from kapao.train_run import (
     RESUME_ONLY,
@@ -106,6 +106,20 @@ def test_load_resume_keeps_this_calls_device_and_refuses_a_finished_run(tmp_path
     _checkpoint(last, epoch=2, epochs=3)
     with pytest.raises(KapaoError, match="has finished all 3 epochs; nothing to resume"):
         load_resume(last, TrainArgs())
+
+
+def test_load_resume_applies_epochs_and_lr_and_refuses_other_overrides(tmp_path, caplog):
+    last = tmp_path / "last.pt"
+    _checkpoint(last, epoch=2, epochs=3)  # finished: more epochs continue it
+    with caplog.at_level("INFO", logger="kapao"):
+        _, args = load_resume(last, TrainArgs(epochs=6, hyp_overrides={"lr0": 0.001, "lrf": 0.2}))
+    assert args.epochs == 6 and args.hyp_overrides == {"lr0": 0.001, "lrf": 0.2}
+    assert "resume with epochs 3 -> 6, lr0 None -> 0.001, lrf None -> 0.2" in caplog.text  # (no hyp in this file)
+    with pytest.raises(UsageError, match="--epochs 3: .* has already completed 3 epochs; give more than 3") as e:
+        load_resume(last, TrainArgs(epochs=3))
+    assert e.value.exit_code == 2
+    with pytest.raises(UsageError, match="--hyp-set mosaic: a resumed run keeps its own hyperparameters except lr0, lrf"):
+        load_resume(last, TrainArgs(epochs=6, hyp_overrides={"mosaic": 0.5}))
 
 
 def test_strip_checkpoint_keeps_weights_and_metadata(tmp_path):

@@ -8,6 +8,7 @@ import copy
 import errno
 import http.server
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -148,11 +149,21 @@ def test_load_errors_name_the_file(tmp_path, model_n):
     for name, content in [("trunc.pt", data[: len(data) // 2]), ("empty.pt", b""), ("page.pt", b"<html>quota</html>")]:
         bad = tmp_path / name
         bad.write_bytes(content)
-        with pytest.raises(WeightsError, match="corrupt or incomplete") as e:
+        with pytest.raises(WeightsError, match="is truncated or corrupt") as e:
             W.load_checkpoint(bad)
         assert str(bad) in str(e.value) and "download it again" in str(e.value)
-        with pytest.raises(WeightsError, match="corrupt or incomplete"):
+        with pytest.raises(WeightsError, match="is truncated or corrupt"):
             W.load_model(bad)
+    # a good file of another kind is named as what it is, with no advice to download it again
+    for name, content, kind in [("photo.pt", b"\xff\xd8\xff\xe0" + bytes(60), "is a JPEG image, not a checkpoint"),
+                                ("model.onnx", b"\x08\x08\x12\x07pytorch" + bytes(40), "is an ONNX model, not a checkpoint"),
+                                ("cfg.pt", b"path: ../coco\n", "is a text file (JSON/YAML/…), not a checkpoint")]:
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        for load in (W.load_checkpoint, W.load_model):
+            with pytest.raises(WeightsError, match=re.escape(kind)) as e:
+                load(bad)
+            assert "download it again" not in str(e.value)
 
     other = tmp_path / "other.pt"
     torch.save({"epoch": 1, "weights": [1, 2]}, other)
@@ -398,8 +409,8 @@ def test_cli_corrupt_and_official_weights(tmp_path, official_classes, model_n):
     trunc.write_bytes(good.read_bytes()[:100_000])
     res = CliRunner().invoke(cli, ["info", "--weights", str(trunc)])
     assert res.exit_code == 1 and res.output.count("\n") == 1
-    assert res.output.startswith(f"Error: {trunc} is corrupt or incomplete (") and \
-        res.output.rstrip().endswith("); delete it and copy or download it again")
+    assert res.output.startswith(f"Error: {trunc} is truncated or corrupt (") and \
+        res.output.rstrip().endswith("): the copy or download was cut off or damaged; copy or download it again")
     official = tmp_path / "kapao_n_official.pt"
     torch.save(_official_checkpoint(model_n, official_classes), official)
     res = CliRunner().invoke(cli, ["info", "--weights", str(official), "--imgsz", "128"])

@@ -127,12 +127,44 @@ class _PickledObjects(WeightsError):
         super().__init__(f"{path} holds pickled Python objects ({name}), not plain data")
 
 
+_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"RIFF", "a WebP image or AVI video"), (b"\x1aE\xdf\xa3", "a video (Matroska/WebM)"),
+          (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def foreign_kind(path: Path) -> str | None:
+    """What a file that is not a PyTorch checkpoint is ('an ONNX model', 'a JPEG image', …), from its
+    suffix and first bytes; None when it could be a (damaged) checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head):
+        return "an ONNX model"
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head[4:8] == b"ftyp":
+        kind = "an MP4/MOV video"
+    printable = head and all(b >= 0x20 or b in b"\t\r\n" for b in head)
+    if kind is None and printable and not head.lstrip().startswith(b"<"):  # HTML: a failed download, below
+        kind = "a text file (JSON/YAML/…)"
+    return kind
+
+
 def _corrupt(path: Path, e: BaseException) -> WeightsError:
+    kind = foreign_kind(path)
+    if kind == "an ONNX model":
+        return WeightsError(f"{path} is an ONNX model, not a checkpoint: ONNX files run with `kapao predict/val "
+                            "--weights`; export, train and --resume need the .pt checkpoint it was exported from")
+    if kind is not None:
+        return WeightsError(f"{path} is {kind}, not a checkpoint; give a .pt file written by `kapao train` (or an "
+                            "official KAPAO checkpoint)")
     reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160] or type(e).__name__
     with contextlib.suppress(OSError):
         if path.stat().st_size == 0:
             reason = "the file is empty (0 bytes)"
-    return WeightsError(f"{path} is corrupt or incomplete ({reason}); delete it and copy or download it again")
+    return WeightsError(f"{path} is truncated or corrupt ({reason}): the copy or download was cut off or damaged; "
+                        "copy or download it again")
 
 
 def _torch_load_weights_only(path: Path) -> Any:
