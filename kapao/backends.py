@@ -379,6 +379,11 @@ FILE_BACKENDS: tuple[tuple[Callable[[Any], bool], Callable[..., Backend]], ...] 
 )
 
 
+def is_exported_file(weights: Any) -> bool:
+    """True for a weights spec that one of :data:`FILE_BACKENDS` runs (an exported file, not a checkpoint)."""
+    return isinstance(weights, (str, os.PathLike)) and any(matches(weights) for matches, _ in FILE_BACKENDS)
+
+
 def load_backend(weights: str | os.PathLike | nn.Module, device: str | torch.device | None = None,
                  half: bool = False, fold_bn: bool = True) -> Backend:
     """The backend for `weights`: a KapaoModel, a checkpoint/model name, or an exported file.

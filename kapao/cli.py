@@ -6,9 +6,14 @@ import sys
 import click
 
 from kapao.cli_options import (
+    DEFAULT_CALIB_IMAGES,
+    INT8_COST,
     MODEL_SIZES,
     ImgSize,
+    backend_options,
     bad_parameter,
+    calibration,
+    check_calib,
     check_device,
     inference_options,
     must_exist,
@@ -112,6 +117,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
               help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@backend_options
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
 @inference_options(PREDICT_SETTINGS)
 @click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
@@ -124,7 +130,8 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
 @click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (confidence > 0).")
 @click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
 @click.pass_context
-def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool, batch: int,
+def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool,
+            backend: str, int8: bool, calib: str | None, calib_images: int, batch: int,
             conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
             project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
             fused_only: bool, line_width: int | None) -> None:
@@ -144,7 +151,10 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
-    api = KAPAO(weights, device=device, half=half)
+    from kapao.weights.registry import native_imgsz
+
+    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
+    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
                   save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only),
                   project=project, name=name, keep_results=False, progress=True)
@@ -166,13 +176,14 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@backend_options
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
 @click.pass_context
 def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, imgsz: int,
-        batch: int, workers: int, device: str | None, half: bool,
-        conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
+        batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool, calib: str | None,
+        calib_images: int, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
     from kapao.val import run_val
@@ -188,8 +199,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     cfg = load_dataset_config(data)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
+    int8_calib = calibration(int8, calib, calib_images, imgsz)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
-                  settings=settings, scales=scales, flips=flips, project=project, name=name)
+                  settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
+                  int8=int8_calib)
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
@@ -313,19 +326,30 @@ class ImgShape(click.ParamType):
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
+@click.option("--int8", is_flag=True,
+              help=f"Statically quantised int8 model (onnxruntime QDQ) calibrated on --data or --calib. {INT8_COST}.")
+@click.option("--data", default=None, callback=must_exist("data"), help="int8 calibration on a dataset's val images.")
+@click.option("--calib", default=None, callback=check_calib, help="int8 calibration on a folder of images (or a dataset).")
+@click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
+              help="Number of calibration images.")
 @click.pass_context
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
-           opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool) -> None:
+           opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool,
+           int8: bool, data: str | None, calib: str | None, calib_images: int) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
     from kapao.backends import read_metadata
     from kapao.export import describe_check, export_onnx
 
     setup_logging(ctx.obj.get("verbose", False))
+    if data and calib:
+        raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
+    int8_calib = calibration(int8, data or calib, calib_images, max(imgsz))
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device)
+                       batch=batch, check_image=check_image, check=not no_check, device=device, int8=int8_calib)
     info = read_metadata(path)
     shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
-    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {'fp16' if info.half else 'fp32'}; opset {opset})")
+    precision = "int8" if int8 else "fp16" if info.half else "fp32"
+    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {precision}; opset {opset})")
     click.echo(describe_check(info.raw))
     click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 

@@ -3,13 +3,17 @@ time, so a wrong command line exits with 2 before anything heavy is imported).""
 from __future__ import annotations
 
 import re
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from kapao.config import OFFICIAL_TTA, InferenceSettings, check_dataset_spec, check_hyp_spec, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import select_device
+
+if TYPE_CHECKING:
+    from kapao.quantize import Calibration
 
 MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
 
@@ -151,3 +155,53 @@ def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) 
     if scales and flips and len(scales) != len(flips):
         raise click.UsageError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
     return scales, flips
+
+
+# = kapao.fast_backends.BACKENDS, literal so that `kapao --help` needs no torch
+BACKEND_NAMES = ("auto", "torch", "torch-cl", "onnxruntime", "openvino")
+DEFAULT_CALIB_IMAGES = 32  # = kapao.quantize.DEFAULT_CALIB_IMAGES
+INT8_COST = ("int8 is faster on CPUs with VNNI but costs accuracy: its poses agree with fp32's at an OKS AP "
+             "given in the README (section 'int8')")
+
+
+def check_calib(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback: --calib names a folder of images or a dataset (built-in name or YAML)."""
+    if value is None or Path(value).is_dir():
+        return value
+    try:
+        check_dataset_spec(value)
+    except KapaoError:
+        raise click.BadParameter(f"{value} is neither a folder of images nor a dataset (coco, crowdpose or a YAML)",
+                                 ctx, param) from None
+    return value
+
+
+def backend_options(f):  # noqa: ANN001, ANN201
+    """--backend, --int8, --calib and --calib-images, shared by predict and val."""
+    opts = [
+        click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
+                     help="Runtime of the network. auto: torch on a GPU; on the CPU a .pt runs through a cached "
+                          "ONNX export (made once on first use). torch-cl: torch with channels_last. All give the "
+                          "same poses within fp32 rounding."),
+        click.option("--int8", is_flag=True, help=f"Run an int8 model (onnxruntime) calibrated on --calib. {INT8_COST}."),
+        click.option("--calib", default=None, callback=check_calib,
+                     help="int8 calibration images: a folder, or a dataset (its val images)."),
+        click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
+                     help="Number of calibration images (spread over the folder)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def calibration(int8: bool, calib: str | None, count: int, imgsz: int) -> Calibration | None:
+    """The int8 calibration asked for (None without --int8); usage errors when --int8 and --calib disagree."""
+    if not int8:
+        if calib:
+            raise click.UsageError("--calib is for --int8; add --int8 or drop --calib")
+        return None
+    if not calib:
+        raise click.UsageError("--int8 needs calibration images: --calib DIR (a folder of typical images) or a dataset")
+    from kapao.quantize import Calibration
+
+    return Calibration.from_spec(calib, imgsz, count)

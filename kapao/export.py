@@ -46,10 +46,12 @@ from kapao.onnx_graph import (  # noqa: F401 - DecodedOutput, INPUT_NAME, OUTPUT
     OUTPUT_NAME,
     DecodedOutput,
     export_metadata,
+    head_scope,
     inference_copy,
 )
 from kapao.onnx_graph import set_metadata as _set_metadata
 from kapao.onnx_graph import trace as _trace
+from kapao.quantize import INT8_METADATA, Calibration, quantize_int8
 from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
 from kapao.sources import default_source, load_image
 from kapao.weights import load_model
@@ -82,13 +84,12 @@ def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
     return model, path, info.get("name") or path.name
 
 
-def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str) -> Path:
+def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str, tag: str = "") -> Path:
+    name = f"{weights.stem if weights is not None else f'kapao_{size}'}{tag}.onnx"
     if path is None:
-        return weights.with_suffix(".onnx") if weights is not None else Path(f"kapao_{size}.onnx")
+        return weights.with_name(name) if weights is not None else Path(name)
     out = Path(path)
-    if out.is_dir():
-        out = out / (f"{weights.stem}.onnx" if weights is not None else f"kapao_{size}.onnx")
-    return out
+    return out / name if out.is_dir() else out
 
 
 def _onnxslim() -> Any:
@@ -126,15 +127,17 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, half: bool = False,
                 simplify: bool = False, opset: int = DEFAULT_OPSET, batch: int = 1,
                 check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
-                device: str | torch.device | None = None) -> Path:
+                device: str | torch.device | None = None, int8: Calibration | None = None) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
     The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);
     the graph outputs only the decoded (B, N, no) tensor (see the module docstring). ``imgsz`` (int
     or (h, w), multiples of 64) and ``batch`` fix the input shape unless ``dynamic`` (free batch,
     height and width). ``half`` exports fp16 and needs a CUDA device (``device``, default: CPU, or the
-    first GPU with ``half``). ``simplify`` runs onnxslim. The file is written to ``path`` (a file, or a
-    folder), by default next to the weights as ``<weights stem>.onnx``, atomically.
+    first GPU with ``half``). ``simplify`` runs onnxslim. ``int8`` quantises the graph statically
+    (:func:`kapao.quantize.quantize_int8`, calibrated on its images; CPU, not with ``half``). The file
+    is written to ``path`` (a file, or a folder), by default next to the weights as ``<weights
+    stem>.onnx`` (``<stem>-int8.onnx`` with int8), atomically.
 
     With ``check`` the exported file is run with onnxruntime on ``check_image`` (default: bus.jpg from
     ultralytics) letterboxed to ``imgsz`` and compared with the torch model; the differences (see
@@ -151,10 +154,12 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     dev = select_device(device) if device is not None or half else torch.device("cpu")
     if half and dev.type != "cuda":
         raise ConfigError("--half needs a CUDA device (fp16 ONNX models are for GPUs); drop --half or use --device 0")
+    if half and int8 is not None:
+        raise ConfigError("--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one")
     slim = _onnxslim() if simplify else None
 
     model, weights, source = _resolve_model(weights_or_model)
-    out = _output_path(path, weights, model.size)
+    out = _output_path(path, weights, model.size, "-int8" if int8 is not None else "")
     _write_output(out, None)  # an unwritable output fails now, not after the slow export
     wrapper = inference_copy(model, dev, half)
     dtype = torch.float16 if half else torch.float32
@@ -165,6 +170,10 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     meta = export_metadata(model, (h, w), dynamic=dynamic, half=half, batch=batch, opset=opset, source=source)
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
+    if int8 is not None:
+        data = quantize_int8(data, int8, head_scope(model), None if dynamic else (h, w))
+        proto = onnx.load_from_string(data)
+        meta[INT8_METADATA] = next(p.value for p in proto.metadata_props if p.key == INT8_METADATA)
     if check:
         meta["check"] = json.dumps(_check(data, wrapper, check_image, (h, w), batch, dev, dtype, model.layout))
         _set_metadata(proto, {"check": meta["check"]})

@@ -22,7 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.backends import Backend, FixedShapeRunner, TorchBackend, is_onnx, load_backend, physical_cores, read_metadata
+from kapao.backends import (
+    Backend,
+    FixedShapeRunner,
+    TorchBackend,
+    is_exported_file,
+    is_onnx,
+    load_backend,
+    physical_cores,
+    read_metadata,
+)
 from kapao.errors import ConfigError, WeightsError
 from kapao.model_cache import cached_onnx
 from kapao.quantize import Calibration
@@ -52,8 +61,8 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
         raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     on_cpu = device.type == "cpu"
     if backend == "auto":
-        if is_onnx(weights):
-            return "onnxruntime"
+        if is_exported_file(weights):
+            return "onnxruntime"  # an exported file: the runtime FILE_BACKENDS gives it
         if int8:
             return INT8_BACKEND
         return DEFAULT_CPU_BACKEND if on_cpu and not isinstance(weights, nn.Module) else "torch"
@@ -62,7 +71,7 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
     if backend != "onnxruntime" and int8:
         # OpenVINO runs the onnxruntime QDQ model with coordinates off by pixels (its int8 path wants NNCF)
         raise ConfigError(f"--int8 runs on onnxruntime; use --backend onnxruntime or auto (not {backend})")
-    if backend.startswith("torch") and is_onnx(weights):
+    if backend.startswith("torch") and is_exported_file(weights):
         raise ConfigError(f"--backend {backend} needs .pt weights; {weights} is an exported model "
                           "(use --backend onnxruntime or openvino)")
     return backend
@@ -79,18 +88,20 @@ def select_backend(weights: str | os.PathLike | nn.Module, device: str | torch.d
     dev = device if isinstance(device, torch.device) else select_device(device)
     if shapes not in SHAPE_POLICIES:
         raise ConfigError(f"shapes={shapes!r}: choose one of {', '.join(SHAPE_POLICIES)}")
+    if half and dev.type != "cuda":
+        raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
     name = choose_backend(backend, dev, weights, int8 is not None)
     if name.startswith("torch"):
         if isinstance(weights, nn.Module):
             return TorchBackend(weights, dev, half, fold_bn, channels_last=name == "torch-cl")
         return TorchBackend.from_weights(weights, dev, half, fold_bn, channels_last=name == "torch-cl")
-    if is_onnx(weights):
+    if is_exported_file(weights):
         if int8 is not None:
             raise ConfigError(f"--int8: {weights} is already exported; quantise the .pt weights "
                               "(kapao export --int8) or drop --int8")
-        return OpenVinoBackend(weights) if name == "openvino" else load_backend(weights, dev, half)
+        return OpenVinoBackend(weights) if name == "openvino" and is_onnx(weights) else load_backend(weights, dev, half)
     if half:
-        raise ConfigError(f"--half is for torch on CUDA; drop --half or use --backend torch (not {name})")
+        raise ConfigError(f"--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not {name}")
     model, info = (weights, {}) if isinstance(weights, nn.Module) else load_model(weights, device="cpu")
     stem = info.get("name") or (Path(info["path"]).stem if info.get("path") else f"kapao_{model.size}")
 

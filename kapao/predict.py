@@ -24,10 +24,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kapao.augment import letterbox
-from kapao.backends import Backend, TorchBackend, load_backend
+from kapao.backends import Backend, TorchBackend
 from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.fast_backends import select_backend
 from kapao.postprocess import Poses, postprocess, tta_forward
+from kapao.quantize import Calibration
 from kapao.runtime import increment_run_dir
 from kapao.sinks import DrawOptions, ResultWriter
 from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
@@ -210,11 +212,16 @@ class PredictRun:
 
 
 class KAPAO:
-    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`."""
+    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`.
+
+    ``backend``: auto (weights files on the CPU run through a cached ONNX export, see
+    :mod:`kapao.fast_backends`), torch, torch-cl, onnxruntime or openvino; ``int8``: run a statically
+    quantised model calibrated on these images (:class:`kapao.quantize.Calibration`).
+    """
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
-                 half: bool = False) -> None:
-        self.backend: Backend = load_backend(weights, device, half)
+                 half: bool = False, backend: str = "auto", int8: Calibration | None = None) -> None:
+        self.backend: Backend = select_backend(weights, device, half, backend, int8=int8)
         self.info: dict[str, Any] = self.backend.info
         self.schema: KeypointSchema = self.backend.schema
         self.device, self.half = self.backend.device, self.backend.half
