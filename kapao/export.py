@@ -151,11 +151,11 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
         raise ConfigError(f"--opset {opset}: kapao exports opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     if batch < 1:
         raise ConfigError(f"--batch {batch}: must be at least 1")
+    if half and int8 is not None:
+        raise ConfigError("--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one")
     dev = select_device(device) if device is not None or half else torch.device("cpu")
     if half and dev.type != "cuda":
         raise ConfigError("--half needs a CUDA device (fp16 ONNX models are for GPUs); drop --half or use --device 0")
-    if half and int8 is not None:
-        raise ConfigError("--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one")
     slim = _onnxslim() if simplify else None
 
     model, weights, source = _resolve_model(weights_or_model)
