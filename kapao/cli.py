@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -20,7 +21,7 @@ from kapao.cli_options import (
     settings_from,
     tta_passes,
 )
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, Hyp, load_dataset_config
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
 from kapao.version import __version__
@@ -165,12 +166,22 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
     click.echo(f"Results saved to {run.save_dir}")
 
 
+def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
+    """--data read as a dataset config; a YAML that is not one (malformed, several classes without
+    --single-cls) is a usage error naming --data."""
+    try:
+        return load_dataset_config(data, single_cls=single_cls)
+    except ConfigError as e:
+        raise bad_parameter(e, ctx, "data") from None
+
+
 @cli.command()
 @click.option("--weights", default=None, callback=must_exist("weights"),
               help="Checkpoint or name. [default: kapao_s_coco; kapao_s_crowdpose with --crowdpose]")
 @click.option("--data", default=None, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML. [default: coco]")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default=None, help="Split to evaluate. [default: val]")
 @click.option("--crowdpose", is_flag=True, help="Shorthand: --data crowdpose --split test (--weights kapao_s_crowdpose).")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
@@ -181,9 +192,10 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
 @click.pass_context
-def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, imgsz: int,
-        batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool, calib: str | None,
-        calib_images: int, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
+def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool,
+        imgsz: int, batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool,
+        calib: str | None, calib_images: int,
+        conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
     from kapao.val import run_val
@@ -197,7 +209,7 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     data, split, weights = data or "coco", split or "val", weights or "kapao_s_coco"
     scales, flips = tta_passes(scales, flips, tta)
     settings = settings_from(VAL_SETTINGS, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    cfg = load_dataset_config(data)
+    cfg = _dataset_config(ctx, data, single_cls)
     cfg.require(split)  # a missing dataset fails before anything is loaded or created
     int8_calib = calibration(int8, calib, calib_images, imgsz)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
@@ -206,6 +218,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
+    if cfg.yolo is not None:
+        from kapao.yolo_labels import OKS_AREA_NOTE
+
+        click.echo(OKS_AREA_NOTE)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")
@@ -266,12 +282,13 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across GPUs.")
 @click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
 @click.pass_context
 def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
           workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
           exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
-          no_amp: bool, seed: int, no_plots: bool) -> None:
+          no_amp: bool, seed: int, single_cls: bool, no_plots: bool) -> None:
     """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
@@ -285,15 +302,74 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
             resolve_resume(resume, project)  # nothing to resume: a usage error, before anything starts
         except ConfigError as e:
             raise bad_parameter(e, ctx, "resume") from None
+    elif data is not None:
+        with warnings.catch_warnings():  # training reads the YAML again and warns then
+            warnings.simplefilter("ignore")
+            _dataset_config(ctx, data, single_cls)
     if should_launch(device):
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, device))
     args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
                      workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
                      exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,
-                     sync_bn=sync_bn, amp=not no_amp, seed=seed, plots=not no_plots)
+                     sync_bn=sync_bn, amp=not no_amp, seed=seed, single_cls=single_cls, plots=not no_plots)
     run_dir = run_training(args)
     click.echo(f"Results saved to {run_dir}")
+
+
+@cli.command()
+@click.option("--data", required=True, callback=must_exist("data"),
+              help="coco, crowdpose, a kapao dataset YAML or an Ultralytics YOLO-pose data YAML.")
+@click.option("--split", "splits", type=click.Choice(["train", "val", "test"]), multiple=True,
+              help="Split to check (repeatable). [default: all]")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
+@click.option("--samples", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Annotated images drawn per split.")
+@click.option("--project", default="runs/check", show_default=True, help="Parent folder of run folders.")
+@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@click.pass_context
+def check(ctx: click.Context, data: str, splits: tuple[str, ...], single_cls: bool, samples: int, project: str,
+          name: str) -> None:
+    """Check a dataset: counts per split and every problem found, with the file and what to do.
+
+    Exit status 1 when it found errors. Annotated samples go to runs/check/expN.
+    """
+    from kapao.check import check_dataset, format_report
+
+    setup_logging(ctx.obj.get("verbose", False))
+    try:
+        report = check_dataset(data, single_cls=single_cls, splits=splits or None, samples=samples, project=project,
+                               name=name)
+    except ConfigError as e:  # a YAML that cannot be read as a dataset config: the --data value is wrong
+        raise bad_parameter(e, ctx, "data") from None
+    click.echo(format_report(report))
+    click.echo(f"Samples saved to {report.save_dir}")
+    if report.errors:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--data", required=True, callback=must_exist("data"), help="The dataset to convert: a dataset YAML.")
+@click.option("--to", "to", type=click.Choice(["yolo", "coco"]), required=True,
+              help="yolo: Ultralytics YOLO-pose txt labels; coco: COCO keypoint JSON.")
+@click.option("--out", required=True, help="New (or empty) output folder.")
+@click.option("--copy-images", is_flag=True, help="--to yolo: copy the images instead of linking them.")
+@click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
+@click.pass_context
+def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool, single_cls: bool) -> None:
+    """Convert a dataset between COCO keypoint JSON and the Ultralytics YOLO-pose layout."""
+    from kapao.convert import coco_to_yolo, yolo_to_coco
+
+    setup_logging(ctx.obj.get("verbose", False))
+    cfg = _dataset_config(ctx, data, single_cls)
+    if cfg.format == to:
+        raise click.UsageError(f"{data} is already in the {to} layout; use --to {'coco' if to == 'yolo' else 'yolo'}")
+    try:
+        res = coco_to_yolo(cfg, out, copy_images=copy_images) if to == "yolo" else yolo_to_coco(cfg, out)
+    except ConfigError as e:  # --out is not a new or empty folder
+        raise bad_parameter(e, ctx, "out") from None
+    click.echo(res.summary())
+    click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
 
 
 class ImgShape(click.ParamType):

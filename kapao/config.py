@@ -35,6 +35,7 @@ ANCHORS: tuple[tuple[tuple[int, int], ...], ...] = (
 OBJ_LEVEL_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 0.25, 0.06)  # objectness loss weight per level
 MAX_STRIDE = max(STRIDES)
 DEFAULT_SIGMA = 0.05  # OKS sigma used for custom datasets that give none (documented in README)
+BOX_AREA_FACTOR = 0.53  # OKS area of a person without segmentation area: 0.53 x box area (crowdpose-api, Ultralytics)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114  # grey (uint8) of letterbox padding, mosaic background, affine borders and TTA padding
 # The official test-time augmentation: input scales and, per scale, a left-right flip
@@ -266,8 +267,26 @@ class TargetLayout:
 
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class YoloLayout:
+    """What an Ultralytics YOLO-pose data YAML adds to a dataset (kapao.yolo_config, kapao.yolo_labels).
+
+    Labels are one txt file per image (rows `class cx cy w h x1 y1 [v1] ...`, normalised), found by
+    Ultralytics' images/ -> labels/ path rule; `ndim` is 2 (x, y) or 3 (x, y, visibility).
+    """
+
+    sources: Mapping[str, tuple[Path, ...]]  # split -> image folders and/or .txt image lists
+    classes: tuple[str, ...]  # the YAML's class names; kapao trains one pose class (see single_cls)
+    ndim: int  # values per keypoint in the label rows: 2 or 3
+    single_cls: bool = False  # all classes merged into one pose class
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
-    """A dataset YAML, resolved: root folder, per-split image folders and annotation files, schema."""
+    """A dataset YAML, resolved: root folder, per-split image folders and annotation files, schema.
+
+    For a YOLO-pose YAML (`yolo` set), images[split] is the root (image paths are relative to it)
+    and annotations[split] the split's first image folder or list.
+    """
 
     name: str
     root: Path
@@ -275,6 +294,12 @@ class DatasetConfig:
     annotations: Mapping[str, Path]  # split -> COCO-format keypoint JSON
     schema: KeypointSchema
     source: str  # where the config came from (file path or built-in name)
+    yolo: YoloLayout | None = None  # set for Ultralytics YOLO-pose datasets
+
+    @property
+    def format(self) -> str:
+        """'coco' (keypoint JSON) or 'yolo' (Ultralytics txt labels)."""
+        return "coco" if self.yolo is None else "yolo"
 
     def split(self, split: str) -> tuple[Path, Path]:
         """(image folder, annotation file) of a split, with an error saying what is missing."""
@@ -296,6 +321,11 @@ class DatasetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "path": str(self.root)}
+        if self.yolo is not None:
+            d.update({s: [str(p) for p in v] for s, v in self.yolo.sources.items()},
+                     names=list(self.yolo.classes), single_cls=self.yolo.single_cls,
+                     kpt_shape=[self.schema.num_keypoints, self.yolo.ndim])
+            return {**d, **self.schema.to_dict()}
         for s in SPLITS:
             if s in self.images:
                 d[s] = str(self.images[s])
@@ -327,6 +357,8 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
         check_dataset_spec(text)
         path, builtin = Path(text).expanduser(), False
     data = read_yaml(path)
+    if "kpt_shape" in data and not builtin:  # an Ultralytics YOLO-pose YAML: kapao.yolo_config reads it
+        return {**data, "yaml_file": str(path)}, str(path)
     unknown = set(data) - _DATASET_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_DATASET_KEYS))}")
@@ -346,9 +378,20 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
     return data, (f"built-in '{text}'" if builtin else str(path))
 
 
-def load_dataset_config(spec: str | os.PathLike) -> DatasetConfig:
-    """Load a dataset config by short name (`coco`, `crowdpose`) or YAML path."""
+def load_dataset_config(spec: str | os.PathLike, *, single_cls: bool = False,
+                        overrides: Mapping[str, Any] | None = None) -> DatasetConfig:
+    """Load a dataset config by short name (`coco`, `crowdpose`) or YAML path.
+
+    An Ultralytics YOLO-pose YAML (recognised by its `kpt_shape` key) is read by
+    :func:`kapao.yolo_config.yolo_dataset_config`; `single_cls` merges its classes into one.
+    `overrides` replace keys of the YAML (kapao check uses it to go on past a bad flip_idx).
+    """
     data, source = _resolve_dataset_yaml(spec)
+    data = {**data, **(overrides or {})}
+    if "kpt_shape" in data:
+        from kapao.yolo_config import yolo_dataset_config  # yolo_config builds on this module
+
+        return yolo_dataset_config(data, source, single_cls=single_cls)
     if "path" not in data:
         raise ConfigError(f"dataset config {source}: missing 'path' (the dataset root folder)")
     root = Path(data["path"])

@@ -90,10 +90,15 @@ class PoseDataset(Dataset):
         self.batch_size = batch_size
         self.mosaic = augment and not rect  # as official: rectangular batches never use mosaic
         # rect (official val.py --rect, pad 0): images sorted by aspect ratio, one input shape per batch
-        self.labels, self._coco = load_labels(self.ann_file, self.img_dir, self.schema.num_keypoints,
-                                              skip_crowd=split == "train")
+        if cfg.yolo is not None:  # Ultralytics txt labels (kapao.yolo_labels builds on this module)
+            from kapao.yolo_labels import load_yolo_labels
+
+            self.labels, self._coco = load_yolo_labels(cfg, split), None
+        else:
+            self.labels, self._coco = load_labels(self.ann_file, self.img_dir, self.schema.num_keypoints,
+                                                  skip_crowd=split == "train")
         self.stats = self.labels.stats
-        self._log_stats(cached=self._coco is None)
+        self._log_stats(cached=self._coco is None and cfg.yolo is None)
         n = len(self.labels)
         self.order = np.arange(n)
         self.batch_shapes: np.ndarray | None = None
@@ -136,6 +141,10 @@ class PoseDataset(Dataset):
 
     @property
     def coco(self) -> Any:  # pycocotools.coco.COCO, loaded on first use when the labels came from the cache
+        if self._coco is None and self.cfg.yolo is not None:  # built from the txt labels (OKS area 0.53 x box)
+            from kapao.yolo_labels import ground_truth
+
+            self._coco = ground_truth(self.labels, self.schema)
         if self._coco is None:
             self._coco = read_coco(self.ann_file)
         return self._coco

@@ -39,7 +39,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kapao.config import KeypointSchema
+from kapao.config import BOX_AREA_FACTOR, KeypointSchema
 from kapao.errors import ConfigError, DataError
 from kapao.runtime import atomic_write, plain_data
 
@@ -48,7 +48,7 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm",
 CROWDPOSE_METRICS = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard")
 
 MAX_DETS = 20  # both protocols: at most 20 poses per image are evaluated
-CROWDPOSE_AREA_FACTOR = 0.53  # crowdpose-api: OKS scale (and area) of a GT person = 0.53 * w * h of its box
+CROWDPOSE_AREA_FACTOR = BOX_AREA_FACTOR  # crowdpose-api: OKS scale (and area) of a GT person = 0.53 * w * h of its box
 CROWD_INDEX_SPLIT = (0.2, 0.8)  # crowdpose-api: easy < 0.2 <= medium < 0.8 <= hard
 CROWDPOSE_SUBSETS = ("easy", "medium", "hard")
 

@@ -88,7 +88,8 @@ class Poses:
 # run_nms merges them when iou == iou_kp and conf_kp >= conf -- never with the shipped defaults --
 # which shares max_det between persons and keypoints and keeps keypoint scores >= conf_kp); all
 # keypoints are clipped to the image (the official clipping reaches only the first two); boxes are
-# not rounded; equal keypoint-object scores are taken in input order; distances are compared squared.
+# not rounded; equal keypoint-object scores are taken in input order; distances are compared squared;
+# NMS stops once max_det boxes are kept and returns exactly equal scores in input order (batched_nms_top).
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
 TTA_SCALES, TTA_FLIPS = OFFICIAL_TTA  # official test-time augmentation: scales, left-right flip per scale
@@ -122,14 +123,78 @@ def _check_pred(pred: Tensor, layout: HeadLayout) -> None:
                          f"{2 * layout.num_keypoints}); got {tuple(pred.shape)}")
 
 
+# torchvision.ops.batched_nms runs one NMS per class ("vanilla") above this many box coordinates,
+# else one NMS over class-shifted boxes ("coordinate trick"); torchvision >= 0.22 (pytorch/vision#8925),
+# earlier releases used 20 000 on CUDA. The early-stopping NMS below follows the same choice.
+_TV_VERSION = tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2])
+_TV_VANILLA_NUMEL = {"cpu": 4000, "cuda": 100_000 if _TV_VERSION >= (0, 22) else 20_000}
+NMS_FIRST_PREFIX = 1024  # candidates in the first early-stopping NMS round (at least 4 max_det)
+
+
+def _tv_uses_vanilla(boxes: Tensor) -> bool:
+    """Whether torchvision.ops.batched_nms(boxes, ...) takes its per-class path (see _TV_VANILLA_NUMEL)."""
+    return boxes.numel() > _TV_VANILLA_NUMEL.get(boxes.device.type, _TV_VANILLA_NUMEL["cuda"])
+
+
+def _nms_subset(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, vanilla: bool,
+                shift: Tensor) -> Tensor:
+    """batched_nms's decisions, for the path it takes on the FULL candidate set, applied to a subset.
+
+    vanilla: one torchvision nms per class; kept indices returned in descending score (stable).
+    Else the coordinate trick with the full set's class shift (max coordinate + 1), so every box is
+    shifted by bitwise the same amount as in the full call; kept indices in nms's (stable) order.
+    """
+    if not vanilla:
+        return torchvision.ops.nms(boxes + (classes.to(boxes) * shift)[:, None], scores, iou)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    for c in torch.unique(classes):
+        idx = torch.where(classes == c)[0]
+        kept[idx[torchvision.ops.nms(boxes[idx], scores[idx], iou)]] = True
+    keep = torch.where(kept)[0]
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, max_det: int) -> Tensor:
+    """``torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]``, stopping early; exactly
+    equal scores in input order.
+
+    boxes (n, 4) xyxy float, scores (n,) float, classes (n,) int; returns kept indices (<= max_det),
+    descending score. Greedy NMS decides each box from the boxes processed before it (higher score,
+    or equal score and lower index: torchvision's nms sorts stably). So NMS over the prefix
+    {score >= t} -- every box tied with t included, input order kept -- makes the same decisions
+    there as over all boxes, and its kept boxes precede all others: once a prefix keeps max_det
+    boxes the answer is final; else the prefix grows 4x, up to all boxes. The path torchvision would
+    take on all n boxes (per-class NMS, or one NMS over class-shifted boxes) is followed on every
+    prefix, so every keep/suppress decision is bitwise torchvision's. The one difference: its
+    per-class path orders the kept boxes with an unstable sort, which permutes exactly equal scores
+    in a way only the full kept set determines; here they keep their input order (as torchvision's
+    other path does), which also decides which of them fill the last places at max_det.
+    """
+    n = scores.numel()
+    if n == 0 or torch.jit.is_tracing():
+        return torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
+    vanilla = _tv_uses_vanilla(boxes)
+    shift = boxes.max() + torch.tensor(1).to(boxes)  # as torchvision's coordinate trick computes it
+    size = max(NMS_FIRST_PREFIX, 4 * max_det) if bool(torch.isfinite(scores).all()) else n  # NaN: no prefixes
+    while size < n:
+        t = torch.topk(scores, size, sorted=False).values.min()
+        idx = torch.nonzero(scores >= t).squeeze(1)  # ascending: the input order of ties is kept
+        keep = idx[_nms_subset(boxes[idx], scores[idx], classes[idx], iou, vanilla, shift)]
+        if keep.numel() >= max_det:
+            return keep[:max_det]
+        size *= 4
+    return _nms_subset(boxes, scores, classes, iou, vanilla, shift)[:max_det]
+
+
 def _nms_per_image(boxes: Tensor, scores: Tensor, classes: Tensor, images: Tensor, iou: float,
                    num_images: int, max_det: int) -> tuple[Tensor, list[int]]:
     """Class-wise NMS of the candidates of several images (`images` ascending, as nonzero gives).
 
     boxes (n, 4) xyxy, scores/classes/images (n,). Returns (kept indices, grouped by image and in
     descending score within an image, at most max_det per image; the per-image kept counts).
-    torchvision's batched_nms is called once per image: it picks an exact per-class loop for large
-    inputs, and one image at a time keeps the quadratic cost of NMS per image, not per batch.
+    One image at a time keeps the quadratic cost of NMS per image, not per batch; batched_nms_top
+    stops once max_det boxes are kept, so an image with tens of thousands of candidates costs
+    little more than one with a thousand.
     """
     keeps, counts, start = [], [], 0
     for n in torch.bincount(images, minlength=num_images).tolist():
@@ -139,7 +204,7 @@ def _nms_per_image(boxes: Tensor, scores: Tensor, classes: Tensor, images: Tenso
             s = scores[part]
             top = torch.sort(s, descending=True, stable=True).indices[:MAX_NMS] if n > MAX_NMS else None
             b, c = (boxes[part], classes[part]) if top is None else (boxes[part][top], classes[part][top])
-            keep = torchvision.ops.batched_nms(b.float(), (s if top is None else s[top]).float(), c, iou)[:max_det]
+            keep = batched_nms_top(b.float(), (s if top is None else s[top]).float(), c, iou, max_det)
             keep = (keep if top is None else top[keep]) + start
         keeps.append(keep)
         counts.append(keep.numel())

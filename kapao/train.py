@@ -113,7 +113,7 @@ class Trainer:
                  ckpt: Mapping[str, Any] | None = None) -> None:
         self.args, self.run_dir, self.device, self.env = args, run_dir, device, env
         self.wdir = run_dir / "weights"
-        self.cfg = load_dataset_config(args.data)
+        self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val") if env.main else ("train",):  # fail before building anything
             self.cfg.require(split)
         self.hyp = Hyp.from_dict(ckpt["extra"]["hyp"]) if ckpt is not None else build_hyp(args)
@@ -379,7 +379,7 @@ def train(args: TrainArgs) -> Path:
     setup_logging(verbose=LOGGER.getEffectiveLevel() <= logging.DEBUG, main_process=env.main)
     device = init_device(args.device, env)
     if not args.resuming and env.main:  # a missing dataset fails before a run folder is made
-        cfg = load_dataset_config(args.data)
+        cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val"):
             cfg.require(split)
     run_dir = None

@@ -51,6 +51,7 @@ class TrainArgs:
     sync_bn: bool = False  # SyncBatchNorm in multi-GPU training
     amp: bool = True  # mixed precision on CUDA (always off on CPU)
     seed: int = 0
+    single_cls: bool = False  # YOLO-pose data: merge all classes into the one pose class
     plots: bool = True  # train_batch*.jpg, val_pred.jpg, results.png
 
     def to_dict(self) -> dict[str, Any]:

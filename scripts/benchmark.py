@@ -1,11 +1,13 @@
-"""Inference speed of kapao (torch eager and onnxruntime) next to Ultralytics YOLO11-pose, on this machine.
+"""Inference speed of kapao (torch eager and onnxruntime) next to Ultralytics YOLO11-pose and YOLO26-pose.
 
-    python scripts/benchmark.py [--sizes n s m] [--imgsz 640 1280] [--device cpu] [--weights FILE]
-                                [--video PATH] [--frames 10] [--runs 5] [--quick]
+    python scripts/benchmark.py [--sizes n s m] [--imgsz 640 1280] [--device cpu] [--half] [--weights FILE]
+                                [--video PATH] [--frames 10] [--runs 5] [--peers yolo11 yolo26]
+                                [--pairing 1280 640] [--hot-size s] [--hot-imgsz 1280] [--quick]
 
-For every size and image size, one row per backend -- kapao torch eager, kapao onnxruntime (the file
-`kapao export` writes: static imgsz x imgsz; and --dynamic), YOLO11-pose of the same size (built from
-its model YAML: random weights, nothing downloaded) -- with:
+First the machine's matmul figure: GFLOP/s of a 2048^3 fp32 matmul on the device, measured in this run.
+Then, for every size and image size, one row per backend -- kapao torch eager, kapao onnxruntime (the
+file `kapao export` writes: static imgsz x imgsz; and --dynamic), and each peer (--peers: YOLO11-pose,
+YOLO26-pose) of the same size (built from its model YAML: random weights, nothing downloaded) -- with:
 
 * forward ms: median of --runs after warm-up, on the letterboxed first video frame (the input the
   video run uses) and on a crowded image (2x2 tiles of ultralytics' bus.jpg: 16 people);
@@ -16,9 +18,17 @@ its model YAML: random weights, nothing downloaded) -- with:
 * e2e fps: the predict verb on the video (KAPAO(...).run(save=True): decoding, letterbox, forward,
   NMS, fusion, drawing, video writing, predictions.json); YOLO: its own predict(save=False,
   stream=True) on the same video and imgsz;
+* frame ms: one video frame to poses on the host -- letterbox, upload, forward, NMS + fusion (on
+  the device), results back (kapao: Predictor.predict_images; peers: their predict() of one frame);
+* GFLOP/s: the model's FLOPs at the video input shape (kapao: count_flops; peers: ultralytics'
+  get_flops, thop) / forward time, and as a percentage of the matmul figure;
 * peak memory: CUDA max allocated, else the peak process RSS growth during the row.
 
-Then the four target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
+Then the published-accuracy pairing (--pairing: kapao-s at 1280 and yolo26s-pose at 640, both published
+at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (issue 14: kapao
+with its output biases set to objectness 2.0, classes 0.0, so nearly every anchor passes the
+thresholds; NMS + fusion vs forward, now and with the previous NMS in scripts/_reference_nms.py), and
+the target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
 The video is --video, else $KAPAO_TEST_DATA/videos/posetrack-000001.mp4 (../shared/data by default),
 cut or looped to --frames frames.
 """
@@ -67,10 +77,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from kapao import postprocess as pp  # noqa: E402
 from kapao.backends import OnnxBackend, physical_cores  # noqa: E402
-from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
+from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
+from kapao.errors import KapaoError  # noqa: E402
 from kapao.export import export_onnx  # noqa: E402
-from kapao.model import build_model  # noqa: E402
+from kapao.model import build_model, count_flops  # noqa: E402
 from kapao.postprocess import postprocess  # noqa: E402
 from kapao.predict import KAPAO, Predictor, prepare_batch  # noqa: E402
 from kapao.runtime import select_device  # noqa: E402
@@ -83,6 +95,11 @@ COCO_TEMPLATE = ((.50, .08), (.54, .06), (.46, .06), (.58, .08), (.42, .08), (.6
                  (.28, .40), (.74, .56), (.26, .56), (.60, .55), (.40, .55), (.60, .76), (.40, .76), (.60, .96),
                  (.40, .96))
 POSE_CANDIDATES, KP_CANDIDATES = 20, 4  # injected candidates per person / per keypoint of a person
+MATMUL_N = 2048  # the machine figure: an N x N x N fp32 matmul
+# Published COCO val2017 keypoint AP of the pairing, each from its own tool: KAPAO's official val.py
+# (pycocotools, 1280, README of wmcnally/kapao) and Ultralytics' validator (640, YOLO26 docs).
+PAIRING_AP = {"kapao-s": 63.0, "yolo26s-pose": 63.0}
+PEERS = {"yolo11": "YOLO11-pose", "yolo26": "YOLO26-pose"}  # ultralytics families: <family><size>-pose.yaml
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +254,15 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         res["mb"] = (peak[0] - start) / 2**20
 
 
+def matmul_gflops(device: torch.device, runs: int, warmup: int) -> float:
+    """GFLOP/s of one MATMUL_N^3 fp32 matmul on `device` (2 N^3 FLOPs), median of `runs`."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
+    ms = median_ms(lambda: torch.mm(a, b), runs, warmup, device.type == "cuda")
+    return 2 * MATMUL_N**3 / (ms / 1000) / 1e9
+
+
 @dataclass
 class Row:
     model: str
@@ -247,6 +273,8 @@ class Row:
     fwd_crowd: float = float("nan")  # ms, crowded image input
     crowd_shape: tuple[int, int] = (0, 0)
     post: float = float("nan")  # ms, NMS + fusion on the crowded image
+    frame_ms: float = float("nan")  # one video frame to poses on the host (letterbox .. results back)
+    gflops: float = float("nan")  # model GFLOPs at video_shape
     fps: float = float("nan")  # end to end on the video
     other_ms: float = float("nan")  # per frame outside pre/forward/post (decode, draw, write)
     mem_mb: float = float("nan")
@@ -260,6 +288,10 @@ class Row:
     def fps_ratio(self) -> float:
         return self.fps * self.fwd_video / 1000
 
+    @property
+    def gflops_per_s(self) -> float:
+        return self.gflops / (self.fwd_video / 1000)
+
 
 @dataclass
 class Context:
@@ -270,15 +302,45 @@ class Context:
     crowd: np.ndarray
     tmp: Path
     project: Path
+    matmul: float = float("nan")  # GFLOP/s of the machine figure
     notes: list[str] = field(default_factory=list)
 
 
-def kapao_api(model: torch.nn.Module, device: torch.device, backend: OnnxBackend | None, onnx: Path | None) -> KAPAO:
+Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "OnnxBackend | None", "Path | None"]
+
+
+def kapao_api(model: torch.nn.Module, device: torch.device, backend: OnnxBackend | None, onnx: Path | None,
+              half: bool = False) -> KAPAO:
     """The KAPAO API over the torch model, or over the ONNX file (onnxruntime as the predictor's forward)."""
-    return KAPAO(model, device=str(device)) if backend is None else KAPAO(str(onnx), device=str(device))
+    return KAPAO(model, device=str(device), half=half) if backend is None else KAPAO(str(onnx), device=str(device))
 
 
-def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
+def kapao_backends(ctx: Context, model: torch.nn.Module, size: str, imgsz: int, torch_only: bool = False
+                   ) -> list[Backend]:
+    """The kapao backends to measure, one row each: (label, forward, OnnxBackend or None, ONNX path or None)."""
+    args, device = ctx.args, ctx.device
+    backends: list[Backend] = [("torch eager" + (" fp16" if args.half else ""),
+                                Predictor.from_model(model, device, half=args.half).forward, None, None)]
+    if torch_only or args.no_onnx or args.half:
+        return backends
+    for dynamic in ([True] if args.quick else [False, True]):
+        path = export_onnx(model, ctx.tmp / f"{size}_{imgsz}_{'dyn' if dynamic else 'static'}.onnx", imgsz=imgsz,
+                           dynamic=dynamic, simplify=args.simplify, check=False, device="cpu")
+        be = OnnxBackend(path, device=device)
+        label = ("onnxruntime dynamic" if dynamic else f"onnxruntime {imgsz}x{imgsz}") + \
+            (" slim" if args.simplify else "")
+        backends.append((label, be, be, path))
+    return backends
+
+
+def kapao_flops(model: torch.nn.Module, shape: tuple[int, int]) -> float:
+    try:
+        return count_flops(model, shape)
+    except KapaoError:  # a shape count_flops cannot scale to exactly
+        return float("nan")
+
+
+def kapao_rows(ctx: Context, size: str, imgsz: int, torch_only: bool = False) -> list[Row]:
     args, device = ctx.args, ctx.device
     if args.weights:
         from kapao.weights import load_model
@@ -293,28 +355,19 @@ def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
     xv, _ = prepare_batch(ctx.frames[:1], imgsz)
     xc, metas = prepare_batch([ctx.crowd], imgsz)
     metas[0]["input_shape"] = tuple(xc.shape[-2:])
-    backends: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], OnnxBackend | None, Path | None]] = [
-        ("torch eager", Predictor.from_model(model, device).forward, None, None)]
-    variants = [True] if args.quick else [False, True]
-    if not args.no_onnx:
-        for dynamic in variants:
-            path = export_onnx(model, ctx.tmp / f"{size}_{imgsz}_{'dyn' if dynamic else 'static'}.onnx", imgsz=imgsz,
-                               dynamic=dynamic, simplify=args.simplify, check=False, device="cpu")
-            be = OnnxBackend(path, device=device)
-            label = ("onnxruntime dynamic" if dynamic else f"onnxruntime {imgsz}x{imgsz}") + \
-                (" slim" if args.simplify else "")
-            backends.append((label, be, be, path))
     rows = []
-    for label, forward, backend, path in backends:
+    for label, forward, backend, path in kapao_backends(ctx, model, size, imgsz, torch_only):
         row = Row(name, label, imgsz)
         dev = backend.device if backend is not None else device
         sync = dev.type == "cuda"
+        half = args.half and backend is None
         with peak_memory(device) as mem, torch.inference_mode():
-            x_video = (xv.to(dev).float() / 255)
-            x_crowd = (xc.to(dev).float() / 255)
+            x_video = xv.to(dev).half() / 255 if half else xv.to(dev).float() / 255
+            x_crowd = xc.to(dev).half() / 255 if half else xc.to(dev).float() / 255
             row.video_shape, row.crowd_shape = tuple(xv.shape[-2:]), tuple(xc.shape[-2:])
             if backend is not None and backend.fixed_shape:
                 row.video_shape = row.crowd_shape = backend.fixed_shape  # padded to it
+            row.gflops = kapao_flops(model, row.video_shape)
             row.fwd_video = median_ms(lambda: forward(x_video), args.runs, args.warmup, sync)
             row.fwd_crowd = median_ms(lambda: forward(x_crowd), args.runs, args.warmup, sync)
             pred = forward(x_crowd).float()
@@ -331,7 +384,10 @@ def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
             row.post = median_ms(lambda: postprocess(pred, PREDICT_SETTINGS, layout, metas), args.runs, args.warmup,
                                  sync)
             row.notes.append(f"{len(found)} poses, {int((found.keypoints[..., 2] > 0).sum())} fused keypoints")
-            api = kapao_api(model, device, backend, path)
+            api = kapao_api(model, device, backend, path, half)
+            predictor = api.predictor()
+            row.frame_ms = median_ms(lambda: [p.to("cpu") for p in predictor.predict_images(ctx.frames[:1], imgsz)],
+                                     args.runs, args.warmup, sync)
             api.predict(ctx.frames[0], imgsz=imgsz)  # warm-up at the video's input shape
             run = api.run(str(ctx.clip), imgsz=imgsz, save=True, project=ctx.project, name=f"{size}_{imgsz}",
                           keep_results=False)
@@ -345,14 +401,16 @@ def kapao_rows(ctx: Context, size: str, imgsz: int) -> list[Row]:
     return rows
 
 
-def yolo_row(ctx: Context, size: str, imgsz: int) -> Row:
+def yolo_row(ctx: Context, family: str, size: str, imgsz: int) -> Row:
+    """One ultralytics peer (`family` in PEERS), built from its YAML: random weights, no download."""
     from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
 
-    row = Row(f"yolo11{size}-pose", "ultralytics", imgsz)
+    row = Row(f"{family}{size}-pose", "ultralytics" + (" fp16" if ctx.args.half else ""), imgsz)
     dev = "cpu" if ctx.device.type == "cpu" else str(ctx.device.index or 0)
     with peak_memory(ctx.device) as mem:
-        model = YOLO(f"yolo11{size}-pose.yaml")  # built from its YAML: random weights, no download
-        kw = dict(imgsz=imgsz, device=dev, save=False, verbose=False, half=False)
+        model = YOLO(f"{family}{size}-pose.yaml")
+        kw = dict(imgsz=imgsz, device=dev, save=False, verbose=False, half=ctx.args.half)
         model.predict(ctx.frames[0], **kw)  # sets up (and warms up) its predictor
         predictor = model.predictor
         sync = ctx.device.type == "cuda"
@@ -362,6 +420,9 @@ def yolo_row(ctx: Context, size: str, imgsz: int) -> Row:
             row.video_shape, row.crowd_shape = tuple(xv.shape[-2:]), tuple(xc.shape[-2:])
             row.fwd_video = median_ms(lambda: predictor.model(xv), ctx.args.runs, ctx.args.warmup, sync)
             row.fwd_crowd = median_ms(lambda: predictor.model(xc), ctx.args.runs, ctx.args.warmup, sync)
+        row.gflops = get_flops(model.model, list(row.video_shape)) or float("nan")
+        row.frame_ms = median_ms(lambda: [r.cpu() for r in model.predict(ctx.frames[0], **kw)], ctx.args.runs,
+                                 ctx.args.warmup, sync)
         t0 = time.perf_counter()
         frames, speeds = 0, []
         for r in model.predict(str(ctx.clip), stream=True, **kw):
@@ -379,6 +440,51 @@ def yolo_row(ctx: Context, size: str, imgsz: int) -> Row:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hot post-processing (issue 14): nearly every anchor above the thresholds
+
+
+def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
+    """kapao-<size> with objectness bias 2.0 and class biases 0.0 on the first video frame at imgsz: candidates
+    per frame, NMS + fusion ms with the current and the previous NMS, forward ms; markdown table lines."""
+    from unittest import mock
+
+    import _reference_nms as ref  # scripts/_reference_nms.py: the NMS before issue 14
+
+    args, device, sync = ctx.args, ctx.device, ctx.device.type == "cuda"
+    torch.manual_seed(0)
+    model = ref.set_hot_biases(build_model(size).eval())
+    predictor = Predictor.from_model(model, device, half=args.half)
+    x, metas = prepare_batch(ctx.frames[:1], imgsz)
+    x = x.to(device)
+    x = x.half() / 255 if args.half else x.float() / 255
+    lines = ["| setting | candidates / frame (poses + keypoint objects) | forward ms | NMS + fusion ms | "
+             "post / forward | previous NMS: NMS + fusion ms | post / forward | same poses |", "|" + "---|" * 8]
+    with torch.inference_mode():
+        fwd = median_ms(lambda: predictor.forward(x), args.runs, args.warmup, sync)
+        pred = predictor.forward(x).float()
+        layout = model.layout
+        score, cls = (pred[..., layout.cls] * pred[..., layout.obj, None]).max(-1)
+        obj = pred[..., layout.obj]
+        for label, settings in ((f"conf {args.hot_conf} / conf-kp {args.hot_conf}",
+                                 PREDICT_SETTINGS.replace(conf=args.hot_conf, conf_kp=args.hot_conf)),
+                                ("val thresholds (conf 0.001 / conf-kp 0.2)", VAL_SETTINGS)):
+            n_pose = int(((obj > settings.conf) & (score > settings.conf) & (cls == 0)).sum())
+            n_kp = int(((obj > settings.conf_kp) & (score > settings.conf_kp) & (cls > 0)).sum())
+            new = postprocess(pred, settings, layout, metas)[0]
+            post = median_ms(lambda: postprocess(pred, settings, layout, metas), args.runs, args.warmup, sync)
+            with mock.patch.object(pp, "nms", ref.nms):
+                old = postprocess(pred, settings, layout, metas)[0]
+                post_old = median_ms(lambda: postprocess(pred, settings, layout, metas), args.runs, args.warmup, sync)
+            same = torch.equal(new.scores, old.scores) and torch.equal(new.boxes, old.boxes) and \
+                torch.equal(new.keypoints, old.keypoints)
+            same_scores = torch.equal(new.scores, old.scores)
+            verdict = "identical" if same else ("same scores, equal scores reordered" if same_scores else "DIFFERENT")
+            lines.append(f"| {label} | {n_pose + n_kp} ({n_pose} + {n_kp}) | {fwd:.1f} | {post:.1f} | "
+                         f"{100 * post / fwd:.1f} % | {post_old:.1f} | {100 * post_old / fwd:.1f} % | {verdict} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 
 
@@ -386,20 +492,42 @@ def fmt(v: float, spec: str = ".1f") -> str:
     return "–" if v != v else format(v, spec)
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], matmul: float) -> str:
     head = ("| model | backend | forward ms (video input) | forward ms (crowded input) | post ms (crowded) | "
-            "post / forward | e2e fps (video) | e2e fps x forward | other ms/frame | peak mem MB |")
-    lines = [head, "|" + "---|" * 10]
+            "post / forward | frame ms | GFLOP/s (% of matmul) | e2e fps (video) | e2e fps x forward | "
+            "other ms/frame | peak mem MB |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r.model} @{r.imgsz} | {r.backend} | {fmt(r.fwd_video)} ({r.video_shape[0]}x{r.video_shape[1]}) | "
             f"{fmt(r.fwd_crowd)} ({r.crowd_shape[0]}x{r.crowd_shape[1]}) | {fmt(r.post)} | "
-            f"{fmt(100 * r.post_ratio, '.2f')} % | {fmt(r.fps, '.2f')} | {fmt(r.fps_ratio, '.2f')} | "
+            f"{fmt(100 * r.post_ratio, '.2f')} % | {fmt(r.frame_ms)} | {fmt(r.gflops_per_s, '.0f')} "
+            f"({fmt(100 * r.gflops_per_s / matmul, '.0f')} %) | {fmt(r.fps, '.2f')} | {fmt(r.fps_ratio, '.2f')} | "
             f"{fmt(r.other_ms)} | {fmt(r.mem_mb, '.0f')} |")
     return "\n".join(lines)
 
 
-def targets(rows: list[Row]) -> list[str]:
+def pairing(rows: list[Row], kapao_imgsz: int, yolo_imgsz: int) -> list[str]:
+    """The published-accuracy pairing: kapao-s at kapao_imgsz vs yolo26s-pose at yolo_imgsz."""
+    k = next((r for r in rows if r.model == "kapao-s" and r.imgsz == kapao_imgsz
+              and r.backend.startswith("torch")), None)
+    y = next((r for r in rows if r.model == "yolo26s-pose" and r.imgsz == yolo_imgsz), None)
+    if k is None or y is None:
+        return ["- (pairing rows missing)"]
+    out = [f"- published COCO val2017 AP: kapao-s @{kapao_imgsz} {PAIRING_AP['kapao-s']} (official KAPAO val.py, "
+           f"pycocotools) and yolo26s-pose @{yolo_imgsz} {PAIRING_AP['yolo26s-pose']} (Ultralytics' validator): "
+           "different tools, so equal numbers are not a measured tie"]
+    for what, a, b, unit in (("forward (video input)", k.fwd_video, y.fwd_video, "ms"),
+                             ("frame to poses", k.frame_ms, y.frame_ms, "ms"),
+                             ("e2e video", k.fps, y.fps, "fps"),
+                             ("GFLOPs at the video input", k.gflops, y.gflops, ""),
+                             ("GFLOP/s achieved", k.gflops_per_s, y.gflops_per_s, "")):
+        out.append(f"- {what}: kapao-s {fmt(a, '.1f')} vs yolo26s-pose {fmt(b, '.1f')}{' ' + unit if unit else ''} "
+                   f"(kapao / yolo = {fmt(a / b, '.2f')})")
+    return out
+
+
+def targets(rows: list[Row], peers: list[str]) -> list[str]:
     out = []
 
     def verdict(ok: bool) -> str:
@@ -407,7 +535,7 @@ def targets(rows: list[Row]) -> list[str]:
 
     for (model, imgsz) in dict.fromkeys((r.model, r.imgsz) for r in rows if r.model.startswith("kapao")):
         group = {r.backend: r for r in rows if r.model == model and r.imgsz == imgsz}
-        eager = group.get("torch eager")
+        eager = next((r for name, r in group.items() if name.startswith("torch")), None)
         if eager is None:
             continue
         size = model.split("-")[1][0]
@@ -423,11 +551,12 @@ def targets(rows: list[Row]) -> list[str]:
                 ratio = r.fwd_video / eager.fwd_video
                 out.append(f"- {tag}: {name} forward / torch forward = {ratio:.2f} ({inputs}; "
                            f"target <= 0.8 for s @640: {verdict(ratio <= 0.8)})")
-        yolo = next((r for r in rows if r.model == f"yolo11{size}-pose" and r.imgsz == imgsz), None)
-        if yolo is not None:
-            for name, r in group.items():
-                out.append(f"- {tag}: e2e fps {name} / yolo11{size}-pose = {r.fps / yolo.fps:.2f} "
-                           f"(target >= 1: {verdict(r.fps >= yolo.fps)})")
+        for family in peers:
+            peer = next((r for r in rows if r.model == f"{family}{size}-pose" and r.imgsz == imgsz), None)
+            if peer is not None:
+                for name, r in group.items():
+                    out.append(f"- {tag}: e2e fps {name} / {peer.model} = {r.fps / peer.fps:.2f} "
+                               f"(target >= 1: {verdict(r.fps >= peer.fps)})")
     return out
 
 
@@ -436,6 +565,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["n", "s", "m"], choices=["n", "s", "m", "l", "x"])
     ap.add_argument("--imgsz", type=int, nargs="+", default=[640, 1280])
     ap.add_argument("--device", default="cpu", help="cpu, 0, … (default cpu)")
+    ap.add_argument("--half", action="store_true", help="fp16 torch and peers (CUDA only); skips onnxruntime")
     ap.add_argument("--weights", default=None, help="real kapao weights (one size): post-processing on real outputs")
     ap.add_argument("--video", type=Path, default=None)
     ap.add_argument("--frames", type=int, default=10, help="video frames for the end-to-end runs")
@@ -443,15 +573,31 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     ap.add_argument("--simplify", action="store_true", help="export the ONNX files with --simplify (onnxslim)")
-    ap.add_argument("--no-yolo", action="store_true", help="skip the YOLO11-pose rows")
+    ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                    help="ultralytics peers built from YAML (default: all; none: --peers with no value)")
+    ap.add_argument("--no-yolo", action="store_true", help="skip the peer rows (same as --peers with no value)")
+    ap.add_argument("--pairing", type=int, nargs=2, default=[1280, 640], metavar=("KAPAO_IMGSZ", "YOLO26_IMGSZ"),
+                    help="the published-accuracy pairing: kapao-s and yolo26s-pose image sizes (default 1280 640)")
+    ap.add_argument("--no-pairing", action="store_true", help="skip the published-accuracy pairing")
+    ap.add_argument("--hot-size", default="s", choices=["n", "s", "m", "l", "x"],
+                    help="kapao size of the hot post-processing check (default s)")
+    ap.add_argument("--hot-imgsz", type=int, default=1280, help="image size of the hot check (default 1280)")
+    ap.add_argument("--hot-conf", type=float, default=0.3, help="conf and conf-kp of the hot check (default 0.3)")
+    ap.add_argument("--no-hot", action="store_true", help="skip the hot post-processing check")
     ap.add_argument("--project", type=Path, default=None, help="folder for the run outputs (default: a temp dir)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: size n, imgsz 256, 2 frames, 2 runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: size n, imgsz 256, 2 frames, 2 runs, no pairing, hot check n @256")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.imgsz, args.frames, args.runs, args.warmup = ["n"], [256], 2, 2, 1
+        args.no_pairing, args.hot_size, args.hot_imgsz = True, "n", 256
+    if args.no_yolo:
+        args.peers = []
     if args.weights:
         args.sizes = ["?"]
     device = select_device(args.device)
+    if args.half and device.type != "cuda":
+        raise SystemExit("--half needs a CUDA device (--device 0)")
     threads = physical_cores()
     torch.set_num_threads(threads)
     video = args.video or default_video()
@@ -461,20 +607,32 @@ def main() -> None:
         project = args.project or tmp / "runs"
         clip = make_clip(frames, args.frames, fps, tmp / f"{video.stem}.mp4")
         ctx = Context(args, device, frames, clip, crowded_image(), tmp, project)
+        ctx.matmul = matmul_gflops(device, args.runs, args.warmup)
         rows: list[Row] = []
         for imgsz in args.imgsz:
             for size in args.sizes:
                 rows += kapao_rows(ctx, size, imgsz)
-                if not args.no_yolo and size != "?":
-                    rows.append(yolo_row(ctx, size, imgsz))
+                if size != "?":
+                    rows += [yolo_row(ctx, family, size, imgsz) for family in args.peers]
                 print(f"done: {size} @{imgsz}", flush=True)
+        if not args.no_pairing:
+            k_imgsz, y_imgsz = args.pairing
+            if not any(r.model == "kapao-s" and r.imgsz == k_imgsz for r in rows):
+                rows += kapao_rows(ctx, "s", k_imgsz, torch_only=True)
+            if not any(r.model == "yolo26s-pose" and r.imgsz == y_imgsz for r in rows):
+                rows.append(yolo_row(ctx, "yolo26", "s", y_imgsz))
+            print("done: pairing", flush=True)
+        hot = [] if args.no_hot else hot_postprocessing(ctx, args.hot_size, args.hot_imgsz)
     cpu = platform.processor() or platform.machine()
     load = ", load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    print(f"\n## kapao inference benchmark — {device} ({cpu}, {threads} threads, OMP_WAIT_POLICY="
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"\n## kapao inference benchmark — {device}{gpu} ({cpu}, {threads} threads, OMP_WAIT_POLICY="
           f"{os.environ['OMP_WAIT_POLICY']}{load}), torch {torch.__version__}\n")
+    print(f"machine figure: {MATMUL_N}^3 fp32 matmul = {ctx.matmul:.0f} GFLOP/s on {device} (median of {args.runs})\n")
     print(f"video: {video.name} {frames[0].shape[1]}x{frames[0].shape[0]}, {args.frames} frames; forward: median of "
-          f"{args.runs} after {args.warmup} warm-up; crowded image: 2x2 bus.jpg (16 people)\n")
-    print(table(rows))
+          f"{args.runs} after {args.warmup} warm-up; crowded image: 2x2 bus.jpg (16 people)"
+          + ("; fp16" if args.half else "") + "\n")
+    print(table(rows, ctx.matmul))
     print("\nNotes:")
     for n in ctx.notes:
         print(f"- {n}")
@@ -482,6 +640,10 @@ def main() -> None:
           "predict(save=False); 'other ms/frame' = 1000/fps minus pre-process + forward + post per frame (video "
           "decoding, drawing, writing, start-up); random weights find no poses on the video, so nothing is drawn "
           "(16 poses at 720p cost about 4 ms to draw)")
+    print("- frame ms: one decoded video frame to poses on the host: letterbox, upload, forward, NMS + fusion on the "
+          "device, results copied back (peers: their predict() of the frame, results .cpu())")
+    print("- GFLOP/s: FLOPs (2 x multiply-accumulates) at the video input shape / forward ms; kapao counts its "
+          "Conv2d layers (count_flops), peers use ultralytics' get_flops (thop)")
     mem = "CUDA max allocated" if device.type == "cuda" else "growth of the process RSS during the row"
     print(f"- peak mem: {mem}")
     for r in rows:
@@ -489,8 +651,19 @@ def main() -> None:
             print(f"- {r.model} @{r.imgsz} {r.backend}: {'; '.join(r.notes)}")
     print(f"- network access attempts: {len(NETWORK_ATTEMPTS)}" + (f" ({', '.join(NETWORK_ATTEMPTS[:3])})"
                                                                       if NETWORK_ATTEMPTS else ""))
+    if not args.no_pairing:
+        print("\nPublished-accuracy pairing:")
+        for line in pairing(rows, *args.pairing):
+            print(line)
+    if hot:
+        print(f"\nHot post-processing (kapao-{args.hot_size} @{args.hot_imgsz}, output biases objectness 2.0 / "
+              f"classes 0.0, random weights, first video frame; target: NMS + fusion <= 10 % of forward at conf 0.3):\n")
+        print("\n".join(hot))
+        print("\n'same poses': boxes, scores and fused keypoints bitwise equal to the previous NMS; 'equal scores "
+              "reordered': same score sequence, exactly equal scores in input order instead of torchvision's "
+              "unstable-sort order")
     print("\nTargets (ratios from this run):")
-    for line in targets(rows):
+    for line in targets(rows, args.peers):
         print(line)
 
 

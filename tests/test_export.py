@@ -6,6 +6,7 @@ measured: about 2e-4 px and 1e-7.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -282,15 +283,25 @@ def test_simplified_export_matches_torch(model: torch.nn.Module, tmp_path: Path)
 
 def test_benchmark_quick_prints_table(tmp_path: Path):
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--project", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("|")]
-    assert len(lines) == 5 and "forward ms" in lines[0], res.stdout  # header, rule, torch, onnxruntime, YOLO
-    rows = {ln.split("|")[2].strip(): ln.split("|") for ln in lines[2:]}
-    assert set(rows) == {"torch eager", "onnxruntime dynamic", "ultralytics"}, res.stdout
-    for backend in ("torch eager", "onnxruntime dynamic"):  # forward (video, crowded), post, e2e fps
-        values = [float(rows[backend][i].split()[0]) for i in (3, 4, 5, 7)]
-        assert np.isfinite(values).all() and min(values) > 0, rows[backend]
+    out = res.stdout.splitlines()
+    start = next(i for i, ln in enumerate(out) if ln.startswith("| model |"))
+    lines = [ln for ln in out[start:out.index("", start)]]
+    assert len(lines) == 6 and "forward ms" in lines[0], res.stdout  # header, rule, torch, onnxruntime, 2 peers
+    rows = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln.split("|") for ln in lines[2:]}
+    assert set(rows) == {("kapao-n @256", "torch eager"), ("kapao-n @256", "onnxruntime dynamic"),
+                         ("yolo11n-pose @256", "ultralytics"), ("yolo26n-pose @256", "ultralytics")}, res.stdout
+    for key in (("kapao-n @256", "torch eager"), ("kapao-n @256", "onnxruntime dynamic")):
+        # forward (video, crowded), post, frame ms, GFLOP/s, e2e fps
+        values = [float(rows[key][i].split()[0]) for i in (3, 4, 5, 7, 8, 9)]
+        assert np.isfinite(values).all() and min(values) > 0, rows[key]
+    for key in (("yolo11n-pose @256", "ultralytics"), ("yolo26n-pose @256", "ultralytics")):
+        values = [float(rows[key][i].split()[0]) for i in (3, 7, 8, 9)]  # forward, frame ms, GFLOP/s, e2e fps
+        assert np.isfinite(values).all() and min(values) > 0, rows[key]
+    assert re.search(r"2048\^3 fp32 matmul = [0-9]+ GFLOP/s", res.stdout), res.stdout
+    hot = [ln for ln in out if ln.startswith("| conf 0.3 / conf-kp 0.3 |") or ln.startswith("| val thresholds")]
+    assert len(hot) == 2 and all("| identical |" in ln or "reordered" in ln for ln in hot), res.stdout
     assert "network access attempts: 0" in res.stdout and "Targets" in res.stdout
 
 

@@ -576,3 +576,214 @@ def test_postprocess_output_serialises_to_coco():
     kp = p.keypoints
     assert (kp[..., 0] >= 0).all() and (kp[..., 0] <= 320).all() and (kp[..., 1] >= 0).all() and (kp[..., 1] <= 240).all()
     assert math.isclose(max(r["score"] for r in results), p.scores.max().item(), abs_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Early-stopping NMS (issue 14) against the previous implementation, kept in scripts/_reference_nms.py
+
+def _load_reference():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "_reference_nms.py"
+    spec = importlib.util.spec_from_file_location("kapao_reference_nms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REF = _load_reference()
+
+
+@pytest.fixture
+def nms_calls(monkeypatch):
+    """Records every postprocess.batched_nms_top call as (candidates, most candidates one NMS round saw):
+    fewer seen than given = answered by a prefix (early stop)."""
+    from kapao import postprocess as pp
+
+    calls, seen = [], []
+    real_subset, real_top = pp._nms_subset, pp.batched_nms_top
+
+    def recording_subset(boxes, *args):
+        seen.append(boxes.shape[0])
+        return real_subset(boxes, *args)
+
+    def recording_top(boxes, scores, *args):
+        del seen[:]
+        keep = real_top(boxes, scores, *args)
+        calls.append((scores.numel(), max(seen)))
+        return keep
+
+    monkeypatch.setattr(pp, "_nms_subset", recording_subset)
+    monkeypatch.setattr(pp, "batched_nms_top", recording_top)
+    return calls
+
+
+def _early(calls):
+    return sum(seen < n for n, seen in calls)
+
+
+def _assert_same_detections(new, old):
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _assert_same_up_to_tie_order(new, old, max_det):
+    """Same score sequence; every group of exactly equal scores holds the same rows, except the last
+    group when max_det cut it (torchvision's unstable sort picked some of its rows, we the first)."""
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        for rows_a, rows_b in ((torch.cat((a.boxes, a.scores[:, None], a.keypoints.flatten(1)), 1),
+                                torch.cat((b.boxes, b.scores[:, None], b.keypoints.flatten(1)), 1)),
+                               (a.kp_objects, b.kp_objects)):
+            s = rows_a[:, 4]
+            assert torch.equal(s, rows_b[:, 4])
+            for v in torch.unique(s):
+                if len(s) == max_det and v == s[-1]:
+                    continue
+                group_a, group_b = rows_a[s == v], rows_b[s == v]
+                assert torch.equal(torch.unique(group_a, dim=0), torch.unique(group_b, dim=0))
+
+
+def _tied_pred(g, b, n, layout, ties, width=640.0):
+    """Random decoded predictions; with `ties`, objectness, class probabilities and boxes come from
+    coarse grids, so scores and IoUs tie exactly and often."""
+    pred = torch.rand(b, n, layout.num_outputs, generator=g)
+    if ties:
+        pred[..., layout.obj] = 0.5 + torch.randint(0, 3, (b, n), generator=g) / 4
+        pred[..., layout.cls] = torch.randint(1, 9, (b, n, layout.num_classes), generator=g) / 8
+        pred[..., :4] = torch.randint(0, 16, (b, n, 4), generator=g).float()
+    pred[..., :2] *= width / pred[..., :2].max()
+    pred[..., 2:4] = pred[..., 2:4] * 40 + 4
+    pred[..., layout.kpt] *= width
+    return pred
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_nms_early_stop_equals_previous_implementation_on_random_inputs(ties, nms_calls):
+    """Distinct scores: identical to the previous NMS. Many exact ties: identical up to their order."""
+    layout = HeadLayout(3)
+    g = torch.Generator().manual_seed(1 + ties)
+    exact = 0
+    for trial, max_det in enumerate((1, 3, 40, 300, 5000)):
+        pred = _tied_pred(g, 2, 3000 + 500 * trial, layout, ties)
+        for settings in (VAL_SETTINGS.replace(max_det=max_det, conf_kp=0.05),
+                         PREDICT_SETTINGS.replace(max_det=max_det, conf=0.2, conf_kp=0.2, iou=0.3)):
+            new, old = nms(pred, settings, layout), REF.nms(pred, settings, layout)
+            _assert_same_up_to_tie_order(new, old, max_det)
+            distinct = all(bool((s[1:] < s[:-1]).all()) for d in old for s in (d.scores, d.kp_objects[:, 4]))
+            if distinct and not ties:  # no equal scores kept (nor at the max_det cut): bitwise the previous result
+                _assert_same_detections(new, old)
+                exact += 1
+    assert exact >= (0 if ties else 6)
+    assert _early(nms_calls) >= 8  # the prefixes answered calls (max_det <= 40 at least)
+
+
+def test_nms_early_stop_batch_and_images_without_candidates():
+    layout = HeadLayout(2)
+    g = torch.Generator().manual_seed(5)
+    pred = _tied_pred(g, 4, 3000, layout, ties=False)
+    pred[1, :, layout.obj] = 0.0  # an image with no candidates between busy ones
+    settings = VAL_SETTINGS.replace(max_det=7)
+    _assert_same_detections(nms(pred, settings, layout), REF.nms(pred, settings, layout))
+
+
+def _hot_pred_from_raw(model, imgsz, batch, seed):
+    """Decoded output of the hot network's head at imgsz x imgsz, from random logits around the hot biases
+    (the input shape of a 1280 frame without running the backbone)."""
+    from kapao.model import decode
+
+    g = torch.Generator().manual_seed(seed)
+    head, layout = model.head, model.layout
+    raw = []
+    for stride in model.strides:
+        n = imgsz // stride
+        logits = torch.randn(batch, head.na, n, n, head.no, generator=g) * 0.5
+        logits[..., layout.obj] += 2.0
+        raw.append(logits)
+    return decode(raw, model.anchors, model.strides, layout)
+
+
+@pytest.mark.parametrize("settings", [PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3), VAL_SETTINGS],
+                         ids=["conf0.3", "val"])
+def test_nms_early_stop_equals_previous_on_hot_1280_output(settings, nms_calls):
+    from kapao.model import build_model
+
+    model = build_model("n")
+    pred = _hot_pred_from_raw(model, 1280, 1, seed=0)
+    assert pred.shape[1] == 3 * sum((1280 // s) ** 2 for s in model.strides)
+    new = nms(pred, settings, model.layout)
+    _assert_same_detections(new, REF.nms(pred, settings, model.layout))
+    (d,) = new
+    assert len(d.scores) == len(d.kp_objects) == settings.max_det
+    assert _early(nms_calls) == 2  # persons and keypoint objects both answered by a prefix
+
+
+def test_nms_early_stop_equals_previous_on_hot_model(nms_calls):
+    """A real network with the hot biases: its scores differ by a few ulps at most, so exact ties abound."""
+    from kapao.model import build_model
+
+    torch.manual_seed(0)
+    model = REF.set_hot_biases(build_model("n").eval())
+    x = torch.rand(2, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        pred = model(x)[0]
+    for settings in (PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3), VAL_SETTINGS, VAL_SETTINGS.replace(max_det=2)):
+        old = REF.nms(pred, settings, model.layout)
+        _assert_same_up_to_tie_order(nms(pred, settings, model.layout), old, settings.max_det)
+        assert all(len(d.scores) == len(d.kp_objects) == settings.max_det for d in old)  # hot: every image is full
+    assert _early(nms_calls) >= 6  # keypoint objects of 2 images x 3 settings
+
+
+def _int_boxes(g, n, classes):
+    xy = torch.randint(0, 60, (n, 2), generator=g).float() * 10
+    boxes = torch.cat((xy, xy + torch.randint(5, 40, (n, 2), generator=g)), 1)
+    return boxes, torch.randint(1, 50, (n,), generator=g) / 50, torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("max_det", [1, 5, 300])
+def test_batched_nms_top_coordinate_trick_path(max_det, monkeypatch):
+    """torchvision's single-NMS path (taken on CUDA below its threshold) with a prefix, forced on CPU."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    from kapao import postprocess as pp
+
+    monkeypatch.setitem(pp._TV_VANILLA_NUMEL, "cpu", 10**12)
+    g = torch.Generator().manual_seed(max_det)
+    for _ in range(4):
+        boxes, scores, classes = _int_boxes(g, 3000, 4)
+        want = _batched_nms_coordinate_trick(boxes, scores, classes, 0.45)[:max_det]
+        assert torch.equal(pp.batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+
+
+@pytest.mark.parametrize("max_det", [1, 5, 300, 4000])
+def test_batched_nms_top_per_class_path_takes_ties_in_input_order(max_det):
+    """On CPU above 1000 boxes torchvision runs NMS per class and sorts the kept boxes unstably; on
+    integer boxes (exact arithmetic, so its class shift changes no decision) its stable single-NMS
+    path gives the same decisions with ties in input order: batched_nms_top must equal it."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    from kapao.postprocess import batched_nms_top
+
+    g = torch.Generator().manual_seed(max_det)
+    for _ in range(3):
+        boxes, scores, classes = _int_boxes(g, 3000, 5)
+        assert boxes.numel() > 4000  # torchvision's per-class path
+        want = _batched_nms_coordinate_trick(boxes, scores, classes, 0.45)[:max_det]
+        full = torchvision.ops.batched_nms(boxes, scores, classes, 0.45)[:max_det]
+        assert torch.equal(scores[full], scores[want])  # torchvision's two paths agree up to tie order
+        assert torch.equal(batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+
+
+def test_torchvision_path_thresholds_are_the_ones_followed():
+    """batched_nms_top follows torchvision's choice between its two batched NMS paths; fail loudly if a
+    torchvision release moves the thresholds (pytorch/vision#8925 raised the CUDA one)."""
+    import inspect
+
+    from kapao.postprocess import _TV_VANILLA_NUMEL
+
+    src = inspect.getsource(torchvision.ops.boxes.batched_nms).replace("_", "")
+    assert f'boxes.numel() > ({_TV_VANILLA_NUMEL["cpu"]} if boxes.device.type == "cpu" else ' \
+           f'{_TV_VANILLA_NUMEL["cuda"]})' in src

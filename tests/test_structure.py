@@ -17,14 +17,14 @@ PKG = Path(__file__).resolve().parents[1] / "kapao"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
     ("settings",),
-    ("config", "runtime"),
+    ("config", "runtime", "yolo_config"),
     ("augment", "sources", "draw"),
-    ("labels", "data", "model"),
+    ("labels", "data", "model", "yolo_labels"),
     ("loss", "postprocess", "weights"),
     ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "optim", "distributed",
      "train_data", "train_log", "train_step"),
     ("predict", "plots"),
-    ("val", "export", "train_run"),
+    ("val", "export", "train_run", "check", "convert"),
     ("train",),
     ("cli", "cli_options", "__init__", "__main__"),
 )
