@@ -1,8 +1,9 @@
 """Choosing how a network runs: torch (NCHW or channels_last), onnxruntime or OpenVINO, fp32 or int8.
 
-``--backend auto`` (the default of predict and val) keeps torch on a GPU and for in-memory models, and
-on the CPU runs weights files through :data:`DEFAULT_CPU_BACKEND`, the fastest measured on the
-reference CPU (``scripts/benchmark_backends.py``), from an ONNX file exported once and cached
+``--backend auto`` (the default of predict and val) keeps torch on a GPU, for in-memory models and
+where the runtime is not installed; on the CPU it runs weights files through
+:data:`DEFAULT_CPU_BACKEND`, the fastest measured on the reference CPU
+(``scripts/benchmark_backends.py``), from an ONNX file exported once and cached
 (:mod:`kapao.model_cache`). Every backend gives the same poses within fp32 rounding; int8 (a
 statically quantised model, :mod:`kapao.quantize`) is faster and slightly less accurate.
 
@@ -12,6 +13,7 @@ frames all share one shape), :class:`ShapeCacheBackend`.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections import OrderedDict
@@ -55,6 +57,15 @@ MAX_CACHED_SHAPES = 4  # fixed-shape models kept open (TTA uses 3 shapes, a vide
 OPENVINO_HINT = "pip install openvino"
 
 
+RUNTIME_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "onnxruntime", "openvino")}
+
+
+def installed(backend: str) -> bool:
+    """Whether the packages `backend` needs are importable (`auto` falls back to torch without them;
+    exporting the cached file needs onnx, and onnxruntime's check of it)."""
+    return all(importlib.util.find_spec(p) is not None for p in RUNTIME_PACKAGES.get(backend, ()))
+
+
 def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool = False) -> str:
     """The concrete backend for ``--backend`` (``auto`` resolved as the module docstring says)."""
     if backend not in BACKENDS:
@@ -65,7 +76,9 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
             return "onnxruntime"  # an exported file: the runtime FILE_BACKENDS gives it
         if int8:
             return INT8_BACKEND
-        return DEFAULT_CPU_BACKEND if on_cpu and not isinstance(weights, nn.Module) else "torch"
+        if not on_cpu or isinstance(weights, nn.Module):
+            return "torch"
+        return next(b for b in (DEFAULT_CPU_BACKEND, "onnxruntime", "torch") if installed(b))
     if backend == "openvino" and not on_cpu:
         raise ConfigError(f"--backend openvino runs on the CPU; use --device cpu (or --backend torch on {device})")
     if backend != "onnxruntime" and int8:

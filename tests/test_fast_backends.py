@@ -39,7 +39,7 @@ def test_cli_choices_are_the_backends():
     assert fb.DEFAULT_SHAPES in fb.SHAPE_POLICIES
 
 
-def test_auto_picks_the_table_choice(weights: Path):
+def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPatch):
     model = kapao_n(5)
     assert fb.choose_backend("auto", CPU, str(weights)) == fb.DEFAULT_CPU_BACKEND
     assert fb.choose_backend("auto", GPU, str(weights)) == "torch"  # a GPU keeps torch
@@ -58,6 +58,8 @@ def test_auto_picks_the_table_choice(weights: Path):
         fb.choose_backend("tensorrt", CPU, str(weights))
     with pytest.raises(ConfigError, match="--half needs a CUDA device"):
         fb.select_backend(str(weights), "cpu", half=True)
+    monkeypatch.setattr(fb, "installed", lambda backend: False)  # `pip install kapao` without the [onnx] extra
+    assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
 
 
 def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
