@@ -78,7 +78,7 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
             return INT8_BACKEND
         if not on_cpu or isinstance(weights, nn.Module):
             return "torch"
-        return next(b for b in (DEFAULT_CPU_BACKEND, "onnxruntime", "torch") if installed(b))
+        return next((b for b in (DEFAULT_CPU_BACKEND, "onnxruntime") if installed(b)), "torch")
     if backend == "openvino" and not on_cpu:
         raise ConfigError(f"--backend openvino runs on the CPU; use --device cpu (or --backend torch on {device})")
     if backend != "onnxruntime" and int8:
