@@ -38,13 +38,13 @@ def _point(x: float, y: float) -> tuple[int, int]:
 def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: KeypointSchema, scores: Any = None,
                kp_objects: Any = None, line_width: int | None = None, show_boxes: bool = True,
                show_scores: bool = True, show_kp_objects: bool = False,
-               kp_threshold: float | None = 0.0) -> np.ndarray:
+               kp_threshold: float | None = 0.0, keypoint_mask: Any = None) -> np.ndarray:
     """A copy of `img_bgr` (H, W, 3 uint8) with poses drawn; all coordinates in its pixels.
 
     boxes (N, 4) x1, y1, x2, y2; keypoints (N, K, 3) x, y, conf: a keypoint is drawn when its conf
-    > kp_threshold (0: skips v = 0 labels and unfused predictions; None: draws every keypoint, e.g.
-    the regressed keypoints of predicted poses, whose confidence is 0 unless a keypoint object was
-    fused); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
+    > kp_threshold (0: skips v = 0 labels; None: draws every keypoint) and, when `keypoint_mask`
+    (N, K) bool is given, where it is True (e.g. Poses.fused: only keypoints confirmed by a keypoint
+    object); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
     skeleton limb, one per keypoint type. Tensors or arrays.
     """
     img = np.ascontiguousarray(img_bgr).copy()
@@ -53,6 +53,7 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
     k = schema.num_keypoints
     kpts = _as_numpy(keypoints).reshape(len(boxes), k, 3) if len(boxes) else np.zeros((0, k, 3), np.float32)
     scores = None if scores is None else _as_numpy(scores).reshape(-1)
+    mask = None if keypoint_mask is None else _as_numpy(keypoint_mask).reshape(len(boxes), k) > 0
     if show_kp_objects and kp_objects is not None:
         _draw_kp_objects(img, _as_numpy(kp_objects, 6), k, max(1, lw // 2))
     for i, box in enumerate(boxes):
@@ -60,16 +61,18 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
             cv2.rectangle(img, _point(box[0], box[1]), _point(box[2], box[3]), BOX_COLOR, lw, cv2.LINE_AA)
             if show_scores and scores is not None:
                 _label(img, f"{scores[i]:.2f}", _point(box[0], box[1]), lw)
-        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold)
+        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold, None if mask is None else mask[i])
     return img
 
 
 def _draw_skeleton(img: np.ndarray, kpts: np.ndarray, schema: KeypointSchema, lw: int,
-                   kp_threshold: float | None) -> None:
-    """Limbs (both ends drawn) then keypoint dots, in place; kpts (K, 3) pixels + conf."""
+                   kp_threshold: float | None, mask: np.ndarray | None = None) -> None:
+    """Limbs (both ends drawn) then keypoint dots, in place; kpts (K, 3) pixels + conf; mask (K,) bool."""
     ok = np.isfinite(kpts[:, :2]).all(1)
     if kp_threshold is not None:
         ok &= kpts[:, 2] > kp_threshold
+    if mask is not None:
+        ok &= mask
     for (a, b), color in zip(schema.skeleton, palette(len(schema.skeleton))):
         if ok[a] and ok[b]:
             cv2.line(img, _point(*kpts[a, :2]), _point(*kpts[b, :2]), color, lw, cv2.LINE_AA)

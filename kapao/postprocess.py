@@ -1,68 +1,18 @@
-"""From raw network output to poses: NMS, keypoint-object fusion, TTA merging, and the result type."""
+"""From raw network output to poses: NMS, keypoint-object fusion, per-keypoint confidence, TTA merging.
+
+The result type, :class:`kapao.poses.Poses`, is importable from here too.
+"""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torchvision
 from torch import Tensor
 
-from kapao.config import MAX_STRIDE, OFFICIAL_TTA, PAD_VALUE, HeadLayout, InferenceSettings
-
-
-@dataclass
-class Poses:
-    """Pose detections of one image, in original-image pixels. Every consumer shares this type.
-
-    boxes:      (N, 4) person boxes x1, y1, x2, y2
-    scores:     (N,) person score = objectness x person-class probability
-    keypoints:  (N, K, 3) x, y, confidence (after fusion: the fused keypoint object's score, else 0)
-    kp_objects: (M, 6) keypoint-object detections x1, y1, x2, y2, score, keypoint index (0..K-1),
-                present when asked for
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    keypoints: Tensor
-    kp_objects: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        n = self.boxes.shape[0]
-        if self.boxes.shape != (n, 4) or self.scores.shape != (n,) or self.keypoints.ndim != 3 \
-                or self.keypoints.shape[0] != n or self.keypoints.shape[2] != 3:
-            raise ValueError(f"Poses: inconsistent shapes boxes {tuple(self.boxes.shape)}, scores "
-                             f"{tuple(self.scores.shape)}, keypoints {tuple(self.keypoints.shape)}")
-
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def num_keypoints(self) -> int:
-        return self.keypoints.shape[1]
-
-    @classmethod
-    def empty(cls, num_keypoints: int, device: torch.device | str = "cpu") -> "Poses":
-        z = torch.zeros
-        return cls(z((0, 4), device=device), z((0,), device=device), z((0, num_keypoints, 3), device=device))
-
-    def to(self, device: torch.device | str) -> "Poses":
-        kpo = None if self.kp_objects is None else self.kp_objects.to(device)
-        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device), kpo)
-
-    def to_coco(self, image_id: Any, category_id: int = 1) -> list[dict[str, Any]]:
-        """COCO keypoint results: one dict per pose with keypoints [x, y, c]*K, score and bbox xywh."""
-        boxes = self.boxes.detach().float().cpu()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-        kpts = self.keypoints.detach().float().cpu().reshape(len(self), 3 * self.num_keypoints).tolist()
-        scores = self.scores.detach().float().cpu().tolist()
-        return [
-            {"image_id": image_id, "category_id": category_id,
-             "keypoints": [round(v, 3) for v in k], "score": round(s, 5), "bbox": [round(v, 2) for v in b]}
-            for k, s, b in zip(kpts, scores, xywh)
-        ]
-
+from kapao.config import HeadLayout, InferenceSettings
+from kapao.poses import Poses  # noqa: F401 - the result type, also importable from here as before
+from kapao.tta import TTA_FLIPS, TTA_PAD_VALUE, TTA_SCALES, deaugment, merge_tta, tta_forward  # noqa: F401 re-exported
 
 # ----------------------------------------------------------------------------------------------
 # From decoded network output to poses: NMS -> map to original pixels -> keypoint-object fusion.
@@ -90,11 +40,17 @@ class Poses:
 # keypoints are clipped to the image (the official clipping reaches only the first two); boxes are
 # not rounded; equal keypoint-object scores are taken in input order; distances are compared squared;
 # NMS stops once max_det boxes are kept and returns exactly equal scores in input order (batched_nms_top).
+# Deliberate addition (positions, fused confidences and person scores are exactly the official ones):
+# a keypoint that was NOT fused gets a confidence instead of 0 -- the best keypoint-class evidence of
+# its type within the fusion tolerance: max over anchors of objectness x p(class k + 1) (whatever the
+# anchor's argmax class, before any NMS, counted only above KP_EVIDENCE_FLOOR for both factors) whose
+# box centre lies at distance < tolerance from the keypoint, 0 if there is none (keypoint_confidence).
+# Poses.fused keeps the official distinction: True exactly where the official rule gives confidence > 0.
+# OKS-based metrics ignore keypoint scores, so COCO/CrowdPose AP do not change.
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
-TTA_SCALES, TTA_FLIPS = OFFICIAL_TTA  # official test-time augmentation: scales, left-right flip per scale
-# grey padding of rescaled TTA inputs: PAD_VALUE / 255 rounded as the official scale_img does (kept for equal outputs)
-TTA_PAD_VALUE = round(PAD_VALUE / 255, 3)
+KP_EVIDENCE_FLOOR = 0.01  # keypoint-class scores (and objectness) at or below this are no evidence
+_EVIDENCE_CHUNK = 1 << 22  # distance-matrix elements per step of keypoint_confidence (bounds memory)
 
 
 class Detections(NamedTuple):
@@ -364,6 +320,48 @@ def fuse_keypoints(boxes: Tensor, scores: Tensor, keypoints_xy: Tensor, kp_objec
     return flat[: n * k].reshape(n, k, 3)
 
 
+def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDENCE_FLOOR) -> list[Tensor]:
+    """Keypoint-class evidence of every anchor, all images of the batch at once, before any NMS.
+
+    pred: (B, N, layout.num_outputs) decoded predictions (see `nms`), network-input pixels.
+    Returns per image a (P, 4) tensor: box centre x, y | score = objectness x p(class k + 1) |
+    keypoint index k, one row per (anchor, keypoint type) whose objectness and score both exceed
+    `floor`; at most MAX_NMS rows per image (the highest scores). Rows of TTA passes merged by
+    `merge_tta` are already mapped back, so TTA needs nothing more.
+    """
+    _check_pred(pred, layout)
+    obj = pred[..., layout.obj]
+    kp_scores = pred[..., layout.cls][..., 1:] * obj.unsqueeze(-1)  # (B, N, K)
+    img, anchor, kind = ((kp_scores > floor) & (obj > floor).unsqueeze(-1)).nonzero(as_tuple=True)
+    rows = torch.cat((pred[img, anchor, :2], kp_scores[img, anchor, kind, None], kind[:, None].to(pred.dtype)), 1)
+    parts = torch.split(rows, torch.bincount(img, minlength=pred.shape[0]).tolist())
+    return [p if len(p) <= MAX_NMS else p[torch.topk(p[:, 2], MAX_NMS).indices] for p in parts]
+
+
+def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float) -> Tensor:
+    """Confidence of every keypoint from the evidence around it.
+
+    keypoints_xy (N, K, 2) and evidence (P, 4) centre x, y, score, keypoint index (from
+    `keypoint_evidence`, mapped to the same pixels), tolerance in those pixels. Returns (N, K): for
+    keypoint k of pose n the largest evidence score of type k whose centre lies at distance
+    < tolerance (the fusion rule's test), 0 where there is none. Vectorised; the (N, P) distance
+    matrix is built in chunks of at most _EVIDENCE_CHUNK elements.
+    """
+    n, k = keypoints_xy.shape[:2]
+    work = torch.promote_types(keypoints_xy.dtype, torch.float32)  # half precision overflows d^2
+    conf = torch.zeros(n, k, dtype=work, device=keypoints_xy.device)
+    if n == 0 or evidence.shape[0] == 0:
+        return conf.to(keypoints_xy.dtype)
+    kxy, ev = keypoints_xy.to(work), evidence.to(work)
+    tol2 = float(tolerance) * float(tolerance)
+    for part in torch.split(ev, max(1, _EVIDENCE_CHUNK // n)):
+        kind = part[:, 3].long()
+        d = _sq_dist(kxy[:, kind], part[None, :, :2])  # (N, Pc)
+        s = torch.where(d < tol2, part[None, :, 2], 0.0)
+        conf = conf.scatter_reduce(1, kind.expand(n, -1), s, "amax")
+    return conf.to(keypoints_xy.dtype)
+
+
 def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
                 metas: Sequence[ImageMeta | Mapping[str, Any] | None] | None = None,
                 return_kp_objects: bool = False) -> list[Poses]:
@@ -374,102 +372,31 @@ def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
     gives them, as a tuple or a mapping with keys orig_shape, ratio, pad (other keys ignored);
     None (or a None entry) keeps network-input pixels without clipping.
     Steps: nms -> scale_to_original (clipped) -> fuse_keypoints when settings.fuse (the tolerance is
-    in original pixels, so fusion runs after the mapping). Keypoint objects (M, 6) in original
-    pixels are attached as Poses.kp_objects when return_kp_objects.
+    in original pixels, so fusion runs after the mapping) -> a confidence for every keypoint that
+    was not fused (`keypoint_confidence` over `keypoint_evidence`, same tolerance); Poses.fused
+    marks the fused ones. Keypoint objects (M, 6) in original pixels are attached as
+    Poses.kp_objects when return_kp_objects.
     """
     dets = nms(pred, settings, layout)
     if metas is not None and len(metas) != len(dets):
         raise ValueError(f"postprocess: {len(metas)} image metas for a batch of {len(dets)}")
+    evidence = keypoint_evidence(pred, layout)
     out = []
     for i, d in enumerate(dets):
         meta = None if metas is None else metas[i]
-        boxes, kxy, kpo = d.boxes, d.keypoints, d.kp_objects
+        boxes, kxy, kpo, ev = d.boxes, d.keypoints, d.kp_objects, evidence[i]
         if meta is not None:
             shape, ratio, pad = _parse_meta(meta)
             boxes = scale_to_original(boxes, ratio, pad, shape)
             kxy = scale_to_original(kxy, ratio, pad, shape)
             kpo = torch.cat((scale_to_original(kpo[:, :4], ratio, pad, shape), kpo[:, 4:]), 1)
+            ev = torch.cat((scale_to_original(ev[:, :2], ratio, pad, shape), ev[:, 2:]), 1)
         if settings.fuse:
             keypoints = fuse_keypoints(boxes, d.scores, kxy, kpo, settings)
         else:
             keypoints = torch.cat((kxy, kxy.new_zeros(*kxy.shape[:2], 1)), -1)
-        out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None))
+        fused = keypoints[..., 2] > 0  # the official rule gives exactly the fused keypoints a confidence > 0
+        conf = torch.where(fused, keypoints[..., 2], keypoint_confidence(kxy, ev, settings.tolerance))
+        keypoints = torch.cat((keypoints[..., :2], conf[..., None]), -1)
+        out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None, fused))
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Test-time augmentation: run the model on rescaled / flipped copies, map every pass back, merge.
-
-def _pair(scale: float | Sequence[float]) -> tuple[float, float]:
-    if isinstance(scale, (int, float)):
-        return float(scale), float(scale)
-    return float(scale[0]), float(scale[1])
-
-
-def deaugment(pred: Tensor, scale: float | Sequence[float], flip_lr: bool, img_width: float,
-              layout: HeadLayout, flip_index: Sequence[int]) -> Tensor:
-    """Map the predictions of one augmented pass back to the un-augmented network input.
-
-    pred: (B, N, no) decoded predictions of the input that was (optionally) flipped left-right and
-    then resized by `scale` (float or (sx, sy): augmented pixels = original pixels x scale).
-    img_width: width W of the un-augmented input. Boxes and keypoints are divided by the scale; with
-    flip_lr, x -> W - x for box centres and keypoints, and keypoint classes and keypoint coordinates
-    are swapped back: new[k] = old[flip_index[k]] (official _descale_pred). Returns a new tensor.
-    """
-    sx, sy = _pair(scale)
-    k = layout.num_keypoints
-    if len(flip_index) != k:
-        raise ValueError(f"flip_index has {len(flip_index)} entries for K={k}")
-    out = pred.clone()
-    div = torch.tensor([sx, sy, sx, sy], dtype=pred.dtype, device=pred.device)
-    out[..., layout.box] = pred[..., layout.box] / div
-    kp = pred[..., layout.kpt].unflatten(-1, (k, 2)) / torch.tensor([sx, sy], dtype=pred.dtype, device=pred.device)
-    if flip_lr:
-        perm = torch.as_tensor(list(flip_index), dtype=torch.long, device=pred.device)
-        out[..., 0] = img_width - out[..., 0]
-        kp = torch.stack((img_width - kp[..., 0], kp[..., 1]), -1)[..., perm, :]
-        kp_cls = slice(layout.cls.start + 1, layout.cls.stop)
-        out[..., kp_cls] = pred[..., kp_cls][..., perm]
-    out[..., layout.kpt] = kp.flatten(-2)
-    return out
-
-
-def merge_tta(outputs: Sequence[Tensor], scales: Sequence[float | Sequence[float]], flips: Sequence[bool],
-              img_width: float, layout: HeadLayout, flip_index: Sequence[int]) -> Tensor:
-    """Deaugment each pass's (B, N_i, no) output and concatenate: (B, sum N_i, no), ready for nms."""
-    if not (len(outputs) == len(scales) == len(flips)):
-        raise ValueError(f"merge_tta: {len(outputs)} outputs, {len(scales)} scales, {len(flips)} flips")
-    return torch.cat([deaugment(o, s, bool(f), img_width, layout, flip_index)
-                      for o, s, f in zip(outputs, scales, flips)], 1)
-
-
-def tta_forward(model_fn: Callable[[Tensor], Tensor], images: Tensor, scales: Sequence[float],
-                flips: Sequence[bool], layout: HeadLayout, flip_index: Sequence[int],
-                stride: int = MAX_STRIDE) -> Tensor:
-    """Augmented inference: one forward pass per (scale, flip), all mapped back and concatenated.
-
-    images: (B, 3, H, W) network input (H, W multiples of stride). For each pass the batch is
-    flipped left-right if asked, and for scale != 1 resized (bilinear) to (int(H s), int(W s)) and
-    padded right/bottom with grey to the next multiple of `stride` (official scale_img; the official
-    TTA is TTA_SCALES with TTA_FLIPS). model_fn maps an image batch to decoded predictions
-    (B, N, no) (of a tuple, the first item is used). Passes are de-scaled by the exact resize
-    factors (new size / old size per axis; the official divides by the nominal scale).
-    Returns (B, sum N_i, no) in pixels of `images`, ready for nms/postprocess.
-    """
-    if len(scales) != len(flips):
-        raise ValueError(f"tta_forward: {len(scales)} scales but {len(flips)} flips")
-    h, w = images.shape[-2:]
-    outputs, factors = [], []
-    for s, f in zip(scales, flips):
-        x = images.flip(-1) if f else images
-        factor: tuple[float, float] = (1.0, 1.0)
-        if s != 1.0:
-            nh, nw = int(h * s), int(w * s)
-            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-            ph, pw = math.ceil(h * s / stride) * stride, math.ceil(w * s / stride) * stride
-            x = torch.nn.functional.pad(x, [0, pw - nw, 0, ph - nh], value=TTA_PAD_VALUE)
-            factor = (nw / w, nh / h)
-        y = model_fn(x)
-        outputs.append(y[0] if isinstance(y, (tuple, list)) else y)
-        factors.append(factor)
-    return merge_tta(outputs, factors, flips, w, layout, flip_index)

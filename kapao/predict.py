@@ -6,6 +6,7 @@ from :mod:`kapao.sources` and results go to :mod:`kapao.sinks`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,12 +31,13 @@ from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.fast_backends import select_backend
 from kapao.postprocess import Poses, postprocess, tta_forward
 from kapao.quantize import Calibration
-from kapao.runtime import increment_run_dir
-from kapao.sinks import DrawOptions, ResultWriter
+from kapao.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
+from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
 from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
 from kapao.weights.registry import native_imgsz
 
 LOGGER = logging.getLogger(__name__)
+FrameTransform = Callable[[Frame, Poses], Poses]  # a per-frame step of a predict run (e.g. tracking)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,21 +160,22 @@ def _display_available() -> str | None:
     return None
 
 
-def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader],
-                unreadable: list[str] | None = None) -> Iterator[Frame]:
+def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader], unreadable: list[str] | None = None,
+                skip: Callable[[str, int | None], bool] | None = None) -> Iterator[Frame]:
     """Frames of every item of a source: images once, videos/streams frame by frame.
 
     A reader already in `readers` (opened early) is used as is. An image or video of a folder or glob
     that cannot be read is logged, appended to `unreadable` and skipped, so one bad file never stops the
-    run; a lone file that cannot be read raises DataError.
+    run; a lone file that cannot be read raises DataError. `skip(item, frame index or None)` True drops
+    an image before it is read, or a video frame after it is decoded (a resumed run's finished work).
     """
     for item in spec.items:
         try:
             if spec.is_video(item):
                 reader = readers.get(item) or VideoReader(item)
                 readers[item] = reader
-                yield from reader
-            else:
+                yield from (f for f in reader if skip is None or not skip(item, f.frame))
+            elif skip is None or not skip(item, None):
                 yield Frame(load_image(item), item)
         except DataError as e:
             if len(spec) == 1:
@@ -208,7 +211,8 @@ class PredictRun:
     unreadable: list[str] = field(default_factory=list)  # images/videos that could not be decoded
     seconds: float = 0.0
     timing: Timing | None = None
-    json_path: Path | None = None
+    json_path: Path | None = None  # predictions.json (built from predictions.jsonl at the end)
+    resumed: int = 0  # frames/images a resumed run found already done in its predictions.jsonl
 
 
 class KAPAO:
@@ -253,18 +257,38 @@ class KAPAO:
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
             return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
-        return self.run(source, imgsz=imgsz, settings=settings, save=False, **kwargs).results
+        return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
             settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
             show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
-            name: str = "exp", keep_results: bool = True, progress: bool = False) -> PredictRun:
-        """The predict verb: run on a source, write drawn media + predictions.json to runs/predict/expN."""
+            name: str = "exp", keep_results: bool = False, progress: bool = False,
+            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = (),
+            transforms: Sequence[FrameTransform] = ()) -> PredictRun:
+        """The predict verb: run on a source; into runs/predict/expN stream predictions.jsonl (one line per
+        frame, as it is made), drawn media, and at the end predictions.json (built from the JSONL).
+
+        keep_results: also keep every frame's Poses in PredictRun.results (memory grows with the run).
+        resume: continue a run -- a run folder (or its predictions.jsonl), or True/"latest" (see
+        :func:`kapao.resume.find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
+        Images and video frames already in its JSONL are skipped, the rest appended.
+        sinks: extra :class:`kapao.sinks.Sink` objects fed every frame (e.g. a CSV export).
+        transforms: per-frame steps `(frame, poses) -> poses` applied in order before the sinks see the
+        poses (e.g. tracking, then smoothing).
+        """
         self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
+        resume_dir, stored = None, None
+        if resume:
+            resume_dir = find_resume_run(resume, project, name, source_text(source))
+            stored = read_run_args(resume_dir)
+            source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
+        args = self._run_args(spec, imgsz, settings, scales, flips)
+        if resume_dir is not None:
+            check_resume(resume_dir, spec, stored, args)
         if show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
         draw = draw or DrawOptions()
@@ -272,55 +296,54 @@ class KAPAO:
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir = _open_run_dir(project, name, readers) if save or save_json else None
-        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show) if save_dir or show else None
-        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing)
-        total = _total_frames(spec, readers)
+        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        root = source_root(spec)
+        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
+                              root=root, sinks=sinks) if save_dir or show or sinks else None
+        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
+        skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
         try:
-            bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True)
-            _predict_frames(predictor, spec, readers, writer, run, imgsz, batch, keep_results, bar)
+            bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
+                       dynamic_ncols=True)
+            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
+                            keep_results, bar, transforms)
         finally:
             for r in readers.values():
                 r.close()
             if writer:
-                path = writer.close()
-                run.json_path = path if save_json else None
-                if not save_json:
-                    path.unlink()
+                run.json_path = writer.close()
         run.seconds = time.perf_counter() - t0
-        if run.frames == 0:
+        if run.frames == 0 and resume_dir is None:
             if save_dir is not None:  # nothing was produced: leave no empty run folder behind
                 shutil.rmtree(save_dir, ignore_errors=True)
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
 
-
-def _open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader]) -> Path:
-    """The next runs/predict/expN folder; the readers already open are closed when it cannot be made."""
-    try:
-        return increment_run_dir(project, name)
-    except BaseException:
-        for r in readers.values():
-            r.close()
-        raise
+    def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
+                  flips: Sequence[bool] | None) -> dict[str, Any]:
+        """What a run folder's args.yaml records: the options a resumed run must share."""
+        return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
+                **dataclasses.asdict(settings), "scales": [float(v) for v in scales] if scales else None,
+                "flips": [bool(v) for v in flips] if flips else None}
 
 
-def _predict_frames(predictor: Predictor, spec: SourceSpec, readers: dict[str, VideoReader],
-                    writer: ResultWriter | None, run: PredictRun, imgsz: int, batch: int, keep_results: bool,
-                    bar: tqdm) -> None:
-    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> writer and `run` counts.
-    Closes the progress bar."""
+def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
+                    imgsz: int, batch: int, keep_results: bool, bar: tqdm,
+                    transforms: Sequence[FrameTransform] = ()) -> None:
+    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> transforms -> writer and
+    `run` counts. Closes the progress bar."""
     t0 = time.perf_counter()
     try:
-        for chunk in _batches(iter_frames(spec, readers, run.unreadable), batch):
+        for chunk in _batches(frames, batch):
             results = predictor.predict_images([f.image for f in chunk], imgsz)
             for frame, poses in zip(chunk, results):
                 poses = poses.to("cpu")
+                for step in transforms:
+                    poses = step(frame, poses)
                 if writer:
-                    fps = readers[frame.path].fps if frame.path in readers else None
-                    writer.add(frame, poses, fps)
+                    writer.add(frame, poses)
                 if keep_results:
                     run.results.append(poses)
                 run.poses += len(poses)

@@ -33,6 +33,7 @@ class Frame:
     image: np.ndarray
     path: str  # file (image or video) or stream it came from
     frame: int | None = None
+    fps: float | None = None  # frame rate of the video or stream (nominal for streams), None for images
 
 
 @dataclass
@@ -167,7 +168,7 @@ class VideoReader:
     def __iter__(self) -> Iterator[Frame]:
         i = 0
         while (img := self._queue.get()) is not None:
-            yield Frame(img, self.address, i)
+            yield Frame(img, self.address, i, self.fps)
             i += 1
         self.close()
 

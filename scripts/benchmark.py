@@ -422,7 +422,7 @@ def kapao_rows(ctx: Context, size: str, imgsz: int, torch_only: bool = False) ->
             found = postprocess(pred, PREDICT_SETTINGS, layout, metas)[0]
             row.post = median_ms(lambda: postprocess(pred, PREDICT_SETTINGS, layout, metas), args.runs, args.warmup,
                                  sync)
-            row.notes.append(f"{len(found)} poses, {int((found.keypoints[..., 2] > 0).sum())} fused keypoints")
+            row.notes.append(f"{len(found)} poses, {int(found.fused.sum())} fused keypoints")
             api = kapao_api(model, device, backend, path, half)
             predictor = api.predictor()
             row.frame_ms = median_ms(lambda: [p.to("cpu") for p in predictor.predict_images(ctx.frames[:1], imgsz)],

@@ -532,13 +532,16 @@ def test_draw_poses_skips_unlabelled_and_does_not_mutate():
     assert out[10, 10].any() and not out[50, 30].any()
 
 
-def test_draw_poses_threshold_none_draws_unfused_predictions():
-    """Predicted keypoints keep confidence 0 unless fused; predict draws them all (kp_threshold=None)."""
+def test_draw_poses_threshold_none_draws_all_and_mask_draws_fused_only():
+    """predict draws every keypoint (kp_threshold=None); --fused-only passes Poses.fused as the mask
+    (unfused keypoints have a confidence > 0 too, so a threshold cannot tell them apart)."""
     schema = make_schema(3)
     img = np.zeros((60, 60, 3), np.uint8)
-    kpts = np.array([[[10, 10, 0.9], [50, 10, 0.0], [30, 50, 0.0]]], np.float32)
+    kpts = np.array([[[10, 10, 0.9], [50, 10, 0.4], [30, 50, 0.0]]], np.float32)
+    fused = np.array([[True, False, False]])
     everything = draw_poses(img, np.array([[5, 5, 55, 55]]), kpts, schema, line_width=2, kp_threshold=None)
-    fused_only = draw_poses(img, np.array([[5, 5, 55, 55]]), kpts, schema, line_width=2, kp_threshold=0.0)
+    fused_only = draw_poses(img, np.array([[5, 5, 55, 55]]), kpts, schema, line_width=2, kp_threshold=None,
+                            keypoint_mask=torch.from_numpy(fused))
     assert everything[10, 50].any() and everything[50, 30].any() and everything[10, 30].any()
     assert not fused_only[10, 50].any() and not fused_only[10, 30].any() and fused_only[10, 10].any()
 

@@ -122,6 +122,26 @@ def test_jitter_lowers_ap_strictly(protocol: str, levels: tuple[int, ...], coco_
     assert all(a > b for a, b in zip(aps, aps[1:])), aps
 
 
+@pytest.mark.parametrize("protocol", ["coco", "crowdpose"])
+def test_keypoint_confidences_do_not_change_the_metrics(protocol: str, coco_json: Path, crowd_json: Path) -> None:
+    """OKS ignores keypoint scores: the per-keypoint confidences of unfused keypoints (0 before, the
+    keypoint-class evidence now) leave every metric exactly as it was."""
+    ann = coco_json if protocol == "coco" else crowd_json
+    schema = load_dataset_config(protocol).schema
+    old = _gt_results(ann, jitter=6, seed=5)
+    rng = np.random.default_rng(0)
+    new = copy.deepcopy(old)
+    for r in new:
+        kp = np.asarray(r["keypoints"]).reshape(-1, 3)
+        fused = rng.random(len(kp)) < 0.5  # "fused" keypoints keep their score, the others get one
+        kp[:, 2] = np.where(fused, kp[:, 2], rng.random(len(kp)))
+        r["keypoints"] = kp.ravel().tolist()
+    assert new != old
+    before = evaluate(ann, old, schema, protocol)
+    assert 0.0 < before["AP"] < 1.0
+    assert evaluate(ann, new, schema, protocol) == before
+
+
 def test_coco_numbers_and_printout_are_pycocotools_own(coco_json: Path) -> None:
     res = _gt_results(coco_json, jitter=5, seed=1)
     m = evaluate_coco(coco_json, res, COCO_SIGMAS)

@@ -177,6 +177,7 @@ def assert_same_poses(a: Poses, b: Poses) -> None:
     assert len(a) == len(b) > 0
     assert torch.allclose(a.scores, b.scores, atol=SCORE_TOL)
     assert torch.allclose(a.boxes, b.boxes, atol=0.05) and torch.allclose(a.keypoints, b.keypoints, atol=0.05)
+    assert torch.equal(a.fused, b.fused)  # the per-keypoint confidences (above) come from the same decoded tensor
 
 
 def test_predict_through_onnxruntime_gives_same_poses(model: torch.nn.Module, dynamic_onnx: Path):
@@ -186,11 +187,12 @@ def test_predict_through_onnxruntime_gives_same_poses(model: torch.nn.Module, dy
     backend = OnnxBackend(dynamic_onnx)
     ort_pred = Predictor(backend, backend.schema, backend.device, settings)
     torch_pred = Predictor.from_model(model, CPU, settings=settings)
-    fused = 0
+    fused = unfused_with_conf = 0
     for a, b in zip(ort_pred.predict_images(images, 256), torch_pred.predict_images(images, 256)):
         assert_same_poses(a, b)
-        fused += int((a.keypoints[..., 2] > 0).sum())
-    assert fused > 0  # keypoint-object fusion took part
+        fused += int(a.fused.sum())
+        unfused_with_conf += int((a.keypoints[..., 2][~a.fused] > 0).sum())
+    assert fused > 0 and unfused_with_conf > 0  # fusion and the evidence of unfused keypoints took part
 
 
 def test_onnx_predict_on_video_matches_torch(model: torch.nn.Module, dynamic_onnx: Path, test_video: Path):

@@ -1,7 +1,6 @@
 """Post-processing: NMS, mapping to original pixels, keypoint-object fusion, TTA, result type."""
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -11,12 +10,14 @@ import torchvision
 
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings
 from kapao.postprocess import (
+    KP_EVIDENCE_FLOOR,
     TTA_FLIPS,
     TTA_SCALES,
     Detections,
-    Poses,
     deaugment,
     fuse_keypoints,
+    keypoint_confidence,
+    keypoint_evidence,
     merge_tta,
     nms,
     postprocess,
@@ -403,8 +404,10 @@ def test_postprocess_maps_then_fuses_with_tolerance_in_original_pixels():
     assert p.kp_objects.tolist() == [[176.0, 186.0, 184.0, 194.0, pytest.approx(0.9), 0.0]]
     (p,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [meta])
     assert p.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and p.kp_objects is None
+    assert p.fused.tolist() == [[True]]
     (p,) = postprocess(pred, settings.replace(tolerance=31.0, fuse=False), lay, [meta])
-    assert p.keypoints.tolist() == [[[180.0, 160.0, 0.0]]]
+    # not fused, but the keypoint object 30 px away (< 31) is its evidence
+    assert p.keypoints.tolist() == [[[180.0, 160.0, pytest.approx(0.9)]]] and p.fused.tolist() == [[False]]
     as_dict = {"orig_shape": (200, 300), "ratio": (0.5, 0.5), "pad": (10, 20), "image_id": 3}
     (q,) = postprocess(pred, settings.replace(tolerance=31.0), lay, [as_dict])
     assert q.keypoints.tolist() == [[[180.0, 190.0, pytest.approx(0.9)]]] and q.boxes.tolist() == [[140.0, 140.0, 220.0, 200.0]]
@@ -543,28 +546,7 @@ def test_tta_forward_pads_with_grey_and_empty_model_output():
 
 
 # ----------------------------------------------------------------------------------------------
-# Result type
-
-def _poses_from_coco(results, k):
-    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)]).reshape(-1, 4)
-    return Poses(boxes, torch.tensor([r["score"] for r in results]),
-                 torch.tensor([r["keypoints"] for r in results]).reshape(-1, k, 3))
-
-
-def test_poses_to_coco_round_trip():
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(4, 2, generator=g) * 500
-    boxes = torch.cat((xy, xy + torch.rand(4, 2, generator=g) * 100 + 1), 1)
-    poses = Poses(boxes, torch.rand(4, generator=g), torch.rand(4, 17, 3, generator=g) * 600)
-    results = json.loads(json.dumps(poses.to_coco(image_id=42)))
-    assert len(results) == 4 and all(r["image_id"] == 42 and r["category_id"] == 1 for r in results)
-    assert all(len(r["keypoints"]) == 51 for r in results)
-    back = _poses_from_coco(results, 17)
-    assert torch.allclose(back.boxes, poses.boxes, atol=0.011)
-    assert torch.allclose(back.scores, poses.scores, atol=1e-5)
-    assert torch.allclose(back.keypoints, poses.keypoints, atol=1e-3)
-    assert Poses.empty(17).to_coco(1) == []
-
+# Serialisation of postprocess output (the result type itself: tests/test_poses.py)
 
 def test_postprocess_output_serialises_to_coco():
     pred = _random_pred(b=1, n=200, seed=4).float()
@@ -787,3 +769,152 @@ def test_torchvision_path_thresholds_are_the_ones_followed():
     src = inspect.getsource(torchvision.ops.boxes.batched_nms).replace("_", "")
     assert f'boxes.numel() > ({_TV_VANILLA_NUMEL["cpu"]} if boxes.device.type == "cpu" else ' \
            f'{_TV_VANILLA_NUMEL["cuda"]})' in src
+
+
+# A confidence for every keypoint; fused positions, fused confidences and person scores unchanged
+
+def _scene(seed, b=2, k=4, persons=5, width=320.0, dtype=torch.float64):
+    """Decoded predictions that look like a network's: persons with keypoints, keypoint-object anchors
+    scattered around those keypoints (some within, some beyond the tolerance), and background."""
+    g = torch.Generator().manual_seed(seed)
+    lay = HeadLayout(k)
+    rows = []
+    for _ in range(b):
+        img = []
+        for _ in range(persons):
+            c = torch.rand(2, generator=g, dtype=dtype) * width
+            kps = c + (torch.rand(k, 2, generator=g, dtype=dtype) - 0.5) * 80
+            for _ in range(3):  # duplicates for NMS
+                r = torch.zeros(lay.num_outputs, dtype=dtype)
+                r[:2], r[2:4] = c + torch.rand(2, generator=g, dtype=dtype) * 4, torch.tensor([60.0, 120.0])
+                r[lay.obj] = 0.5 + 0.5 * torch.rand((), generator=g, dtype=dtype)
+                r[lay.cls] = torch.rand(lay.num_classes, generator=g, dtype=dtype) * 0.3
+                r[lay.cls.start] = 0.4 + 0.6 * torch.rand((), generator=g, dtype=dtype)
+                r[lay.kpt] = (kps + torch.randn(k, 2, generator=g, dtype=dtype) * 3).flatten()
+                img.append(r)
+            for j in range(k):
+                for _ in range(3):
+                    r = torch.zeros(lay.num_outputs, dtype=dtype)
+                    r[:2] = kps[j] + torch.randn(2, generator=g, dtype=dtype) * 12
+                    r[2:4] = 16.0
+                    r[lay.obj] = torch.rand((), generator=g, dtype=dtype)
+                    r[lay.cls] = torch.rand(lay.num_classes, generator=g, dtype=dtype) * 0.4
+                    r[lay.cls.start + 1 + j] = torch.rand((), generator=g, dtype=dtype)
+                    img.append(r)
+        bg = torch.rand(60, lay.num_outputs, generator=g, dtype=dtype)
+        bg[:, :4] *= width
+        bg[:, lay.obj] *= 0.05
+        img.extend(bg)
+        rows.append(torch.stack(img))
+    return torch.stack(rows), lay
+
+
+def _old_postprocess(pred, settings, lay, metas):
+    """Today's (official) output: nms -> map to original pixels -> the sequential fusion reference."""
+    out = []
+    for d, (shape, r, pad) in zip(nms(pred, settings, lay), metas):
+        boxes = scale_to_original(d.boxes, r, pad, shape)
+        kxy = scale_to_original(d.keypoints, r, pad, shape)
+        kpo = torch.cat((scale_to_original(d.kp_objects[:, :4], r, pad, shape), d.kp_objects[:, 4:]), 1)
+        out.append((boxes, d.scores, fuse_keypoints_reference(d.scores, kxy, kpo, settings.conf_kp_person,
+                                                                settings.tolerance), kxy))
+    return out
+
+
+def _evidence_reference(pred_i, lay, kxy, meta, tolerance, floor=KP_EVIDENCE_FLOOR):
+    """Plain loops: best objectness x p(k + 1) of any anchor within the tolerance, floors applied."""
+    (h, w), r, (padw, padh) = meta
+    conf = torch.zeros(kxy.shape[:2], dtype=torch.float64)
+    for a in pred_i.tolist():
+        obj = a[lay.obj]
+        cx, cy = min(max((a[0] - padw) / r, 0), w), min(max((a[1] - padh) / r, 0), h)
+        for j in range(lay.num_keypoints):
+            s = obj * a[lay.cls.start + 1 + j]
+            if obj <= floor or s <= floor:
+                continue
+            for n in range(kxy.shape[0]):
+                x, y = kxy[n, j].tolist()
+                if (cx - x) ** 2 + (cy - y) ** 2 < tolerance ** 2 and s > conf[n, j]:
+                    conf[n, j] = s
+    return conf
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_keeps_official_output_and_fills_unfused_confidences(seed):
+    pred, lay = _scene(seed)
+    metas = [((400, 500), 1.25, (8.0, 0.0)), ((260, 300), 0.9, (0.0, 12.0))]
+    settings = VAL_SETTINGS.replace(tolerance=20.0)
+    got = postprocess(pred, settings, lay, metas)
+    fused_total = unfused_with_conf = 0
+    for p, (boxes, scores, ref, kxy), meta, pred_i in zip(got, _old_postprocess(pred, settings, lay, metas), metas, pred):
+        assert len(p) > 2
+        assert torch.equal(p.boxes, boxes) and torch.equal(p.scores, scores)
+        assert torch.equal(p.keypoints[..., :2], ref[..., :2])  # every position as today
+        assert torch.equal(p.fused, ref[..., 2] > 0)  # fused == "confidence > 0 under the old rule"
+        assert torch.equal(p.keypoints[..., 2][p.fused], ref[..., 2][p.fused])
+        expected = _evidence_reference(pred_i, lay, kxy, meta, settings.tolerance)
+        assert torch.equal(p.keypoints[..., 2][~p.fused], expected[~p.fused])
+        fused_total += int(p.fused.sum())
+        unfused_with_conf += int((p.keypoints[..., 2][~p.fused] > 0).sum())
+    assert fused_total > 0 and unfused_with_conf > 0  # the scenes exercise both kinds
+
+
+def test_postprocess_float32_and_batch_independence():
+    pred, lay = _scene(11)
+    pred = pred.float()
+    metas = [((400, 500), 1.25, (8.0, 0.0))] * 2
+    both = postprocess(pred, VAL_SETTINGS, lay, metas)
+    for i in range(2):
+        (alone,) = postprocess(pred[i:i + 1], VAL_SETTINGS, lay, metas[i:i + 1])
+        assert torch.equal(alone.keypoints, both[i].keypoints) and torch.equal(alone.fused, both[i].fused)
+    assert both[0].keypoints.dtype == torch.float32 and both[0].fused.dtype == torch.bool
+
+
+def test_keypoint_evidence_floor_and_cap():
+    lay = HeadLayout(2)
+    rows = torch.zeros(1, 4, lay.num_outputs)
+    rows[0, :, :2] = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0]])
+    rows[0, :, lay.obj] = torch.tensor([0.5, 0.5, KP_EVIDENCE_FLOOR, 1.0])
+    rows[0, :, lay.cls] = torch.tensor([[1.0, 0.5, 0.01], [0.0, 0.0, 0.9], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    (ev,) = keypoint_evidence(rows, lay)
+    # anchor 0: type 0 (0.25; type 1 0.005 is below the floor), anchor 1: type 1 (0.45); anchor 2's
+    # objectness is not above the floor; anchor 3 has no keypoint class. Whatever the argmax class.
+    assert ev.tolist() == [[10.0, 20.0, 0.25, 0.0], [30.0, 40.0, pytest.approx(0.45), 1.0]]
+    assert [e.shape for e in keypoint_evidence(torch.zeros(3, 0, lay.num_outputs), lay)] == [(0, 4)] * 3
+
+
+def test_keypoint_confidence_strict_tolerance_type_and_chunks(monkeypatch):
+    kxy = torch.tensor([[[0.0, 0.0], [10.0, 0.0]], [[100.0, 0.0], [110.0, 0.0]]])
+    ev = torch.tensor([[3.0, 4.0, 0.6, 0.0],  # distance 5 to pose 0's type 0
+                       [1.0, 0.0, 0.3, 0.0],  # closer but lower: the best score wins, not the nearest
+                       [10.0, 0.0, 0.9, 0.0],  # on pose 0's type-1 keypoint, but of type 0: 10 px from kp 0
+                       [104.0, 0.0, 0.7, 1.0]])  # pose 1 type 1, 6 px
+    conf = keypoint_confidence(kxy, ev, 5.0)
+    assert conf.tolist() == [[pytest.approx(0.3), 0.0], [0.0, 0.0]]  # 5 px is not < 5, 6 px neither
+    conf = keypoint_confidence(kxy, ev, 10.5)
+    assert conf.tolist() == [[pytest.approx(0.9), 0.0], [0.0, pytest.approx(0.7)]]
+    import kapao.postprocess as pp
+
+    monkeypatch.setattr(pp, "_EVIDENCE_CHUNK", 2)  # one evidence row per step: same result
+    assert torch.equal(pp.keypoint_confidence(kxy, ev, 10.5), conf)
+    assert keypoint_confidence(torch.zeros(0, 2, 2), ev, 5.0).shape == (0, 2)
+    assert keypoint_confidence(kxy, torch.zeros(0, 4), 5.0).eq(0).all()
+    half = keypoint_confidence(kxy.half() * 5, (ev * torch.tensor([5.0, 5.0, 1.0, 1.0])).half(), 52.5)
+    assert half.dtype == torch.float16 and half.float().tolist() == [[pytest.approx(0.9, abs=1e-3), 0.0],
+                                                                     [0.0, pytest.approx(0.7, abs=1e-3)]]
+
+
+def test_tta_merged_output_carries_confidence_and_fused_flag():
+    pred, lay = _scene(5, b=1, k=LT.num_keypoints, persons=3)
+    assert lay == LT
+    passes = [_network_view(pred, s, f, 320.0) for s, f in zip(TTA_SCALES, TTA_FLIPS)]
+    merged = merge_tta(passes, TTA_SCALES, TTA_FLIPS, 320.0, LT, FLIP)
+    meta = [((300, 320), 1.0, (0.0, 0.0))]
+    settings = VAL_SETTINGS.replace(tolerance=20.0)
+    (p,) = postprocess(merged, settings, LT, meta)
+    ((boxes, scores, ref, kxy),) = _old_postprocess(merged, settings, LT, meta)
+    assert torch.equal(p.boxes, boxes) and torch.equal(p.keypoints[..., :2], ref[..., :2])
+    assert torch.equal(p.fused, ref[..., 2] > 0) and p.fused.any()
+    expected = _evidence_reference(merged[0], LT, kxy, meta[0], settings.tolerance)
+    assert torch.allclose(p.keypoints[..., 2][~p.fused], expected[~p.fused], rtol=0, atol=1e-12)
+    assert (p.keypoints[..., 2][~p.fused] > 0).any()

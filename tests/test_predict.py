@@ -97,10 +97,11 @@ def test_predict_folder_glob_and_increment(eager_weights: Path, coco_mini: Path,
     res = runner.invoke(cli, ["predict", str(coco_mini / "images"), *args, "--batch", "2"])
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in (tmp_path / "exp").iterdir())
-    assert files == sorted([p.name for p in (coco_mini / "images").glob("*.jpg")] + ["predictions.json"])
+    assert files == sorted([p.name for p in (coco_mini / "images").glob("*.jpg")] +
+                           ["args.yaml", "predictions.json", "predictions.jsonl"])
     res = runner.invoke(cli, ["predict", str(coco_mini / "images" / "*0785.jpg"), *args, "--nosave"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["predictions.json"]
+    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["args.yaml", "predictions.json", "predictions.jsonl"]
     ids = {r["image_id"] for r in json.loads((tmp_path / "exp2" / "predictions.json").read_text())}
     assert ids == {785}
 
@@ -133,8 +134,12 @@ def test_predict_unwritable_output(eager_weights: Path, tmp_path: Path, coco_min
 def test_predict_json_write_failure_is_one_line(eager_weights: Path, tmp_path: Path, monkeypatch):
     import errno
 
+    fsync = os.fsync
+
     def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if "/.predictions.json." in os.readlink(f"/proc/self/fd/{fd}"):  # atomic_write's temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full)  # the write of predictions.json fails
     img = tmp_path / "a.jpg"
@@ -144,6 +149,7 @@ def test_predict_json_write_failure_is_one_line(eager_weights: Path, tmp_path: P
     assert res.exit_code == 1
     assert last.startswith("Error: cannot write ") and "predictions.json: No space left on device" in last
     assert not list((tmp_path / "runs").rglob("*.tmp"))
+    assert len((tmp_path / "runs" / "exp" / "predictions.jsonl").read_bytes().splitlines()) == 1  # the stream is kept
 
 
 def test_predict_skips_non_media_and_unreadable_files_and_counts_them(eager_weights: Path, tmp_path: Path,
@@ -261,3 +267,158 @@ def test_video_sink_writes_in_order_and_reports_errors(tmp_path: Path):
             sink.put(lambda i=i: np.full((2, 2, 3), i, np.uint8))
         sink.release()
     assert bad.frames == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Results that stream (predictions.jsonl) and survive (--resume)
+
+def _jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_bytes().splitlines()]
+
+
+def _image_folder(root: Path, n: int, size=(240, 320), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(root / f"im{i:03d}.jpg"), rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    return root
+
+
+def test_predict_streams_jsonl_and_builds_todays_json_from_it(eager_weights: Path, coco_mini: Path, tmp_path: Path):
+    api = KAPAO(eager_weights, device="cpu")
+    run = api.run(coco_mini / "images", imgsz=128, project=tmp_path, save=False, keep_results=True)
+    lines = _jsonl(run.save_dir)
+    names = sorted(p.name for p in (coco_mini / "images").glob("*.jpg"))
+    assert [r["source"] for r in lines] == names and len(run.results) == 4
+    for rec, poses in zip(lines, run.results):
+        assert set(rec) == {"source", "frame", "time", "image_id", "poses"} and rec["frame"] is None
+        assert len(rec["poses"]) == len(poses) > 0
+        p = rec["poses"][0]
+        assert set(p) == {"box", "score", "keypoints", "confidences", "fused", "track_id"} and p["track_id"] is None
+        assert torch.equal(torch.tensor(p["confidences"]), poses.keypoints[0, :, 2])
+        assert p["fused"] == poses.fused[0].tolist()
+    # predictions.json, built from the stream, is what the in-memory writer used to dump
+    expected = []
+    for name, poses in zip(names, run.results):
+        stem = Path(name).stem
+        expected += [dict(r, file=name) for r in poses.to_coco(int(stem) if stem.isdigit() else stem)]
+    assert run.json_path.read_text() == json.dumps(expected)
+    assert KAPAO(eager_weights, device="cpu").run(coco_mini / "images", imgsz=128, project=tmp_path,
+                                                  save=False).results == []  # nothing kept unless asked
+
+
+def test_same_file_names_in_two_folders_stay_apart(eager_weights: Path, tmp_path: Path):
+    _image_folder(tmp_path / "src" / "a", 1)
+    _image_folder(tmp_path / "src" / "b", 1, seed=1)
+    run = KAPAO(eager_weights, device="cpu").run(str(tmp_path / "src" / "*" / "im000.jpg"), imgsz=128,
+                                                 project=tmp_path / "runs", save=False)
+    assert [r["source"] for r in _jsonl(run.save_dir)] == ["a/im000.jpg", "b/im000.jpg"]
+    assert {r["file"] for r in json.loads(run.json_path.read_text())} == {"a/im000.jpg", "b/im000.jpg"}
+
+
+def test_resume_skips_done_images_drops_a_cut_line_and_appends(eager_weights: Path, tmp_path: Path):
+    src = _image_folder(tmp_path / "src", 5)
+    api = KAPAO(eager_weights, device="cpu")
+    full = api.run(src, imgsz=128, project=tmp_path / "ref")
+    part = api.run(src, imgsz=128, project=tmp_path / "runs")
+    jsonl = part.save_dir / "predictions.jsonl"
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    jsonl.write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed while writing line 3
+    (part.save_dir / "predictions.json").unlink()
+    run = api.run(None, imgsz=128, project=tmp_path / "runs", resume=part.save_dir)
+    assert run.resumed == 2 and run.frames == 3 and run.save_dir == part.save_dir
+    assert [r["source"] for r in _jsonl(run.save_dir)] == [f"im{i:03d}.jpg" for i in range(5)]
+    assert run.json_path.read_text() == full.json_path.read_text()
+    assert sorted(p.name for p in run.save_dir.glob("*.jpg")) == [f"im{i:03d}.jpg" for i in range(5)]
+    again = api.run(src, imgsz=128, project=tmp_path / "runs", resume=True)  # the latest run of src: all done
+    assert again.frames == 0 and again.resumed == 5 and again.json_path.read_text() == full.json_path.read_text()
+
+
+def test_resume_video_goes_on_after_the_last_frame(eager_weights: Path, test_video: Path, tmp_path: Path):
+    api = KAPAO(eager_weights, device="cpu")
+    run = api.run(test_video, imgsz=128, project=tmp_path)
+    recs = _jsonl(run.save_dir)
+    assert [(r["frame"], r["time"], r["image_id"]) for r in recs] == [(i, round(i / 30, 6), i) for i in range(5)]
+    jsonl = run.save_dir / "predictions.jsonl"
+    jsonl.write_bytes(b"".join(jsonl.read_bytes().splitlines(keepends=True)[:2]))
+    again = api.run(test_video, imgsz=128, project=tmp_path, resume=run.save_dir)
+    assert again.frames == 3 and [r["frame"] for r in _jsonl(run.save_dir)] == [0, 1, 2, 3, 4]
+    assert _jsonl(run.save_dir) == recs  # the same lines as the uninterrupted run
+    cap = cv2.VideoCapture(str(run.save_dir / "posetrack-000001_2.mp4"))  # the first drawn video is kept
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3 and (run.save_dir / "posetrack-000001.mp4").exists()
+
+
+def test_resume_cli_uses_the_runs_options_and_refuses_others(eager_weights: Path, tmp_path: Path):
+    src = _image_folder(tmp_path / "src", 3)
+    base = ["--weights", str(eager_weights), "--device", "cpu", "--project", str(tmp_path / "runs"), "--nosave"]
+    res, last = _run(str(src), *base, "--resume")
+    assert res.exit_code == 2 and "--resume" in res.output and "no predict run of" in res.output
+    res, _ = _run(str(src), *base, "--imgsz", "128", "--conf", "0.6")
+    assert res.exit_code == 0, res.output
+    jsonl = tmp_path / "runs" / "exp" / "predictions.jsonl"
+    jsonl.write_bytes(jsonl.read_bytes().splitlines(keepends=True)[0])
+    res, last = _run("--resume", str(tmp_path / "runs" / "exp"), "--device", "cpu", "--nosave")  # all from args.yaml
+    assert res.exit_code == 0, res.output
+    assert "2 frames" in res.output and "1 already done" in res.output and len(_jsonl(tmp_path / "runs" / "exp")) == 3
+    res, last = _run(str(src), *base, "--resume", "--conf", "0.5")
+    assert res.exit_code == 2 and "conf 0.6 (given 0.5)" in res.output, res.output
+    other = _image_folder(tmp_path / "other", 1)
+    res, last = _run(str(other), *base, "--name", "exp", "--resume", str(tmp_path / "runs" / "exp"))
+    assert res.exit_code == 2 and "source" in res.output
+    res, last = _run(str(src), *base, "--resume", str(tmp_path / "nothing"))
+    assert res.exit_code == 2 and "no predictions.jsonl there" in res.output
+    assert len(_jsonl(tmp_path / "runs" / "exp")) == 3  # refused resumes changed nothing
+
+
+def test_sigkill_during_folder_predict_then_resume_gives_every_image_once(eager_weights: Path, tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    n = 24
+    src = _image_folder(tmp_path / "src", n)
+    project = tmp_path / "runs"
+    args = [str(src), "--weights", str(eager_weights), "--imgsz", "192", "--max-det", "20", "--device", "cpu",
+            "--project", str(project)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-m", "kapao", "predict", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl = project / "exp" / "predictions.jsonl"
+    deadline = time.monotonic() + 120
+    while child.poll() is None and time.monotonic() < deadline:
+        if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = jsonl.read_bytes().count(b"\n")
+    assert 3 <= done < n, f"the run must be killed part-way (killed after {done} of {n} lines)"
+    assert not (project / "exp" / "predictions.json").exists()
+    res = CliRunner().invoke(cli, ["predict", *args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert f"{done} already done" in res.output
+    recs = _jsonl(project / "exp")
+    counts = Counter(r["source"] for r in recs)
+    assert set(counts) == {f"im{i:03d}.jpg" for i in range(n)} and set(counts.values()) == {1}
+    results = json.loads((project / "exp" / "predictions.json").read_text())
+    per_file = Counter(r["file"] for r in results)
+    assert per_file == Counter({r["source"]: len(r["poses"]) for r in recs}) and len(per_file) == n
+    assert sorted(p.name for p in (project / "exp").glob("*.jpg")) == [f"im{i:03d}.jpg" for i in range(n)]
+
+
+def test_run_applies_frame_transforms_before_the_sinks(eager_weights: Path, coco_mini: Path, tmp_path: Path):
+    seen = []
+
+    def tag(frame, poses):  # e.g. a tracker: give every pose an id
+        seen.append(Path(frame.path).name)
+        return Poses(poses.boxes, poses.scores, poses.keypoints, poses.kp_objects, poses.fused,
+                     torch.arange(len(poses), dtype=torch.int64) + 100)
+
+    run = KAPAO(eager_weights, device="cpu").run(coco_mini / "images", imgsz=128, project=tmp_path, save=False,
+                                                 transforms=[tag], keep_results=True)
+    assert seen == sorted(p.name for p in (coco_mini / "images").glob("*.jpg"))
+    recs = _jsonl(run.save_dir)
+    assert [p["track_id"] for p in recs[0]["poses"]] == list(range(100, 100 + len(recs[0]["poses"])))
+    assert run.results[0].track_ids is not None

@@ -18,12 +18,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
     ("settings",),
     ("config", "runtime", "yolo_config"),
-    ("augment", "sources", "draw"),
+    ("augment", "sources", "draw", "poses"),
     ("labels", "data", "model", "yolo_labels"),
+    ("tta",),
     ("loss", "postprocess", "weights"),
-    ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "optim", "distributed",
-     "train_data", "train_log", "train_step"),
-    ("predict", "plots"),
+    ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "resume", "optim",
+     "distributed", "train_data", "train_log", "train_step"),
+    ("predict", "plots", "calibration"),
     ("val", "export", "train_run", "check", "convert"),
     ("train",),
     ("cli", "cli_options", "__init__", "__main__"),
@@ -35,7 +36,8 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 TRAINING_AND_EXPORT = {"train", "export", "optim", "distributed", "plots", "train_data", "train_log", "train_step",
                        "train_run"}
-INFERENCE = ("predict", "backends", "postprocess", "sources", "sinks", "draw", "val", "evaluate")
+INFERENCE = ("predict", "backends", "postprocess", "poses", "sources", "sinks", "resume", "draw", "val", "evaluate",
+             "calibration")
 
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
