@@ -7,16 +7,15 @@ import warnings
 import click
 
 from kapao.cli_options import (
-    DEFAULT_CALIB_IMAGES,
-    INT8_COST,
     MODEL_SIZES,
+    ImgShape,
     ImgSize,
     backend_options,
     bad_parameter,
     calibration,
-    check_calib,
     check_device,
     inference_options,
+    int8_options,
     must_exist,
     settings_from,
     tta_passes,
@@ -25,7 +24,7 @@ from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, DatasetConfig, Hyp, loa
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
 from kapao.version import __version__
-from kapao.weights.registry import weights_help
+from kapao.weights.registry import native_imgsz, weights_help
 
 
 class KapaoGroup(click.Group):
@@ -161,8 +160,6 @@ def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | N
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
-    from kapao.weights.registry import native_imgsz
-
     int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
     api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     try:
@@ -405,21 +402,6 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
     click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
 
 
-class ImgShape(click.ParamType):
-    """640 (square) or H,W: positive multiples of 64."""
-
-    name = "imgsz"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, tuple):
-            return value
-        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
-        if len(parts) not in (1, 2):
-            self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
-        v = [ImgSize().convert(p, param, ctx) for p in parts]
-        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
 @cli.command()
 @click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help="Checkpoint or name to export.")
@@ -435,12 +417,7 @@ class ImgShape(click.ParamType):
 @click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
-@click.option("--int8", is_flag=True,
-              help=f"Statically quantised int8 model (onnxruntime QDQ) calibrated on --data or --calib. {INT8_COST}.")
-@click.option("--data", default=None, callback=must_exist("data"), help="int8 calibration on a dataset's val images.")
-@click.option("--calib", default=None, callback=check_calib, help="int8 calibration on a folder of images (or a dataset).")
-@click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
-              help="Number of calibration images.")
+@int8_options(with_data=True)
 @click.pass_context
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
            opset: int, batch: int, device: str | None, output: str | None, check_image: str | None, no_check: bool,
@@ -450,9 +427,7 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
     from kapao.export import describe_check, export_onnx
 
     setup_logging(ctx.obj.get("verbose", False))
-    if data and calib:
-        raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
-    int8_calib = calibration(int8, data or calib, calib_images, max(imgsz))
+    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
                        batch=batch, check_image=check_image, check=not no_check, device=device, int8=int8_calib)
     info = read_metadata(path)

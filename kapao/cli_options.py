@@ -176,32 +176,63 @@ def check_calib(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
+def int8_options(with_data: bool = False) -> Callable:
+    """--int8, --calib and --calib-images (and --data, for export: a dataset's val images)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        what = "--data or --calib" if with_data else "--calib"
+        opts = [
+            click.option("--int8", is_flag=True, help=f"Statically quantised int8 model (onnxruntime QDQ) calibrated "
+                                                      f"on {what}. {INT8_COST}."),
+            *([click.option("--data", default=None, callback=must_exist("data"),
+                            help="int8 calibration on a dataset's val images.")] if with_data else []),
+            click.option("--calib", default=None, callback=check_calib,
+                         help="int8 calibration images: a folder, or a dataset (its val images)."),
+            click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
+                         help="Number of calibration images (spread over the folder)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
 def backend_options(f):  # noqa: ANN001, ANN201
-    """--backend, --int8, --calib and --calib-images, shared by predict and val."""
-    opts = [
-        click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
-                     help="Runtime of the network. auto: torch on a GPU; on the CPU a .pt runs through a cached "
-                          "ONNX export (made once on first use). torch-cl: torch with channels_last. All give the "
-                          "same poses within fp32 rounding."),
-        click.option("--int8", is_flag=True, help=f"Run an int8 model (onnxruntime) calibrated on --calib. {INT8_COST}."),
-        click.option("--calib", default=None, callback=check_calib,
-                     help="int8 calibration images: a folder, or a dataset (its val images)."),
-        click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
-                     help="Number of calibration images (spread over the folder)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    """--backend and the int8 options, shared by predict and val."""
+    f = int8_options()(f)
+    return click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
+                        help="Runtime of the network. auto: torch on a GPU; on the CPU a .pt runs through a cached "
+                             "ONNX export (made once on first use). torch-cl: torch with channels_last. All give the "
+                             "same poses within fp32 rounding.")(f)
 
 
-def calibration(int8: bool, calib: str | None, count: int, imgsz: int) -> Calibration | None:
-    """The int8 calibration asked for (None without --int8); usage errors when --int8 and --calib disagree."""
+def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Calibration | None:
+    """The int8 calibration asked for (None without --int8); usage errors when --int8, --calib and --data disagree."""
+    if data and calib:
+        raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
+    calib = calib or data
     if not int8:
         if calib:
-            raise click.UsageError("--calib is for --int8; add --int8 or drop --calib")
+            raise click.UsageError(f"--{'calib' if not data else 'data'} is for --int8 here; add --int8 or drop it")
         return None
     if not calib:
         raise click.UsageError("--int8 needs calibration images: --calib DIR (a folder of typical images) or a dataset")
     from kapao.quantize import Calibration
 
     return Calibration.from_spec(calib, imgsz, count)
+
+
+class ImgShape(click.ParamType):
+    """640 (square) or H,W: positive multiples of 64."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
+        if len(parts) not in (1, 2):
+            self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
+        v = [ImgSize().convert(p, param, ctx) for p in parts]
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
