@@ -325,7 +325,8 @@ class KAPAO:
                   flips: Sequence[bool] | None) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
         return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
-                **dataclasses.asdict(settings), "scales": [float(v) for v in scales] if scales else None,
+                "int8": bool(self.info.get("int8")), **dataclasses.asdict(settings),
+                "scales": [float(v) for v in scales] if scales else None,
                 "flips": [bool(v) for v in flips] if flips else None}
 
 

@@ -1,7 +1,7 @@
 """How far int8 moves kapao's poses: OKS AP of int8 poses against the fp32 poses taken as ground truth.
 
     python scripts/int8_agreement.py --weights runs/train/expN/weights/last.pt [--imgsz 640]
-    python scripts/int8_agreement.py --train-epochs 300 [--imgsz 640]   # memorise size n on coco-mini first
+    python scripts/int8_agreement.py [--train-epochs 800] [--imgsz 192]     # memorise size n on coco-mini first
 
 On coco-mini (4 images, $KAPAO_TEST_DATA): a model trained on those images (so that it finds the
 people; --weights, or trained here with --train-epochs) is run through onnxruntime in fp32 and as the
@@ -28,8 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+# tests/test_train.py::test_training_learns' recipe: augmentation off, lr0 0.05, an optimiser step per batch
+MEMORISE_HYP = {"lr0": 0.05, "nominal_batch": 4, "warmup_epochs": 0, "warmup_min_iters": 10, "mosaic": 0,
+                "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
+
+
 def memorise(epochs: int, imgsz: int, project: Path) -> Path:
-    """Train size n on coco-mini for `epochs` (CPU, no augmentation changes); returns last.pt."""
+    """Train size n on coco-mini (train = val) for `epochs` with MEMORISE_HYP on the CPU; returns last.pt."""
     from kapao.train import TrainArgs, train
 
     root = TEST_DATA / "coco-mini"
@@ -37,7 +42,7 @@ def memorise(epochs: int, imgsz: int, project: Path) -> Path:
     splits = "".join(f"{s}: images\n{s}_annotations: person_keypoints.json\n" for s in ("train", "val"))
     yaml.write_text(f"base: coco\nname: coco-mini\npath: {root}\n{splits}")
     run = train(TrainArgs(data=str(yaml), size="n", imgsz=imgsz, epochs=epochs, batch=4, device="cpu", workers=0,
-                          noval=True, plots=False, project=str(project), patience=0))
+                          noval=True, plots=False, project=str(project), patience=0, hyp_overrides=MEMORISE_HYP))
     return run / "weights" / "last.pt"
 
 
@@ -74,8 +79,8 @@ def agreement(reference: dict[int, object], other: dict[int, object], images: li
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help="a model trained on coco-mini (else --train-epochs)")
-    p.add_argument("--train-epochs", type=int, default=300)
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--train-epochs", type=int, default=800, help="steps of the memorisation (batch 4 = all images)")
+    p.add_argument("--imgsz", type=int, default=192, help="train and inference size")
     p.add_argument("--calib-images", type=int, default=4)
     p.add_argument("--gt-conf", type=float, default=0.5, help="fp32 poses above this score are the ground truth")
     args = p.parse_args(argv)
