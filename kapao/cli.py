@@ -20,11 +20,12 @@ from kapao.cli_options import (
     settings_from,
     tta_passes,
 )
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
+from kapao.cli_predict import predict, track
+from kapao.config import VAL_SETTINGS, DatasetConfig, Hyp, load_dataset_config
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import setup_logging
 from kapao.version import __version__
-from kapao.weights.registry import native_imgsz, weights_help
+from kapao.weights.registry import weights_help
 
 
 class KapaoGroup(click.Group):
@@ -58,6 +59,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """KAPAO multi-person pose estimation: keypoints and poses as objects."""
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+
+
+cli.add_command(predict)
+cli.add_command(track)
 
 
 @cli.command()
@@ -109,75 +114,6 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(f"best fitness: {float(meta['best_fitness']):.4f}")
 
 
-@cli.command()
-@click.argument("source", required=False)
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
-              help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}.")
-@click.option("--imgsz", type=ImgSize(), default=None,
-              help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]")
-@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
-@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
-@backend_options
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders).")
-@inference_options(PREDICT_SETTINGS)
-@click.option("--project", default="runs/predict", show_default=True, help="Parent folder of run folders.")
-@click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …).")
-@click.option("--nosave", is_flag=True, help="Do not write drawn images/videos (predictions.jsonl/.json are still written).")
-@click.option("--show", is_flag=True, help="Show results in a window (needs a display).")
-@click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes.")
-@click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes).")
-@click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes.")
-@click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused).")
-@click.option("--line-width", type=click.IntRange(min=1), default=None, help="Line width in pixels. [default: from image size]")
-@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN]",
-              help="Continue a run: skip the images/frames in its predictions.jsonl, append the rest. RUN: a run "
-                   "folder; alone: --project/--name when --name is given, else the latest run (of SOURCE if given). "
-                   "Options not given are the run's own.")
-@click.pass_context
-def predict(ctx: click.Context, source: str | None, weights: str, imgsz: int | None, device: str | None, half: bool,
-            backend: str, int8: bool, calib: str | None, calib_images: int, batch: int,
-            conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-            project: str, name: str, nosave: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool,
-            fused_only: bool, line_width: int | None, resume: str | None) -> None:
-    """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
-
-    Without SOURCE it runs on the sample images that ship with ultralytics. Results go to runs/predict/expN:
-    predictions.jsonl (one line per frame, written as it is made), drawn media, and a COCO-format
-    predictions.json at the end.
-    """
-    from kapao.errors import DataError
-    from kapao.predict import KAPAO, DrawOptions
-    from kapao.sources import resolve_source
-
-    setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = tta_passes(scales, flips, tta)
-    base = PREDICT_SETTINGS
-    if resume:  # the run's own options where none are given
-        source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
-                                                                               scales, flips, project, name)
-    settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
-    try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
-    except DataError as e:
-        raise bad_parameter(e, ctx, "source") from None
-    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
-    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
-    try:
-        run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                      save=not nosave, show=show, draw=DrawOptions(boxes, scores, kp_objects, line_width, fused_only),
-                      project=project, name=name, keep_results=False, progress=True, resume=resume)
-    except ConfigError as e:
-        if str(e).startswith("--resume"):
-            raise bad_parameter(e, ctx, "resume") from None
-        raise
-    skipped = (f", {run.skipped} non-media files skipped" if run.skipped else "") + \
-        (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "") + \
-        (f", {run.resumed} already done" if run.resumed else "")
-    click.echo(f"{run.frames} frames, {run.poses} poses in {run.seconds:.1f} s "
-               f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
-    click.echo(f"Results saved to {run.save_dir}")
-
-
 def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
     """--data read as a dataset config; a YAML that is not one (malformed, several classes without
     --single-cls) is a usage error naming --data."""
@@ -185,24 +121,6 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
         return load_dataset_config(data, single_cls=single_cls)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "data") from None
-def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202
-    """The run --resume names, and its SOURCE, weights, imgsz, TTA and thresholds for the options not given."""
-    import dataclasses
-
-    from kapao.config import InferenceSettings
-    from kapao.resume import find_resume_run, read_run_args
-
-    try:
-        run_dir = find_resume_run(resume, project, name, source)
-        stored = read_run_args(run_dir)
-    except ConfigError as e:
-        raise bad_parameter(e, ctx, "resume") from None
-    if ctx.get_parameter_source("weights") == click.core.ParameterSource.DEFAULT and stored.get("weights"):
-        weights = stored["weights"]
-    if not (scales or flips):
-        scales, flips = stored.get("scales"), stored.get("flips")
-    base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
-    return source or stored["source"], weights, imgsz or stored.get("imgsz"), scales, flips, base, str(run_dir)
 
 
 @cli.command()

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from kapao.config import OFFICIAL_TTA, InferenceSettings, check_dataset_spec, check_hyp_spec, check_imgsz
+from kapao.config import OFFICIAL_TTA, PREDICT_SETTINGS, InferenceSettings, check_dataset_spec, check_hyp_spec, check_imgsz
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import select_device
+from kapao.settings import OneEuroSettings
+from kapao.weights.registry import weights_help
 
 if TYPE_CHECKING:
     from kapao.quantize import Calibration
@@ -198,6 +200,42 @@ def int8_options(with_data: bool = False) -> Callable:
     return wrap
 
 
+def predict_options(project: str) -> Callable:
+    """SOURCE and the options of predict, shared by track (which differs only in its run folder)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        opts = [
+            click.argument("source", required=False),
+            click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
+                         help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}."),
+            click.option("--imgsz", type=ImgSize(), default=None,
+                         help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
+            click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
+            click.option("--half", is_flag=True, help="FP16 inference (CUDA only)."),
+            backend_options,
+            click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),
+            inference_options(PREDICT_SETTINGS),
+            click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
+            click.option("--name", default="exp", show_default=True, help="Run folder name (incremented: exp, exp2, …)."),
+            click.option("--nosave", is_flag=True,
+                         help="Do not write drawn images/videos (predictions.jsonl/.json are still written)."),
+            click.option("--save-csv", is_flag=True, help="Also write keypoints.csv: source, frame, pose, track, keypoint, "
+                                                          "x, y, confidence (one row per keypoint, written as it goes)."),
+            click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
+            click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
+            click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
+            click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
+            click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused)."),
+            click.option("--line-width", type=click.IntRange(min=1), default=None,
+                         help="Line width in pixels. [default: from image size]"),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
 def backend_options(f):  # noqa: ANN001, ANN201
     """--backend and the int8 options, shared by predict and val."""
     f = int8_options()(f)
@@ -236,3 +274,32 @@ class ImgShape(click.ParamType):
             self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
         v = [ImgSize().convert(p, param, ctx) for p in parts]
         return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def tracking_options(f: Callable) -> Callable:
+    """Tracker and keypoint-smoothing options of track and predict --track."""
+    defaults = OneEuroSettings()
+    opts = [
+        click.option("--tracker", default=None, metavar="bytetrack|botsort|FILE.yaml",
+                     help="ultralytics tracker, or a tracker YAML (tracker_type + the settings to change). [default: bytetrack]"),
+        click.option("--smooth/--no-smooth", default=None,
+                     help="One Euro smoothing of each track's keypoints. [default: on for track, off for predict --track]"),
+        click.option("--smooth-cutoff", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"Smoothing cutoff at rest, Hz (lower = steadier). [default: {defaults.min_cutoff}]"),
+        click.option("--smooth-beta", type=click.FloatRange(min=0), default=None,
+                     help=f"Cutoff increase with speed (higher = less lag on fast moves). [default: {defaults.beta}]"),
+        click.option("--track-ids/--no-track-ids", default=True, show_default=True,
+                     help="Label drawn poses with their track id."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def smooth_settings(smooth: bool, cutoff: float | None, beta: float | None) -> OneEuroSettings | None:
+    """The smoothing the options ask for (None: off); a usage error for tuning values with --no-smooth."""
+    if not smooth:
+        if cutoff is not None or beta is not None:
+            raise click.UsageError("--smooth-cutoff/--smooth-beta set the smoothing; drop them or drop --no-smooth")
+        return None
+    return OneEuroSettings(**{k: v for k, v in (("min_cutoff", cutoff), ("beta", beta)) if v is not None})

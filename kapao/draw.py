@@ -26,6 +26,12 @@ def palette(n: int, saturation: float = 0.85, value: float = 1.0) -> tuple[tuple
     return tuple((int(b * 255), int(g * 255), int(r * 255)) for r, g, b in rgb)
 
 
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """A BGR colour of its own for a track id, the same in every frame (hues spread by the golden ratio)."""
+    r, g, b = colorsys.hsv_to_rgb((track_id * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(b * 255), int(g * 255), int(r * 255)
+
+
 def _as_numpy(x: Any, cols: int | None = None) -> np.ndarray:
     a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
     return a.reshape(-1, cols) if cols is not None else a
@@ -38,14 +44,17 @@ def _point(x: float, y: float) -> tuple[int, int]:
 def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: KeypointSchema, scores: Any = None,
                kp_objects: Any = None, line_width: int | None = None, show_boxes: bool = True,
                show_scores: bool = True, show_kp_objects: bool = False,
-               kp_threshold: float | None = 0.0, keypoint_mask: Any = None) -> np.ndarray:
+               kp_threshold: float | None = 0.0, keypoint_mask: Any = None, track_ids: Any = None,
+               show_track_ids: bool = True) -> np.ndarray:
     """A copy of `img_bgr` (H, W, 3 uint8) with poses drawn; all coordinates in its pixels.
 
     boxes (N, 4) x1, y1, x2, y2; keypoints (N, K, 3) x, y, conf: a keypoint is drawn when its conf
     > kp_threshold (0: skips v = 0 labels; None: draws every keypoint) and, when `keypoint_mask`
     (N, K) bool is given, where it is True (e.g. Poses.fused: only keypoints confirmed by a keypoint
     object); scores (N,); kp_objects (M, 6) x1, y1, x2, y2, score, keypoint index. One colour per
-    skeleton limb, one per keypoint type. Tensors or arrays.
+    skeleton limb, one per keypoint type. Tensors or arrays. With `track_ids` (N,) (Poses.track_ids;
+    negative = untracked), a tracked pose's box and limbs take its track's colour and, with
+    `show_track_ids`, its id is written above the box.
     """
     img = np.ascontiguousarray(img_bgr).copy()
     lw = line_width or max(round(sum(img.shape[:2]) / 2 * 0.003), 2)
@@ -56,24 +65,31 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
     mask = None if keypoint_mask is None else _as_numpy(keypoint_mask).reshape(len(boxes), k) > 0
     if show_kp_objects and kp_objects is not None:
         _draw_kp_objects(img, _as_numpy(kp_objects, 6), k, max(1, lw // 2))
+    ids = None if track_ids is None else torch.as_tensor(track_ids).cpu().numpy().astype(np.int64).reshape(-1)
     for i, box in enumerate(boxes):
+        color = track_color(int(ids[i])) if ids is not None and ids[i] >= 0 else None
         if show_boxes:
-            cv2.rectangle(img, _point(box[0], box[1]), _point(box[2], box[3]), BOX_COLOR, lw, cv2.LINE_AA)
-            if show_scores and scores is not None:
-                _label(img, f"{scores[i]:.2f}", _point(box[0], box[1]), lw)
-        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold, None if mask is None else mask[i])
+            cv2.rectangle(img, _point(box[0], box[1]), _point(box[2], box[3]), color or BOX_COLOR, lw, cv2.LINE_AA)
+        text = " ".join(([f"id {ids[i]}"] if color and show_track_ids else [])
+                        + ([f"{scores[i]:.2f}"] if show_boxes and show_scores and scores is not None else []))
+        if text:
+            _label(img, text, _point(box[0], box[1]), lw, color or BOX_COLOR)
+        _draw_skeleton(img, kpts[i], schema, lw, kp_threshold, None if mask is None else mask[i], color)
     return img
 
 
 def _draw_skeleton(img: np.ndarray, kpts: np.ndarray, schema: KeypointSchema, lw: int,
-                   kp_threshold: float | None, mask: np.ndarray | None = None) -> None:
-    """Limbs (both ends drawn) then keypoint dots, in place; kpts (K, 3) pixels + conf; mask (K,) bool."""
+                   kp_threshold: float | None, mask: np.ndarray | None = None,
+                   limb_color: tuple[int, int, int] | None = None) -> None:
+    """Limbs (both ends drawn; one colour per limb, or `limb_color` for all) then keypoint dots, in place;
+    kpts (K, 3) pixels + conf; mask (K,) bool."""
     ok = np.isfinite(kpts[:, :2]).all(1)
     if kp_threshold is not None:
         ok &= kpts[:, 2] > kp_threshold
     if mask is not None:
         ok &= mask
     for (a, b), color in zip(schema.skeleton, palette(len(schema.skeleton))):
+        color = limb_color or color
         if ok[a] and ok[b]:
             cv2.line(img, _point(*kpts[a, :2]), _point(*kpts[b, :2]), color, lw, cv2.LINE_AA)
     for j, color in enumerate(palette(schema.num_keypoints)):
@@ -89,13 +105,14 @@ def _draw_kp_objects(img: np.ndarray, objs: np.ndarray, k: int, lw: int) -> None
             cv2.rectangle(img, _point(x1, y1), _point(x2, y2), colors[int(idx)], lw, cv2.LINE_AA)
 
 
-def _label(img: np.ndarray, text: str, corner: tuple[int, int], lw: int) -> None:
+def _label(img: np.ndarray, text: str, corner: tuple[int, int], lw: int,
+           background: tuple[int, int, int] = BOX_COLOR) -> None:
     """Text on a filled box above `corner`."""
     scale = max(lw / 3, 0.4)
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(lw - 1, 1))
     x, y = corner
     y = max(y, th + base)
-    cv2.rectangle(img, (x, y - th - base), (x + tw, y), BOX_COLOR, -1)
+    cv2.rectangle(img, (x, y - th - base), (x + tw, y), background, -1)
     cv2.putText(img, text, (x, y - base), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOR, max(lw - 1, 1), cv2.LINE_AA)
 
 

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -32,6 +32,7 @@ from kapao.fast_backends import select_backend
 from kapao.postprocess import Poses, postprocess, tta_forward
 from kapao.quantize import Calibration
 from kapao.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
+from kapao.settings import OneEuroSettings
 from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
 from kapao.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
 from kapao.weights.registry import native_imgsz
@@ -320,6 +321,36 @@ class KAPAO:
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
             raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
         return run
+
+    def track(self, source: str | Path | int | Iterable[np.ndarray] | None = None, *, tracker: str | Path = "bytetrack",
+              smooth: OneEuroSettings | None | bool = True, fps: float | None = None, imgsz: int = 1280,
+              settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> Iterator[Poses]:
+        """Poses with `track_ids` for each frame of a video, stream, image sequence or iterable of BGR
+        arrays, yielded as they are made (a generator: safe on endless streams; nothing is written).
+
+        tracker: bytetrack, botsort or a tracker YAML; smooth: True (One Euro defaults), a
+        kapao.settings.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and
+        image sequences (videos report their own). Other keywords as for `predict` (scales, flips).
+        """
+        from kapao.track import PoseTracker
+
+        step = PoseTracker(tracker, OneEuroSettings() if smooth is True else (smooth or None))
+        predictor = self.predictor(settings, **kwargs)
+        imgsz = self.check_imgsz(imgsz)
+        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
+            for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
+                frame = Frame(image, "<arrays>", i, fps)
+                yield step.update_frame(frame, predictor.predict_images([image], imgsz)[0])
+            return
+        readers: dict[str, VideoReader] = {}
+        try:
+            for frame in iter_frames(resolve_source(source), readers):
+                if frame.frame is None and fps:
+                    frame = dataclasses.replace(frame, fps=fps)
+                yield step.update_frame(frame, predictor.predict_images([frame.image], imgsz)[0].to("cpu"))
+        finally:
+            for r in readers.values():
+                r.close()
 
     def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
                   flips: Sequence[bool] | None) -> dict[str, Any]:

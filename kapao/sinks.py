@@ -76,12 +76,12 @@ def _short(t: torch.Tensor) -> list[float]:
 
 def pose_records(poses: Poses) -> list[dict[str, Any]]:
     """One dict per pose: box [x1, y1, x2, y2], score, keypoints [[x, y]] * K, confidences [K], fused [K],
-    track_id (int or None); original-image pixels."""
+    track_id (int; None when not tracked or in no confirmed track); original-image pixels."""
     n, k = len(poses), poses.num_keypoints
     boxes, scores = _short(poses.boxes), _short(poses.scores)
     xy, conf = _short(poses.keypoints[..., :2]), _short(poses.keypoints[..., 2])
     fused = poses.fused.cpu().tolist()
-    ids = [None] * n if poses.track_ids is None else [int(i) for i in poses.track_ids.tolist()]
+    ids = [None] * n if poses.track_ids is None else [int(i) if i >= 0 else None for i in poses.track_ids.tolist()]
     return [{"box": boxes[4 * i: 4 * i + 4], "score": scores[i],
              "keypoints": [xy[2 * (i * k + j): 2 * (i * k + j) + 2] for j in range(k)],
              "confidences": conf[i * k: (i + 1) * k], "fused": fused[i], "track_id": ids[i]} for i in range(n)]
@@ -97,7 +97,8 @@ def poses_from_records(records: Sequence[dict[str, Any]], num_keypoints: int) ->
     ids = [r.get("track_id") for r in records]
     return Poses(boxes, torch.tensor([r["score"] for r in records], dtype=torch.float32),
                  torch.cat((xy, conf[..., None]), -1), fused=torch.tensor([r["fused"] for r in records], dtype=torch.bool),
-                 track_ids=None if any(i is None for i in ids) else torch.tensor(ids, dtype=torch.int64))
+                 track_ids=None if all(i is None for i in ids) else
+                 torch.tensor([-1 if i is None else i for i in ids], dtype=torch.int64))
 
 
 def frame_record(frame: Frame, name: str, poses: Poses) -> dict[str, Any]:
@@ -132,8 +133,10 @@ def write_coco_json(jsonl: Path, out: Path, num_keypoints: int) -> Path:
             f.write("[")
             sep = ""
             for rec in read_records(jsonl):
-                for r in poses_from_records(rec["poses"], num_keypoints).to_coco(rec["image_id"]):
+                for r, p in zip(poses_from_records(rec["poses"], num_keypoints).to_coco(rec["image_id"]), rec["poses"]):
                     r["file"] = rec["source"]
+                    if p.get("track_id") is not None:
+                        r["track_id"] = p["track_id"]
                     f.write(sep + json.dumps(r))
                     sep = ", "
             f.write("]")
@@ -160,7 +163,7 @@ def load_progress(path: Path) -> Progress:
     progress = Progress()
     if not path.exists():
         return progress
-    _cut_unfinished_line(path)
+    cut_unfinished_line(path)
     for rec in read_records(path):
         if rec.get("frame") is None:
             progress.images.add(rec["source"])
@@ -170,7 +173,7 @@ def load_progress(path: Path) -> Progress:
     return progress
 
 
-def _cut_unfinished_line(path: Path, chunk: int = 1 << 16) -> None:
+def cut_unfinished_line(path: Path, chunk: int = 1 << 16) -> None:
     """Truncate `path` after its last newline (reading backwards, so a large file is not read whole)."""
     size = end = path.stat().st_size
     with open(path, "rb+") as f:
@@ -254,6 +257,7 @@ class DrawOptions:
     show_kp_objects: bool = False
     line_width: int | None = None
     fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (Poses.fused)
+    track_ids: bool = True  # label tracked poses with their id (they are coloured by track either way)
 
 
 class _VideoSink:
@@ -338,7 +342,8 @@ class MediaSink:
         return draw_poses(image, p.boxes, p.keypoints, self.schema, scores=p.scores, kp_objects=p.kp_objects,
                           line_width=self.draw.line_width, show_boxes=self.draw.show_boxes,
                           show_scores=self.draw.show_scores, show_kp_objects=self.draw.show_kp_objects,
-                          kp_threshold=None, keypoint_mask=p.fused if self.draw.fused_only else None)
+                          kp_threshold=None, keypoint_mask=p.fused if self.draw.fused_only else None,
+                          track_ids=p.track_ids, show_track_ids=self.draw.track_ids)
 
     def _video_sink(self, frame: Frame) -> _VideoSink:
         key = frame.path

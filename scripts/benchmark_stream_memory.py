@@ -89,7 +89,8 @@ def main() -> None:
         project = tmp_path / "runs"
         cmd = [sys.executable, "-m", "kapao", "predict", str(video), "--weights", weights, "--imgsz", str(args.imgsz),
                "--device", "cpu", "--project", str(project), *(["--nosave"] if args.nosave else [])]
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = (tmp_path / "child.log").open("w+b")  # a file, not a pipe: an undrained pipe would stall the child
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         jsonl, state, rows = project / "exp" / "predictions.jsonl", {}, []
         t0 = time.monotonic()
         try:
@@ -103,10 +104,13 @@ def main() -> None:
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
             try:
-                _, err = child.communicate(timeout=120)
+                child.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 child.kill()
-                _, err = child.communicate()
+                child.wait()
+            log.seek(0)
+            err = log.read()
+            log.close()
     if checkpoints:
         print(f"stopped early (exit {child.returncode}) before {checkpoints}: {err.decode()[-2000:]}")
     print(f"kapao predict on a {args.imgsz}-px stream, python {sys.version.split()[0]}, pid-level /proc memory\n")

@@ -18,16 +18,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
     ("settings",),
     ("config", "runtime", "yolo_config"),
-    ("augment", "sources", "draw", "poses"),
+    ("augment", "sources", "draw", "poses", "smooth"),
     ("labels", "data", "model", "yolo_labels"),
     ("tta",),
     ("loss", "postprocess", "weights"),
-    ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "resume", "optim",
-     "distributed", "train_data", "train_log", "train_step"),
+    ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "resume", "track",
+     "keypoints_csv", "optim", "distributed", "train_data", "train_log", "train_step"),
     ("predict", "plots", "calibration"),
     ("val", "export", "train_run", "check", "convert"),
     ("train",),
-    ("cli", "cli_options", "__init__", "__main__"),
+    ("cli", "cli_options", "cli_predict", "__init__", "__main__"),
 )
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 
@@ -37,7 +37,7 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 TRAINING_AND_EXPORT = {"train", "export", "optim", "distributed", "plots", "train_data", "train_log", "train_step",
                        "train_run"}
 INFERENCE = ("predict", "backends", "postprocess", "poses", "sources", "sinks", "resume", "draw", "val", "evaluate",
-             "calibration")
+             "calibration", "track", "smooth", "keypoints_csv")
 
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
