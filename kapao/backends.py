@@ -69,14 +69,15 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A KapaoModel run by torch: eval mode, Conv+BN folded on a copy (``fold_bn``), fp16 on CUDA if asked.
+    """A KapaoModel run by torch: eval mode, Conv+BN folded on a copy (``fold_bn``), fp16 on CUDA if asked,
+    NHWC (``channels_last``) memory layout if asked: the same numbers, convolutions laid out differently.
 
     The caller's model is never changed (a copy is folded); without ``fold_bn`` the model itself is
     moved to ``device`` and put in eval mode, as before the copy existed.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | None = None, half: bool = False,
-                 fold_bn: bool = True, info: Mapping[str, Any] | None = None) -> None:
+                 fold_bn: bool = True, info: Mapping[str, Any] | None = None, channels_last: bool = False) -> None:
         device = device or torch.device("cpu")
         if half and device.type != "cuda":
             raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
@@ -84,6 +85,9 @@ class TorchBackend:
             model = copy.deepcopy(model).fold_bn()
         model = model.to(device).eval()
         self.model = model.half() if half else model.float()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.schema: KeypointSchema = model.schema
         self.device, self.half = device, half
         self.fixed_shape: tuple[int, int] | None = None
@@ -91,16 +95,19 @@ class TorchBackend:
 
     @classmethod
     def from_weights(cls, weights: str | os.PathLike, device: torch.device | None = None, half: bool = False,
-                     fold_bn: bool = True) -> "TorchBackend":
+                     fold_bn: bool = True, channels_last: bool = False) -> "TorchBackend":
         """A checkpoint path or model name (as for :func:`kapao.weights.load_model`), loaded on the CPU first."""
         model, info = load_model(weights, device="cpu")
-        return cls(model, device, half, fold_bn, info)
+        return cls(model, device, half, fold_bn, info, channels_last)
 
     def __repr__(self) -> str:
-        return f"TorchBackend(K={self.schema.num_keypoints}, {self.device}, {'fp16' if self.half else 'fp32'})"
+        layout = ", channels_last" if self.channels_last else ""
+        return f"TorchBackend(K={self.schema.num_keypoints}, {self.device}, {'fp16' if self.half else 'fp32'}{layout})"
 
     def __call__(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, 6 + 3K): the decoded first output of the eval forward."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)[0]
 
 
@@ -182,6 +189,55 @@ def _corrupt(path: Path | str, e: BaseException) -> WeightsError:
 
 
 # ----------------------------------------------------------------------------------------------
+# exported files
+
+
+class FixedShapeRunner:
+    """The input handling shared by backends of exported files: a fixed-shape model gets smaller inputs
+    padded and batches split to its batch size. Subclasses set ``fixed_shape``, ``batch`` and ``_run``."""
+
+    fixed_shape: tuple[int, int] | None
+    batch: int | None
+
+    def _run(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in the model's own shape -> (B, N, no) float32 on the CPU."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) float RGB in [0, 1] -> (B, N, no) float32 decoded predictions (input pixels).
+
+        A fixed-shape model gets inputs smaller than its shape padded right/bottom with letterbox grey
+        (coordinates are unchanged: they are measured from the top-left corner) and batches split/padded
+        to its batch size; a larger input is an error.
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__}: input must be (B, 3, H, W), got {tuple(x.shape)}")
+        device = x.device
+        if self.fixed_shape is not None:
+            x = self._pad_to_shape(x)
+        if self.batch is None or x.shape[0] == self.batch:
+            y = self._run(x)
+        else:
+            y = torch.cat([self._run_padded_batch(x[i:i + self.batch]) for i in range(0, x.shape[0], self.batch)])
+        return y.to(device)
+
+    def _pad_to_shape(self, x: Tensor) -> Tensor:
+        (h, w), (fh, fw) = x.shape[-2:], self.fixed_shape
+        if h > fh or w > fw:
+            raise ConfigError(f"input {h}x{w} does not fit the ONNX model's fixed input {fh}x{fw}; use --imgsz "
+                              f"{max(fh, fw)} or less, or export with --dynamic")
+        if (h, w) == (fh, fw):
+            return x
+        return torch.nn.functional.pad(x, [0, fw - w, 0, fh - h], value=INPUT_PAD)
+
+    def _run_padded_batch(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if n < self.batch:
+            x = torch.cat((x, x.new_full((self.batch - n, *x.shape[1:]), INPUT_PAD)))
+        return self._run(x)[:n]
+
+
+# ----------------------------------------------------------------------------------------------
 # onnxruntime
 
 
@@ -236,7 +292,7 @@ def _ort_session(ort: Any, model: str | bytes, providers: list[Any], threads: in
         raise _corrupt(where, e) from None
 
 
-class OnnxBackend:
+class OnnxBackend(FixedShapeRunner):
     """An exported kapao ONNX file run by onnxruntime.
 
     ``path``: the .onnx file (bytes of a model are accepted too); ``device``: 'cpu', a GPU index, or a
@@ -295,39 +351,6 @@ class OnnxBackend:
         return (f"OnnxBackend(kapao-{self.meta.size}, {shape}, {'fp16' if self.fp16 else 'fp32'}, "
                 f"{self.provider}, K={self.schema.num_keypoints})")
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """x: (B, 3, H, W) float RGB in [0, 1] -> (B, N, no) float32 decoded predictions (input pixels).
-
-        A fixed-shape model gets inputs smaller than its shape padded right/bottom with letterbox grey
-        (coordinates are unchanged: they are measured from the top-left corner) and batches split/padded
-        to its batch size; a larger input is an error.
-        """
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"OnnxBackend: input must be (B, 3, H, W), got {tuple(x.shape)}")
-        device = x.device
-        if self.fixed_shape is not None:
-            x = self._pad_to_shape(x)
-        if self.batch is None or x.shape[0] == self.batch:
-            y = self._run(x)
-        else:
-            y = torch.cat([self._run_padded_batch(x[i:i + self.batch]) for i in range(0, x.shape[0], self.batch)])
-        return y.to(device)
-
-    def _pad_to_shape(self, x: Tensor) -> Tensor:
-        (h, w), (fh, fw) = x.shape[-2:], self.fixed_shape
-        if h > fh or w > fw:
-            raise ConfigError(f"input {h}x{w} does not fit the ONNX model's fixed input {fh}x{fw}; use --imgsz "
-                              f"{max(fh, fw)} or less, or export with --dynamic")
-        if (h, w) == (fh, fw):
-            return x
-        return torch.nn.functional.pad(x, [0, fw - w, 0, fh - h], value=INPUT_PAD)
-
-    def _run_padded_batch(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        if n < self.batch:
-            x = torch.cat((x, x.new_full((self.batch - n, *x.shape[1:]), INPUT_PAD)))
-        return self._run(x)[:n]
-
     def _run(self, x: Tensor) -> Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self._np_dtype)
         y = self.session.run([self.output_name], {self.input_name: arr})[0]
@@ -354,6 +377,11 @@ def _onnx_backend(weights: str | os.PathLike, device: torch.device, half: bool, 
 FILE_BACKENDS: tuple[tuple[Callable[[Any], bool], Callable[..., Backend]], ...] = (
     (is_onnx, _onnx_backend),
 )
+
+
+def is_exported_file(weights: Any) -> bool:
+    """True for a weights spec that one of :data:`FILE_BACKENDS` runs (an exported file, not a checkpoint)."""
+    return isinstance(weights, (str, os.PathLike)) and any(matches(weights) for matches, _ in FILE_BACKENDS)
 
 
 def load_backend(weights: str | os.PathLike | nn.Module, device: str | torch.device | None = None,

@@ -8,13 +8,17 @@ import click
 
 from kapao.cli_options import (
     MODEL_SIZES,
+    ImgShape,
     ImgSize,
     announce_tta,
+    backend_options,
     bad_parameter,
+    calibration,
     check_device,
     check_half,
     given,
     inference_options,
+    int8_options,
     must_exist,
     settings_from,
     tta_passes,
@@ -169,12 +173,14 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@backend_options
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
 @click.pass_context
 def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool,
-        imgsz: int, batch: int, workers: int, device: str | None, half: bool,
+        imgsz: int, batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool,
+        calib: str | None, calib_images: int,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
     """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
@@ -196,8 +202,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     from kapao.val import run_val
 
     announce_tta(scales, flips)
+    int8_calib = calibration(int8, calib, calib_images, imgsz)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
-                  settings=settings, scales=scales, flips=flips, project=project, name=name)
+                  settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
+                  int8=int8_calib)
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
@@ -369,21 +377,6 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
     click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
 
 
-class ImgShape(click.ParamType):
-    """640 (square) or H,W: positive multiples of 64."""
-
-    name = "imgsz"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        if isinstance(value, tuple):
-            return value
-        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
-        if len(parts) not in (1, 2):
-            self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
-        v = [ImgSize().convert(p, param, ctx) for p in parts]
-        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
 @cli.command()
 @click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help="Checkpoint or name to export.")
@@ -400,21 +393,25 @@ class ImgShape(click.ParamType):
 @click.option("--exist-ok", is_flag=True, help="Overwrite an existing output file (else export refuses).")
 @click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
+@int8_options(with_data=True)
 @click.pass_context
 def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
            opset: int, batch: int, device: str | None, output: str | None, exist_ok: bool, check_image: str | None,
-           no_check: bool) -> None:
+           no_check: bool, int8: bool, data: str | None, calib: str | None, calib_images: int) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
     setup_logging(ctx.obj.get("verbose", False))
     check_half(ctx, half, device)
     from kapao.backends import read_metadata
     from kapao.export import describe_check, export_onnx
 
+    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok)
+                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok,
+                       int8=int8_calib)
     info = read_metadata(path)
     shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
-    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {'fp16' if info.half else 'fp32'}; opset {opset})")
+    precision = "int8" if int8 else "fp16" if info.half else "fp32"
+    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {precision}; opset {opset})")
     click.echo(describe_check(info.raw))
     click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 

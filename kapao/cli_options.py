@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import click
 
@@ -14,7 +15,11 @@ from kapao.runtime import select_device
 from kapao.settings import OneEuroSettings
 from kapao.weights.registry import weights_help
 
+if TYPE_CHECKING:
+    from kapao.quantize import Calibration
+
 MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
+
 MODEL_SIZES = ["n", "s", "m", "l", "x"]  # = kapao.model.SIZES, literal so that `kapao --help` needs no torch
 
 
@@ -189,6 +194,47 @@ def announce_tta(scales: list[float] | None, flips: list[bool] | None) -> None:
         click.echo(f"TTA: {n} passes per image, about {n}x the inference time", err=True)
 
 
+# = kapao.fast_backends.BACKENDS, literal so that `kapao --help` needs no torch
+BACKEND_NAMES = ("auto", "torch", "torch-cl", "onnxruntime", "openvino")
+DEFAULT_CALIB_IMAGES = 32  # = kapao.quantize.DEFAULT_CALIB_IMAGES
+INT8_COST = ("int8 is faster on CPUs with VNNI but costs accuracy: its poses agree with fp32's at an OKS AP "
+             "given in the README (section 'int8')")
+
+
+def check_calib(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback: --calib names a folder of images or a dataset (built-in name or YAML)."""
+    if value is None or Path(value).is_dir():
+        return value
+    try:
+        check_dataset_spec(value)
+    except KapaoError:
+        raise click.BadParameter(f"{value} is neither a folder of images nor a dataset (coco, crowdpose or a YAML)",
+                                 ctx, param) from None
+    return value
+
+
+def int8_options(with_data: bool = False) -> Callable:
+    """--int8, --calib and --calib-images (and --data, for export: a dataset's val images)."""
+
+    def wrap(f):  # noqa: ANN001, ANN202
+        what = "--data or --calib" if with_data else "--calib"
+        opts = [
+            click.option("--int8", is_flag=True, help=f"Statically quantised int8 model (onnxruntime QDQ) calibrated "
+                                                      f"on {what}. {INT8_COST}."),
+            *([click.option("--data", default=None, callback=must_exist("data"),
+                            help="int8 calibration on a dataset's val images.")] if with_data else []),
+            click.option("--calib", default=None, callback=check_calib,
+                         help="int8 calibration images: a folder, or a dataset (its val images)."),
+            click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
+                         help="Number of calibration images (spread over the folder)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
 def predict_options(project: str) -> Callable:
     """SOURCE and the options of predict, shared by track (which differs only in its run folder)."""
 
@@ -201,6 +247,7 @@ def predict_options(project: str) -> Callable:
                          help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
             click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
             click.option("--half", is_flag=True, help="FP16 inference (CUDA only)."),
+            backend_options,
             click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),
             inference_options(PREDICT_SETTINGS),
             click.option("--project", default=project, show_default=True, help="Parent folder of run folders."),
@@ -222,6 +269,46 @@ def predict_options(project: str) -> Callable:
         return f
 
     return wrap
+
+
+def backend_options(f):  # noqa: ANN001, ANN201
+    """--backend and the int8 options, shared by predict and val."""
+    f = int8_options()(f)
+    return click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
+                        help="Runtime of the network. auto: torch on a GPU; on the CPU a .pt runs through a cached "
+                             "ONNX export (made once on first use). torch-cl: torch with channels_last. All give the "
+                             "same poses within fp32 rounding.")(f)
+
+
+def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Calibration | None:
+    """The int8 calibration asked for (None without --int8); usage errors when --int8, --calib and --data disagree."""
+    if data and calib:
+        raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
+    calib = calib or data
+    if not int8:
+        if calib:
+            raise click.UsageError(f"--{'calib' if not data else 'data'} is for --int8 here; add --int8 or drop it")
+        return None
+    if not calib:
+        raise click.UsageError("--int8 needs calibration images: --calib DIR (a folder of typical images) or a dataset")
+    from kapao.quantize import Calibration
+
+    return Calibration.from_spec(calib, imgsz, count)
+
+
+class ImgShape(click.ParamType):
+    """640 (square) or H,W: positive multiples of 64."""
+
+    name = "imgsz"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
+        if len(parts) not in (1, 2):
+            self.fail(f"{value!r}: expected 640 or H,W such as 384,640", param, ctx)
+        v = [ImgSize().convert(p, param, ctx) for p in parts]
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def tracking_options(f: Callable) -> Callable:

@@ -9,6 +9,7 @@ import click
 from kapao.cli_options import (
     announce_tta,
     bad_parameter,
+    calibration,
     check_half,
     predict_options,
     settings_from,
@@ -76,7 +77,8 @@ def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracke
 
 
 def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
-             device: str | None, half: bool, batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
+             device: str | None, half: bool, backend: str, int8: bool, calib: str | None, calib_images: int,
+             batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
              tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
              save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
              line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
@@ -100,7 +102,10 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     from kapao.predict import KAPAO, DrawOptions
 
     announce_tta(scales, flips)
-    api = KAPAO(weights, device=device, half=half)
+    from kapao.weights.registry import native_imgsz
+
+    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
+    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
     try:
         run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,

@@ -1,7 +1,9 @@
 """ONNX export of a KAPAO model: writes the file, checks it against torch (:mod:`kapao.backends` runs it).
 
 Export (:func:`export_onnx`) traces the Conv+BN-folded network behind :class:`DecodedOutput`, the only
-export-specific piece: it returns the decoded tensor of the eval forward and drops the raw list.
+export-specific piece: it returns the decoded tensor of the eval forward and drops the raw list. The
+tracing and the metadata live in :mod:`kapao.onnx_graph` (the fast CPU backends build cached graphs
+with it too); ``--int8`` quantises the graph with :mod:`kapao.quantize`.
 
 ONNX graph
     input  ``images``: (B, 3, H, W) float32 (float16 with ``half``) RGB in [0, 1], letterboxed; H, W
@@ -23,12 +25,9 @@ skeleton, kp_bbox), ``names`` (class names), ``source`` (the weights it came fro
 """
 from __future__ import annotations
 
-import copy
-import io
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,40 +36,31 @@ import torch
 from torch import Tensor, nn
 
 from kapao.augment import letterbox
-from kapao.backends import ONNX_FORMAT, ONNX_FORMAT_VERSION, OnnxBackend, require
-from kapao.config import MAX_STRIDE, STRIDES, HeadLayout, KeypointSchema, check_imgsz
+from kapao.backends import OnnxBackend, require
+from kapao.config import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, UsageError, WeightsError
+from kapao.onnx_graph import (  # noqa: F401 - DecodedOutput, INPUT_NAME, OUTPUT_NAME: importable from here too
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    MIN_OPSET,
+    OUTPUT_NAME,
+    DecodedOutput,
+    export_metadata,
+    head_scope,
+    inference_copy,
+)
+from kapao.onnx_graph import set_metadata as _set_metadata
+from kapao.onnx_graph import trace as _trace
+from kapao.quantize import INT8_METADATA, Calibration, quantize_int8
 from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
 from kapao.sources import default_source, load_image
-from kapao.version import __version__
 from kapao.weights import load_model
 
 LOGGER = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "output"
-MIN_OPSET = 13  # SiLU is exported as Sigmoid * Mul; 13 is the oldest opset tested
-DEFAULT_OPSET = 17
-
 
 # ----------------------------------------------------------------------------------------------
 # Export
-
-
-class DecodedOutput(nn.Module):
-    """The export graph: images (B, 3, H, W) float in [0, 1] -> decoded (B, N, no) in input pixels.
-
-    Puts the model in eval mode (the decoded output exists only there) and returns the first item of
-    its eval forward, as :meth:`kapao.predict.Predictor.from_model` does.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.eval()  # torch.onnx.export restores the wrapper's mode, recursively, after tracing
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)[0]
 
 
 def image_size(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -94,64 +84,12 @@ def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
     return model, path, info.get("name") or path.name
 
 
-def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str) -> Path:
+def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str, tag: str = "") -> Path:
+    name = f"{weights.stem if weights is not None else f'kapao_{size}'}{tag}.onnx"
     if path is None:
-        return weights.with_suffix(".onnx") if weights is not None else Path(f"kapao_{size}.onnx")
+        return weights.with_name(name) if weights is not None else Path(name)
     out = Path(path)
-    if out.is_dir():
-        out = out / (f"{weights.stem}.onnx" if weights is not None else f"kapao_{size}.onnx")
-    return out
-
-
-def export_metadata(model: nn.Module, imgsz: tuple[int, int], *, dynamic: bool, half: bool, batch: int,
-                    opset: int, source: str = "") -> dict[str, str]:
-    """The ``metadata_props`` of an exported model (see the module docstring)."""
-    schema: KeypointSchema = model.schema
-    return {
-        "format": ONNX_FORMAT,
-        "format_version": str(ONNX_FORMAT_VERSION),
-        "kapao_version": __version__,
-        "size": str(model.size),
-        "imgsz": json.dumps(list(imgsz)),
-        "batch": json.dumps(None if dynamic else int(batch)),
-        "stride": str(MAX_STRIDE),
-        "strides": json.dumps(list(getattr(model, "strides", STRIDES))),
-        "dynamic": json.dumps(bool(dynamic)),
-        "half": json.dumps(bool(half)),
-        "opset": str(opset),
-        "num_keypoints": str(schema.num_keypoints),
-        "schema": json.dumps(schema.to_dict()),
-        "names": json.dumps(list(schema.class_names)),
-        "source": source,
-    }
-
-
-def _set_metadata(proto: Any, meta: Mapping[str, str]) -> None:
-    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
-    del proto.metadata_props[:]
-    for k, v in [*kept, *meta.items()]:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-
-
-def _trace(wrapper: nn.Module, x: Tensor, opset: int, dynamic: bool) -> bytes:
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}}
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        # the input-shape check and grid sizes read tensor shapes (traced symbolically: harmless), and
-        # the TorchScript exporter announces its deprecation; kapao uses it because the dynamo
-        # exporter needs the extra 'onnxscript' package
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX export|will be removed).*")
-        try:
-            torch.onnx.export(wrapper, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes=axes if dynamic else None,
-                              do_constant_folding=True)
-        except Exception as e:  # noqa: BLE001 - unsupported opset and the like
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(f"ONNX export failed at opset {opset} ({type(e).__name__}: {first}); "
-                              f"try the default --opset {DEFAULT_OPSET}") from None
-    return buf.getvalue()
+    return out / name if out.is_dir() else out
 
 
 def _onnxslim() -> Any:
@@ -189,16 +127,18 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, half: bool = False,
                 simplify: bool = False, opset: int = DEFAULT_OPSET, batch: int = 1,
                 check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
-                device: str | torch.device | None = None, exist_ok: bool = False) -> Path:
+                device: str | torch.device | None = None, exist_ok: bool = False, int8: Calibration | None = None) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
     The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);
     the graph outputs only the decoded (B, N, no) tensor (see the module docstring). ``imgsz`` (int
     or (h, w), multiples of 64) and ``batch`` fix the input shape unless ``dynamic`` (free batch,
     height and width). ``half`` exports fp16 and needs a CUDA device (``device``, default: CPU, or the
-    first GPU with ``half``). ``simplify`` runs onnxslim. The file is written to ``path`` (a file, or a
-    folder), by default next to the weights as ``<weights stem>.onnx``, atomically; an existing file is
-    only replaced with ``exist_ok`` (else UsageError, exit 2, before the slow export).
+    first GPU with ``half``). ``simplify`` runs onnxslim. ``int8`` quantises the graph statically
+    (:func:`kapao.quantize.quantize_int8`, calibrated on its images; CPU, not with ``half``). The file
+    is written to ``path`` (a file, or a folder), by default next to the weights as ``<weights
+    stem>.onnx`` (``<stem>-int8.onnx`` with int8), atomically; an existing file is only replaced with
+    ``exist_ok`` (else UsageError, exit 2, before the slow export).
 
     With ``check`` the exported file is run with onnxruntime on ``check_image`` (default: bus.jpg from
     ultralytics) letterboxed to ``imgsz`` and compared with the torch model; the differences (see
@@ -212,24 +152,19 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
         raise ConfigError(f"--opset {opset}: kapao exports opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     if batch < 1:
         raise ConfigError(f"--batch {batch}: must be at least 1")
+    if half and int8 is not None:
+        raise ConfigError("--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one")
     dev = select_device(device) if device is not None or half else torch.device("cpu")
     if half and dev.type != "cuda":
         raise ConfigError("--half needs a CUDA device (fp16 ONNX models are for GPUs); drop --half or use --device 0")
     slim = _onnxslim() if simplify else None
 
     model, weights, source = _resolve_model(weights_or_model)
-    out = _output_path(path, weights, model.size)
+    out = _output_path(path, weights, model.size, "-int8" if int8 is not None else "")
     if out.exists() and not exist_ok:
         raise UsageError(f"{out} already exists; add --exist-ok to overwrite it, or choose another file with -o")
     _write_output(out, None)  # an unwritable output fails now, not after the slow export
-    net = copy.deepcopy(model).float().to(dev).eval()
-    if hasattr(net, "fold_bn"):
-        net.fold_bn()
-    if half:
-        net = net.half()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    wrapper = DecodedOutput(net)
+    wrapper = inference_copy(model, dev, half)
     dtype = torch.float16 if half else torch.float32
     example = torch.zeros(batch, 3, h, w, device=dev, dtype=dtype)
     proto = onnx.load_from_string(_trace(wrapper, example, opset, dynamic))
@@ -238,6 +173,10 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     meta = export_metadata(model, (h, w), dynamic=dynamic, half=half, batch=batch, opset=opset, source=source)
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
+    if int8 is not None:
+        data = quantize_int8(data, int8, head_scope(model), None if dynamic else (h, w))
+        proto = onnx.load_from_string(data)
+        meta[INT8_METADATA] = next(p.value for p in proto.metadata_props if p.key == INT8_METADATA)
     if check:
         meta["check"] = json.dumps(_check(data, wrapper, check_image, (h, w), batch, dev, dtype, model.layout))
         _set_metadata(proto, {"check": meta["check"]})

@@ -25,10 +25,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kapao.augment import letterbox
-from kapao.backends import Backend, TorchBackend, load_backend
+from kapao.backends import Backend, TorchBackend
 from kapao.config import MAX_STRIDE, PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema, check_imgsz
 from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.fast_backends import select_backend
 from kapao.postprocess import Poses, postprocess, tta_forward
+from kapao.quantize import Calibration
 from kapao.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
 from kapao.settings import OneEuroSettings
 from kapao.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
@@ -216,11 +218,16 @@ class PredictRun:
 
 
 class KAPAO:
-    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`."""
+    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`.
+
+    ``backend``: auto (weights files on the CPU run through a cached ONNX export, see
+    :mod:`kapao.fast_backends`), torch, torch-cl, onnxruntime or openvino; ``int8``: run a statically
+    quantised model calibrated on these images (:class:`kapao.quantize.Calibration`).
+    """
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
-                 half: bool = False) -> None:
-        self.backend: Backend = load_backend(weights, device, half)
+                 half: bool = False, backend: str = "auto", int8: Calibration | None = None) -> None:
+        self.backend: Backend = select_backend(weights, device, half, backend, int8=int8)
         self.info: dict[str, Any] = self.backend.info
         self.schema: KeypointSchema = self.backend.schema
         self.device, self.half = self.backend.device, self.backend.half
@@ -350,7 +357,8 @@ class KAPAO:
                   flips: Sequence[bool] | None) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
         return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
-                **dataclasses.asdict(settings), "scales": [float(v) for v in scales] if scales else None,
+                "int8": bool(self.info.get("int8")), **dataclasses.asdict(settings),
+                "scales": [float(v) for v in scales] if scales else None,
                 "flips": [bool(v) for v in flips] if flips else None}
 
 

@@ -18,6 +18,7 @@ from kapao.data import PoseDataset, build_dataloader
 from kapao.evaluate import evaluate, format_metrics, save_results
 from kapao.postprocess import Poses
 from kapao.predict import KAPAO, Predictor
+from kapao.quantize import Calibration
 from kapao.runtime import increment_run_dir
 from kapao.weights import check_compatible
 
@@ -84,13 +85,13 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
             batch: int = 8, workers: int = 0, device: str | None = None, half: bool = False,
             settings: InferenceSettings = VAL_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, project: str | Path | None = None, name: str = "exp",
-            progress: bool = True) -> ValResult:
+            progress: bool = True, backend: str = "auto", int8: Calibration | None = None) -> ValResult:
     """The `kapao val` verb as a function: load weights, check them against the data, validate.
 
     With `project`, predictions.json goes to a new `project/nameN` folder, made once the weights and
     the data have loaded (a run that fails on them leaves no empty folder).
     """
-    api = KAPAO(weights, device=device, half=half)
+    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8)
     what = "the model" if isinstance(weights, torch.nn.Module) else f"the weights ({weights})"
     check_compatible(api.schema, cfg.schema, what=what)
     loader = make_val_loader(cfg, split, api.check_imgsz(imgsz), batch, workers)

@@ -6,8 +6,10 @@
 
 First the machine's matmul figure: GFLOP/s of a 2048^3 fp32 matmul on the device, measured in this run.
 Then, for every size and image size, one row per backend -- kapao torch eager, kapao onnxruntime (the
-file `kapao export` writes: static imgsz x imgsz; and --dynamic), and each peer (--peers: YOLO11-pose,
-YOLO26-pose) of the same size (built from its model YAML: random weights, nothing downloaded) -- with:
+file `kapao export` writes: static imgsz x imgsz; and --dynamic), on the CPU the other runtimes of
+`kapao predict --backend` (FAST_ROWS: torch channels_last, OpenVINO, fixed-shape caches, int8), and
+each peer (--peers: YOLO11-pose, YOLO26-pose) of the same size (built from its model YAML: random
+weights, nothing downloaded) -- with:
 
 * forward ms: median of --runs after warm-up, on the letterboxed first video frame (the input the
   video run uses) and on a crowded image (2x2 tiles of ultralytics' bus.jpg: 16 people);
@@ -78,6 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kapao import postprocess as pp  # noqa: E402
+from kapao.backends import Backend as KapaoBackend  # noqa: E402
 from kapao.backends import OnnxBackend, physical_cores  # noqa: E402
 from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
 from kapao.errors import KapaoError  # noqa: E402
@@ -306,13 +309,47 @@ class Context:
     notes: list[str] = field(default_factory=list)
 
 
-Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "OnnxBackend | None", "Path | None"]
+Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "KapaoBackend | None", "Path | None"]
+# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.fast_backends; issue 14 parts 1-2):
+# (label, --backend, shapes, int8). Their exports go to a cache folder under the run's temp dir, not timed.
+# scripts/benchmark_backends.py measures the same rows without the end-to-end runs.
+FAST_ROWS = (
+    ("torch channels_last", "torch-cl", "dynamic", False),
+    ("openvino dynamic", "openvino", "dynamic", False),
+    ("openvino fixed-shape cache", "openvino", "fixed", False),
+    ("onnxruntime fixed-shape cache", "onnxruntime", "fixed", False),
+    ("onnxruntime int8 dynamic", "onnxruntime", "dynamic", True),
+    ("onnxruntime int8 fixed-shape cache", "onnxruntime", "fixed", True),
+)
+INT8_CALIB_IMAGES = 4  # coco-mini's four images, as in the issue's int8 measurement
 
 
-def kapao_api(model: torch.nn.Module, device: torch.device, backend: OnnxBackend | None, onnx: Path | None,
+def kapao_api(model: torch.nn.Module, device: torch.device, backend: KapaoBackend | None, onnx: Path | None,
               half: bool = False) -> KAPAO:
-    """The KAPAO API over the torch model, or over the ONNX file (onnxruntime as the predictor's forward)."""
-    return KAPAO(model, device=str(device), half=half) if backend is None else KAPAO(str(onnx), device=str(device))
+    """The KAPAO API over the torch model, or over the row's backend (the predictor's forward)."""
+    api = KAPAO(model, device=str(device), half=half, backend="torch")
+    if backend is not None:
+        api.backend = backend
+    return api
+
+
+def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Backend]:
+    """The FAST_ROWS backends (CPU only; a runtime that is not installed is noted and skipped)."""
+    from kapao.fast_backends import select_backend
+    from kapao.quantize import Calibration
+
+    os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
+    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
+    calib = Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
+    rows: list[Backend] = []
+    for label, name, shapes, int8 in FAST_ROWS:
+        try:
+            be = select_backend(model, "cpu", backend=name, shapes=shapes, int8=calib if int8 else None)
+        except KapaoError as e:
+            ctx.notes.append(f"{label} skipped: {e}")
+            continue
+        rows.append((label, be, be, None))
+    return rows
 
 
 def kapao_backends(ctx: Context, model: torch.nn.Module, size: str, imgsz: int, torch_only: bool = False
@@ -330,6 +367,8 @@ def kapao_backends(ctx: Context, model: torch.nn.Module, size: str, imgsz: int, 
         label = ("onnxruntime dynamic" if dynamic else f"onnxruntime {imgsz}x{imgsz}") + \
             (" slim" if args.simplify else "")
         backends.append((label, be, be, path))
+    if device.type == "cpu" and not args.quick:
+        backends += fast_backends(ctx, model, imgsz)
     return backends
 
 

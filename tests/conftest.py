@@ -15,8 +15,10 @@ TEST_DATA = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "dat
 
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own folder, so a command's default runs/ output never lands in the repo."""
+    """Every test runs in its own folder, so a command's default runs/ output never lands in the repo,
+    and caches exported models there (not in the user's cache)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KAPAO_CACHE_DIR", str(tmp_path / "kapao-cache"))
 
 
 def _require(rel: str) -> Path:
