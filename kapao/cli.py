@@ -400,6 +400,8 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
            no_check: bool, int8: bool, data: str | None, calib: str | None, calib_images: int) -> None:
     """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
     setup_logging(ctx.obj.get("verbose", False))
+    if int8 and half:  # contradicting options: a usage error, before the CUDA check
+        raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
     check_half(ctx, half, device)
     from kapao.backends import read_metadata
     from kapao.export import describe_check, export_onnx

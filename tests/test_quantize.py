@@ -79,7 +79,7 @@ def test_export_int8_cli(tmp_path: Path, coco_mini: Path):
     res = CliRunner().invoke(cli, [*args, "--int8"])
     assert res.exit_code == 2 and "--int8 needs calibration images" in res.output
     res = CliRunner().invoke(cli, [*args, "--int8", "--half", "--calib", str(coco_mini / "images")])
-    assert res.exit_code == 1 and "--int8 and --half exclude each other" in res.output
+    assert res.exit_code == 2 and "--int8 and --half exclude each other" in res.output
     res = CliRunner().invoke(cli, [*args, "--int8", "--calib", str(coco_mini / "images"), "--calib-images", "2"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "tiny-int8.onnx"
