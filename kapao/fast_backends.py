@@ -43,14 +43,16 @@ from kapao.weights import load_model
 LOGGER = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "torch-cl", "onnxruntime", "openvino")  # torch-cl: torch with channels_last
-# The backend `auto` runs weights files with on the CPU: the fastest row of scripts/benchmark_backends.py
-# (kapao-s, 1280 and 640) on the reference machine (2-core Xeon, AVX-512 VNNI). Provisional until the
-# coordinator's measurement: onnxruntime, from the figures (410 ms vs 400 OpenVINO, 475 torch
-# channels_last, 620 torch NCHW) and because it needs no extra package.
+# The backend `auto` runs weights files with on the CPU, measured with scripts/benchmark.py (kapao-s,
+# 2-core AMD EPYC, 2 threads, one run, forward median of 5; 2026-11-28): at 1280 onnxruntime dynamic
+# 457 ms (90 GFLOP/s), OpenVINO fixed 456 / dynamic 479, torch channels_last 928, torch NCHW 1089; at 640
+# onnxruntime dynamic 104 ms, OpenVINO fixed 114 / dynamic 126, torch NCHW 193. End-to-end on the test
+# video onnxruntime dynamic was the fastest at 1280 (2.11 fps vs 1.05 torch) and within 10 % of the best
+# at 640; it also needs no extra package.
 DEFAULT_CPU_BACKEND = "onnxruntime"
 INT8_BACKEND = "onnxruntime"  # the one runtime of int8 models
-# One dynamic-shape model ("dynamic") or one fixed-shape model per input shape ("fixed"): the rows
-# "onnxruntime"/"onnxruntime-fixed" of scripts/benchmark_backends.py decide. Provisional: dynamic.
+# One dynamic-shape model ("dynamic") or one fixed-shape model per input shape ("fixed"): dynamic measured
+# as fast as the fixed-shape cache in the forward pass (457 vs 460 ms at 1280, 104 vs 107 at 640).
 DEFAULT_SHAPES = "dynamic"
 SHAPE_POLICIES = ("dynamic", "fixed")
 MAX_CACHED_SHAPES = 4  # fixed-shape models kept open (TTA uses 3 shapes, a video 1)
