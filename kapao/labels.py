@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -401,19 +401,31 @@ def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: b
     setup = f"K={num_keypoints}|crowd={'skip' if skip_crowd else 'keep'}"
     key = f"{CACHE_VERSION}|{st.st_size}|{_file_digest(ann_file)}|{setup}|{_listing_digest(img_dir)}"
     paths = _cache_paths(ann_file, img_dir, setup)
+    labels = load_cached(paths, key)
+    if labels is not None:
+        return labels, None
+    coco = read_coco(ann_file)
+    labels = parse_annotations(ann_file, img_dir, num_keypoints, skip_crowd, coco=coco)
+    save_cached(labels, paths, key, ann_file.name)
+    return labels, coco
+
+
+def load_cached(paths: Sequence[Path], key: str) -> Labels | None:
+    """The first cache file among `paths` whose key matches, else None."""
     for p in paths:
         labels = Labels.load(p, key)
         if labels is not None:
-            return labels, None
-    coco = read_coco(ann_file)
-    labels = parse_annotations(ann_file, img_dir, num_keypoints, skip_crowd, coco=coco)
+            return labels
+    return None
+
+
+def save_cached(labels: Labels, paths: Sequence[Path], key: str, what: str) -> None:
+    """Write the label cache to the first writable of `paths`; a warning (naming `what`) if none is."""
     for p in paths:
         try:
             labels.save(p, key)
-            break
+            return
         except OSError:
             continue
-    else:
-        LOGGER.warning("could not write a label cache (tried %s); the next start parses %s again",
-                       ", ".join(str(p.parent) for p in paths), ann_file.name)
-    return labels, coco
+    LOGGER.warning("could not write a label cache (tried %s); the next start parses %s again",
+                   ", ".join(str(p.parent) for p in paths), what)

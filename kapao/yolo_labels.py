@@ -19,7 +19,6 @@ the convention of Ultralytics and the CrowdPose tools.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +30,8 @@ from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
 from kapao.errors import ConfigError, DataError
-from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation
+from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation, load_cached, save_cached
 from kapao.sources import probe_image
-
-LOGGER = logging.getLogger(__name__)
 
 OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {BOX_AREA_FACTOR} x box area "
                  "(the Ultralytics / CrowdPose convention)")
@@ -262,20 +259,11 @@ def load_yolo_labels(cfg: DatasetConfig, split: str) -> Labels:
     setup = f"yolo|K={cfg.schema.num_keypoints}|ndim={y.ndim}|nc={len(y.classes)}|single={y.single_cls}"
     key = cache_key(files, setup)
     paths = _cache_paths(cfg.annotations[split], cfg.root, setup)
-    for p in paths:
-        labels = Labels.load(p, key)
-        if labels is not None:
-            return labels
+    labels = load_cached(paths, key)
+    if labels is not None:
+        return labels
     labels = parse_split(cfg, files)
-    for p in paths:
-        try:
-            labels.save(p, key)
-            break
-        except OSError:
-            continue
-    else:
-        LOGGER.warning("could not write a label cache (tried %s); the next start parses the labels again",
-                       ", ".join(str(p.parent) for p in paths))
+    save_cached(labels, paths, key, "the labels")
     return labels
 
 
