@@ -4,13 +4,21 @@ The result type, :class:`kapao.poses.Poses`, is importable from here too.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torchvision
 from torch import Tensor
 
 from kapao.config import HeadLayout, InferenceSettings
+from kapao.nms import (  # noqa: F401 - NMS names, also importable from here as before
+    MAX_NMS,
+    Detections,
+    batched_nms_top,
+    check_pred,
+    nms,
+    top_candidates,
+    xywh_to_xyxy,
+)
 from kapao.poses import Poses  # noqa: F401 - the result type, also importable from here as before
 from kapao.tta import TTA_FLIPS, TTA_PAD_VALUE, TTA_SCALES, deaugment, merge_tta, tta_forward  # noqa: F401 re-exported
 
@@ -45,159 +53,17 @@ from kapao.tta import TTA_FLIPS, TTA_PAD_VALUE, TTA_SCALES, deaugment, merge_tta
 # its type within the fusion tolerance: max over anchors of objectness x p(class k + 1) (whatever the
 # anchor's argmax class, before any NMS, counted only above KP_EVIDENCE_FLOOR for both factors) whose
 # box centre lies at distance < tolerance from the keypoint, 0 if there is none (keypoint_confidence).
+# Of more than MAX_NMS such anchor rows per image only the MAX_NMS highest count, exactly equal scores at
+# the cut in (anchor, type) order (issue 14; before, torch.topk's device-dependent pick among them).
 # Poses.fused keeps the official distinction: True exactly where the official rule gives confidence > 0.
 # OKS-based metrics ignore keypoint scores, so COCO/CrowdPose AP do not change.
 
-MAX_NMS = 30_000  # candidates per image and NMS call (official value)
 KP_EVIDENCE_FLOOR = 0.01  # keypoint-class scores (and objectness) at or below this are no evidence
-_EVIDENCE_CHUNK = 1 << 22  # distance-matrix elements per step of keypoint_confidence (bounds memory)
-
-
-class Detections(NamedTuple):
-    """NMS output of one image, in network-input pixels (the intermediate between nms and fusion)."""
-
-    boxes: Tensor  # (n, 4) person boxes x1, y1, x2, y2
-    scores: Tensor  # (n,) person score = objectness x person-class probability, descending
-    keypoints: Tensor  # (n, K, 2) regressed keypoints x, y of each person
-    kp_objects: Tensor  # (m, 6) x1, y1, x2, y2, score, keypoint index 0..K-1; descending score
+_EVIDENCE_CHUNK = 1 << 22  # (keypoint, evidence) pairs per step of keypoint_confidence (bounds memory)
 
 
 # (orig_shape (h, w), ratio float | (rw, rh), pad (padw, padh)) of one image, as letterbox gives them
 ImageMeta = tuple[tuple[int, int], float | tuple[float, float], tuple[float, float]]
-
-
-def xywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(..., 4) centre x, y, width, height -> (..., 4) x1, y1, x2, y2 (same units)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
-
-
-def _check_pred(pred: Tensor, layout: HeadLayout) -> None:
-    if pred.ndim != 3 or pred.shape[-1] != layout.num_outputs:
-        raise ValueError(f"predictions must be (B, N, {layout.num_outputs}) for K={layout.num_keypoints} "
-                         f"(box 4, objectness 1, classes {layout.num_classes}, keypoints "
-                         f"{2 * layout.num_keypoints}); got {tuple(pred.shape)}")
-
-
-# torchvision.ops.batched_nms runs one NMS per class ("vanilla") above this many box coordinates,
-# else one NMS over class-shifted boxes ("coordinate trick"); torchvision >= 0.22 (pytorch/vision#8925),
-# earlier releases used 20 000 on CUDA. The early-stopping NMS below follows the same choice.
-_TV_VERSION = tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2])
-_TV_VANILLA_NUMEL = {"cpu": 4000, "cuda": 100_000 if _TV_VERSION >= (0, 22) else 20_000}
-NMS_FIRST_PREFIX = 1024  # candidates in the first early-stopping NMS round (at least 4 max_det)
-
-
-def _tv_uses_vanilla(boxes: Tensor) -> bool:
-    """Whether torchvision.ops.batched_nms(boxes, ...) takes its per-class path (see _TV_VANILLA_NUMEL)."""
-    return boxes.numel() > _TV_VANILLA_NUMEL.get(boxes.device.type, _TV_VANILLA_NUMEL["cuda"])
-
-
-def _nms_subset(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, vanilla: bool,
-                shift: Tensor) -> Tensor:
-    """batched_nms's decisions, for the path it takes on the FULL candidate set, applied to a subset.
-
-    vanilla: one torchvision nms per class; kept indices returned in descending score (stable).
-    Else the coordinate trick with the full set's class shift (max coordinate + 1), so every box is
-    shifted by bitwise the same amount as in the full call; kept indices in nms's (stable) order.
-    """
-    if not vanilla:
-        return torchvision.ops.nms(boxes + (classes.to(boxes) * shift)[:, None], scores, iou)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    for c in torch.unique(classes):
-        idx = torch.where(classes == c)[0]
-        kept[idx[torchvision.ops.nms(boxes[idx], scores[idx], iou)]] = True
-    keep = torch.where(kept)[0]
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
-
-
-def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, max_det: int) -> Tensor:
-    """``torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]``, stopping early; exactly
-    equal scores in input order.
-
-    boxes (n, 4) xyxy float, scores (n,) float, classes (n,) int; returns kept indices (<= max_det),
-    descending score. Greedy NMS decides each box from the boxes processed before it (higher score,
-    or equal score and lower index: torchvision's nms sorts stably). So NMS over the prefix
-    {score >= t} -- every box tied with t included, input order kept -- makes the same decisions
-    there as over all boxes, and its kept boxes precede all others: once a prefix keeps max_det
-    boxes the answer is final; else the prefix grows 4x, up to all boxes. The path torchvision would
-    take on all n boxes (per-class NMS, or one NMS over class-shifted boxes) is followed on every
-    prefix, so every keep/suppress decision is bitwise torchvision's. The one difference: its
-    per-class path orders the kept boxes with an unstable sort, which permutes exactly equal scores
-    in a way only the full kept set determines; here they keep their input order (as torchvision's
-    other path does), which also decides which of them fill the last places at max_det.
-    """
-    n = scores.numel()
-    if n == 0 or torch.jit.is_tracing():
-        return torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
-    vanilla = _tv_uses_vanilla(boxes)
-    shift = boxes.max() + torch.tensor(1).to(boxes)  # as torchvision's coordinate trick computes it
-    size = max(NMS_FIRST_PREFIX, 4 * max_det) if bool(torch.isfinite(scores).all()) else n  # NaN: no prefixes
-    while size < n:
-        t = torch.topk(scores, size, sorted=False).values.min()
-        idx = torch.nonzero(scores >= t).squeeze(1)  # ascending: the input order of ties is kept
-        keep = idx[_nms_subset(boxes[idx], scores[idx], classes[idx], iou, vanilla, shift)]
-        if keep.numel() >= max_det:
-            return keep[:max_det]
-        size *= 4
-    return _nms_subset(boxes, scores, classes, iou, vanilla, shift)[:max_det]
-
-
-def _nms_per_image(boxes: Tensor, scores: Tensor, classes: Tensor, images: Tensor, iou: float,
-                   num_images: int, max_det: int) -> tuple[Tensor, list[int]]:
-    """Class-wise NMS of the candidates of several images (`images` ascending, as nonzero gives).
-
-    boxes (n, 4) xyxy, scores/classes/images (n,). Returns (kept indices, grouped by image and in
-    descending score within an image, at most max_det per image; the per-image kept counts).
-    One image at a time keeps the quadratic cost of NMS per image, not per batch; batched_nms_top
-    stops once max_det boxes are kept, so an image with tens of thousands of candidates costs
-    little more than one with a thousand.
-    """
-    keeps, counts, start = [], [], 0
-    for n in torch.bincount(images, minlength=num_images).tolist():
-        keep = torch.zeros(0, dtype=torch.long, device=boxes.device)
-        if n:
-            part = slice(start, start + n)
-            s = scores[part]
-            top = torch.sort(s, descending=True, stable=True).indices[:MAX_NMS] if n > MAX_NMS else None
-            b, c = (boxes[part], classes[part]) if top is None else (boxes[part][top], classes[part][top])
-            keep = batched_nms_top(b.float(), (s if top is None else s[top]).float(), c, iou, max_det)
-            keep = (keep if top is None else top[keep]) + start
-        keeps.append(keep)
-        counts.append(keep.numel())
-        start += n
-    return (torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.long, device=boxes.device)), counts
-
-
-def nms(pred: Tensor, settings: InferenceSettings, layout: HeadLayout) -> list[Detections]:
-    """Person and keypoint-object NMS of decoded predictions, all images of the batch at once.
-
-    pred: (B, N, layout.num_outputs) in network-input pixels: box cx, cy, w, h | objectness |
-    1 + K class probabilities | 2K keypoint coordinates x1, y1, x2, y2, ...
-    Returns one :class:`Detections` per image (network-input pixels). Thresholds come from
-    `settings` (conf/iou/max_det for persons, conf_kp/iou_kp/max_det for keypoint objects).
-    """
-    _check_pred(pred, layout)
-    num_images, k = pred.shape[0], layout.num_keypoints
-    obj = pred[..., layout.obj]
-    score, cls = (pred[..., layout.cls] * obj.unsqueeze(-1)).max(-1)  # (B, N): argmax class, first on ties
-
-    def select(person: bool, conf: float, iou: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        wanted = (cls == 0) if person else (cls > 0)
-        img, anchor = ((obj > conf) & (score > conf) & wanted).nonzero(as_tuple=True)
-        boxes = xywh_to_xyxy(pred[img, anchor][:, layout.box])
-        keep, counts = _nms_per_image(boxes, score[img, anchor], cls[img, anchor], img, iou,
-                                      num_images, settings.max_det)
-        return img[keep], anchor[keep], boxes[keep], counts
-
-    img, anchor, boxes, counts = select(True, settings.conf, settings.iou)
-    rows = pred[img, anchor]
-    persons = (boxes, score[img, anchor], rows[:, layout.kpt].reshape(-1, k, 2))
-    per_image = [torch.split(t, counts) for t in persons]
-
-    img, anchor, boxes, counts = select(False, settings.conf_kp, settings.iou_kp)
-    kp_objects = torch.cat((boxes, score[img, anchor, None], (cls[img, anchor, None] - 1).to(boxes.dtype)), 1)
-    kp_per_image = torch.split(kp_objects, counts)
-    return [Detections(b, s, kp, kpo) for b, s, kp, kpo in zip(*per_image, kp_per_image)]
 
 
 def scale_to_original(coords: Tensor, ratio: float | Sequence[float], pad: Sequence[float],
@@ -321,21 +187,36 @@ def fuse_keypoints(boxes: Tensor, scores: Tensor, keypoints_xy: Tensor, kp_objec
 
 
 def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDENCE_FLOOR) -> list[Tensor]:
-    """Keypoint-class evidence of every anchor, all images of the batch at once, before any NMS.
+    """Keypoint-class evidence of every anchor, image by image, before any NMS.
 
     pred: (B, N, layout.num_outputs) decoded predictions (see `nms`), network-input pixels.
     Returns per image a (P, 4) tensor: box centre x, y | score = objectness x p(class k + 1) |
     keypoint index k, one row per (anchor, keypoint type) whose objectness and score both exceed
-    `floor`; at most MAX_NMS rows per image (the highest scores). Rows of TTA passes merged by
-    `merge_tta` are already mapped back, so TTA needs nothing more.
+    `floor`, in (anchor, type) order; when more than MAX_NMS rows pass, only the MAX_NMS highest scores
+    (`top_candidates`: exactly equal scores at the cut in (anchor, type) order). Rows of TTA passes
+    merged by `merge_tta` are already mapped back, so TTA needs nothing more.
     """
-    _check_pred(pred, layout)
+    check_pred(pred, layout)
+    k = layout.num_keypoints
     obj = pred[..., layout.obj]
     kp_scores = pred[..., layout.cls][..., 1:] * obj.unsqueeze(-1)  # (B, N, K)
-    img, anchor, kind = ((kp_scores > floor) & (obj > floor).unsqueeze(-1)).nonzero(as_tuple=True)
-    rows = torch.cat((pred[img, anchor, :2], kp_scores[img, anchor, kind, None], kind[:, None].to(pred.dtype)), 1)
-    parts = torch.split(rows, torch.bincount(img, minlength=pred.shape[0]).tolist())
-    return [p if len(p) <= MAX_NMS else p[torch.topk(p[:, 2], MAX_NMS).indices] for p in parts]
+    passing = (kp_scores > floor) & (obj > floor).unsqueeze(-1)
+    out = []
+    for i, count in enumerate(passing.flatten(1).sum(1).tolist()):
+        scores = kp_scores[i].flatten()
+        if count > MAX_NMS:  # every passing score is > floor > -inf, so the top MAX_NMS are all passing
+            cell = top_candidates(torch.where(passing[i].flatten(), scores, float("-inf")), MAX_NMS)
+        else:
+            cell = passing[i].flatten().nonzero().squeeze(1)
+        anchor, kind = cell // k, cell % k
+        out.append(torch.cat((pred[i, anchor, :2], scores[cell, None], kind[:, None].to(pred.dtype)), 1))
+    return out
+
+
+def _cell_index(xy: Tensor, origin: Tensor, cell: float) -> Tensor:
+    """(P, 2) points -> (P, 2) int64 grid cells of side `cell` counted from `origin`, plus 1 (so that every
+    point's left/upper neighbour cell is >= 0); float64, so that rounding cannot move a point by a cell."""
+    return torch.floor((xy.double() - origin) / cell).long() + 1
 
 
 def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float) -> Tensor:
@@ -344,22 +225,53 @@ def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float
     keypoints_xy (N, K, 2) and evidence (P, 4) centre x, y, score, keypoint index (from
     `keypoint_evidence`, mapped to the same pixels), tolerance in those pixels. Returns (N, K): for
     keypoint k of pose n the largest evidence score of type k whose centre lies at distance
-    < tolerance (the fusion rule's test), 0 where there is none. Vectorised; the (N, P) distance
-    matrix is built in chunks of at most _EVIDENCE_CHUNK elements.
+    < tolerance (the fusion rule's test, on squared distances in float32 or wider), 0 where there is none.
+
+    Only nearby pairs are compared: evidence is bucketed on a grid of cells a little wider than the
+    tolerance, sorted by (type, cell row, cell column), and each keypoint reads the three runs of its
+    type's rows above, at and below its cell, three cells wide (a binary search each). Every pair that
+    passes the distance test lies in neighbouring cells, so the maxima equal those of comparing all
+    N x K x P pairs; the cost is the number of nearby pairs, taken in steps of at most _EVIDENCE_CHUNK.
     """
     n, k = keypoints_xy.shape[:2]
     work = torch.promote_types(keypoints_xy.dtype, torch.float32)  # half precision overflows d^2
-    conf = torch.zeros(n, k, dtype=work, device=keypoints_xy.device)
-    if n == 0 or evidence.shape[0] == 0:
-        return conf.to(keypoints_xy.dtype)
-    kxy, ev = keypoints_xy.to(work), evidence.to(work)
+    conf = torch.zeros(n * k, dtype=work, device=keypoints_xy.device)
+    kxy = keypoints_xy.to(work).reshape(n * k, 2)
+    ev = evidence.to(work)
+    finite = torch.isfinite(ev[:, :2]).all(1)
+    if not bool(finite.all()):
+        ev = ev[finite]  # a non-finite centre is never within the tolerance
+    query = torch.isfinite(kxy).all(1).nonzero().squeeze(1)  # (Q,) flat keypoint slots n * K + k
+    if query.numel() == 0 or ev.shape[0] == 0 or not tolerance > 0:
+        return conf.view(n, k).to(keypoints_xy.dtype)
+    pts = torch.cat((kxy[query], ev[:, :2])).double()
+    origin = pts.min(0).values
+    span = float((pts.max(0).values - origin).max())
+    cell = max(float(tolerance) * (1 + 1e-3), span / 2**20)  # wider than any accepted |dx|, |dy|; bounded grid
+    width = int(span / cell) + 4
+    qcell, ecell = _cell_index(kxy[query], origin, cell), _cell_index(ev[:, :2], origin, cell)
+    ekey = (ev[:, 3].long() * width + ecell[:, 1]) * width + ecell[:, 0]
+    ekey, order = torch.sort(ekey)
+    ev = ev[order]
+    row = ((query % k) * width + qcell[:, 1])[:, None] + torch.tensor([-1, 0, 1], device=query.device)
+    left = row * width + qcell[:, 0, None]  # (Q, 3) key of the middle cell of each neighbour row
+    lo = torch.searchsorted(ekey, left - 1).flatten()
+    count = torch.searchsorted(ekey, left + 1, right=True).flatten() - lo
+    slot = query.repeat_interleave(3)
+    ends = count.cumsum(0)
     tol2 = float(tolerance) * float(tolerance)
-    for part in torch.split(ev, max(1, _EVIDENCE_CHUNK // n)):
-        kind = part[:, 3].long()
-        d = _sq_dist(kxy[:, kind], part[None, :, :2])  # (N, Pc)
-        s = torch.where(d < tol2, part[None, :, 2], 0.0)
-        conf = conf.scatter_reduce(1, kind.expand(n, -1), s, "amax")
-    return conf.to(keypoints_xy.dtype)
+    start = 0
+    while start < count.numel():
+        stop = max(start + 1, int(torch.searchsorted(ends, ends[start] - count[start] + _EVIDENCE_CHUNK, right=True)))
+        c = count[start:stop]
+        pair_run = torch.repeat_interleave(c)  # run (within this step) of every pair
+        first = ends[start:stop] - c - (ends[start] - count[start])
+        e = lo[start:stop][pair_run] + torch.arange(int(c.sum()), device=c.device) - first[pair_run]
+        q = slot[start:stop][pair_run]
+        d = _sq_dist(kxy[q], ev[e, :2])
+        conf = conf.scatter_reduce(0, q, torch.where(d < tol2, ev[e, 2], 0.0), "amax")
+        start = stop
+    return conf.view(n, k).to(keypoints_xy.dtype)
 
 
 def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
@@ -380,11 +292,12 @@ def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
     dets = nms(pred, settings, layout)
     if metas is not None and len(metas) != len(dets):
         raise ValueError(f"postprocess: {len(metas)} image metas for a batch of {len(dets)}")
-    evidence = keypoint_evidence(pred, layout)
+    with_poses = [i for i, d in enumerate(dets) if len(d.scores)]  # evidence only where it can be used
+    evidence = dict(zip(with_poses, keypoint_evidence(pred[with_poses], layout))) if with_poses else {}
     out = []
     for i, d in enumerate(dets):
         meta = None if metas is None else metas[i]
-        boxes, kxy, kpo, ev = d.boxes, d.keypoints, d.kp_objects, evidence[i]
+        boxes, kxy, kpo, ev = d.boxes, d.keypoints, d.kp_objects, evidence.get(i, pred.new_zeros(0, 4))
         if meta is not None:
             shape, ratio, pad = _parse_meta(meta)
             boxes = scale_to_original(boxes, ratio, pad, shape)

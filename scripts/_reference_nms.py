@@ -11,7 +11,7 @@ import torchvision
 from torch import Tensor
 
 from kapao.config import HeadLayout, InferenceSettings
-from kapao.postprocess import Detections, xywh_to_xyxy
+from kapao.nms import Detections, xywh_to_xyxy
 
 MAX_NMS = 30_000  # candidates per image and NMS call (official value)
 

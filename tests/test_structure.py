@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "runtime", "yolo_config"),
     ("augment", "sources", "draw", "poses", "smooth"),
     ("labels", "data", "model", "yolo_labels"),
-    ("tta",),
+    ("tta", "nms"),
     ("loss", "postprocess", "weights"),
     ("evaluate", "backends", "onnx_graph", "quantize", "model_cache", "fast_backends", "sinks", "resume", "track",
      "keypoints_csv", "optim", "distributed", "train_data", "train_log", "train_step"),
@@ -36,7 +36,7 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 TRAINING_AND_EXPORT = {"train", "export", "optim", "distributed", "plots", "train_data", "train_log", "train_step",
                        "train_run"}
-INFERENCE = ("predict", "backends", "postprocess", "poses", "sources", "sinks", "resume", "draw", "val", "evaluate",
+INFERENCE = ("predict", "backends", "nms", "postprocess", "poses", "sources", "sinks", "resume", "draw", "val", "evaluate",
              "calibration", "track", "smooth", "keypoints_csv")
 
 MAX_MODULE_LINES = 450
