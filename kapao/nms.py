@@ -116,13 +116,13 @@ def top_candidates(scores: Tensor, k: int) -> Tensor:
     if n <= k:
         return torch.arange(n, device=scores.device)
     if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.float32, torch.float64):
-        cut = float(np.partition(scores.numpy(), n - k)[n - k])
+        cut = float(np.partition(scores.detach().numpy(), n - k)[n - k])
     else:
         cut = float(torch.kthvalue(scores, n - k + 1).values)
     chosen = scores > cut
     tied = scores == cut
-    short = k - int(chosen.sum())
-    if int(tied.sum()) == short:
+    short = k - int(torch.count_nonzero(chosen))
+    if int(torch.count_nonzero(tied)) == short:
         chosen |= tied
     else:
         chosen[torch.nonzero(tied).squeeze(1)[:short]] = True

@@ -202,9 +202,9 @@ def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDEN
     kp_scores = pred[..., layout.cls][..., 1:] * obj.unsqueeze(-1)  # (B, N, K)
     passing = (kp_scores > floor) & (obj > floor).unsqueeze(-1)
     out = []
-    for i, count in enumerate(passing.flatten(1).sum(1).tolist()):
+    for i in range(pred.shape[0]):
         scores = kp_scores[i].flatten()
-        if count > MAX_NMS:  # every passing score is > floor > -inf, so the top MAX_NMS are all passing
+        if int(torch.count_nonzero(passing[i])) > MAX_NMS:  # every passing score is > floor > -inf, so the top MAX_NMS are all passing
             cell = top_candidates(torch.where(passing[i].flatten(), scores, float("-inf")), MAX_NMS)
         else:
             cell = passing[i].flatten().nonzero().squeeze(1)
@@ -293,7 +293,8 @@ def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
     if metas is not None and len(metas) != len(dets):
         raise ValueError(f"postprocess: {len(metas)} image metas for a batch of {len(dets)}")
     with_poses = [i for i, d in enumerate(dets) if len(d.scores)]  # evidence only where it can be used
-    evidence = dict(zip(with_poses, keypoint_evidence(pred[with_poses], layout))) if with_poses else {}
+    busy = pred if len(with_poses) == len(dets) else pred[with_poses]  # copy only when some images are skipped
+    evidence = dict(zip(with_poses, keypoint_evidence(busy, layout))) if with_poses else {}
     out = []
     for i, d in enumerate(dets):
         meta = None if metas is None else metas[i]

@@ -496,10 +496,18 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
     x, metas = prepare_batch(ctx.frames[:1], imgsz)
     x = x.to(device)
     x = x.half() / 255 if args.half else x.float() / 255
-    lines = ["| setting | candidates / frame (poses + keypoint objects) | forward ms | NMS + fusion ms | "
-             "post / forward | previous NMS: NMS + fusion ms | post / forward | same poses |", "|" + "---|" * 8]
+    lines = ["| setting | candidates / frame (poses + keypoint objects) | forward ms: torch / default backend | "
+             "NMS + fusion ms | post / forward: torch / default | previous NMS: NMS + fusion ms | post / torch forward | "
+             "same poses |", "|" + "---|" * 8]
     with torch.inference_mode():
         fwd = median_ms(lambda: predictor.forward(x), args.runs, args.warmup, sync)
+        fwd_default = fwd  # the default backend is torch off the CPU
+        if device.type == "cpu" and not args.no_onnx:
+            from kapao.fast_backends import select_backend
+
+            os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
+            default = select_backend(model, "cpu")
+            fwd_default = median_ms(lambda: default(x), args.runs, args.warmup, sync)
         pred = predictor.forward(x).float()
         layout = model.layout
         score, cls = (pred[..., layout.cls] * pred[..., layout.obj, None]).max(-1)
@@ -518,8 +526,9 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
                 torch.equal(new.keypoints, old.keypoints)
             same_scores = torch.equal(new.scores, old.scores)
             verdict = "identical" if same else ("same scores, equal scores reordered" if same_scores else "DIFFERENT")
-            lines.append(f"| {label} | {n_pose + n_kp} ({n_pose} + {n_kp}) | {fwd:.1f} | {post:.1f} | "
-                         f"{100 * post / fwd:.1f} % | {post_old:.1f} | {100 * post_old / fwd:.1f} % | {verdict} |")
+            lines.append(f"| {label} | {n_pose + n_kp} ({n_pose} + {n_kp}) | {fwd:.1f} / {fwd_default:.1f} | {post:.1f} | "
+                         f"{100 * post / fwd:.1f} % / {100 * post / fwd_default:.1f} % | {post_old:.1f} | "
+                         f"{100 * post_old / fwd:.1f} % | {verdict} |")
     return lines
 
 
