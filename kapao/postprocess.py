@@ -204,7 +204,7 @@ def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDEN
     out = []
     for i in range(pred.shape[0]):
         scores = kp_scores[i].flatten()
-        if int(torch.count_nonzero(passing[i])) > MAX_NMS:  # every passing score is > floor > -inf, so the top MAX_NMS are all passing
+        if int(torch.count_nonzero(passing[i])) > MAX_NMS:  # passing scores are > floor > -inf: the top are passing
             cell = top_candidates(torch.where(passing[i].flatten(), scores, float("-inf")), MAX_NMS)
         else:
             cell = passing[i].flatten().nonzero().squeeze(1)
