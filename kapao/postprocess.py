@@ -219,13 +219,15 @@ def _cell_index(xy: Tensor, origin: Tensor, cell: float) -> Tensor:
     return torch.floor((xy.double() - origin) / cell).long() + 1
 
 
-def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float) -> Tensor:
+def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float,
+                        wanted: Tensor | None = None) -> Tensor:
     """Confidence of every keypoint from the evidence around it.
 
     keypoints_xy (N, K, 2) and evidence (P, 4) centre x, y, score, keypoint index (from
     `keypoint_evidence`, mapped to the same pixels), tolerance in those pixels. Returns (N, K): for
     keypoint k of pose n the largest evidence score of type k whose centre lies at distance
     < tolerance (the fusion rule's test, on squared distances in float32 or wider), 0 where there is none.
+    wanted: optional (N, K) bool, the keypoints to compute (0 elsewhere; postprocess skips the fused ones).
 
     Only nearby pairs are compared: evidence is bucketed on a grid of cells a little wider than the
     tolerance, sorted by (type, cell row, cell column), and each keypoint reads the three runs of its
@@ -241,7 +243,10 @@ def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float
     finite = torch.isfinite(ev[:, :2]).all(1)
     if not bool(finite.all()):
         ev = ev[finite]  # a non-finite centre is never within the tolerance
-    query = torch.isfinite(kxy).all(1).nonzero().squeeze(1)  # (Q,) flat keypoint slots n * K + k
+    valid = torch.isfinite(kxy).all(1)
+    if wanted is not None:
+        valid &= wanted.reshape(n * k)
+    query = valid.nonzero().squeeze(1)  # (Q,) flat keypoint slots n * K + k
     if query.numel() == 0 or ev.shape[0] == 0 or not tolerance > 0:
         return conf.view(n, k).to(keypoints_xy.dtype)
     pts = torch.cat((kxy[query], ev[:, :2])).double()
@@ -310,7 +315,7 @@ def postprocess(pred: Tensor, settings: InferenceSettings, layout: HeadLayout,
         else:
             keypoints = torch.cat((kxy, kxy.new_zeros(*kxy.shape[:2], 1)), -1)
         fused = keypoints[..., 2] > 0  # the official rule gives exactly the fused keypoints a confidence > 0
-        conf = torch.where(fused, keypoints[..., 2], keypoint_confidence(kxy, ev, settings.tolerance))
+        conf = torch.where(fused, keypoints[..., 2], keypoint_confidence(kxy, ev, settings.tolerance, ~fused))
         keypoints = torch.cat((keypoints[..., :2], conf[..., None]), -1)
         out.append(Poses(boxes, d.scores, keypoints, kpo if return_kp_objects else None, fused))
     return out

@@ -633,6 +633,8 @@ def test_keypoint_confidence_grid_equals_all_pairs(dtype, monkeypatch):
             got = pp.keypoint_confidence(kxy, ev, tolerance)
             want = _dense_keypoint_confidence(kxy, ev, tolerance)
             assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+            wanted = torch.rand(kxy.shape[:2], generator=g) < 0.5
+            assert torch.equal(pp.keypoint_confidence(kxy, ev, tolerance, wanted), torch.where(wanted, want, 0.0))
             checked += int((want > 0).sum())
     assert checked > 500  # the cases exercise many keypoints with evidence
     tolerance, kxy, ev = cases[0]
