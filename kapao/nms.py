@@ -78,10 +78,12 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
 
     boxes (n, 4) xyxy float, scores (n,) float, classes (n,) int; returns kept indices (<= max_det),
     descending score. Greedy NMS decides each box from the boxes processed before it (higher score,
-    or equal score and lower index: torchvision's nms sorts stably). So NMS over the prefix
-    {score >= t} -- every box tied with t included, input order kept -- makes the same decisions
-    there as over all boxes, and its kept boxes precede all others: once a prefix keeps max_det
-    boxes the answer is final; else the prefix grows 4x, up to all boxes. The path torchvision would
+    or equal score and lower index: torchvision's nms sorts stably). So NMS over a prefix of that
+    processing order -- the `size` highest scores, ties at the cut taken in input order
+    (`top_candidates`), passed in input order -- makes the same decisions there as over all boxes,
+    and its kept boxes precede all others: once a prefix keeps max_det boxes the answer is final;
+    else the prefix grows 4x, up to all boxes. Cutting inside a group of equal scores matters: a
+    saturated network ties thousands of scores exactly. The path torchvision would
     take on all n boxes (per-class NMS, or one NMS over class-shifted boxes) is followed on every
     prefix, so every keep/suppress decision is bitwise torchvision's. The one difference: its
     per-class path orders the kept boxes with an unstable sort, which permutes exactly equal scores
@@ -95,8 +97,7 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
     shift = boxes.max() + torch.tensor(1).to(boxes)  # as torchvision's coordinate trick computes it
     size = max(NMS_FIRST_PREFIX, 4 * max_det) if bool(torch.isfinite(scores).all()) else n  # NaN: no prefixes
     while size < n:
-        t = torch.topk(scores, size, sorted=False).values.min()
-        idx = torch.nonzero(scores >= t).squeeze(1)  # ascending: the input order of ties is kept
+        idx = top_candidates(scores, size)  # the first `size` boxes of the processing order, ascending
         keep = idx[_nms_subset(boxes[idx], scores[idx], classes[idx], iou, vanilla, shift)]
         if keep.numel() >= max_det:
             return keep[:max_det]

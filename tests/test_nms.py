@@ -322,6 +322,26 @@ def test_batched_nms_top_per_class_path_takes_ties_in_input_order(max_det):
         assert torch.equal(batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
 
 
+@pytest.mark.parametrize("levels", [1, 3])
+def test_batched_nms_top_cuts_prefixes_inside_groups_of_equal_scores(levels, monkeypatch):
+    """A saturated network ties thousands of scores exactly: the prefixes must cut inside a tie group
+    (in input order), still answer early, and still equal torchvision's stable path."""
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    from kapao import nms as nms_module
+
+    seen = []
+    real = nms_module._nms_subset
+    monkeypatch.setattr(nms_module, "_nms_subset", lambda b, *a: seen.append(len(b)) or real(b, *a))
+    g = torch.Generator().manual_seed(levels)
+    boxes, _, classes = _int_boxes(g, 6000, 2)
+    scores = (torch.randint(0, levels, (6000,), generator=g) + 1) / 4
+    for max_det in (1, 50, 300):
+        seen.clear()
+        want = _batched_nms_coordinate_trick(boxes, scores, classes, 0.45)[:max_det]
+        assert torch.equal(nms_module.batched_nms_top(boxes, scores, classes, 0.45, max_det), want)
+        assert max(seen) < 6000  # answered by a prefix, though every prefix cuts a tie group
+
 def test_torchvision_path_thresholds_are_the_ones_followed():
     """batched_nms_top follows torchvision's choice between its two batched NMS paths; fail loudly if a
     torchvision release moves the thresholds (pytorch/vision#8925 raised the CUDA one)."""
