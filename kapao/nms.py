@@ -6,6 +6,7 @@ kapao/postprocess.py (the post-processing module that calls this one).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -82,8 +83,8 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
     processing order -- the `size` highest scores, ties at the cut taken in input order
     (`top_candidates`), passed in input order -- makes the same decisions there as over all boxes,
     and its kept boxes precede all others: once a prefix keeps max_det boxes the answer is final;
-    else the prefix grows 4x, up to all boxes. Cutting inside a group of equal scores matters: a
-    saturated network ties thousands of scores exactly. The path torchvision would
+    else the prefix grows 2-4x (by the kept fraction so far), up to all boxes. Cutting inside a group
+    of equal scores matters: a saturated network ties thousands of scores exactly. The path torchvision would
     take on all n boxes (per-class NMS, or one NMS over class-shifted boxes) is followed on every
     prefix, so every keep/suppress decision is bitwise torchvision's. The one difference: its
     per-class path orders the kept boxes with an unstable sort, which permutes exactly equal scores
@@ -101,7 +102,8 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
         keep = idx[_nms_subset(boxes[idx], scores[idx], classes[idx], iou, vanilla, shift)]
         if keep.numel() >= max_det:
             return keep[:max_det]
-        size *= 4
+        # grow by the kept fraction seen so far (25 % spare), at least 2x so that rounds stay few, at most 4x
+        size = min(4 * size, max(2 * size, math.ceil(1.25 * size * max_det / max(keep.numel(), 1))))
     return _nms_subset(boxes, scores, classes, iou, vanilla, shift)[:max_det]
 
 

@@ -503,10 +503,11 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
         fwd = median_ms(lambda: predictor.forward(x), args.runs, args.warmup, sync)
         fwd_default = fwd  # the default backend is torch off the CPU
         if device.type == "cpu" and not args.no_onnx:
-            from kapao.fast_backends import select_backend
+            from kapao.fast_backends import DEFAULT_CPU_BACKEND, select_backend
 
             os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
-            default = select_backend(model, "cpu")
+            # what `kapao predict` runs for a .pt on the CPU (an in-memory model's `auto` would be torch)
+            default = select_backend(model, "cpu", backend=DEFAULT_CPU_BACKEND)
             fwd_default = median_ms(lambda: default(x), args.runs, args.warmup, sync)
         pred = predictor.forward(x).float()
         layout = model.layout
