@@ -59,6 +59,13 @@ def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = F
                          "use --project with a writable folder") from None
 
 
+def remove_if_empty(path: Path | None) -> None:
+    """Remove the run folder `path` when it exists and holds nothing: a run that failed before writing
+    anything leaves no empty expN behind (call it from the failure path, then re-raise)."""
+    if path is not None and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def os_error_reason(e: OSError, path: Path) -> str:
     """Why creating or writing `path` failed, in words; names a file that stands where a folder is needed."""
     blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)

@@ -59,7 +59,7 @@ from kapao.optim import (
 )
 from kapao.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.predict import Predictor
-from kapao.runtime import available_cpus, setup_logging
+from kapao.runtime import available_cpus, remove_if_empty, setup_logging
 from kapao.train_data import build_train_loader
 from kapao.train_log import ResultsLog, progress_text
 from kapao.train_run import (
@@ -411,8 +411,8 @@ def train(args: TrainArgs) -> Path:
             write_run_files(trainer.run_dir, trainer.args, trainer.hyp)
         return trainer.fit()
     except BaseException:
-        if env.main and run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that failed while setting up leaves no empty folder behind
+        if env.main:
+            remove_if_empty(run_dir)
         raise
     finally:
         close(env)

@@ -19,7 +19,7 @@ from kapao.evaluate import evaluate, format_metrics, save_results
 from kapao.postprocess import Poses
 from kapao.predict import KAPAO, Predictor
 from kapao.quantize import Calibration
-from kapao.runtime import increment_run_dir
+from kapao.runtime import increment_run_dir, remove_if_empty
 from kapao.weights import check_compatible
 
 LOGGER = logging.getLogger(__name__)
@@ -89,11 +89,15 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
     """The `kapao val` verb as a function: load weights, check them against the data, validate.
 
     With `project`, predictions.json goes to a new `project/nameN` folder, made once the weights and
-    the data have loaded (a run that fails on them leaves no empty folder).
+    the data have loaded; a run that fails before writing anything leaves no empty folder.
     """
     api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8)
     what = "the model" if isinstance(weights, torch.nn.Module) else f"the weights ({weights})"
     check_compatible(api.schema, cfg.schema, what=what)
     loader = make_val_loader(cfg, split, api.check_imgsz(imgsz), batch, workers)
     save_dir = increment_run_dir(project, name) if project is not None else None
-    return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress)
+    try:
+        return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress)
+    except BaseException:
+        remove_if_empty(save_dir)  # failed (or interrupted) before predictions.json was written
+        raise

@@ -158,3 +158,24 @@ def test_predictions_are_saved_before_evaluation(coco_mini_yaml: Path, tmp_path:
     with pytest.raises(DataError, match="ground truth is broken"):
         validate(predictor, make_val_loader(cfg, "val", 128, 2), save_dir=tmp_path, progress=False)
     assert isinstance(json.loads((tmp_path / "predictions.json").read_text()), list)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_run_folder(coco_mini_yaml: Path, tmp_path: Path, monkeypatch):
+    """Inference interrupted (here: the model fails on the first batch) -> no empty runs/val/expN; a run that
+    got as far as predictions.json keeps its folder (previous test)."""
+    import kapao.val as kv
+
+    def failing(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kv, "validate", failing)
+    project = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        kv.run_val(kapao_n(17), load_dataset_config(coco_mini_yaml), imgsz=128, batch=2, project=project, progress=False)
+    assert project.is_dir() and list(project.iterdir()) == []  # the folder was made, then removed
+    (project / "exp").mkdir()
+    (project / "exp" / "keep.txt").write_text("x")
+    monkeypatch.setattr(kv, "increment_run_dir", lambda *a, **k: project / "exp")
+    with pytest.raises(KeyboardInterrupt):
+        kv.run_val(kapao_n(17), load_dataset_config(coco_mini_yaml), imgsz=128, batch=2, project=project, progress=False)
+    assert (project / "exp" / "keep.txt").is_file()  # never removes a folder that holds something
