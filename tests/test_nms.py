@@ -361,7 +361,7 @@ def _stable_top(scores, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_top_candidates_is_the_stable_sort_prefix(dtype):
     """The k highest scores, exactly equal scores at the cut taken in index order (bfloat16 takes the
-    torch.kthvalue path that CUDA tensors take)."""
+    torch.topk path that CUDA and MPS tensors take)."""
     from kapao.nms import top_candidates
 
     g = torch.Generator().manual_seed(7)
