@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-# _resolve_dataset_yaml: the raw keys, to check flip_idx and classes before the schema does
-from kapao.config import SPLITS, DatasetConfig, KeypointSchema, _resolve_dataset_yaml, load_dataset_config
+# resolve_dataset_yaml: the raw keys, to check flip_idx and classes before the schema does
+from kapao.config import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config, resolve_dataset_yaml
 from kapao.errors import DataError
 from kapao.labels import Labels, parse_annotations
 from kapao.runtime import increment_run_dir
@@ -119,7 +119,7 @@ def check_dataset(data: str | os.PathLike, *, single_cls: bool = False, splits: 
 
 def _load_config(data: str | os.PathLike, single_cls: bool, problems: list[Problem]) -> DatasetConfig:
     """The dataset config; a bad flip_idx or several classes become problems and are worked around."""
-    raw, source = _resolve_dataset_yaml(data)
+    raw, source = resolve_dataset_yaml(data)
     overrides: dict[str, Any] = {}
     if "kpt_shape" in raw:
         classes = class_names(raw, source)

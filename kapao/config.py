@@ -376,7 +376,7 @@ def check_dataset_spec(spec: str | os.PathLike) -> None:
         raise ConfigError(f"dataset config '{text}' is neither a built-in name ({names}) nor an existing YAML file")
 
 
-def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
+def resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict[str, Any], str]:
     """Read a dataset YAML (short name or path) and merge it over its `base:` chain."""
     if depth > 4:
         raise ConfigError(f"dataset config {spec}: 'base:' chain is too deep (circular?)")
@@ -405,7 +405,7 @@ def _resolve_dataset_yaml(spec: str | os.PathLike, depth: int = 0) -> tuple[dict
         if not builtin and base_spec not in BUILTIN_DATASETS and not Path(base_spec).expanduser().is_absolute():
             base_spec = str(path.parent / base_spec)
         try:
-            base, _ = _resolve_dataset_yaml(base_spec, depth + 1)
+            base, _ = resolve_dataset_yaml(base_spec, depth + 1)
         except ConfigError as e:
             raise ConfigError(f"{path}: base: {e}") from None
         base.pop("name")  # a derived dataset is named after its own file unless it says otherwise
@@ -422,7 +422,7 @@ def load_dataset_config(spec: str | os.PathLike, *, single_cls: bool = False,
     :func:`kapao.yolo_config.yolo_dataset_config`; `single_cls` merges its classes into one.
     `overrides` replace keys of the YAML (kapao check uses it to go on past a bad flip_idx).
     """
-    data, source = _resolve_dataset_yaml(spec)
+    data, source = resolve_dataset_yaml(spec)
     data = {**data, **(overrides or {})}
     if "kpt_shape" in data:
         from kapao.yolo_config import yolo_dataset_config  # yolo_config builds on this module

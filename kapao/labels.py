@@ -228,7 +228,7 @@ def _person_category_ids(coco: Any) -> set | None:
     return ids or None
 
 
-def _parse_annotation(a: dict, img_hw: tuple[int, int], sxy: tuple[float, float], k: int, ann_file: Path,
+def parse_annotation(a: dict, img_hw: tuple[int, int], sxy: tuple[float, float], k: int, ann_file: Path,
                       stats: DatasetStats) -> tuple[np.ndarray, np.ndarray] | None:
     """One annotation -> (box (4,) xyxy, keypoints (K, 3)) in image pixels, or None if skipped."""
     h, w = img_hw
@@ -286,7 +286,7 @@ def _image_persons(anns: list[dict], hw: tuple[int, int], sxy: tuple[float, floa
         if skip_crowd and a.get("iscrowd", 0):
             stats.crowd_skipped += 1
             continue
-        parsed = _parse_annotation(a, hw, sxy, k, ann_file, stats)
+        parsed = parse_annotation(a, hw, sxy, k, ann_file, stats)
         if parsed is not None:
             persons.append(parsed)
             stats.box_only += not (parsed[1][:, 2] > 0).any()
@@ -372,7 +372,7 @@ def _writable_dir(d: Path) -> bool:
         return False
 
 
-def _cache_paths(ann_file: Path, img_dir: Path, setup: str) -> list[Path]:
+def cache_paths(ann_file: Path, img_dir: Path, setup: str) -> list[Path]:
     """Cache files to try, best first: $KAPAO_CACHE_DIR if set, next to the JSON if that folder is
     writable, else the user cache dir ($XDG_CACHE_HOME/kapao or ~/.cache/kapao)."""
     tag = hashlib.sha1(f"{img_dir.resolve()}|{setup}".encode()).hexdigest()[:8]
@@ -400,7 +400,7 @@ def load_labels(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: b
         raise DataError(f"image folder not found: {img_dir}; check the dataset YAML's path and split entries")
     setup = f"K={num_keypoints}|crowd={'skip' if skip_crowd else 'keep'}"
     key = f"{CACHE_VERSION}|{st.st_size}|{_file_digest(ann_file)}|{setup}|{_listing_digest(img_dir)}"
-    paths = _cache_paths(ann_file, img_dir, setup)
+    paths = cache_paths(ann_file, img_dir, setup)
     labels = load_cached(paths, key)
     if labels is not None:
         return labels, None

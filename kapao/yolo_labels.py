@@ -6,7 +6,7 @@ normalised to the image's width/height (EXIF orientation applied, as Ultralytics
 that names the images is read by :mod:`kapao.yolo_config`.
 
 Rows become the same per-image label arrays as COCO input, through the same per-annotation rules
-(:func:`kapao.labels._parse_annotation`): boxes clipped to the image, persons without labelled
+(:func:`kapao.labels.parse_annotation`): boxes clipped to the image, persons without labelled
 keypoints kept as box-only pose objects, images without rows kept as negatives, keypoints slightly
 outside clipped in. Without a visibility column a keypoint is labelled (v = 2) when it lies inside the
 image and is not exactly (0, 0), the placeholder exporters write for a missing keypoint. Parsed labels
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from kapao.config import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
 from kapao.errors import ConfigError, DataError
-from kapao.labels import CACHE_VERSION, DatasetStats, Labels, _cache_paths, _parse_annotation, load_cached, save_cached
+from kapao.labels import CACHE_VERSION, DatasetStats, Labels, cache_paths, load_cached, parse_annotation, save_cached
 from kapao.sources import probe_image
 
 OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {BOX_AREA_FACTOR} x box area "
@@ -220,7 +220,7 @@ def _labels_from_rows(cfg: DatasetConfig, files: SplitFiles, parsed: list) -> La
             stats.corrupt += status == "corrupt"
             skipped.append(_relative(files.images[i], cfg.root))
             continue
-        pairs = [_parse_annotation(a, hw, (1.0, 1.0), k, files.labels[i], stats) for a in row_annotations(rows, hw)]
+        pairs = [parse_annotation(a, hw, (1.0, 1.0), k, files.labels[i], stats) for a in row_annotations(rows, hw)]
         pairs = [p for p in pairs if p is not None]
         stats.box_only += sum(not (kp[:, 2] > 0).any() for _, kp in pairs)
         kept.append(i)
@@ -258,7 +258,7 @@ def load_yolo_labels(cfg: DatasetConfig, split: str) -> Labels:
     y = cfg.yolo
     setup = f"yolo|K={cfg.schema.num_keypoints}|ndim={y.ndim}|nc={len(y.classes)}|single={y.single_cls}"
     key = cache_key(files, setup)
-    paths = _cache_paths(cfg.annotations[split], cfg.root, setup)
+    paths = cache_paths(cfg.annotations[split], cfg.root, setup)
     labels = load_cached(paths, key)
     if labels is not None:
         return labels

@@ -116,6 +116,33 @@ def test_no_upward_imports():
     assert not upward, f"imports against the data flow (importer, imported): {upward}"
 
 
+def private_imports(path: Path, pkg: Path = PKG) -> list[str]:
+    """'module.name' for every `from kapao.<module> import _name` in `path` whose module lies in another
+    room (a package's submodules, e.g. kapao.weights.*, share their privates)."""
+    importer = room(module_name(path, pkg))
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("kapao."):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__") and room(node.module) != importer:
+                    found.append(f"{node.module}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A helper two modules share is public in its home module (one name, documented there)."""
+    bad = {module_name(p): names for p in kapao_files() if (names := private_imports(p))}
+    assert not bad, f"make these public in their own module: {bad}"
+
+
+def test_private_import_finder(tmp_path: Path):
+    pkg = tmp_path / "kapao"
+    (pkg / "weights").mkdir(parents=True)
+    (pkg / "check.py").write_text("from kapao.config import _hidden, public\nfrom kapao.version import __version__\n")
+    (pkg / "weights" / "official.py").write_text("from kapao.weights.checkpoint import _corrupt\n")
+    assert private_imports(pkg / "check.py", pkg) == ["kapao.config._hidden"]
+    assert private_imports(pkg / "weights" / "official.py", pkg) == []
+
 def test_graph_reader_sees_function_level_and_relative_imports(tmp_path: Path):
     pkg = tmp_path / "kapao"
     (pkg / "weights").mkdir(parents=True)
