@@ -213,12 +213,6 @@ def keypoint_evidence(pred: Tensor, layout: HeadLayout, floor: float = KP_EVIDEN
     return out
 
 
-def _cell_index(xy: Tensor, origin: Tensor, cell: float) -> Tensor:
-    """(P, 2) points -> (P, 2) int64 grid cells of side `cell` counted from `origin`, plus 1 (so that every
-    point's left/upper neighbour cell is >= 0); float64, so that rounding cannot move a point by a cell."""
-    return torch.floor((xy.double() - origin) / cell).long() + 1
-
-
 def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float,
                         wanted: Tensor | None = None) -> Tensor:
     """Confidence of every keypoint from the evidence around it.
@@ -249,12 +243,13 @@ def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float
     query = valid.nonzero().squeeze(1)  # (Q,) flat keypoint slots n * K + k
     if query.numel() == 0 or ev.shape[0] == 0 or not tolerance > 0:
         return conf.view(n, k).to(keypoints_xy.dtype)
-    pts = torch.cat((kxy[query], ev[:, :2])).double()
+    pts = torch.cat((kxy[query], ev[:, :2])).double()  # float64: rounding cannot move a point by a cell
     origin = pts.min(0).values
     span = float((pts.max(0).values - origin).max())
     cell = max(float(tolerance) * (1 + 1e-3), span / 2**20)  # wider than any accepted |dx|, |dy|; bounded grid
     width = int(span / cell) + 4
-    qcell, ecell = _cell_index(kxy[query], origin, cell), _cell_index(ev[:, :2], origin, cell)
+    # grid cell (column, row) of every point, plus 1 so that each point's left/upper neighbour cell is >= 0
+    qcell, ecell = (torch.floor((pts - origin) / cell).long() + 1).split((query.numel(), ev.shape[0]))
     ekey = (ev[:, 3].long() * width + ecell[:, 1]) * width + ecell[:, 0]
     ekey, order = torch.sort(ekey)
     ev = ev[order]
@@ -267,10 +262,11 @@ def keypoint_confidence(keypoints_xy: Tensor, evidence: Tensor, tolerance: float
     tol2 = float(tolerance) * float(tolerance)
     start = 0
     while start < count.numel():
-        stop = max(start + 1, int(torch.searchsorted(ends, ends[start] - count[start] + _EVIDENCE_CHUNK, right=True)))
+        before = ends[start] - count[start]  # pairs of the runs before this step
+        stop = max(start + 1, int(torch.searchsorted(ends, before + _EVIDENCE_CHUNK, right=True)))
         c = count[start:stop]
         pair_run = torch.repeat_interleave(c)  # run (within this step) of every pair
-        first = ends[start:stop] - c - (ends[start] - count[start])
+        first = ends[start:stop] - c - before
         e = lo[start:stop][pair_run] + torch.arange(int(c.sum()), device=c.device) - first[pair_run]
         q = slot[start:stop][pair_run]
         d = _sq_dist(kxy[q], ev[e, :2])
