@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from kapao.config import KeypointSchema, TargetLayout
+from kapao.cfg.schema import KeypointSchema, TargetLayout
 from kapao.errors import DataError
 
 BOX_COLOR = (255, 128, 0)  # BGR, person boxes

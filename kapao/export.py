@@ -1,15 +1,15 @@
-"""ONNX export of a KAPAO model: writes the file, checks it against torch (:mod:`kapao.backends` runs it).
+"""ONNX export of a KAPAO model: writes the file, checks it against torch (:mod:`kapao.backends.runtimes` runs it).
 
 Export (:func:`export_onnx`) traces the Conv+BN-folded network behind :class:`DecodedOutput`, the only
 export-specific piece: it returns the decoded tensor of the eval forward and drops the raw list. The
-tracing and the metadata live in :mod:`kapao.onnx_graph` (the fast CPU backends build cached graphs
-with it too); ``--int8`` quantises the graph with :mod:`kapao.quantize`.
+tracing and the metadata live in :mod:`kapao.backends.onnx_graph` (the fast CPU backends build cached graphs
+with it too); ``--int8`` quantises the graph with :mod:`kapao.backends.int8`.
 
 ONNX graph
     input  ``images``: (B, 3, H, W) float32 (float16 with ``half``) RGB in [0, 1], letterboxed; H, W
            multiples of 64. Static exports fix B, H, W; ``dynamic`` makes all three free.
     output ``output``: (B, N, no) decoded predictions in network-input pixels, channels as
-           :class:`kapao.config.HeadLayout` (box cx, cy, w, h | objectness | 1 + K class
+           :class:`kapao.cfg.schema.HeadLayout` (box cx, cy, w, h | objectness | 1 + K class
            probabilities | 2K keypoint x, y) -- exactly what ``KapaoModel.eval()(x)[0]`` returns.
 
 The file carries its own description in ``metadata_props`` (all values strings, JSON where
@@ -18,7 +18,7 @@ structured): ``format`` (kapao-onnx), ``format_version``, ``kapao_version``, ``s
 ``opset``, ``num_keypoints``, ``schema`` (:meth:`KeypointSchema.to_dict`: kpt_names, flip_idx, sigmas,
 skeleton, kp_bbox), ``names`` (class names), ``source`` (the weights it came from) and ``check``
 (the export's own comparison with torch, see :func:`compare_outputs`).
-:class:`kapao.backends.OnnxBackend` rebuilds the schema from it, so no checkpoint is needed at runtime::
+:class:`kapao.backends.runtimes.OnnxBackend` rebuilds the schema from it, so no checkpoint is needed at runtime::
 
     backend = OnnxBackend("kapao_s_coco.onnx")
     predictor = Predictor.from_backend(backend)
@@ -35,26 +35,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.augment import letterbox
-from kapao.backends import OnnxBackend, require
-from kapao.config import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
-from kapao.errors import ConfigError, UsageError, WeightsError
-from kapao.onnx_graph import (  # noqa: F401 - DecodedOutput, INPUT_NAME, OUTPUT_NAME: importable from here too
+from kapao.backends.int8 import INT8_METADATA, Calibration, quantize_int8
+from kapao.backends.onnx_graph import (
     DEFAULT_OPSET,
-    INPUT_NAME,
     MIN_OPSET,
-    OUTPUT_NAME,
-    DecodedOutput,
     export_metadata,
     head_scope,
     inference_copy,
 )
-from kapao.onnx_graph import set_metadata as _set_metadata
-from kapao.onnx_graph import trace as _trace
-from kapao.quantize import INT8_METADATA, Calibration, quantize_int8
+from kapao.backends.onnx_graph import set_metadata as _set_metadata
+from kapao.backends.onnx_graph import trace as _trace
+from kapao.backends.runtimes import OnnxBackend, require
+from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
+from kapao.data.letterbox import letterbox
+from kapao.data.sources import default_source, load_image
+from kapao.errors import ConfigError, UsageError, WeightsError
 from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
-from kapao.sources import default_source, load_image
-from kapao.weights import load_model
+from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -135,7 +132,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     or (h, w), multiples of 64) and ``batch`` fix the input shape unless ``dynamic`` (free batch,
     height and width). ``half`` exports fp16 and needs a CUDA device (``device``, default: CPU, or the
     first GPU with ``half``). ``simplify`` runs onnxslim. ``int8`` quantises the graph statically
-    (:func:`kapao.quantize.quantize_int8`, calibrated on its images; CPU, not with ``half``). The file
+    (:func:`kapao.backends.int8.quantize_int8`, calibrated on its images; CPU, not with ``half``). The file
     is written to ``path`` (a file, or a folder), by default next to the weights as ``<weights
     stem>.onnx`` (``<stem>-int8.onnx`` with int8), atomically; an existing file is only replaced with
     ``exist_ok`` (else UsageError, exit 2, before the slow export).
@@ -143,7 +140,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
     With ``check`` the exported file is run with onnxruntime on ``check_image`` (default: bus.jpg from
     ultralytics) letterboxed to ``imgsz`` and compared with the torch model; the differences (see
     :func:`compare_outputs`) are stored in the metadata key ``check`` (read them with
-    :func:`kapao.backends.read_metadata`, print them with :func:`describe_check`) and logged at debug level.
+    :func:`kapao.backends.runtimes.read_metadata`, print them with :func:`describe_check`) and logged at debug level.
     Returns the path of the written file.
     """
     onnx = require("onnx", "ONNX export")
@@ -204,7 +201,7 @@ def _check(data: bytes, wrapper: nn.Module, image: Any, imgsz: tuple[int, int], 
 
 
 def describe_check(meta: Mapping[str, Any]) -> str:
-    """One line about the export check stored in metadata (raw strings or :func:`kapao.backends.read_metadata`)."""
+    """One line about the export check stored in metadata (raw strings or :func:`kapao.backends.runtimes.read_metadata`)."""
     check = meta.get("check")
     if isinstance(check, str):
         check = json.loads(check)

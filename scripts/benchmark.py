@@ -79,17 +79,18 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kapao import postprocess as pp  # noqa: E402
-from kapao.backends import Backend as KapaoBackend  # noqa: E402
-from kapao.backends import OnnxBackend, physical_cores  # noqa: E402
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, HeadLayout, InferenceSettings  # noqa: E402
+from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend, physical_cores  # noqa: E402
+from kapao.cfg.schema import HeadLayout  # noqa: E402
+from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings  # noqa: E402
+from kapao.data.sources import default_source, load_image  # noqa: E402
 from kapao.errors import KapaoError  # noqa: E402
 from kapao.export import export_onnx  # noqa: E402
-from kapao.model import build_model, count_flops  # noqa: E402
-from kapao.postprocess import postprocess  # noqa: E402
-from kapao.predict import KAPAO, Predictor, prepare_batch  # noqa: E402
+from kapao.infer import postprocess as pp  # noqa: E402
+from kapao.infer.postprocess import postprocess  # noqa: E402
+from kapao.infer.predictor import KAPAO, Predictor, prepare_batch  # noqa: E402
+from kapao.models.network import build_model, count_flops  # noqa: E402
 from kapao.runtime import select_device  # noqa: E402
-from kapao.sources import default_source, load_image  # noqa: E402
 
 # Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
 BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))
@@ -310,7 +311,7 @@ class Context:
 
 
 Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "KapaoBackend | None", "Path | None"]
-# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.fast_backends; issue 14 parts 1-2):
+# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch; issue 14 parts 1-2):
 # (label, --backend, shapes, int8). Their exports go to a cache folder under the run's temp dir, not timed.
 # scripts/benchmark_backends.py measures the same rows without the end-to-end runs.
 FAST_ROWS = (
@@ -335,8 +336,8 @@ def kapao_api(model: torch.nn.Module, device: torch.device, backend: KapaoBacken
 
 def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Backend]:
     """The FAST_ROWS backends (CPU only; a runtime that is not installed is noted and skipped)."""
-    from kapao.fast_backends import select_backend
-    from kapao.quantize import Calibration
+    from kapao.backends.dispatch import select_backend
+    from kapao.backends.int8 import Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
     root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -382,7 +383,7 @@ def kapao_flops(model: torch.nn.Module, shape: tuple[int, int]) -> float:
 def kapao_rows(ctx: Context, size: str, imgsz: int, torch_only: bool = False) -> list[Row]:
     args, device = ctx.args, ctx.device
     if args.weights:
-        from kapao.weights import load_model
+        from kapao.weights.loader import load_model
 
         model, _ = load_model(args.weights)
         name = f"kapao-{model.size} ({Path(args.weights).name})"
@@ -507,7 +508,7 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
         fwd = median_ms(lambda: predictor.forward(x), runs, args.warmup, sync)
         fwd_default = fwd  # the default backend is torch off the CPU
         if device.type == "cpu" and not args.no_onnx:
-            from kapao.fast_backends import DEFAULT_CPU_BACKEND, select_backend
+            from kapao.backends.dispatch import DEFAULT_CPU_BACKEND, select_backend
 
             os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
             # what `kapao predict` runs for a .pt on the CPU (an in-memory model's `auto` would be torch)

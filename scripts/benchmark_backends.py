@@ -1,4 +1,4 @@
-"""Forward speed of every CPU backend of kapao, to choose kapao.fast_backends.DEFAULT_CPU_BACKEND / DEFAULT_SHAPES.
+"""Forward speed of every CPU backend of kapao, to choose kapao.backends.dispatch.DEFAULT_CPU_BACKEND / DEFAULT_SHAPES.
 
     python scripts/benchmark_backends.py [--size s] [--imgsz 640 1280] [--runs 6] [--weights FILE]
                                          [--calib DIR] [--calib-images 4] [--backends ...] [--quick]
@@ -58,8 +58,8 @@ def matmul_gflops(runs: int, n: int = 2048) -> float:
 
 def network_input(imgsz: int) -> torch.Tensor:
     """(1, 3, H, W) float in [0, 1]: the test video's first frame letterboxed as predict does (random if absent)."""
-    from kapao.predict import prepare_batch
-    from kapao.sources import VideoReader
+    from kapao.data.sources import VideoReader
+    from kapao.infer.predictor import prepare_batch
 
     video = TEST_DATA / "videos" / "posetrack-000001.mp4"
     if video.is_file():
@@ -73,7 +73,7 @@ def network_input(imgsz: int) -> torch.Tensor:
 
 
 def make_backend(row: str, model: torch.nn.Module, calib: object) -> object:
-    from kapao.fast_backends import select_backend
+    from kapao.backends.dispatch import select_backend
 
     shapes = "fixed" if row.endswith("-fixed") else "dynamic"
     name = row.removesuffix("-fixed").removesuffix("-int8")
@@ -81,10 +81,10 @@ def make_backend(row: str, model: torch.nn.Module, calib: object) -> object:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from kapao.config import HeadLayout
-    from kapao.model import build_model, count_flops
-    from kapao.quantize import Calibration
-    from kapao.weights import load_model
+    from kapao.backends.int8 import Calibration
+    from kapao.cfg.schema import HeadLayout
+    from kapao.models.network import build_model, count_flops
+    from kapao.weights.loader import load_model
 
     torch.manual_seed(0)
     model = load_model(args.weights, device="cpu")[0] if args.weights else build_model(args.size, 17)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from kapao.config import PREDICT_SETTINGS
-from kapao.model import build_model
-from kapao.predict import KAPAO
+from kapao.cfg.settings import PREDICT_SETTINGS
+from kapao.infer.predictor import KAPAO
+from kapao.models.network import build_model
 
 DATA = Path(os.environ.get("KAPAO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

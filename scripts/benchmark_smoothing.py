@@ -15,7 +15,8 @@ import argparse
 
 import numpy as np
 
-from kapao.smooth import KeypointSmoother, OneEuroSettings
+from kapao.cfg.settings import OneEuroSettings
+from kapao.track.smooth import KeypointSmoother
 
 HEIGHT = 200.0  # person height in pixels
 K = 17

@@ -81,8 +81,8 @@ def main() -> None:
         if weights is None:
             import torch
 
-            from kapao.model import build_model
-            from kapao.weights import save_checkpoint
+            from kapao.models.network import build_model
+            from kapao.weights.checkpoint import save_checkpoint
 
             torch.manual_seed(0)
             weights = str(save_checkpoint(tmp_path / "kapao_n.pt", build_model("n", 17)))

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from ultralytics.trackers.byte_tracker import BYTETracker
 
-from kapao.config import load_dataset_config
+from kapao.cfg.schema import load_dataset_config
 from kapao.poses import Poses
-from kapao.track import (
+from kapao.track.tracker import (
     TRACKERS,
     UNTRACKED,
     Detections,
@@ -171,9 +171,9 @@ def video_timing(video: str, weights: str, imgsz: int, device: str | None, frame
 
     import cv2
 
-    from kapao.predict import KAPAO
-    from kapao.smooth import OneEuroSettings
-    from kapao.sources import VideoReader
+    from kapao.cfg.settings import OneEuroSettings
+    from kapao.data.sources import VideoReader
+    from kapao.infer.predictor import KAPAO
 
     reader = VideoReader(video)
     fps = reader.fps or 30.0

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_train.py [--device cpu|0] [--iters 4] [--warmup 1] [--threads N]
 
-Times what `kapao train` does per batch (kapao.train_step.TrainStep): forward, loss, backward, and every
+Times what `kapao train` does per batch (kapao.train.step.TrainStep): forward, loss, backward, and every
 `accumulate` batches (nominal batch 64) the SGD step and the EMA update. Data loading is excluded
 (scripts/benchmark_loader.py measures it). Synthetic batches: random images, 6 persons per image
 with all 17 keypoints visible (plus their keypoint objects). Cases: sizes n and s at 640 px, batch 8,
@@ -17,14 +17,15 @@ import time
 import numpy as np
 import torch
 
-from kapao.augment import Instances
-from kapao.config import Hyp, load_dataset_config
-from kapao.data import collate, encode_targets
-from kapao.loss import KapaoLoss
-from kapao.model import build_model
-from kapao.optim import ModelEMA, accumulate_steps, build_optimizer
+from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.settings import Hyp
+from kapao.data.augment import Instances
+from kapao.data.dataset import collate, encode_targets
+from kapao.models.loss import KapaoLoss
+from kapao.models.network import build_model
 from kapao.runtime import select_device
-from kapao.train_step import TrainStep
+from kapao.train.optim import ModelEMA, accumulate_steps, build_optimizer
+from kapao.train.step import TrainStep
 
 PERSONS = 6
 

@@ -114,9 +114,9 @@ import torch
 sys.path.insert(0, "scripts")
 import _reference_nms as ref  # noqa: E402
 
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS  # noqa: E402
-from kapao.model import build_model  # noqa: E402
-from kapao.postprocess import nms  # noqa: E402
+from kapao.cfg.schema import PREDICT_SETTINGS, VAL_SETTINGS  # noqa: E402
+from kapao.models.network import build_model  # noqa: E402
+from kapao.infer.postprocess import nms  # noqa: E402
 
 device, imgsz = torch.device("cuda:0" if sys.argv[1] != "cpu" else "cpu"), int(sys.argv[2])
 torch.manual_seed(0)

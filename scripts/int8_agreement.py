@@ -7,7 +7,7 @@ On coco-mini (4 images, $KAPAO_TEST_DATA): a model trained on those images (so t
 people; --weights, or trained here with --train-epochs) is run through onnxruntime in fp32 and as the
 int8 model calibrated on the same images (--calib-images), both at --imgsz with the val settings. The
 fp32 poses above --gt-conf become the ground truth (every keypoint labelled, area = box area), and the
-int8 poses are evaluated against them with kapao.evaluate (COCO protocol, the schema's OKS sigmas).
+int8 poses are evaluated against them with kapao.eval.metrics (COCO protocol, the schema's OKS sigmas).
 Printed: that AP/AP50/AP75, the same for torch-vs-onnxruntime fp32 as a control (should be 1.0),
 and the largest raw-output differences int8 vs fp32 (coordinates in network-input pixels, scores).
 The number goes into the README section 'int8' and the --int8 help.
@@ -35,7 +35,8 @@ MEMORISE_HYP = {"lr0": 0.05, "nominal_batch": 4, "warmup_epochs": 0, "warmup_min
 
 def memorise(epochs: int, imgsz: int, project: Path) -> Path:
     """Train size n on coco-mini (train = val) for `epochs` with MEMORISE_HYP on the CPU; returns last.pt."""
-    from kapao.train import TrainArgs, train
+    from kapao.train.run import TrainArgs
+    from kapao.train.trainer import train
 
     root = TEST_DATA / "coco-mini"
     yaml = project / "coco-mini.yaml"
@@ -69,7 +70,7 @@ def ground_truth(images: list[tuple[int, tuple[int, int]]], poses: dict[int, obj
 
 def agreement(reference: dict[int, object], other: dict[int, object], images: list, schema: object,
               min_score: float) -> dict[str, float]:
-    from kapao.evaluate import evaluate
+    from kapao.eval.metrics import evaluate
 
     gt = ground_truth(images, reference, min_score)
     results = [r for image_id, _ in images for r in other[image_id].to_coco(image_id)]
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("KAPAO_CACHE_DIR", tempfile.mkdtemp(prefix="kapao-int8-"))
 
-    from kapao.config import VAL_SETTINGS, HeadLayout
-    from kapao.predict import KAPAO, prepare_batch
-    from kapao.quantize import Calibration
-    from kapao.sources import load_image
+    from kapao.backends.int8 import Calibration
+    from kapao.cfg.schema import HeadLayout
+    from kapao.cfg.settings import VAL_SETTINGS
+    from kapao.data.sources import load_image
+    from kapao.infer.predictor import KAPAO, prepare_batch
 
     folder = TEST_DATA / "coco-mini" / "images"
     weights = args.weights or memorise(args.train_epochs, args.imgsz, Path(tempfile.mkdtemp(prefix="kapao-mem-")))

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kapao.calibration import CORRECT_KS, MATCH_OKS, Reliability, predict_and_match, reliability, roc_auc
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, load_dataset_config
-from kapao.predict import KAPAO
+from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS
+from kapao.eval.confidence import CORRECT_KS, MATCH_OKS, Reliability, predict_and_match, reliability, roc_auc
+from kapao.eval.val import make_val_loader, protocol_for
+from kapao.infer.predictor import KAPAO
 from kapao.runtime import atomic_write, increment_run_dir
-from kapao.val import make_val_loader, protocol_for
-from kapao.weights import check_compatible
+from kapao.weights.checkpoint import check_compatible
 
 SETTINGS = {"val": VAL_SETTINGS, "predict": PREDICT_SETTINGS}
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kapao.calibration import MATCH_OKS, predict_and_match, roc_auc
-from kapao.config import PREDICT_SETTINGS, VAL_SETTINGS, load_dataset_config
-from kapao.predict import KAPAO
+from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS
+from kapao.eval.confidence import MATCH_OKS, predict_and_match, roc_auc
+from kapao.eval.val import make_val_loader, protocol_for
+from kapao.infer.predictor import KAPAO
 from kapao.runtime import atomic_write, increment_run_dir
-from kapao.val import make_val_loader, protocol_for
 
 DATA = Path(os.environ.get("KAPAO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 NO_AUGMENTATION = {"mosaic": 0, "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
@@ -38,7 +39,8 @@ def mini_yaml(folder: Path, out: Path) -> Path:
 
 
 def train_memorised(data: Path, save_dir: Path, imgsz: int, steps: int) -> Path:
-    from kapao.train import TrainArgs, train
+    from kapao.train.run import TrainArgs
+    from kapao.train.trainer import train
 
     hyp = {"lr0": 0.05, "nominal_batch": 4, "warmup_epochs": 0, "warmup_min_iters": 10, **NO_AUGMENTATION}
     run = train(TrainArgs(data=str(data), size="n", imgsz=imgsz, batch=4, epochs=steps, device="cpu", workers=0,

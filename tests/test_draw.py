@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kapao.config import KeypointSchema
+from kapao.cfg.schema import KeypointSchema
 from kapao.draw import BOX_COLOR, draw_poses, palette, track_color
 
 

@@ -18,15 +18,16 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from kapao.backends import OnnxBackend, read_metadata  # noqa: E402
-from kapao.config import PREDICT_SETTINGS, HeadLayout, InferenceSettings, KeypointSchema  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend, read_metadata  # noqa: E402
+from kapao.cfg.schema import HeadLayout, KeypointSchema  # noqa: E402
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
+from kapao.data.sources import VideoReader, default_source, load_image  # noqa: E402
 from kapao.errors import ConfigError, WeightsError  # noqa: E402
 from kapao.export import check_image_tensor, compare_outputs, export_onnx  # noqa: E402
-from kapao.model import default_schema, kapao_n  # noqa: E402
-from kapao.postprocess import Poses  # noqa: E402
-from kapao.predict import Predictor, prepare_batch  # noqa: E402
-from kapao.sources import VideoReader, default_source, load_image  # noqa: E402
-from kapao.weights import save_checkpoint  # noqa: E402
+from kapao.infer.predictor import Predictor, prepare_batch  # noqa: E402
+from kapao.models.network import default_schema, kapao_n  # noqa: E402
+from kapao.poses import Poses  # noqa: E402
+from kapao.weights.checkpoint import save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COORD_TOL, SCORE_TOL = 1e-2, 1e-4
@@ -42,7 +43,7 @@ def untrained_model(schema: KeypointSchema | int = 17, seed: int = 0) -> torch.n
     train-mode pass over bus.jpg and zidane.jpg sets BatchNorm statistics from real activations
     (variances floored by +0.05: near-dead channels would otherwise blow up fp32 rounding).
     """
-    from kapao.predict import prepare_batch
+    from kapao.infer.predictor import prepare_batch
 
     torch.manual_seed(seed)
     model = kapao_n(schema)
@@ -219,8 +220,8 @@ def test_dynamic_graph_has_no_scatter(dynamic_onnx: Path):
 def test_export_cli_then_predict_cli(tmp_path: Path, test_video: Path):
     from click.testing import CliRunner
 
-    from kapao.cli import cli
-    from kapao.weights import save_checkpoint
+    from kapao.cli.main import cli
+    from kapao.weights.checkpoint import save_checkpoint
 
     weights = tmp_path / "n.pt"
     save_checkpoint(weights, untrained_model(), extra={"epoch": 0})
@@ -238,7 +239,7 @@ def test_export_cli_then_predict_cli(tmp_path: Path, test_video: Path):
 
 
 def test_kapao_api_runs_onnx_on_video(dynamic_onnx: Path, test_video: Path, tmp_path: Path):
-    from kapao.predict import KAPAO
+    from kapao.infer.predictor import KAPAO
 
     run = KAPAO(str(dynamic_onnx), device="cpu").run(str(test_video), imgsz=256, project=tmp_path,
                                                       settings=PREDICT_SETTINGS.replace(conf=0.0001))
@@ -310,7 +311,7 @@ def test_benchmark_quick_prints_table(tmp_path: Path):
 def test_export_cli_unwritable_output_fails_before_exporting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from click.testing import CliRunner
 
-    from kapao.cli import cli
+    from kapao.cli.main import cli
 
     weights = save_checkpoint(tmp_path / "w.pt", kapao_n(17))
     blocker = tmp_path / "file"

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from kapao.config import KeypointSchema
+from kapao.cfg.schema import KeypointSchema
 from kapao.errors import ConfigError, WeightsError
 from kapao.runtime import atomic_write, plain_data, select_device
 from kapao.version import __version__
@@ -190,9 +190,9 @@ def _torch_load_weights_only(path: Path) -> Any:
 
 
 def build_and_load(state_dict: dict[str, Tensor], info: dict[str, Any], path: Path, device: Any) -> nn.Module:
-    """A :class:`kapao.model.KapaoModel` for ``info`` (size, schema, optional config and bn_eps) with
+    """A :class:`kapao.models.network.KapaoModel` for ``info`` (size, schema, optional config and bn_eps) with
     ``state_dict`` loaded strictly; WeightsError naming ``path`` and the keys that do not fit."""
-    from kapao.model import KapaoModel  # the network module is heavy; weights files need not be
+    from kapao.models.network import KapaoModel  # the network module is heavy; weights files need not be
 
     schema: KeypointSchema = info["schema"]
     config = {**(info.get("config") or {}), "size": str(info["size"]), "schema": schema.to_dict(),
@@ -226,7 +226,7 @@ def build_and_load(state_dict: dict[str, Tensor], info: dict[str, Any], path: Pa
 
 def infer_size(state_dict: Mapping[str, Tensor]) -> str | None:
     """The size whose width (stem channels) and depth (bottlenecks of layer 2) match the tensors."""
-    from kapao.model import SIZES
+    from kapao.models.network import SIZES
 
     stem = state_dict.get("model.0.conv.conv.weight")
     if stem is None:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from kapao.config import KeypointSchema
+from kapao.cfg.schema import KeypointSchema
 from kapao.errors import ConfigError, WeightsError
 from kapao.weights.checkpoint import (
     CHECKPOINT_VERSION, _PickledObjects, _torch_load_weights_only, build_and_load, check_compatible,

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from kapao.config import STRIDES, KeypointSchema
+from kapao.cfg.schema import STRIDES, KeypointSchema
 from kapao.errors import WeightsError
 from kapao.weights.checkpoint import _corrupt, build_and_load, infer_size, save_checkpoint
 from kapao.weights.registry import PathLike, _check_file
@@ -100,7 +100,7 @@ def official_to_state_dict(ckpt: Mapping[str, Any],
                            path: PathLike = "<checkpoint>") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Flatten an official checkpoint (from :func:`load_official_checkpoint`) into our network's terms.
 
-    Returns (state_dict, meta): float32 tensors keyed like :class:`kapao.model.KapaoModel`
+    Returns (state_dict, meta): float32 tensors keyed like :class:`kapao.models.network.KapaoModel`
     (``model.0.conv.conv.weight`` …, ``model.33.anchors`` in grid units; ``anchor_grid`` dropped)
     and meta = {size, num_keypoints, keypoint_names (or None), anchors (nl, na, 2) pixels as lists,
     strides, bn_eps, epoch, best_fitness}. The EMA model is used when present (as YOLOv5 does).
@@ -188,7 +188,7 @@ def _to_float32(raw: Mapping[str, Tensor], *, drop: str) -> dict[str, Tensor]:
 
 def _model_size(root: StandIn, state_dict: Mapping[str, Tensor], path: Path) -> str:
     """The size (s/m/l …) from the yaml's depth/width multiples, checked against the tensor shapes."""
-    from kapao.model import SIZES  # the network module is heavy; reading a file need not be
+    from kapao.models.network import SIZES  # the network module is heavy; reading a file need not be
 
     yaml = root.get("yaml") if isinstance(root.get("yaml"), Mapping) else {}
     size = None

@@ -3,7 +3,7 @@ in, and their download.
 
 The table feeds everything that mentions named weights: :func:`resolve_weights` and the loaders,
 the ``--weights`` help text, ``kapao info --weights NAME``, the default inference size of
-:class:`kapao.predict.KAPAO`, and the README's weights table (a test checks that they agree).
+:class:`kapao.infer.predictor.KAPAO`, and the README's weights table (a test checks that they agree).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kapao.config import KeypointSchema
+from kapao.cfg.schema import KeypointSchema
 from kapao.errors import WeightsError
 from kapao.runtime import atomic_write
 

@@ -1,0 +1,1 @@
+"""Evaluation: COCO / CrowdPose keypoint metrics, the val verb, the keypoint-confidence study."""

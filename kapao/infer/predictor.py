@@ -1,0 +1,398 @@
+"""Inference: the one pre-process -> model -> decode -> NMS -> fusion path, and the `predict` verb.
+
+`Predictor` is shared by predict, val and training; the network behind it is a backend
+(:mod:`kapao.backends.runtimes`: torch, onnxruntime). `KAPAO` is the Python API the CLI wraps; frames come
+from :mod:`kapao.data.sources` and results go to :mod:`kapao.infer.sinks`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from kapao.backends.dispatch import select_backend
+from kapao.backends.int8 import Calibration
+from kapao.backends.runtimes import Backend, TorchBackend
+from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
+from kapao.data.letterbox import letterbox
+from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
+from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.infer.postprocess import postprocess
+from kapao.infer.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
+from kapao.infer.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
+from kapao.infer.tta import tta_forward
+from kapao.poses import Poses
+from kapao.weights.registry import native_imgsz
+
+LOGGER = logging.getLogger(__name__)
+FrameTransform = Callable[[Frame, Poses], Poses]  # a per-frame step of a predict run (e.g. tracking)
+
+
+# ----------------------------------------------------------------------------------------------
+def prepare_batch(images: Sequence[np.ndarray], imgsz: int) -> tuple[Tensor, list[dict[str, Any]]]:
+    """BGR images -> letterboxed (B, 3, H, W) uint8 RGB tensor with minimal (rectangular) padding.
+
+    All images of a batch share one shape: the smallest multiple-of-64 rectangle that holds each
+    image resized to long side `imgsz`. metas: orig_shape (h, w), ratio (rw, rh), pad (padw, padh).
+    """
+    shapes = []
+    for im in images:
+        h, w = im.shape[:2]
+        r = imgsz / max(h, w)
+        hw = max(1, round(h * r)), max(1, round(w * r))  # a very thin image keeps a side of at least 1 pixel
+        shapes.append((math.ceil(hw[0] / MAX_STRIDE) * MAX_STRIDE, math.ceil(hw[1] / MAX_STRIDE) * MAX_STRIDE))
+    target = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    batch, metas = [], []
+    for im in images:
+        out, ratio, pad = letterbox(im, target, auto=False)
+        batch.append(out)
+        metas.append({"orig_shape": im.shape[:2], "ratio": ratio, "pad": pad})
+    arr = np.stack(batch)[..., ::-1].transpose(0, 3, 1, 2)  # BGR HWC -> RGB CHW
+    return torch.from_numpy(np.ascontiguousarray(arr)), metas
+
+
+@dataclass
+class Timing:
+    """Accumulated seconds of pre-processing, inference and post-processing (NMS + fusion)."""
+
+    pre: float = 0.0
+    infer: float = 0.0
+    post: float = 0.0
+    images: int = 0
+
+    def per_image_ms(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        return {"pre": 1000 * self.pre / n, "infer": 1000 * self.infer / n, "post": 1000 * self.post / n}
+
+    def summary(self) -> str:
+        ms = self.per_image_ms()
+        return f"{ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image"
+
+
+class Predictor:
+    """Network input tensor -> list of Poses, through a backend (:mod:`kapao.backends.runtimes`) or any forward callable.
+
+    `forward` maps (B, 3, H, W) float in [0, 1] to decoded (B, N, 6 + 3K); pre-processing, TTA, NMS
+    and keypoint fusion are the same whatever runs the network.
+    """
+
+    def __init__(self, forward: Backend | Callable[[Tensor], Tensor], schema: KeypointSchema, device: torch.device,
+                 settings: InferenceSettings = PREDICT_SETTINGS, half: bool = False,
+                 scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
+                 return_kp_objects: bool = False) -> None:
+        if scales and flips and len(scales) != len(flips):
+            raise ConfigError(f"--scales has {len(scales)} values but --flips has {len(flips)}; give one flip per scale")
+        self.forward, self.schema, self.device = forward, schema, device
+        self.layout = HeadLayout(schema.num_keypoints)
+        self.settings, self.half = settings, half
+        self.scales = list(scales) if scales else ([1.0] * len(flips) if flips else None)
+        self.flips = list(flips) if flips else ([False] * len(self.scales) if self.scales else None)
+        self.return_kp_objects = return_kp_objects
+        self.timing = Timing()
+
+    @classmethod
+    def from_backend(cls, backend: Backend, settings: InferenceSettings = PREDICT_SETTINGS,
+                     scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None,
+                     return_kp_objects: bool = False) -> "Predictor":
+        """A predictor over a backend: its schema, device and precision."""
+        return cls(backend, backend.schema, backend.device, settings, backend.half, scales, flips, return_kp_objects)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: torch.device, half: bool = False, fold_bn: bool = True,
+                   **kwargs: Any) -> "Predictor":
+        """A predictor over a KapaoModel (:class:`kapao.backends.runtimes.TorchBackend`: eval mode, Conv+BN folded on
+        a copy, fp16 on CUDA if asked)."""
+        return cls.from_backend(TorchBackend(model, device, half, fold_bn), **kwargs)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        setattr(self.timing, name, getattr(self.timing, name) + time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, metas: Sequence[dict[str, Any]]) -> list[Poses]:
+        """images: (B, 3, H, W) uint8 RGB letterboxed network input; metas as from `prepare_batch`."""
+        x = images.to(self.device, non_blocking=True)
+        x = (x.half() if self.half else x.float()) / 255.0
+        with self._timed("infer"):
+            if self.scales:
+                pred = tta_forward(self.forward, x, self.scales, self.flips, self.layout, self.schema.flip_index)
+            else:
+                pred = self.forward(x)
+        with self._timed("post"):
+            out = postprocess(pred.float(), self.settings, self.layout, metas, self.return_kp_objects)
+        self.timing.images += len(out)
+        return out
+
+    def predict_images(self, images: Sequence[np.ndarray], imgsz: int) -> list[Poses]:
+        """BGR images (H, W, 3) -> Poses in their pixels."""
+        with self._timed("pre"):
+            batch, metas = prepare_batch(images, imgsz)
+        return self(batch, metas)
+
+
+# ----------------------------------------------------------------------------------------------
+def _display_available() -> str | None:
+    """None when a window can be opened, else the reason why not."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display found (DISPLAY is not set)"
+    try:
+        cv2.namedWindow("kapao", cv2.WINDOW_NORMAL)
+        cv2.destroyWindow("kapao")
+    except cv2.error:
+        return "this OpenCV build has no GUI support (opencv-python-headless is installed)"
+    return None
+
+
+def iter_frames(spec: SourceSpec, readers: dict[str, VideoReader], unreadable: list[str] | None = None,
+                skip: Callable[[str, int | None], bool] | None = None) -> Iterator[Frame]:
+    """Frames of every item of a source: images once, videos/streams frame by frame.
+
+    A reader already in `readers` (opened early) is used as is. An image or video of a folder or glob
+    that cannot be read is logged, appended to `unreadable` and skipped, so one bad file never stops the
+    run; a lone file that cannot be read raises DataError. `skip(item, frame index or None)` True drops
+    an image before it is read, or a video frame after it is decoded (a resumed run's finished work).
+    """
+    for item in spec.items:
+        try:
+            if spec.is_video(item):
+                reader = readers.get(item) or VideoReader(item)
+                readers[item] = reader
+                yield from (f for f in reader if skip is None or not skip(item, f.frame))
+            elif skip is None or not skip(item, None):
+                yield Frame(load_image(item), item)
+        except DataError as e:
+            if len(spec) == 1:
+                raise
+            LOGGER.warning("skipped: %s", e)
+            if unreadable is not None:
+                unreadable.append(item)
+
+
+def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
+    chunk: list[Frame] = []
+    for f in frames:
+        if chunk and (f.frame is not None) != (chunk[0].frame is not None):  # never mix videos and images
+            yield chunk
+            chunk = []
+        chunk.append(f)
+        if len(chunk) == batch or f.frame is not None:  # video frames go one by one (live order)
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class PredictRun:
+    """What a predict run produced."""
+
+    save_dir: Path | None
+    results: list[Poses] = field(default_factory=list)
+    frames: int = 0
+    poses: int = 0
+    skipped: int = 0  # files that are neither images nor videos (by suffix)
+    unreadable: list[str] = field(default_factory=list)  # images/videos that could not be decoded
+    seconds: float = 0.0
+    timing: Timing | None = None
+    json_path: Path | None = None  # predictions.json (built from predictions.jsonl at the end)
+    resumed: int = 0  # frames/images a resumed run found already done in its predictions.jsonl
+
+
+class KAPAO:
+    """Python API: `model = KAPAO("kapao_s_coco"); results = model.predict("img.jpg")`.
+
+    ``backend``: auto (weights files on the CPU run through a cached ONNX export, see
+    :mod:`kapao.backends.dispatch`), torch, torch-cl, onnxruntime or openvino; ``int8``: run a statically
+    quantised model calibrated on these images (:class:`kapao.backends.int8.Calibration`).
+    """
+
+    def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
+                 half: bool = False, backend: str = "auto", int8: Calibration | None = None) -> None:
+        self.backend: Backend = select_backend(weights, device, half, backend, int8=int8)
+        self.info: dict[str, Any] = self.backend.info
+        self.schema: KeypointSchema = self.backend.schema
+        self.device, self.half = self.backend.device, self.backend.half
+
+    @property
+    def default_imgsz(self) -> int:
+        """The input size of a fixed-shape ONNX file, else the native size of named weights
+        (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
+        fixed = self.backend.fixed_shape
+        return max(fixed) if fixed else native_imgsz(self.info.get("name"))
+
+    def check_imgsz(self, imgsz: int) -> int:
+        """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""
+        check_imgsz(imgsz)
+        fixed = self.backend.fixed_shape
+        if fixed and imgsz > max(fixed):
+            raise ConfigError(f"--imgsz {imgsz}: {self.info['path']} has a fixed {fixed[0]}x{fixed[1]} input; "
+                              f"use --imgsz {max(fixed)} or export with --dynamic")
+        return imgsz
+
+    def predictor(self, settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
+                  flips: Sequence[bool] | None = None, return_kp_objects: bool = False) -> Predictor:
+        """A predictor with these settings over the backend loaded once (Conv+BN folded, session open)."""
+        return Predictor.from_backend(self.backend, settings, scales, flips, return_kp_objects)
+
+    def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
+                imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
+        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
+        if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
+            arrays = [source] if isinstance(source, np.ndarray) else list(source)
+            return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
+        return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
+
+    def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
+            settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
+            flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
+            show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
+            name: str = "exp", keep_results: bool = False, progress: bool = False,
+            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = (),
+            transforms: Sequence[FrameTransform] = ()) -> PredictRun:
+        """The predict verb: run on a source; into runs/predict/expN stream predictions.jsonl (one line per
+        frame, as it is made), drawn media, and at the end predictions.json (built from the JSONL).
+
+        keep_results: also keep every frame's Poses in PredictRun.results (memory grows with the run).
+        resume: continue a run -- a run folder (or its predictions.jsonl), or True/"latest" (see
+        :func:`kapao.infer.resume.find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
+        Images and video frames already in its JSONL are skipped, the rest appended.
+        sinks: extra :class:`kapao.infer.sinks.Sink` objects fed every frame (e.g. a CSV export).
+        transforms: per-frame steps `(frame, poses) -> poses` applied in order before the sinks see the
+        poses (e.g. tracking, then smoothing).
+        """
+        self.check_imgsz(imgsz)
+        if batch < 1:
+            raise ConfigError(f"--batch {batch}: must be at least 1")
+        resume_dir, stored = None, None
+        if resume:
+            resume_dir = find_resume_run(resume, project, name, source_text(source))
+            stored = read_run_args(resume_dir)
+            source = stored["source"] if source is None else source
+        spec = source if isinstance(source, SourceSpec) else resolve_source(source)
+        args = self._run_args(spec, imgsz, settings, scales, flips)
+        if resume_dir is not None:
+            check_resume(resume_dir, spec, stored, args)
+        if show and (why := _display_available()):
+            raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
+        draw = draw or DrawOptions()
+        predictor = self.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
+        readers: dict[str, VideoReader] = {}
+        if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
+            readers[spec.items[0]] = VideoReader(spec.items[0])
+        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        root = source_root(spec)
+        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
+                              root=root, sinks=sinks) if save_dir or show or sinks else None
+        run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
+        skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
+        t0 = time.perf_counter()
+        try:
+            bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
+                       dynamic_ncols=True)
+            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
+                            keep_results, bar, transforms)
+        finally:
+            for r in readers.values():
+                r.close()
+            if writer:
+                run.json_path = writer.close()
+            if run.frames == 0 and resume_dir is None and save_dir is not None:
+                shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
+        run.seconds = time.perf_counter() - t0
+        if run.frames == 0 and resume_dir is None:
+            why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
+            raise DataError(f"no frame could be read from {spec.source} ({why}); check the files (open them in a viewer)")
+        return run
+
+    def track(self, source: str | Path | int | Iterable[np.ndarray] | None = None, *, tracker: str | Path = "bytetrack",
+              smooth: OneEuroSettings | None | bool = True, fps: float | None = None, imgsz: int = 1280,
+              settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> Iterator[Poses]:
+        """Poses with `track_ids` for each frame of a video, stream, image sequence or iterable of BGR
+        arrays, yielded as they are made (a generator: safe on endless streams; nothing is written).
+
+        tracker: bytetrack, botsort or a tracker YAML; smooth: True (One Euro defaults), a
+        kapao.cfg.settings.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and
+        image sequences (videos report their own). Other keywords as for `predict` (scales, flips).
+        """
+        from kapao.track.tracker import PoseTracker
+
+        step = PoseTracker(tracker, OneEuroSettings() if smooth is True else (smooth or None))
+        predictor = self.predictor(settings, **kwargs)
+        imgsz = self.check_imgsz(imgsz)
+        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
+            for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
+                frame = Frame(image, "<arrays>", i, fps)
+                yield step.update_frame(frame, predictor.predict_images([image], imgsz)[0])
+            return
+        readers: dict[str, VideoReader] = {}
+        try:
+            for frame in iter_frames(resolve_source(source), readers):
+                if frame.frame is None and fps:
+                    frame = dataclasses.replace(frame, fps=fps)
+                yield step.update_frame(frame, predictor.predict_images([frame.image], imgsz)[0].to("cpu"))
+        finally:
+            for r in readers.values():
+                r.close()
+
+    def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
+                  flips: Sequence[bool] | None) -> dict[str, Any]:
+        """What a run folder's args.yaml records: the options a resumed run must share."""
+        return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
+                "int8": bool(self.info.get("int8")), **dataclasses.asdict(settings),
+                "scales": [float(v) for v in scales] if scales else None,
+                "flips": [bool(v) for v in flips] if flips else None}
+
+
+def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
+                    imgsz: int, batch: int, keep_results: bool, bar: tqdm,
+                    transforms: Sequence[FrameTransform] = ()) -> None:
+    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> transforms -> writer and
+    `run` counts. Closes the progress bar."""
+    t0 = time.perf_counter()
+    try:
+        for chunk in _batches(frames, batch):
+            results = predictor.predict_images([f.image for f in chunk], imgsz)
+            for frame, poses in zip(chunk, results):
+                poses = poses.to("cpu")
+                for step in transforms:
+                    poses = step(frame, poses)
+                if writer:
+                    writer.add(frame, poses)
+                if keep_results:
+                    run.results.append(poses)
+                run.poses += len(poses)
+            run.frames += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{run.frames / max(time.perf_counter() - t0, 1e-9):.1f} fps, {run.poses} poses")
+    finally:
+        bar.close()
+
+
+def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
+    """Frames of a whole source for the progress bar (None for streams); open readers are not reopened."""
+    if spec.kind == "stream":
+        return None
+    counts = [1 if not spec.is_video(i) else readers[i].frame_count if i in readers else count_frames(i)
+              for i in spec.items]
+    return sum(c or 0 for c in counts)
