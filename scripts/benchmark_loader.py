@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import RandomSampler
 
-from kapao.cfg.schema import DatasetConfig, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import DatasetConfig
 from kapao.data.dataset import PoseDataset, build_dataloader
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ultralytics.trackers.byte_tracker import BYTETracker
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.poses import Poses
 from kapao.track.tracker import (
     TRACKERS,

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import Hyp
 from kapao.data.augment import Instances
 from kapao.data.dataset import collate, encode_targets

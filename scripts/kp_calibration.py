@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS
 from kapao.eval.confidence import CORRECT_KS, MATCH_OKS, Reliability, predict_and_match, reliability, roc_auc
 from kapao.eval.val import make_val_loader, protocol_for

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS
 from kapao.eval.confidence import MATCH_OKS, predict_and_match, roc_auc
 from kapao.eval.val import make_val_loader, protocol_for

@@ -195,3 +195,139 @@ def test_long_function_finder(tmp_path: Path):
     (tmp_path / "m.py").write_text(f'def short():\n    """doc"""\n    return 1\n\n\ndef long():\n    """doc"""\n{body}\n\n\n'
                                    f'def explained():\n    """Long because it must be."""\n{body}\n')
     assert long_functions(tmp_path / "m.py") == ["long (61 lines, line 6)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One home per name, no import cycles
+
+
+def defined_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments), not names it imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try)):  # conditional definitions
+            names.update(defined_names_in(node))
+    return names
+
+
+def defined_names_in(node: ast.AST) -> set[str]:
+    return {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+        t.id for n in ast.walk(node) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
+
+def module_files(pkg: Path = PKG) -> dict[str, Path]:
+    return {module_name(p, pkg): p for p in sorted(pkg.rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def forwarded_imports(files: list[Path], pkg: Path = PKG) -> list[str]:
+    """'file: from M import N' for every import of a name N from a kapao module M that does not define it."""
+    modules = module_files(pkg)
+    defs = {m: defined_names(p) for m, p in modules.items()}
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and not node.level and node.module in modules):
+                continue
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" not in modules and alias.name not in defs[node.module]:
+                    bad.append(f"{path.name}: from {node.module} import {alias.name}")
+    return bad
+
+
+def test_every_import_points_at_the_defining_module():
+    """A name lives in one module and is imported from there: no module forwards names it only imported
+    (the package's own ``kapao/__init__.py``, the public API, is the one front door, and nothing imports through it)."""
+    repo = PKG.parent
+    files = [*kapao_files(), *sorted((repo / "tests").rglob("*.py")), *sorted((repo / "scripts").glob("*.py"))]
+    bad = forwarded_imports(files)
+    assert not bad, f"import these from the module that defines them: {bad}"
+
+
+def test_forwarding_finder(tmp_path: Path):
+    pkg = tmp_path / "kapao"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("")
+    (pkg / "a" / "home.py").write_text("X = 1\n\ndef f():\n    pass\n")
+    (pkg / "a" / "door.py").write_text("from kapao.a.home import X, f\n")
+    (pkg / "user.py").write_text("from kapao.a.home import X\nfrom kapao.a.door import f\nfrom kapao.a import home\n")
+    assert forwarded_imports([pkg / "user.py"], pkg) == ["user.py: from kapao.a.door import f"]
+
+
+def module_graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """module -> kapao modules it imports anywhere (function-level imports too); packages' __init__ files,
+    which import nothing, are left out."""
+    modules = module_files(pkg)
+    graph_: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = imported_modules(path, pkg) if pkg == PKG else _imports_in(path, pkg)
+        graph_[name] = {m if m in modules else m.rpartition(".")[0] for m in found} & set(modules) - {name}
+    return graph_
+
+
+def _imports_in(path: Path, pkg: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def cycles(graph_: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph_.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph_):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or around a loop, not even through a lazy import."""
+    found = cycles(module_graph())
+    assert not found, f"import cycles: {found}"
+
+
+def test_cycle_finder(tmp_path: Path):
+    pkg = tmp_path / "kapao"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from kapao.b import g\n")
+    (pkg / "b.py").write_text("from kapao.c import h\n")
+    (pkg / "c.py").write_text("from kapao.a import f\n")
+    (pkg / "d.py").write_text("from kapao.a import f\n")
+    assert cycles(module_graph(pkg)) == [["kapao.a", "kapao.b", "kapao.c"]]

@@ -26,7 +26,8 @@ import numpy as np
 
 from kapao.backends.onnx_graph import INPUT_NAME, set_metadata
 from kapao.backends.runtimes import require
-from kapao.cfg.schema import IMAGE_SUFFIXES, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import IMAGE_SUFFIXES
 from kapao.data.letterbox import letterbox
 from kapao.data.sources import load_image
 from kapao.errors import ConfigError, DataError

@@ -4,7 +4,7 @@ The YAML `yolo pose train` reads (and Roboflow, CVAT and Label Studio export): `
 `train`/`val`/`test` (image folders, `.txt` image lists, or lists of both), `kpt_shape: [K, 2|3]`,
 `flip_idx`, `names` and optionally `kpt_names` (a list, or one per class). kapao also reads
 `skeleton`, `sigmas`, `kp_bbox` and `single_cls` from it when present. It is recognised by its
-`kpt_shape` key (:func:`is_yolo_pose`); :func:`kapao.cfg.schema.load_dataset_config` hands it here.
+`kpt_shape` key (:func:`is_yolo_pose`); :func:`kapao.cfg.dataset.load_dataset_config` hands it here.
 
 Paths: `path` is relative to the YAML's folder (kapao's rule; Ultralytics' own first choice, a folder
 of that name under the current directory, is used when the former does not exist); split entries are

@@ -6,7 +6,8 @@ import warnings
 
 import click
 
-from kapao.cfg.schema import DatasetConfig, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config, resolve_schema
+from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.cli.options import (
     MODEL_SIZES,
@@ -107,7 +108,6 @@ cli.add_command(track)
 def info(weights: str | None, list_names: bool, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
     """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
     too; the summary once the file is in the cache)."""
-    from kapao.cfg.schema import KeypointSchema
     from kapao.models.network import build_model, format_model_info, model_info
     from kapao.weights.registry import REGISTRY, check_weights_spec
 
@@ -124,7 +124,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         return
     if weights is None:
         try:
-            schema = KeypointSchema.resolve(num_keypoints=kpts, data=data)
+            schema = resolve_schema(num_keypoints=kpts, data=data)
         except ConfigError as e:  # a --data YAML that is not a dataset config: a usage error, as for val/train
             raise bad_parameter(e, ctx, "data") from None
         model = build_model(size, schema)

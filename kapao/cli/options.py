@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from kapao.cfg.schema import OFFICIAL_TTA, check_dataset_spec, check_imgsz
+from kapao.cfg.dataset import check_dataset_spec
+from kapao.cfg.schema import OFFICIAL_TTA, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings, check_hyp_spec
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import select_device

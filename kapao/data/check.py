@@ -30,8 +30,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from kapao.cfg.dataset import load_dataset_config, resolve_dataset_yaml
+
 # resolve_dataset_yaml: the raw keys, to check flip_idx and classes before the schema does
-from kapao.cfg.schema import SPLITS, DatasetConfig, KeypointSchema, load_dataset_config, resolve_dataset_yaml
+from kapao.cfg.schema import SPLITS, DatasetConfig, KeypointSchema
 from kapao.cfg.yolo import class_names, kpt_shape
 from kapao.data.labels import Labels, parse_annotations
 from kapao.data.sources import load_image

@@ -22,7 +22,7 @@ from kapao.models.network import KapaoModel
 from kapao.runtime import atomic_write, increment_run_dir
 from kapao.train.distributed import DistEnv, broadcast
 from kapao.weights.checkpoint import load_checkpoint, save_checkpoint
-from kapao.weights.registry import resolve_weights
+from kapao.weights.download import resolve_weights
 
 DEFAULT_EPOCHS = {"coco": 500, "crowdpose": 300}  # official recipes; anything else: FALLBACK_EPOCHS
 FALLBACK_EPOCHS = 300

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.errors import ConfigError, KapaoError
 from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS

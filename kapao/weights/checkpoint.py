@@ -26,7 +26,7 @@ from kapao.cfg.schema import KeypointSchema
 from kapao.errors import ConfigError, WeightsError
 from kapao.runtime import atomic_write, plain_data, select_device
 from kapao.version import __version__
-from kapao.weights.registry import PathLike, _check_file
+from kapao.weights.registry import PathLike, check_file
 
 CHECKPOINT_FORMAT = "kapao-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -168,7 +168,7 @@ def _corrupt(path: Path, e: BaseException) -> WeightsError:
 
 
 def _torch_load_weights_only(path: Path) -> Any:
-    _check_file(path)
+    check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

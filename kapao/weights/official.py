@@ -17,8 +17,9 @@ from torch import Tensor
 from kapao.cfg.schema import STRIDES, KeypointSchema
 from kapao.errors import WeightsError
 from kapao.weights.checkpoint import _corrupt, build_and_load, infer_size, save_checkpoint
-from kapao.weights.registry import PathLike, _check_file
+from kapao.weights.registry import PathLike, check_file
 from kapao.weights.unpickle import StandIn, _Refused, restricted_pickle
+
 
 def load_official_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read an official KAPAO/YOLOv5 checkpoint without executing pickled code.
@@ -38,7 +39,7 @@ def load_official_checkpoint(path: PathLike) -> dict[str, Any]:
     A refused global raises WeightsError("… refused: the file tries to run code (module.name) …").
     """
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except _Refused as e:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+
 class StandIn:
     """An inert placeholder for a class allowed in an official checkpoint.
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kapao.cfg.schema import DEFAULT_SIGMA, HeadLayout, KeypointSchema, TargetLayout, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config, resolve_schema
+from kapao.cfg.schema import DEFAULT_SIGMA, HeadLayout, KeypointSchema, TargetLayout
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings, load_hyp
 from kapao.errors import ConfigError, DataError
 
@@ -226,11 +227,11 @@ def test_schema_from_names_matches_builtins_and_guesses_flip_pairs():
 
 
 def test_schema_resolve_from_count_or_dataset():
-    assert KeypointSchema.resolve() == KeypointSchema.builtin("coco")
-    assert KeypointSchema.resolve(num_keypoints=14) == KeypointSchema.builtin("crowdpose")
-    assert KeypointSchema.resolve(num_keypoints=14, data="crowdpose") == KeypointSchema.builtin("crowdpose")
+    assert resolve_schema() == KeypointSchema.builtin("coco")
+    assert resolve_schema(num_keypoints=14) == KeypointSchema.builtin("crowdpose")
+    assert resolve_schema(num_keypoints=14, data="crowdpose") == KeypointSchema.builtin("crowdpose")
     with pytest.raises(ConfigError, match="17 keypoints requested, but dataset config 'crowdpose' has 14"):
-        KeypointSchema.resolve(num_keypoints=17, data="crowdpose")
+        resolve_schema(num_keypoints=17, data="crowdpose")
 
 
 def test_relative_base_is_read_next_to_the_yaml(tmp_path: Path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.yolo import class_names, dataset_root, keypoint_names, kpt_shape, yolo_schema
 from kapao.cli.main import cli
 from kapao.errors import ConfigError

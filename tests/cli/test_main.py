@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kapao import __version__
 from kapao.cli.main import cli
+from kapao.version import __version__
 
 
 def test_help_lists_only_real_commands():

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cli.main import cli
 from kapao.data.check import check_dataset, format_report, left_right_pairs
 from kapao.data.convert import coco_to_yolo

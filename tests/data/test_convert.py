@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cli.main import cli
 from kapao.data.convert import coco_rows, coco_to_yolo, yolo_to_coco
 

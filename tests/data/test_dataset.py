@@ -13,7 +13,8 @@ import torch
 
 import kapao.data.dataset as kd
 import kapao.data.labels as kl
-from kapao.cfg.schema import DatasetConfig, KeypointSchema, TargetLayout, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import DatasetConfig, KeypointSchema, TargetLayout
 from kapao.cfg.settings import Hyp
 from kapao.data.augment import Instances
 from kapao.draw import draw_poses, render_batch

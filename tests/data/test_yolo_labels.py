@@ -18,7 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 import kapao.data.yolo_labels as yf
-from kapao.cfg.schema import BOX_AREA_FACTOR, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import BOX_AREA_FACTOR
 from kapao.cli.main import cli
 from kapao.data.dataset import PoseDataset
 from kapao.data.labels import read_coco

@@ -13,7 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.errors import ConfigError, DataError
 from kapao.eval.metrics import (
     COCO_METRICS,

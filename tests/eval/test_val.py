@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kapao.cfg.schema import HeadLayout, TargetLayout, load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import HeadLayout, TargetLayout
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.cli.main import cli
 from kapao.eval.val import make_val_loader, protocol_for, validate

@@ -7,7 +7,7 @@ import cv2
 import pytest
 import torch
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.errors import DataError
 from kapao.poses import Poses
 from kapao.train.log import ResultsLog

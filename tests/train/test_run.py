@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import Hyp
 from kapao.errors import ConfigError, DataError, KapaoError, UsageError
 from kapao.models.network import build_model

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import kapao.train.trainer as kt
-from kapao.cfg.schema import load_dataset_config
+from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.errors import DataError, KapaoError
 from kapao.models.loss import KapaoLoss

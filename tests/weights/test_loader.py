@@ -26,9 +26,11 @@ from torch import nn
 from kapao.weights.checkpoint import CHECKPOINT_FORMAT, check_compatible, load_checkpoint, save_checkpoint, transfer_weights
 from kapao.weights.loader import load_model
 from kapao.weights.official import convert_official, load_official_checkpoint
-from kapao.weights.registry import DIR_ENV, GDRIVE_IDS, URL_ENV, download_weights, weights_dir, weights_path, weights_url
+from kapao.weights.registry import DIR_ENV, GDRIVE_IDS, URL_ENV, weights_dir, weights_path
+from kapao.weights.download import download_weights, weights_url
 from kapao.weights.unpickle import RestrictedUnpickler, StandIn
-from kapao.cfg.schema import ANCHORS, STRIDES, load_dataset_config
+from kapao.cfg.schema import ANCHORS, STRIDES
+from kapao.cfg.dataset import load_dataset_config
 from kapao.errors import WeightsError
 from kapao.models.network import KapaoHead, KapaoModel, generic_schema
 from kapao.weights import registry
