@@ -230,14 +230,14 @@ def test_scale_to_original_inverts_letterbox(shape):
 
 @pytest.mark.parametrize("shape,auto", [((480, 640), False), ((333, 500), True), ((700, 300), False)])
 def test_scale_to_original_inverts_the_data_letterbox(shape, auto):
-    augment = pytest.importorskip("kapao.data.augment")
+    letterbox_module = pytest.importorskip("kapao.data.letterbox")
     np = pytest.importorskip("numpy")
     h, w = shape
     img = np.zeros((h, w, 3), np.uint8)
     points = [(w // 5, h // 3), (w - 40, h - 30), (w // 2, 20)]
     for x, y in points:
         img[y - 5:y + 5, x - 5:x + 5] = 255  # 10 x 10 white square centred on (x, y)
-    out, ratio, pad = augment.letterbox(img, 512, auto=auto)
+    out, ratio, pad = letterbox_module.letterbox(img, 512, auto=auto)
     found = []
     for x, y in points:  # locate each square in the letterboxed image around its expected place
         mask = out[..., 0] > 127
