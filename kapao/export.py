@@ -50,7 +50,7 @@ from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.data.letterbox import letterbox
 from kapao.data.sources import default_source, load_image
 from kapao.errors import ConfigError, UsageError, WeightsError
-from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
+from kapao.runtime import atomic_write, check_writable, optional_import, os_error_reason, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -90,12 +90,7 @@ def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str
 
 
 def _onnxslim() -> Any:
-    try:
-        import onnxslim  # optional: only for --simplify
-    except ImportError:
-        raise ConfigError("--simplify needs the 'onnxslim' package: pip install onnxslim "
-                          "(or export without --simplify)") from None
-    return onnxslim
+    return optional_import("onnxslim", "--simplify", ConfigError)  # optional: only for --simplify
 
 
 def check_image_tensor(image: str | os.PathLike | np.ndarray | None, imgsz: tuple[int, int]) -> Tensor:

@@ -3,6 +3,7 @@ file writes, logging."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -16,6 +17,22 @@ from kapao.errors import ConfigError, KapaoError
 
 if TYPE_CHECKING:
     import torch
+
+# Optional packages -> the pyproject extra that installs them (the one line a missing one prints).
+EXTRAS = {"openvino": "openvino", "tensorrt": "tensorrt", "coremltools": "coreml", "onnxslim": "onnx",
+          "pandas": "pandas", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def optional_import(module: str, why: str, error: type[KapaoError] = KapaoError) -> Any:
+    """Import an optional package, or raise `error` in one line naming what needs it and the extra that
+    installs it (``pip install 'kapao[openvino]'``); a core dependency missing says to reinstall kapao."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        how = f"pip install 'kapao[{EXTRAS[top]}]'" if top in EXTRAS else \
+            f"it is a kapao dependency: pip install {top} (or reinstall kapao)"
+        raise error(f"{why} needs the '{top}' package, which is not installed; {how}") from None
 
 
 def select_device(spec: str | int | None = None) -> "torch.device":

@@ -259,7 +259,7 @@ def test_backend_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(WeightsError, match="has no kapao metadata"):
         OnnxBackend(foreign)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    with pytest.raises(WeightsError, match=r"needs onnxruntime.*pip install kapao\[onnx\]"):
+    with pytest.raises(WeightsError, match=r"running .onnx models needs the 'onnxruntime' package.*reinstall kapao"):
         OnnxBackend(foreign)
 
 

@@ -10,8 +10,9 @@ not parse (truncated, corrupt), is rebuilt. Files are written with :func:`kapao.
 processes that build the same file at once each write a complete file and the last rename wins, so a
 reader never sees a partial one.
 
-Folder: ``$KAPAO_CACHE_DIR`` if set, else ``exported/`` in the weights cache folder
-(:func:`kapao.weights.registry.weights_dir`).
+Folder: ``$KAPAO_CACHE_DIR`` if set, else ``exported/`` in ``$KAPAO_WEIGHTS_DIR`` if set, else in the
+user cache folder (:func:`kapao.weights.registry.user_cache_dir`) -- never inside a source checkout, even
+an editable install's (its ``weights/`` folder may hold weights, not generated files).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from kapao.backends.runtimes import ONNX_FORMAT_VERSION, require
 from kapao.errors import WeightsError
 from kapao.runtime import atomic_write, os_error_reason
 from kapao.version import __version__
-from kapao.weights.registry import weights_dir
+from kapao.weights.registry import DIR_ENV, user_cache_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ KEY_PACKAGES = ("torch", "onnx", "onnxruntime")  # their versions change the fil
 
 
 def cache_dir() -> Path:
-    """Where exported models are cached: $KAPAO_CACHE_DIR, else ``<weights cache folder>/exported``."""
+    """Where exported models are cached: $KAPAO_CACHE_DIR, else ``$KAPAO_WEIGHTS_DIR/exported``, else
+    ``<user cache folder>/exported``."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else weights_dir() / CACHE_SUBDIR
+    if env:
+        return Path(env).expanduser()
+    weights = os.environ.get(DIR_ENV)
+    return (Path(weights).expanduser() if weights else user_cache_dir()) / CACHE_SUBDIR
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kapao.backends.cache import cached_onnx
-from kapao.backends.int8 import Calibration
+from kapao.backends.int8 import INT8_METADATA, Calibration
 from kapao.backends.runtimes import (
     Backend,
     FixedShapeRunner,
@@ -37,7 +37,7 @@ from kapao.backends.runtimes import (
     read_metadata,
 )
 from kapao.errors import ConfigError, WeightsError
-from kapao.runtime import select_device
+from kapao.runtime import optional_import, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ INT8_BACKEND = "onnxruntime"  # the one runtime of int8 models
 DEFAULT_SHAPES = "dynamic"
 SHAPE_POLICIES = ("dynamic", "fixed")
 MAX_CACHED_SHAPES = 4  # fixed-shape models kept open (TTA uses 3 shapes, a video 1)
-OPENVINO_HINT = "pip install openvino"
 
 
 RUNTIME_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "onnxruntime", "openvino")}
@@ -80,7 +79,11 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
             return INT8_BACKEND
         if not on_cpu or isinstance(weights, nn.Module):
             return "torch"
-        return next((b for b in (DEFAULT_CPU_BACKEND, "onnxruntime") if installed(b)), "torch")
+        found = next((b for b in (DEFAULT_CPU_BACKEND, "onnxruntime") if installed(b)), None)
+        if found is None:
+            LOGGER.warning("onnx/onnxruntime are not installed: running torch, about 2x slower on the CPU; "
+                           "pip install onnx onnxruntime (kapao dependencies)")
+        return found or "torch"
     if backend == "openvino" and not on_cpu:
         raise ConfigError(f"--backend openvino runs on the CPU; use --device cpu (or --backend torch on {device})")
     if backend != "onnxruntime" and int8:
@@ -117,6 +120,8 @@ def select_backend(weights: str | os.PathLike | nn.Module, device: str | torch.d
         return OpenVinoBackend(weights) if name == "openvino" and is_onnx(weights) else load_backend(weights, dev, half)
     if half:
         raise ConfigError(f"--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not {name}")
+    for package in RUNTIME_PACKAGES.get(name, ()):  # a missing runtime fails before the export notice
+        optional_import(package, f"--backend {name}", WeightsError)
     model, info = (weights, {}) if isinstance(weights, nn.Module) else load_model(weights, device="cpu")
     stem = info.get("name") or (Path(info["path"]).stem if info.get("path") else f"kapao_{model.size}")
 
@@ -165,10 +170,7 @@ class OpenVinoBackend(FixedShapeRunner):
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        try:
-            import openvino as ov  # optional, heavy: only for --backend openvino
-        except ImportError:
-            raise WeightsError(f"--backend openvino needs the 'openvino' package: {OPENVINO_HINT}") from None
+        ov = optional_import("openvino", "--backend openvino", WeightsError)  # optional, heavy
         self.meta = read_metadata(path)  # checks the file and its kapao metadata
         core = ov.Core()
         try:
@@ -195,3 +197,16 @@ class OpenVinoBackend(FixedShapeRunner):
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         self.request.infer({0: arr})
         return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True)).float()
+
+
+def describe_backend(backend: Backend) -> dict[str, str]:
+    """What actually runs a backend, for the summary line and args.yaml: ``backend`` (torch, torch-cl,
+    onnxruntime, openvino), ``precision`` (fp32, fp16, int8) and ``device`` (cpu, cuda:0)."""
+    info = backend.info
+    if isinstance(backend, TorchBackend):
+        name = "torch-cl" if backend.channels_last else "torch"
+    else:
+        name = info.get("backend") or info.get("runtime") or "onnxruntime"
+    int8 = bool(info.get(INT8_METADATA))  # True for a cached int8 model; an int8 export's metadata holds its calibration
+    precision = "int8" if int8 else "fp16" if backend.half else "fp32"
+    return {"backend": str(name), "precision": precision, "device": str(backend.device)}

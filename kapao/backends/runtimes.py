@@ -19,7 +19,6 @@ writing them is the exporter's job.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import os
@@ -33,14 +32,13 @@ from torch import Tensor, nn
 
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
-from kapao.runtime import select_device
+from kapao.runtime import optional_import, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
 
 ONNX_FORMAT = "kapao-onnx"  # metadata ``format`` of files written by kapao.export
 ONNX_FORMAT_VERSION = 1
-INSTALL_HINT = "pip install kapao[onnx]"
 INPUT_PAD = PAD_VALUE / 255  # letterbox grey as network input in [0, 1]
 
 
@@ -156,11 +154,8 @@ def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxIn
 
 
 def require(module: str, why: str) -> Any:
-    """Import an optional dependency (onnx, onnxruntime) or raise WeightsError saying how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise WeightsError(f"{why} needs the '{module}' package, which is not installed; {INSTALL_HINT}") from None
+    """Import onnx/onnxruntime (or an optional runtime) or raise WeightsError saying how to install it."""
+    return optional_import(module, why, WeightsError)
 
 
 def read_metadata(path: str | os.PathLike) -> OnnxInfo:
@@ -257,12 +252,7 @@ def physical_cores() -> int:
 
 
 def _require_onnxruntime() -> Any:
-    try:
-        import onnxruntime  # optional, heavy: only for .onnx models
-    except ImportError:
-        raise WeightsError("running .onnx models needs onnxruntime, which is not installed; "
-                           f"{INSTALL_HINT} (onnxruntime-gpu for CUDA)") from None
-    return onnxruntime
+    return require("onnxruntime", "running .onnx models")  # imported on first use: heavy
 
 
 def _ort_providers(ort: Any, dev: torch.device) -> tuple[list[Any], torch.device]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kapao.backends.dispatch import select_backend
+from kapao.backends.dispatch import describe_backend, select_backend
 from kapao.backends.int8 import Calibration
 from kapao.backends.runtimes import Backend, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
@@ -235,6 +235,11 @@ class KAPAO:
         self.device, self.half = self.backend.device, self.backend.half
 
     @property
+    def runs_on(self) -> dict[str, str]:
+        """What runs the network: backend, precision and device (:func:`kapao.backends.dispatch.describe_backend`)."""
+        return describe_backend(self.backend)
+
+    @property
     def default_imgsz(self) -> int:
         """The input size of a fixed-shape ONNX file, else the native size of named weights
         (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
@@ -300,7 +305,8 @@ class KAPAO:
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        save_dir, done = open_run_dir(project, name, readers, {**args, **self.runs_on}, resume_dir,
+                                       save or save_json)
         root = source_root(spec)
         writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
                               root=root, sinks=sinks) if save_dir or show or sinks else None

@@ -102,14 +102,19 @@ def weights_help() -> str:
 
 def weights_dir() -> Path:
     """Folder where named weights live: $KAPAO_WEIGHTS_DIR, else ``weights/`` of a source checkout
-    (the folder next to the ``kapao`` package), else the user cache (``$XDG_CACHE_HOME/kapao``,
-    ``~/.cache/kapao``; ``%LOCALAPPDATA%\\kapao\\Cache`` on Windows, ``~/Library/Caches/kapao`` on macOS)."""
+    (the folder next to the ``kapao`` package), else :func:`user_cache_dir`."""
     env = os.environ.get(DIR_ENV)
     if env:
         return Path(env).expanduser()
     checkout = _PACKAGE_DIR.parent / "weights"
     if checkout.is_dir():
         return checkout
+    return user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """The user's cache folder for kapao, wherever the package is installed: ``$XDG_CACHE_HOME/kapao``
+    (``~/.cache/kapao``); ``%LOCALAPPDATA%\\kapao\\Cache`` on Windows, ``~/Library/Caches/kapao`` on macOS."""
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
         return Path(base) / "kapao" / "Cache"

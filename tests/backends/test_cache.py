@@ -28,6 +28,21 @@ def test_cache_dir_env_else_weights_dir(tmp_path: Path, monkeypatch: pytest.Monk
     assert mc.cache_dir() == tmp_path / "w" / "exported"
 
 
+def test_cache_dir_never_in_a_source_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from kapao.weights import registry
+
+    pkg = tmp_path / "checkout" / "kapao"
+    pkg.mkdir(parents=True)
+    (tmp_path / "checkout" / "weights").mkdir()  # an editable install's weights/ folder
+    monkeypatch.setattr(registry, "_PACKAGE_DIR", pkg)
+    monkeypatch.delenv(mc.CACHE_ENV)
+    monkeypatch.delenv("KAPAO_WEIGHTS_DIR", raising=False)
+    monkeypatch.setattr(registry.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert registry.weights_dir() == tmp_path / "checkout" / "weights"  # weights may live there
+    assert mc.cache_dir() == tmp_path / "xdg" / "kapao" / "exported"  # generated files never do
+
+
 def test_key_follows_weights_shape_calibration_and_versions(model: torch.nn.Module, coco_mini: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
     digest = mc.weights_digest(model)

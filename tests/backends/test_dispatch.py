@@ -59,8 +59,30 @@ def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPa
         fb.choose_backend("tensorrt", CPU, str(weights))
     with pytest.raises(ConfigError, match="--half needs a CUDA device"):
         fb.select_backend(str(weights), "cpu", half=True)
-    monkeypatch.setattr(fb, "installed", lambda backend: False)  # `pip install kapao` without the [onnx] extra
+    monkeypatch.setattr(fb, "installed", lambda backend: False)  # a broken install without onnxruntime
     assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
+
+
+def test_a_missing_runtime_is_one_line_naming_the_extra(weights: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture):
+    import sys
+
+    from kapao.errors import WeightsError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with caplog.at_level("INFO"), pytest.raises(WeightsError) as e:
+        fb.select_backend(str(weights), "cpu", backend="openvino")
+    assert str(e.value) == ("--backend openvino needs the 'openvino' package, which is not installed; "
+                            "pip install 'kapao[openvino]'")
+    assert "exporting" not in caplog.text and not cache_dir().exists()  # it fails before the export notice
+
+
+def test_describe_backend_names_what_runs(weights: Path):
+    assert fb.describe_backend(fb.select_backend(str(weights), "cpu", backend="torch")) == \
+        {"backend": "torch", "precision": "fp32", "device": "cpu"}
+    assert fb.describe_backend(fb.select_backend(str(weights), "cpu", backend="torch-cl"))["backend"] == "torch-cl"
+    assert fb.describe_backend(fb.select_backend(str(weights), "cpu")) == \
+        {"backend": "onnxruntime", "precision": "fp32", "device": "cpu"}
 
 
 def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202

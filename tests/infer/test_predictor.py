@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from kapao.cfg.settings import PREDICT_SETTINGS
@@ -96,11 +97,16 @@ def test_predict_folder_glob_and_increment(eager_weights: Path, coco_mini: Path,
     args = ["--weights", str(eager_weights), "--imgsz", "192", "--device", "cpu", "--project", str(tmp_path)]
     res = runner.invoke(cli, ["predict", str(coco_mini / "images"), *args, "--batch", "2"])
     assert res.exit_code == 0, res.output
+    assert "onnxruntime fp32 on cpu" in res.output  # auto on the CPU: the cached ONNX export, and it says so
+    run_args = yaml.safe_load((tmp_path / "exp" / "args.yaml").read_text())
+    assert (run_args["backend"], run_args["precision"], run_args["device"]) == ("onnxruntime", "fp32", "cpu")
     files = sorted(p.name for p in (tmp_path / "exp").iterdir())
     assert files == sorted([p.name for p in (coco_mini / "images").glob("*.jpg")] +
                            ["args.yaml", "predictions.json", "predictions.jsonl"])
-    res = runner.invoke(cli, ["predict", str(coco_mini / "images" / "*0785.jpg"), *args, "--nosave"])
+    res = runner.invoke(cli, ["predict", str(coco_mini / "images" / "*0785.jpg"), *args, "--nosave", "--backend", "torch"])
     assert res.exit_code == 0, res.output
+    assert "torch fp32 on cpu" in res.output
+    assert yaml.safe_load((tmp_path / "exp2" / "args.yaml").read_text())["backend"] == "torch"
     assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["args.yaml", "predictions.json", "predictions.jsonl"]
     ids = {r["image_id"] for r in json.loads((tmp_path / "exp2" / "predictions.json").read_text())}
     assert ids == {785}
