@@ -20,6 +20,10 @@ class WeightsError(KapaoError):
     """A checkpoint is missing, corrupt, unsafe or incompatible."""
 
 
+class MissingPackageError(KapaoError, ImportError):
+    """An optional package (or a dependency) is not installed; the message names the pip command."""
+
+
 class UsageError(KapaoError):
     """The command line is wrong in a way only found after reading something it names (an output file
     that exists, an option a resumed run cannot change): exit code 2, as click's own usage errors."""

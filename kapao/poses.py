@@ -1,11 +1,23 @@
-"""The result type every consumer shares: the poses of one image (:class:`Poses`)."""
+"""The result type every consumer shares: the poses of one image (:class:`Poses`), with what a user
+reaches for next: drawn (:meth:`Poses.plot`, :meth:`~Poses.save`, :meth:`~Poses.show`) or as a table
+(:meth:`~Poses.to_df`, :meth:`~Poses.to_csv`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 from torch import Tensor
+
+from kapao.cfg.schema import KeypointSchema
+from kapao.draw import draw_poses
+from kapao.errors import DataError, KapaoError
+from kapao.runtime import atomic_write, optional_import
 
 
 @dataclass
@@ -22,6 +34,11 @@ class Poses:
     fused:      (N, K) bool, True where the keypoint was fused from a keypoint object (the official
                 rule's "confirmed" keypoints); all False when not given
     track_ids:  (N,) int64 track identities, or None when the poses are not tracked
+
+    Filled by the predictor (None when the poses were built otherwise): ``orig_shape`` (h, w) of the
+    image, ``path`` (the image, video or stream it came from), ``frame`` (index in a video; None for
+    images), ``schema`` (the model's keypoint schema: names, skeleton) and ``image`` (the BGR image
+    itself, kept by ``KAPAO.predict`` -- and ``run(keep_results=True)`` -- so :meth:`plot` needs no file).
     """
 
     boxes: Tensor
@@ -30,6 +47,11 @@ class Poses:
     kp_objects: Tensor | None = None
     fused: Tensor | None = None
     track_ids: Tensor | None = None
+    orig_shape: tuple[int, int] | None = None
+    path: str | None = None
+    frame: int | None = None
+    schema: KeypointSchema | None = field(default=None, repr=False, compare=False)
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.boxes.shape[0]
@@ -61,8 +83,9 @@ class Poses:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
-        return Poses(self.boxes.to(device), self.scores.to(device), self.keypoints.to(device),
-                     move(self.kp_objects), move(self.fused), move(self.track_ids))
+        return replace(self, boxes=self.boxes.to(device), scores=self.scores.to(device),
+                       keypoints=self.keypoints.to(device), kp_objects=move(self.kp_objects), fused=move(self.fused),
+                       track_ids=move(self.track_ids))
 
     def to_coco(self, image_id: Any, category_id: int = 1) -> list[dict[str, Any]]:
         """COCO keypoint results: one dict per pose with keypoints [x, y, c]*K, score and bbox xywh."""
@@ -75,3 +98,88 @@ class Poses:
              "keypoints": [round(v, 3) for v in k], "score": round(s, 5), "bbox": [round(v, 2) for v in b]}
             for k, s, b in zip(kpts, scores, xywh)
         ]
+
+    # ------------------------------------------------------------------------------------------
+    # Drawn, saved, shown
+
+    def plot(self, image: np.ndarray | None = None, *, boxes: bool = False, scores: bool = False,
+             kp_objects: bool = False, line_width: int | None = None, fused_only: bool = False,
+             track_ids: bool = True, schema: KeypointSchema | None = None) -> np.ndarray:
+        """The poses drawn on a copy of `image` (H, W, 3 BGR uint8; default: the kept image, else the image
+        file at ``path``), as ``kapao predict`` draws them: the keyword options are its ``--boxes``,
+        ``--scores``, ``--kp-objects``, ``--line-width``, ``--fused-only`` and track-id labels."""
+        schema = schema or self.schema
+        if schema is None:
+            raise KapaoError("Poses.plot: these poses carry no keypoint schema; pass schema= (e.g. model.schema)")
+        img = self._source_image() if image is None else image
+        return draw_poses(img, self.boxes, self.keypoints, schema, scores=self.scores, kp_objects=self.kp_objects,
+                          line_width=line_width, show_boxes=boxes, show_scores=scores, show_kp_objects=kp_objects,
+                          kp_threshold=None, keypoint_mask=self.fused if fused_only else None,
+                          track_ids=self.track_ids, show_track_ids=track_ids)
+
+    def _source_image(self) -> np.ndarray:
+        if self.image is not None:
+            return self.image
+        if self.path and self.frame is None and Path(self.path).is_file():
+            img = cv2.imread(self.path)
+            if img is not None:
+                return img
+        where = f"frame {self.frame} of {self.path}" if self.frame is not None else (self.path or "an array")
+        raise KapaoError(f"Poses.plot: the image of {where} was not kept; pass it: poses.plot(image)")
+
+    def save(self, filename: str | os.PathLike, image: np.ndarray | None = None, **draw: Any) -> Path:
+        """Write :meth:`plot` (same keywords) to `filename` (its suffix picks the format: .jpg, .png, …),
+        atomically; returns the path."""
+        out = Path(filename)
+        ok, data = cv2.imencode(out.suffix or ".jpg", self.plot(image, **draw))
+        if not ok:
+            raise DataError(f"cannot encode {out}: use an image suffix such as .jpg or .png")
+        try:
+            with atomic_write(out) as f:
+                f.write(data.tobytes())
+        except OSError as e:
+            raise DataError(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from None
+        return out
+
+    def show(self, image: np.ndarray | None = None, title: str = "kapao", wait: int = 0, **draw: Any) -> None:
+        """Show :meth:`plot` (same keywords) in a window until a key is pressed (`wait` ms; 0: forever)."""
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise KapaoError("Poses.show: no display found (DISPLAY is not set); use poses.save(file) instead")
+        drawn = self.plot(image, **draw)
+        try:
+            cv2.imshow(title, drawn)
+            cv2.waitKey(wait)
+        except cv2.error:
+            raise KapaoError("Poses.show: this OpenCV build has no GUI support (opencv-python-headless); "
+                             "use poses.save(file) instead") from None
+
+    # ------------------------------------------------------------------------------------------
+    # As a table
+
+    def table_columns(self) -> list[str]:
+        """Columns of :meth:`to_df`: path, frame, pose, track_id, score, x1, y1, x2, y2, then per keypoint
+        ``<name>_x``, ``<name>_y``, ``<name>_conf`` (names from the schema, else kp0, kp1, …)."""
+        names = list(self.schema.names) if self.schema is not None else [f"kp{k}" for k in range(self.num_keypoints)]
+        return ["path", "frame", "pose", "track_id", "score", "x1", "y1", "x2", "y2",
+                *(f"{n}_{c}" for n in names for c in ("x", "y", "conf"))]
+
+    def table_rows(self) -> list[list[Any]]:
+        """One row per pose, as :meth:`table_columns` names them (original-image pixels; no pandas needed)."""
+        boxes = self.boxes.detach().float().cpu().tolist()
+        kpts = self.keypoints.detach().float().cpu().reshape(len(self), -1).tolist()
+        scores = self.scores.detach().float().cpu().tolist()
+        ids = [None] * len(self) if self.track_ids is None else [int(i) if i >= 0 else None for i in self.track_ids]
+        return [[self.path, self.frame, i, ids[i], scores[i], *boxes[i], *kpts[i]] for i in range(len(self))]
+
+    def to_df(self) -> Any:
+        """A pandas DataFrame, one row per pose (columns: :meth:`table_columns`). Needs pandas (an extra)."""
+        pd = optional_import("pandas", "Poses.to_df()")
+        return pd.DataFrame(self.table_rows(), columns=self.table_columns())
+
+    def to_csv(self, filename: str | os.PathLike | None = None) -> str:
+        """:meth:`to_df` as CSV text, also written to `filename` (atomically) when given. Needs pandas."""
+        text = self.to_df().to_csv(index=False)
+        if filename is not None:
+            with atomic_write(filename, "w", newline="") as f:
+                f.write(text)
+        return text

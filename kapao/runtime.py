@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from kapao.errors import ConfigError, KapaoError
+from kapao.errors import ConfigError, KapaoError, MissingPackageError
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,7 @@ EXTRAS = {"openvino": "openvino", "tensorrt": "tensorrt", "coremltools": "coreml
           "pandas": "pandas", "mlflow": "mlflow", "wandb": "wandb"}
 
 
-def optional_import(module: str, why: str, error: type[KapaoError] = KapaoError) -> Any:
+def optional_import(module: str, why: str, error: type[KapaoError] = MissingPackageError) -> Any:
     """Import an optional package, or raise `error` in one line naming what needs it and the extra that
     installs it (``pip install 'kapao[openvino]'``); a core dependency missing says to reinstall kapao."""
     try:

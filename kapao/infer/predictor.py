@@ -141,6 +141,7 @@ class Predictor:
                 pred = self.forward(x)
         with self._timed("post"):
             out = postprocess(pred.float(), self.settings, self.layout, metas, self.return_kp_objects)
+        out = [dataclasses.replace(p, orig_shape=tuple(m["orig_shape"]), schema=self.schema) for p, m in zip(out, metas)]
         self.timing.images += len(out)
         return out
 
@@ -265,7 +266,8 @@ class KAPAO:
         """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
-            return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
+            out = self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
+            return [dataclasses.replace(p.to("cpu"), image=a) for p, a in zip(out, arrays)]
         return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
@@ -349,14 +351,16 @@ class KAPAO:
         if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
             for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
                 frame = Frame(image, "<arrays>", i, fps)
-                yield step.update_frame(frame, predictor.predict_images([image], imgsz)[0])
+                poses = dataclasses.replace(predictor.predict_images([image], imgsz)[0], frame=i)
+                yield step.update_frame(frame, poses)
             return
         readers: dict[str, VideoReader] = {}
         try:
             for frame in iter_frames(resolve_source(source), readers):
                 if frame.frame is None and fps:
                     frame = dataclasses.replace(frame, fps=fps)
-                yield step.update_frame(frame, predictor.predict_images([frame.image], imgsz)[0].to("cpu"))
+                poses = predictor.predict_images([frame.image], imgsz)[0].to("cpu")
+                yield step.update_frame(frame, dataclasses.replace(poses, path=frame.path, frame=frame.frame))
         finally:
             for r in readers.values():
                 r.close()
@@ -380,7 +384,8 @@ def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: Resul
         for chunk in _batches(frames, batch):
             results = predictor.predict_images([f.image for f in chunk], imgsz)
             for frame, poses in zip(chunk, results):
-                poses = poses.to("cpu")
+                poses = dataclasses.replace(poses.to("cpu"), path=frame.path, frame=frame.frame,
+                                            image=frame.image if keep_results else None)
                 for step in transforms:
                     poses = step(frame, poses)
                 if writer:

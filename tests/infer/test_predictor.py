@@ -460,3 +460,21 @@ def test_run_applies_frame_transforms_before_the_sinks(eager_weights: Path, coco
     recs = _jsonl(run.save_dir)
     assert [p["track_id"] for p in recs[0]["poses"]] == list(range(100, 100 + len(recs[0]["poses"])))
     assert run.results[0].track_ids is not None
+
+
+def test_results_carry_source_shape_and_image(coco_mini: Path, test_video: Path):
+    torch.manual_seed(0)
+    api = KAPAO(kapao_n(17).eval(), device="cpu")  # untrained: few poses, so NMS and tracking stay quick
+    settings = PREDICT_SETTINGS.replace(conf=0.01)
+    image = sorted((coco_mini / "images").glob("*.jpg"))[0]
+    poses = api.predict(str(image), imgsz=128, settings=settings)[0]
+    original = cv2.imread(str(image))
+    assert poses.path == str(image) and poses.frame is None and poses.orig_shape == original.shape[:2]
+    assert poses.schema == api.schema and np.array_equal(poses.image, original)
+    assert poses.plot(boxes=True).shape == original.shape  # drawn without passing the image again
+    frames = api.predict(str(test_video), imgsz=128, settings=settings)
+    assert [p.frame for p in frames] == [0, 1, 2, 3, 4] and frames[2].orig_shape == (720, 1280)
+    arr = api.predict(original, imgsz=128, settings=settings)[0]
+    assert arr.path is None and arr.image is original and arr.orig_shape == original.shape[:2]
+    tracked = list(api.track(str(test_video), imgsz=128, settings=settings))
+    assert [p.frame for p in tracked] == [0, 1, 2, 3, 4] and tracked[0].path == str(test_video)
