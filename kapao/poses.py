@@ -19,6 +19,10 @@ from kapao.draw import draw_poses
 from kapao.errors import DataError, KapaoError
 from kapao.runtime import atomic_write, optional_import
 
+# A keypoint written to a YOLO label file (Poses.to_yolo, predict --save-txt) is labelled (v = 2) when its
+# confidence reaches this: the default --conf-kp, the score a keypoint object needs to be fused.
+VISIBLE_CONF = 0.5
+
 
 @dataclass
 class Poses:
@@ -98,6 +102,31 @@ class Poses:
              "keypoints": [round(v, 3) for v in k], "score": round(s, 5), "bbox": [round(v, 2) for v in b]}
             for k, s, b in zip(kpts, scores, xywh)
         ]
+
+    def to_yolo(self, visible_conf: float = VISIBLE_CONF, class_id: int = 0, save_conf: bool = False) -> list[str]:
+        """YOLO-pose label rows, one per pose: ``class cx cy w h`` then K x ``x y v``, all normalised to
+        ``orig_shape`` (w, h), 6 decimals; the rows kapao's YOLO label reader and Ultralytics read as labels.
+
+        v is 2 (labelled) for a keypoint whose confidence is at least `visible_conf`, else 0 with x = y = 0
+        (the unlabelled placeholder). Box and keypoints are clipped into the image. ``save_conf`` appends
+        the pose score as one more column (Ultralytics' ``save_conf``): such rows are predictions, not labels.
+        """
+        if self.orig_shape is None:
+            raise KapaoError("Poses.to_yolo: these poses carry no orig_shape; set it (h, w) to normalise")
+        h, w = self.orig_shape
+        scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+        b = (self.boxes.detach().double().cpu() / scale).clamp(0, 1)
+        kp = self.keypoints.detach().double().cpu()
+        xy = (kp[..., :2] / scale[:2]).clamp(0, 1)
+        visible = kp[..., 2] >= visible_conf
+        xy[~visible] = 0.0
+        rows = []
+        for i in range(len(self)):
+            cx, cy, bw, bh = (b[i, 0] + b[i, 2]) / 2, (b[i, 1] + b[i, 3]) / 2, b[i, 2] - b[i, 0], b[i, 3] - b[i, 1]
+            text = f"{class_id} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}"
+            text += "".join(f" {x:.6f} {y:.6f} {2 if v else 0}" for (x, y), v in zip(xy[i].tolist(), visible[i].tolist()))
+            rows.append(text + (f" {float(self.scores[i]):.5f}" if save_conf else ""))
+        return rows
 
     # ------------------------------------------------------------------------------------------
     # Drawn, saved, shown

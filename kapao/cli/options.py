@@ -257,6 +257,10 @@ def predict_options(project: str) -> Callable:
                          help="Do not write drawn images/videos (predictions.jsonl/.json are still written)."),
             click.option("--save-csv", is_flag=True, help="Also write keypoints.csv: source, frame, pose, track, keypoint, "
                                                           "x, y, confidence (one row per keypoint, written as it goes)."),
+            click.option("--save-txt", is_flag=True, help="Also write YOLO-pose label files (labels/*.txt) of the "
+                                                          "predictions: a keypoint is labelled when its confidence >= 0.5."),
+            click.option("--save-conf", is_flag=True, help="With --save-txt: append each pose's score to its row."),
+            click.option("--save-crop", is_flag=True, help="Also write every person box as an image (crops/person/)."),
             click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
             click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
             click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),

@@ -79,13 +79,16 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
              device: str | None, half: bool, backend: str, int8: bool, calib: str | None, calib_images: int,
              batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
              tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
-             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
+             save_csv: bool, save_txt: bool, save_conf: bool, save_crop: bool, show: bool, boxes: bool, scores: bool,
+             kp_objects: bool, fused_only: bool,
              line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
     """predict and track: build the settings, run, print the summary."""
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
     from kapao.errors import DataError
 
     setup_logging(ctx.obj.get("verbose", False))
+    if save_conf and not save_txt:
+        raise click.UsageError("--save-conf adds scores to the --save-txt label rows; add --save-txt")
     scales, flips = tta_passes(scales, flips, tta)
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
@@ -107,11 +110,12 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
     api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
+    sinks = _dataset_sinks(spec, save_txt, save_conf, save_crop) + ([CsvSink(api.schema.names)] if save_csv else [])
     try:
         run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
                       save=not nosave, show=show, draw=draw, project=project, name=name, keep_results=False,
                       progress=True, resume=resume, transforms=[tracking.update_frame] if tracking else (),
-                      sinks=[CsvSink(api.schema.names)] if save_csv else ())
+                      sinks=sinks)
     except ConfigError as e:
         if str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
@@ -125,6 +129,15 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
                f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {ran['backend']} {ran['precision']} on {ran['device']}; "
                f"{run.timing.summary()}){skipped}")
     click.echo(f"Results saved to {run.save_dir}")
+
+
+def _dataset_sinks(spec: Any, save_txt: bool, save_conf: bool, save_crop: bool) -> list[Any]:
+    """The --save-txt and --save-crop sinks, naming files relative to the SOURCE folder."""
+    from kapao.infer.label_sinks import CropSink, LabelSink
+    from kapao.infer.sinks import source_root
+
+    root = source_root(spec)
+    return ([LabelSink(root, save_conf)] if save_txt else []) + ([CropSink(root)] if save_crop else [])
 
 
 def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202
