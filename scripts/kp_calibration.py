@@ -40,7 +40,7 @@ def plot(curves: dict[str, Reliability], path: Path, title: str) -> None:
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     for name, r in curves.items():
         ok = r.count > 0
-        ax.plot(r.confidence[ok], r.accuracy[ok], "o-", label=f"{name} (ECE {r.ece:.3f}, n={int(r.count.sum())})")
+        ax.plot(r.confidence[ok], r.accuracy[ok], "o-", label=f"{name} (ECE {r.ece_text()}, n={int(r.count.sum())})")
         centres = (r.edges[:-1] + r.edges[1:]) / 2
         hist.bar(centres, r.count, width=r.edges[1] - r.edges[0], alpha=0.4, label=name)
     ax.set_ylabel("fraction correct (keypoint similarity >= threshold)")
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> Path:
         "settings": args.settings, "match_oks": args.match_oks, "correct_ks": args.correct_ks,
         "matched_persons": out.pairs, "labelled_keypoints": int(lab.sum()),
         "auc_correct": roc_auc(conf, correct), "auc_labelled_vs_unlabelled": roc_auc(out.confidence, lab),
-        **{name: {"ece": r.ece, "keypoints": int(r.count.sum()), "edges": r.edges.tolist(), "count": r.count.tolist(),
+        **{name: {"ece": r.ece if r.defined else None, "keypoints": int(r.count.sum()), "edges": r.edges.tolist(),
+                  "count": r.count.tolist(),
                   "confidence": np.nan_to_num(r.confidence, nan=-1).tolist(),
                   "accuracy": np.nan_to_num(r.accuracy, nan=-1).tolist()} for name, r in curves.items()},
     }
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{out.pairs} matched persons, {int(lab.sum())} labelled keypoints "
           f"({int(fused.sum())} fused, {int((~fused).sum())} unfused)")
     for name, r in curves.items():
-        print(f"ECE {name:8s} {r.ece:.4f}  ({int(r.count.sum())} keypoints)")
+        print(f"ECE {name:8s} {r.ece:.4f}  ({int(r.count.sum())} keypoints)" if r.defined else
+              f"ECE {name:8s} undefined  (0 keypoints)")
     print(f"ROC AUC of confidence for correct vs wrong keypoints: {summary['auc_correct']:.4f}")
     print(f"results in {save_dir}")
     return save_dir

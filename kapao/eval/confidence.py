@@ -150,7 +150,16 @@ class Reliability:
     count: np.ndarray  # (B,) keypoints per bin
     confidence: np.ndarray  # (B,) mean confidence per bin (NaN when empty)
     accuracy: np.ndarray  # (B,) fraction correct per bin (NaN when empty)
-    ece: float  # expected calibration error: sum over bins of count/N x |accuracy - confidence|
+    ece: float  # expected calibration error: sum over bins of count/N x |accuracy - confidence|; NaN when N = 0
+
+    @property
+    def defined(self) -> bool:
+        """False with no keypoints at all: the error of an empty set is undefined, not 0 (perfect)."""
+        return int(self.count.sum()) > 0
+
+    def ece_text(self) -> str:
+        """The ECE with 3 decimals, or "undefined" at N = 0."""
+        return f"{self.ece:.3f}" if self.defined else "undefined"
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> Reliability:
@@ -164,5 +173,5 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> 
         mean_conf = np.bincount(idx, conf, bins) / count
         acc = np.bincount(idx, ok.astype(np.float64), bins) / count
     filled = count > 0
-    ece = float((count[filled] / max(len(conf), 1) * np.abs(acc[filled] - mean_conf[filled])).sum())
+    ece = float((count[filled] / len(conf) * np.abs(acc[filled] - mean_conf[filled])).sum()) if len(conf) else float("nan")
     return Reliability(edges, count, mean_conf, acc, ece)

@@ -7,6 +7,7 @@ import errno
 import http.client
 import io
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,18 +88,21 @@ def _verify_download(tmp: Path, name: str, url: str, by_hand: str) -> None:
                            f"deleted — {by_hand}") from None
 
 
-def _progress(name: str, total: int | None) -> Any:
+def _progress(name: str, total: int | None, file: Any = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{name}.pt", leave=True)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{name}.pt", leave=True, file=file)
 
 
 class _CountingWriter(io.RawIOBase):
-    """A write-only file that passes bytes on to ``out`` and advances a progress bar."""
+    """A write-only file that passes bytes on to ``out`` and advances a progress bar, opened on the first
+    bytes (a download that never starts shows no empty bar)."""
 
-    def __init__(self, out: Any, bar: Any):
+    def __init__(self, out: Any, name: str, total: int | None):
         super().__init__()
-        self.out, self.bar, self.written = out, bar, 0
+        self.out, self.name, self.total, self.written = out, name, total, 0
+        self.bar: Any = None
+        self.stream = sys.stderr  # the terminal's, even when the bar opens while gdown's output is captured
 
     def writable(self) -> bool:
         return True
@@ -107,8 +111,22 @@ class _CountingWriter(io.RawIOBase):
         n = self.out.write(b)
         n = len(b) if n is None else n
         self.written += n
+        if self.bar is None:
+            self.bar = _progress(self.name, self.total, self.stream)
         self.bar.update(n)
         return n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        super().close()
+
+
+def _connection_failure(e: BaseException) -> bool:
+    """True for "cannot reach the server" (offline, DNS, refused, timed out) as requests/urllib3 raise it."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectionError", "Timeout", "NewConnectionError", "MaxRetryError", "NameResolutionError",
+                         "TimeoutError", "socket.gaierror", "gaierror"})
 
 
 def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
@@ -123,19 +141,21 @@ def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
         raise WeightsError(f"downloading {entry.name} from Google Drive needs the 'gdown' package "
                            f"(pip install gdown), or {by_hand}") from None
     said = io.StringIO()
-    with _progress(entry.name, entry.file_bytes) as bar:
-        writer = _CountingWriter(out, bar)
-        try:
-            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                result = gdown.download(id=entry.gdrive_id, output=writer, quiet=True, use_cookies=False)
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise
-            result, reason = None, str(e)
-        except Exception as e:  # gdown raises its own errors (access denied, quota, ...) and requests'
-            result, reason = None, f"{type(e).__name__}: {e}"
-        else:
-            reason = said.getvalue()
+    writer = _CountingWriter(out, entry.name, entry.file_bytes)
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            result = gdown.download(id=entry.gdrive_id, output=writer, quiet=True, use_cookies=False)
+    except Exception as e:  # gdown raises its own errors (access denied, quota, ...) and requests'
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise
+        if _connection_failure(e):
+            raise WeightsError(f"could not download {entry.name}: Google Drive cannot be reached (offline?); "
+                               f"{by_hand}") from None
+        result, reason = None, str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+    else:
+        reason = said.getvalue()
+    finally:
+        writer.close()
     if result is None or writer.written == 0:
         reason = " ".join(reason.split())[:300] or "no data"
         raise WeightsError(f"could not download {entry.name} from Google Drive ({reason}; offline, or Drive's "

@@ -135,7 +135,9 @@ def test_reliability_bins_and_ece():
     expected = (2 * 0.05 + 1 * 0.45 + 5 * abs(0.8 - 0.96)) / 8
     assert r.ece == pytest.approx(expected)
     assert reliability(np.array([0.8] * 5), np.array([1, 1, 1, 1, 0], bool)).ece == pytest.approx(0.0)
-    assert reliability(np.zeros(0), np.zeros(0, bool)).ece == 0.0
+    empty = reliability(np.zeros(0), np.zeros(0, bool))
+    assert np.isnan(empty.ece) and not empty.defined and empty.ece_text() == "undefined"  # not 0: not perfect
+    assert reliability(np.array([0.8] * 5), np.array([1, 1, 1, 1, 0], bool)).ece_text() == "0.000"
 
 
 def test_match_predictions_concatenates_images(coco_mini: Path):
