@@ -33,7 +33,6 @@ OFFICIAL_TTA: tuple[tuple[float, ...], tuple[bool, ...]] = ((0.8, 1.0, 1.2), (Fa
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg", ".webm")
 
 BUILTIN_DATASETS = {"coco": "coco-kp.yaml", "crowdpose": "crowdpose.yaml"}
-GET_SCRIPTS = {"coco": "scripts/get_coco.sh", "crowdpose": "scripts/get_crowdpose.sh"}  # download scripts
 SPLITS = ("train", "val", "test")
 
 
@@ -319,9 +318,8 @@ class DatasetConfig:
         """Like :meth:`split`, but the folder and file must exist; the error says how to get the data."""
         for path in self.split(split):
             if not path.exists():
-                script = GET_SCRIPTS.get(self.name)
-                how = (f"download it with `bash {script} {self.root}` (from the kapao repository), or point "
-                       f"$KAPAO_DATASETS at the folder holding datasets/{self.name}" if script
+                how = (f"download it with `kapao download {self.name} {self.root}`, or point "
+                       f"$KAPAO_DATASETS at the folder holding datasets/{self.name}" if self.name in BUILTIN_DATASETS
                        else f"check 'path' and the '{split}' entries of {self.source}")
                 raise DataError(f"dataset {self.name}: {path} not found ({split} split); {how}")
         return self.split(split)

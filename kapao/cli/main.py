@@ -380,6 +380,24 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
 
 
 @cli.command()
+@click.argument("dataset", type=click.Choice(["coco", "crowdpose"]))
+@click.argument("folder", required=False)
+@click.pass_context
+def download(ctx: click.Context, dataset: str, folder: str | None) -> None:
+    """Download a built-in dataset into FOLDER (default: datasets/DATASET, where --data DATASET looks).
+
+    coco: COCO 2017 keypoints (~20 GB); crowdpose: CrowdPose images and annotations. Pieces already in
+    place are skipped, so an interrupted download continues with the missing ones."""
+    from kapao.data.download import download_dataset
+
+    setup_logging(ctx.obj.get("verbose", False))
+    out = folder or f"datasets/{dataset}"
+    fetched = download_dataset(dataset, out)
+    click.echo(f"{dataset}: {len(fetched)} pieces downloaded" + ("" if fetched else " (all were in place)"))
+    click.echo(f"Results saved to {out}")
+
+
+@cli.command()
 @click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
               help="Checkpoint or name to export.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")

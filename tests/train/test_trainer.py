@@ -88,7 +88,7 @@ def test_train_modules_stay_small():
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KAPAO_DATASETS", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match=r"scripts/get_coco\.sh") as e:
+    with pytest.raises(DataError, match=r"kapao download coco ") as e:
         train(TrainArgs(data="coco", size="n", imgsz=128, device="cpu", project=str(tmp_path / "runs")))
     assert str(tmp_path / "nowhere" / "datasets" / "coco") in str(e.value)
     assert not (tmp_path / "runs").exists()  # checked before any run folder is made
