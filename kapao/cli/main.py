@@ -279,11 +279,14 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--single-cls", is_flag=True, help="Merge the classes of a multi-class YOLO-pose dataset into one.")
 @click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
+@click.option("--no-tensorboard", is_flag=True, help="Write no TensorBoard event files (tensorboard --logdir runs/train).")
+@click.option("--logger", "loggers", type=click.Choice(["mlflow", "wandb"]), multiple=True,
+              help="Also log to MLflow or Weights & Biases (pip install 'kapao[mlflow]' / 'kapao[wandb]').")
 @click.pass_context
 def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
           workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
           exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
-          no_amp: bool, seed: int, single_cls: bool, no_plots: bool) -> None:
+          no_amp: bool, seed: int, single_cls: bool, no_plots: bool, no_tensorboard: bool, loggers: tuple[str, ...]) -> None:
     """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
@@ -319,7 +322,8 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
     args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
                      workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
                      exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,
-                     sync_bn=sync_bn, amp=not no_amp, seed=seed, single_cls=single_cls, plots=not no_plots)
+                     sync_bn=sync_bn, amp=not no_amp, seed=seed, single_cls=single_cls, plots=not no_plots,
+                     tensorboard=not no_tensorboard, loggers=list(loggers))
     run_dir = run_training(args)
     click.echo(f"Results saved to {run_dir}")
 

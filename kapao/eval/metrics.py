@@ -63,26 +63,29 @@ GroundTruth = str | os.PathLike | COCO
 def evaluate(gt: GroundTruth, results: Sequence[Mapping[str, Any]],
              schema_or_sigmas: KeypointSchema | Sequence[float],
              protocol: Literal["coco", "crowdpose"] = "coco",
-             image_ids: Sequence[Any] | None = None) -> dict[str, float]:
+             image_ids: Sequence[Any] | None = None, pr: dict[str, Any] | None = None) -> dict[str, float]:
     """Metrics of `results` against the keypoint annotations `gt` under `protocol`.
 
     `schema_or_sigmas` gives the OKS sigmas (one per keypoint), as a schema or a plain sequence.
     `image_ids` restricts the evaluation to those images (default: every image of `gt`); results
-    for other images are then not counted.
+    for other images are then not counted. `pr` (COCO protocol): filled with the OKS precision-recall
+    curves, see :func:`evaluate_coco`.
     """
     sigmas = schema_or_sigmas.sigmas if isinstance(schema_or_sigmas, KeypointSchema) else schema_or_sigmas
     if protocol == "coco":
-        return evaluate_coco(gt, results, sigmas, image_ids)
+        return evaluate_coco(gt, results, sigmas, image_ids, pr)
     if protocol == "crowdpose":
         return evaluate_crowdpose(gt, results, sigmas, image_ids)
     raise ConfigError(f"unknown evaluation protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
 
 
 def evaluate_coco(gt: GroundTruth, results: Sequence[Mapping[str, Any]], sigmas: Sequence[float],
-                  image_ids: Sequence[Any] | None = None) -> dict[str, float]:
+                  image_ids: Sequence[Any] | None = None, pr: dict[str, Any] | None = None) -> dict[str, float]:
     """COCO keypoint metrics (keys :data:`COCO_METRICS`), as pycocotools' COCOeval prints them.
 
-    -1 means "no ground truth to measure" (e.g. APm on a set without medium-size persons).
+    -1 means "no ground truth to measure" (e.g. APm on a set without medium-size persons). `pr`, when
+    given, receives COCOeval's own curves: ``oks`` (T,) OKS thresholds, ``recall`` (R,) recall points,
+    ``precision`` (T, R) interpolated precision (all areas, 20 detections; -1 where undefined).
     """
     sig = _check_sigmas(sigmas)
     coco_gt = _load_gt(gt, len(sig), protocol="coco")
@@ -95,6 +98,9 @@ def evaluate_coco(gt: GroundTruth, results: Sequence[Mapping[str, Any]], sigmas:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    if pr is not None:
+        pr.update(oks=ev.params.iouThrs.copy(), recall=ev.params.recThrs.copy(),
+                  precision=ev.eval["precision"][:, :, 0, 0, -1].copy())
     return {k: float(v) for k, v in zip(COCO_METRICS, ev.stats)}
 
 

@@ -43,6 +43,7 @@ class ValResult:
     poses: int
     json_path: Path | None = None
     predictions: list[tuple[dict[str, Any], Poses]] = field(default_factory=list)  # (meta, poses), when kept
+    pr: dict[str, Any] = field(default_factory=dict)  # OKS precision-recall curves (COCO protocol; metrics.evaluate_coco)
 
     def table(self) -> str:
         return format_metrics(self.metrics)
@@ -78,8 +79,9 @@ def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, proto
         images += len(metas)
         t0 = time.perf_counter()
     json_path = save_results(results, save_dir / "predictions.json") if save_dir else None  # kept if evaluation fails
-    metrics = evaluate(dataset.coco, results, dataset.schema, protocol)
-    return ValResult(metrics, protocol, predictor.timing.per_image_ms(), images, len(results), json_path, kept)
+    pr: dict[str, Any] = {}
+    metrics = evaluate(dataset.coco, results, dataset.schema, protocol, pr=pr if protocol == "coco" else None)
+    return ValResult(metrics, protocol, predictor.timing.per_image_ms(), images, len(results), json_path, kept, pr)
 
 
 def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split: str = "val", imgsz: int = 1280,

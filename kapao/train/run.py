@@ -55,7 +55,9 @@ class TrainArgs:
     amp: bool = True  # mixed precision on CUDA (always off on CPU)
     seed: int = 0
     single_cls: bool = False  # YOLO-pose data: merge all classes into the one pose class
-    plots: bool = True  # train_batch*.jpg, val_pred.jpg, results.png
+    plots: bool = True  # train_batch*.jpg, val_pred.jpg, val_labels.jpg, results.png, pr_curve.png
+    tensorboard: bool = True  # TensorBoard event files in the run folder
+    loggers: list[str] = field(default_factory=list)  # more loggers: mlflow, wandb (kapao.train.callbacks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import available_cpus, remove_if_empty, setup_logging
+from kapao.train.callbacks import Callbacks, build_callbacks
 from kapao.train.distributed import (
     DistEnv,
     broadcast,
@@ -62,7 +63,15 @@ from kapao.train.optim import (
     warmup_iterations,
     warmup_values,
 )
-from kapao.train.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
+from kapao.train.plots import (
+    VAL_TILE,
+    draw_predictions,
+    ground_truth_pairs,
+    plot_pr_curve,
+    plot_results,
+    plot_train_batch,
+    safe_plot,
+)
 from kapao.train.run import (
     TrainArgs,
     absolute_if_file,
@@ -111,8 +120,10 @@ class Trainer:
     """
 
     def __init__(self, args: TrainArgs, run_dir: Path, device: torch.device, env: DistEnv,
-                 ckpt: Mapping[str, Any] | None = None) -> None:
+                 ckpt: Mapping[str, Any] | None = None, callbacks: Iterable[Any] = ()) -> None:
         self.args, self.run_dir, self.device, self.env = args, run_dir, device, env
+        # loggers first: a missing logger package fails before anything is built
+        self.callbacks = Callbacks([*build_callbacks(args.tensorboard, args.loggers), *callbacks] if env.main else ())
         self.wdir = run_dir / "weights"
         self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val") if env.main else ("train",):  # fail before building anything
@@ -232,6 +243,7 @@ class Trainer:
         return self.run_dir
 
     def before_train(self) -> None:
+        self.callbacks.fire("on_train_start", self)
         if self.env.main:
             LOGGER.info("training %s for %d epochs: imgsz %d, batch %d (x%d processes), accumulate %d, %d batches "
                         "per epoch, %d warmup iterations, %s%s", self.cfg.name, self.epochs, self.args.imgsz,
@@ -307,6 +319,8 @@ class Trainer:
         final = epoch + 1 == self.epochs
         metrics = self.validate() if (not self.args.noval or final) else {}
         fi = fitness(metrics) if metrics else None
+        if metrics:
+            self.callbacks.fire("on_val_end", self, epoch, metrics)
         improved = fi is not None and fi >= self.state.best_fitness
         if improved:
             self.state.best_fitness, self.state.best_epoch = fi, epoch
@@ -332,11 +346,17 @@ class Trainer:
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
         if self.args.plots and result.predictions:
             safe_plot(draw_predictions, result.predictions, self.cfg.schema, self.run_dir / "val_pred.jpg")
+            truth = ground_truth_pairs(self.val_loader.dataset.coco, [m for m, _ in result.predictions],
+                                       self.cfg.schema.num_keypoints)  # the same images, their labels
+            safe_plot(draw_predictions, truth, self.cfg.schema, self.run_dir / "val_labels.jpg", 0.0, VAL_TILE, 0.0)
+        if self.args.plots and result.pr:
+            safe_plot(plot_pr_curve, result.pr, self.run_dir / "pr_curve.png")
         return result.metrics
 
     def log_epoch(self, epoch: int, losses: list[float], metrics: Mapping[str, float], fi: float | None) -> None:
         """Append the epoch to results.csv (and redraw results.png)."""
         self.results.append(epoch, losses, metrics, fi, {g["name"]: g["lr"] for g in self.optimizer.param_groups})
+        self.callbacks.fire("on_epoch_end", self, epoch, self.results.rows[-1])
         if self.args.plots:
             safe_plot(plot_results, self.results.path, self.run_dir / "results.png")
 
@@ -378,14 +398,16 @@ class Trainer:
         LOGGER.info("%d epochs completed in %.3f hours. %s. Weights: %s%s. Results: %s",
                     n, seconds / 3600, best_fit,
                     self.wdir / "last.pt", f", {best}" if best.exists() else "", self.run_dir)
+        self.callbacks.fire("on_fit_end", self, self.run_dir)
 
 
 # ==============================================================================================
 # Entry point
 
 
-def train(args: TrainArgs) -> Path:
+def train(args: TrainArgs, callbacks: Iterable[Any] = ()) -> Path:
     """Train (or resume) a KAPAO model; returns the run folder. Works under torchrun (one call per process).
+    ``callbacks``: more listeners of the training events (:mod:`kapao.train.callbacks`), on rank 0.
 
     Raises KapaoError subclasses for user errors (data not found, bad options, diverged training);
     KeyboardInterrupt is re-raised after last.pt was saved.
@@ -407,7 +429,7 @@ def train(args: TrainArgs) -> Path:
             LOGGER.info("%s %s", "resuming run" if ckpt else "run folder:", run_dir)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        trainer = Trainer(args, run_dir, device, env, ckpt)
+        trainer = Trainer(args, run_dir, device, env, ckpt, callbacks)
         del ckpt
         if env.main:
             write_run_files(trainer.run_dir, trainer.args, trainer.hyp)
