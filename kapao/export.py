@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.backends.int8 import INT8_METADATA, Calibration, quantize_int8
+from kapao.backends.int8 import INT8_METADATA, Int8Calibration, quantize_int8
 from kapao.backends.onnx_graph import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -124,7 +124,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, half: bool = False,
                 simplify: bool = False, opset: int = DEFAULT_OPSET, batch: int = 1,
                 check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
-                device: str | torch.device | None = None, exist_ok: bool = False, int8: Calibration | None = None) -> Path:
+                device: str | torch.device | None = None, exist_ok: bool = False, int8: Int8Calibration | None = None) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
     The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);

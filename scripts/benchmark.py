@@ -337,11 +337,11 @@ def kapao_api(model: torch.nn.Module, device: torch.device, backend: KapaoBacken
 def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Backend]:
     """The FAST_ROWS backends (CPU only; a runtime that is not installed is noted and skipped)."""
     from kapao.backends.dispatch import select_backend
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
     root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    calib = Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
+    calib = Int8Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
     rows: list[Backend] = []
     for label, name, shapes, int8 in FAST_ROWS:
         try:

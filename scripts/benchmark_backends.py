@@ -81,7 +81,7 @@ def make_backend(row: str, model: torch.nn.Module, calib: object) -> object:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
     from kapao.cfg.schema import HeadLayout
     from kapao.models.network import build_model, count_flops
     from kapao.weights.loader import load_model
@@ -98,7 +98,7 @@ def bench(args: argparse.Namespace) -> None:
         x = network_input(imgsz)
         h, w = x.shape[-2:]
         gflops = count_flops(model, (h, w))
-        calib = Calibration.from_spec(args.calib, imgsz, args.calib_images)
+        calib = Int8Calibration.from_spec(args.calib, imgsz, args.calib_images)
         ref = None
         for row in args.backends:
             try:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kapao.backends.cache import cached_onnx
-from kapao.backends.int8 import Calibration
+from kapao.backends.int8 import Int8Calibration
 from kapao.backends.runtimes import (
     Backend,
     FixedShapeRunner,
@@ -93,7 +93,7 @@ def choose_backend(backend: str, device: torch.device, weights: Any, int8: bool 
 
 
 def select_backend(weights: str | os.PathLike | nn.Module, device: str | torch.device | None = None,
-                   half: bool = False, backend: str = "auto", *, int8: Calibration | None = None,
+                   half: bool = False, backend: str = "auto", *, int8: Int8Calibration | None = None,
                    shapes: str = DEFAULT_SHAPES, fold_bn: bool = True) -> Backend:
     """The backend for `weights` (a KapaoModel, checkpoint, name or exported .onnx file) and ``--backend``.
 

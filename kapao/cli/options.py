@@ -17,7 +17,7 @@ from kapao.runtime import select_device
 from kapao.weights.registry import weights_help
 
 if TYPE_CHECKING:
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
 
 MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
 
@@ -281,7 +281,7 @@ def backend_options(f):  # noqa: ANN001, ANN201
                              "same poses within fp32 rounding.")(f)
 
 
-def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Calibration | None:
+def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Int8Calibration | None:
     """The int8 calibration asked for (None without --int8); usage errors when --int8, --calib and --data disagree."""
     if data and calib:
         raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
@@ -292,9 +292,9 @@ def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str
         return None
     if not calib:
         raise click.UsageError("--int8 needs calibration images: --calib DIR (a folder of typical images) or a dataset")
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
 
-    return Calibration.from_spec(calib, imgsz, count)
+    return Int8Calibration.from_spec(calib, imgsz, count)
 
 
 class ImgShape(click.ParamType):

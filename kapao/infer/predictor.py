@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kapao.backends.dispatch import select_backend
-from kapao.backends.int8 import Calibration
+from kapao.backends.int8 import Int8Calibration
 from kapao.backends.runtimes import Backend, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
@@ -224,11 +224,11 @@ class KAPAO:
 
     ``backend``: auto (weights files on the CPU run through a cached ONNX export, see
     :mod:`kapao.backends.dispatch`), torch, torch-cl, onnxruntime or openvino; ``int8``: run a statically
-    quantised model calibrated on these images (:class:`kapao.backends.int8.Calibration`).
+    quantised model calibrated on these images (:class:`kapao.backends.int8.Int8Calibration`).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
-                 half: bool = False, backend: str = "auto", int8: Calibration | None = None) -> None:
+                 half: bool = False, backend: str = "auto", int8: Int8Calibration | None = None) -> None:
         self.backend: Backend = select_backend(weights, device, half, backend, int8=int8)
         self.info: dict[str, Any] = self.backend.info
         self.schema: KeypointSchema = self.backend.schema
