@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
-from kapao.backends.runtimes import OnnxBackend, physical_cores  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend  # noqa: E402
 from kapao.cfg.schema import HeadLayout  # noqa: E402
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings  # noqa: E402
 from kapao.data.sources import default_source, load_image  # noqa: E402
@@ -90,7 +90,7 @@ from kapao.infer import postprocess as pp  # noqa: E402
 from kapao.infer.postprocess import postprocess  # noqa: E402
 from kapao.infer.predictor import KAPAO, Predictor, prepare_batch  # noqa: E402
 from kapao.models.network import build_model, count_flops  # noqa: E402
-from kapao.runtime import select_device  # noqa: E402
+from kapao.runtime import cpu_count, select_device  # noqa: E402
 
 # Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
 BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))
@@ -652,7 +652,7 @@ def main() -> None:
     device = select_device(args.device)
     if args.half and device.type != "cuda":
         raise SystemExit("--half needs a CUDA device (--device 0)")
-    threads = physical_cores()
+    threads = cpu_count(physical=True)
     torch.set_num_threads(threads)
     video = args.video or default_video()
     frames, fps = read_frames(video)

@@ -33,11 +33,10 @@ from kapao.backends.runtimes import (
     is_exported_file,
     is_onnx,
     load_backend,
-    physical_cores,
     read_metadata,
 )
 from kapao.errors import ConfigError, WeightsError
-from kapao.runtime import select_device
+from kapao.runtime import cpu_count, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ class OpenVinoBackend(FixedShapeRunner):
             model = core.read_model(str(path))
             self.compiled = core.compile_model(model, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                "INFERENCE_NUM_THREADS": int(threads or physical_cores())})
+                "INFERENCE_NUM_THREADS": int(threads or cpu_count(physical=True))})
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with long texts
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise WeightsError(f"OpenVINO cannot compile {path} ({first}); use --backend onnxruntime") from None

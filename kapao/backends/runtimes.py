@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
-from kapao.runtime import select_device
+from kapao.runtime import cpu_count, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -241,21 +241,6 @@ class FixedShapeRunner:
 # onnxruntime
 
 
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (hyper-threads do not speed up convolutions)."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    try:
-        import psutil  # optional: without it, every allowed core counts
-
-        physical = psutil.cpu_count(logical=False) or allowed
-    except ImportError:
-        physical = allowed
-    return max(1, min(allowed, physical))
-
-
 def _require_onnxruntime() -> Any:
     try:
         import onnxruntime  # optional, heavy: only for .onnx models
@@ -281,7 +266,7 @@ def _ort_providers(ort: Any, dev: torch.device) -> tuple[list[Any], torch.device
 def _ort_session(ort: Any, model: str | bytes, providers: list[Any], threads: int | None, where: str) -> Any:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or physical_cores()
+    opts.intra_op_num_threads = threads or cpu_count(physical=True)
     opts.inter_op_num_threads = 1
     # no busy-waiting between runs: predict does NMS, drawing and video writing on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
