@@ -1,6 +1,7 @@
 """Choosing the runtime: --backend auto/torch/torch-cl/onnxruntime/openvino give the same poses."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 import kapao.backends.dispatch as fb
 from kapao.backends.cache import cache_dir
+from kapao.backends.int8 import Int8Calibration
 from kapao.backends.runtimes import OnnxBackend, TorchBackend
 from kapao.cfg.schema import HeadLayout
 from kapao.cfg.settings import PREDICT_SETTINGS
@@ -61,6 +63,75 @@ def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPa
         fb.select_backend(str(weights), "cpu", half=True)
     monkeypatch.setattr(fb, "installed", lambda backend: False)  # `pip install kapao` without the [onnx] extra
     assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
+
+
+# Today's choices, pinned before the dispatcher became one table: (--backend, device, weights, --int8) ->
+# the runtime, or the start of the error. "pt" is a checkpoint path, "model" an in-memory KapaoModel.
+CHOICES = [
+    ("auto", "cpu", "pt", False, "DEFAULT"), ("auto", "cuda", "pt", False, "torch"),
+    ("auto", "cpu", "model", False, "torch"), ("auto", "cuda", "model", False, "torch"),
+    ("auto", "cpu", "onnx", False, "onnxruntime"), ("auto", "cuda", "onnx", False, "onnxruntime"),
+    ("auto", "cpu", "pt", True, "onnxruntime"), ("auto", "cuda", "pt", True, "onnxruntime"),
+    ("auto", "cpu", "model", True, "onnxruntime"), ("auto", "cpu", "onnx", True, "onnxruntime"),
+    ("torch", "cpu", "pt", False, "torch"), ("torch", "cuda", "pt", False, "torch"),
+    ("torch-cl", "cpu", "model", False, "torch-cl"), ("torch-cl", "cuda", "pt", False, "torch-cl"),
+    ("onnxruntime", "cpu", "pt", False, "onnxruntime"), ("onnxruntime", "cuda", "pt", False, "onnxruntime"),
+    ("onnxruntime", "cpu", "onnx", False, "onnxruntime"), ("onnxruntime", "cpu", "pt", True, "onnxruntime"),
+    ("onnxruntime", "cpu", "model", False, "onnxruntime"),
+    ("openvino", "cpu", "pt", False, "openvino"), ("openvino", "cpu", "onnx", False, "openvino"),
+    ("openvino", "cpu", "model", False, "openvino"),
+    ("openvino", "cuda", "pt", False, "!--backend openvino runs on the CPU"),
+    ("openvino", "cuda", "pt", True, "!--backend openvino runs on the CPU"),
+    ("openvino", "cpu", "pt", True, "!--int8 runs on onnxruntime"),
+    ("torch", "cpu", "pt", True, "!--int8 runs on onnxruntime"),
+    ("torch-cl", "cuda", "model", True, "!--int8 runs on onnxruntime"),
+    ("torch", "cpu", "onnx", False, "!--backend torch needs .pt weights"),
+    ("torch-cl", "cuda", "onnx", False, "!--backend torch-cl needs .pt weights"),
+    ("torch", "cpu", "onnx", True, "!--int8 runs on onnxruntime"),
+    ("tensorrt", "cpu", "pt", False, "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino"),
+]
+
+
+@pytest.mark.parametrize(("backend", "device", "kind", "int8", "want"), CHOICES)
+def test_the_choice_is_as_before(backend: str, device: str, kind: str, int8: bool, want: str, weights: Path):
+    spec = {"pt": str(weights), "model": kapao_n(5), "onnx": "m.onnx"}[kind]
+    dev = CPU if device == "cpu" else GPU
+    if want.startswith("!"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(want[1:])}"):
+            fb.choose_backend(backend, dev, spec, int8)
+        return
+    assert fb.choose_backend(backend, dev, spec, int8) == (fb.DEFAULT_CPU_BACKEND if want == "DEFAULT" else want)
+
+
+def test_the_default_cpu_choice_falls_back_when_not_installed(weights: Path, monkeypatch: pytest.MonkeyPatch):
+    assert fb.DEFAULT_CPU_BACKEND == "onnxruntime"  # measured: README, section "Backends"
+    monkeypatch.setattr(fb, "installed", lambda backend: backend == "onnxruntime")
+    assert fb.choose_backend("auto", CPU, str(weights)) == "onnxruntime"
+    monkeypatch.setattr(fb, "installed", lambda backend: False)
+    assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
+    assert fb.choose_backend("auto", CPU, str(weights), True) == "onnxruntime"  # int8 needs it: fails when loading
+    assert fb.choose_backend("onnxruntime", CPU, str(weights)) == "onnxruntime"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"half": True}, "--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0"),
+    ({"half": True, "backend": "onnxruntime", "device": GPU},
+     "--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not onnxruntime"),
+    ({"half": True, "int8": "calib", "device": GPU},
+     "--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not onnxruntime"),
+    ({"shapes": "static"}, "shapes='static': choose one of dynamic, fixed"),
+])
+def test_the_loading_errors_are_as_before(kwargs: dict, message: str, weights: Path):
+    kwargs = {"device": "cpu", **kwargs}
+    if kwargs.get("int8") == "calib":
+        kwargs["int8"] = Int8Calibration((), 128)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        fb.select_backend(str(weights), **kwargs)
+
+
+def test_an_exported_file_is_not_quantised_again():
+    with pytest.raises(ConfigError, match=r"^--int8: m\.onnx is already exported; quantise the \.pt weights"):
+        fb.select_backend("m.onnx", "cpu", int8=Int8Calibration((), 128))
 
 
 def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
