@@ -336,7 +336,7 @@ def kapao_api(model: torch.nn.Module, device: torch.device, backend: KapaoBacken
 
 def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Backend]:
     """The FAST_ROWS backends (CPU only; a runtime that is not installed is noted and skipped)."""
-    from kapao.backends.dispatch import select_backend
+    from kapao.backends.dispatch import RuntimeSpec, load_backend
     from kapao.backends.int8 import Int8Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
@@ -345,7 +345,7 @@ def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Back
     rows: list[Backend] = []
     for label, name, shapes, int8 in FAST_ROWS:
         try:
-            be = select_backend(model, "cpu", backend=name, shapes=shapes, int8=calib if int8 else None)
+            be = load_backend(model, RuntimeSpec("cpu", backend=name, int8=calib if int8 else None), shapes=shapes)
         except KapaoError as e:
             ctx.notes.append(f"{label} skipped: {e}")
             continue
@@ -508,11 +508,11 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
         fwd = median_ms(lambda: predictor.forward(x), runs, args.warmup, sync)
         fwd_default = fwd  # the default backend is torch off the CPU
         if device.type == "cpu" and not args.no_onnx:
-            from kapao.backends.dispatch import DEFAULT_CPU_BACKEND, select_backend
+            from kapao.backends.dispatch import DEFAULT_CPU_BACKEND, RuntimeSpec, load_backend
 
             os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
             # what `kapao predict` runs for a .pt on the CPU (an in-memory model's `auto` would be torch)
-            default = select_backend(model, "cpu", backend=DEFAULT_CPU_BACKEND)
+            default = load_backend(model, RuntimeSpec("cpu", backend=DEFAULT_CPU_BACKEND))
             fwd_default = median_ms(lambda: default(x), runs, args.warmup, sync)
         pred = predictor.forward(x).float()
         layout = model.layout

@@ -125,10 +125,17 @@ UNIT = FiniteRange(0.0, 1.0)
 
 
 def check_half(ctx: click.Context, half: bool, device: str | None) -> None:
-    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything."""
-    if half and select_device(device).type != "cuda":
+    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything
+    (:func:`kapao.backends.precision.check_precision`, the check the dispatcher makes again)."""
+    if not half:
+        return
+    from kapao.backends.precision import WHY_CLI, PrecisionError, check_precision  # deferred: imports torch
+
+    try:
+        check_precision("fp16", select_device(device), why=WHY_CLI)
+    except PrecisionError as e:
         param = next(p for p in ctx.command.params if p.name == "half")
-        raise click.BadParameter("needs a CUDA device (fp16 is for GPUs); drop --half or use --device 0", ctx, param)
+        raise click.BadParameter(e.reason, ctx, param) from None
 
 
 def given(ctx: click.Context, *names: str) -> list[str]:
