@@ -99,9 +99,13 @@ class Backend(Protocol):
 
     schema: KeypointSchema
     device: torch.device
-    half: bool
     fixed_shape: tuple[int, int] | None
     info: BackendInfo
+
+    @property
+    def half(self) -> bool:
+        """Inputs are fp16 (else fp32): an attribute or a property."""
+        ...
 
     def __call__(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, N, 6 + 3K) decoded predictions, network-input pixels."""
