@@ -9,6 +9,7 @@ import click
 from kapao.cfg.dataset import load_dataset_config, resolve_schema
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.cli.download import download
 from kapao.cli.options import (
     MODEL_SIZES,
     ImgShape,
@@ -93,6 +94,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 cli.add_command(predict)
 cli.add_command(track)
+cli.add_command(download)
 
 
 @cli.command()
@@ -381,24 +383,6 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
         raise bad_parameter(e, ctx, "out") from None
     click.echo(res.summary())
     click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
-
-
-@cli.command()
-@click.argument("dataset", type=click.Choice(["coco", "crowdpose"]))
-@click.argument("folder", required=False)
-@click.pass_context
-def download(ctx: click.Context, dataset: str, folder: str | None) -> None:
-    """Download a built-in dataset into FOLDER (default: datasets/DATASET, where --data DATASET looks).
-
-    coco: COCO 2017 keypoints (~20 GB); crowdpose: CrowdPose images and annotations. Pieces already in
-    place are skipped, so an interrupted download continues with the missing ones."""
-    from kapao.data.download import download_dataset
-
-    setup_logging(ctx.obj.get("verbose", False))
-    out = folder or f"datasets/{dataset}"
-    fetched = download_dataset(dataset, out)
-    click.echo(f"{dataset}: {len(fetched)} pieces downloaded" + ("" if fetched else " (all were in place)"))
-    click.echo(f"Results saved to {out}")
 
 
 @cli.command()
