@@ -25,9 +25,12 @@ skeleton, kp_bbox), ``names`` (class names), ``source`` (the weights it came fro
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -82,8 +85,9 @@ def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
     return model, path, info.get("name") or path.name
 
 
-def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str, tag: str = "") -> Path:
-    name = f"{weights.stem if weights is not None else f'kapao_{size}'}{tag}.onnx"
+def _output_path(path: str | os.PathLike | None, weights: Path | None, size: str, tag: str = "",
+                 suffix: str = ".onnx") -> Path:
+    name = f"{weights.stem if weights is not None else f'kapao_{size}'}{tag}{suffix}"
     if path is None:
         return weights.with_name(name) if weights is not None else Path(name)
     out = Path(path)
@@ -203,7 +207,8 @@ def describe_check(meta: Mapping[str, Any]) -> str:
         return "not checked against torch"
     if "skipped" in check:
         return f"check against torch skipped ({check['skipped']})"
-    return (f"onnxruntime vs torch on {check['image']} {check['shape'][2]}x{check['shape'][3]}: max abs diff "
+    runtime = check.get("runtime", "onnxruntime")
+    return (f"{runtime} vs torch on {check['image']} {check['shape'][2]}x{check['shape'][3]}: max abs diff "
             f"{check['max_abs_diff']:.2e} (coordinates {check['coords']:.2e} px, scores {check['scores']:.2e})")
 
 
@@ -217,3 +222,107 @@ def _write_output(path: Path, data: bytes | None) -> None:
             f.write(data)
     except OSError as e:
         raise WeightsError(f"cannot write {path}: {os_error_reason(e, path)}; choose a writable folder") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript and OpenVINO IR: the same graph (DecodedOutput of the folded model), the same metadata
+
+
+FORMATS = ("onnx", "torchscript", "openvino")  # `kapao export --format`; see README "Export formats"
+
+
+def _reference(model: nn.Module, image: Any, imgsz: tuple[int, int], batch: int, dev: torch.device,
+               dtype: torch.dtype) -> tuple[nn.Module, Tensor, Tensor, str]:
+    """(folded inference copy, check input, its torch output, image name) of an export check."""
+    wrapper = inference_copy(model, dev, dtype == torch.float16)
+    x = check_image_tensor(image, imgsz).repeat(batch, 1, 1, 1).to(dev, dtype)
+    with torch.no_grad():
+        ref = wrapper(x).float().cpu()
+    name = image if isinstance(image, (str, os.PathLike)) else ("bus.jpg" if image is None else "array")
+    return wrapper, x, ref, Path(str(name)).name
+
+
+def _prepare(weights_or_model: Any, path: Any, imgsz: Any, suffix: str,
+             exist_ok: bool) -> tuple[nn.Module, str, Path, tuple[int, int]]:
+    """(model, source, output path, (h, w)); the output checked writable before the slow export."""
+    hw = image_size(imgsz)
+    model, weights, source = _resolve_model(weights_or_model)
+    out = _output_path(path, weights, model.size, suffix=suffix)
+    if out.exists() and not exist_ok:
+        raise UsageError(f"{out} already exists; add --exist-ok to overwrite it, or choose another file with -o")
+    _write_output(out, None)
+    return model, source, out, hw
+
+
+def export_torchscript(weights_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike | None = None,
+                       imgsz: int | tuple[int, int] = 640, *, batch: int = 1, half: bool = False,
+                       device: str | torch.device | None = None, check_image: str | os.PathLike | np.ndarray | None = None,
+                       check: bool = True, exist_ok: bool = False) -> Path:
+    """Export to TorchScript (``<weights stem>.torchscript``): the folded network traced at (batch, 3, h, w)
+    (fp16 on CUDA with ``half``), the kapao metadata in its extra file ``kapao.json``. With ``check`` the
+    written file is loaded back and compared with torch on ``check_image`` (stored as ``check``)."""
+    from kapao.backends.exported import TORCHSCRIPT_METADATA, TORCHSCRIPT_SUFFIX, TorchScriptBackend
+
+    dev = select_device(device) if device is not None or half else torch.device("cpu")
+    if half and dev.type != "cuda":
+        raise ConfigError("--half needs a CUDA device (fp16 TorchScript models are for GPUs); drop --half or use --device 0")
+    model, source, out, (h, w) = _prepare(weights_or_model, path, imgsz, TORCHSCRIPT_SUFFIX, exist_ok)
+    dtype = torch.float16 if half else torch.float32
+    wrapper, x, ref, name = _reference(model, check_image, (h, w), batch, dev, dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice and the tracer's shape notes: fixed shape
+        traced = torch.jit.trace(wrapper, torch.zeros(batch, 3, h, w, device=dev, dtype=dtype), check_trace=False)
+    meta = export_metadata(model, (h, w), dynamic=False, half=half, batch=batch, opset=0, source=source)
+
+    def write() -> None:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still what TorchScript users load
+            torch.jit.save(traced, buf, _extra_files={TORCHSCRIPT_METADATA: json.dumps(meta)})
+        _write_output(out, buf.getvalue())
+
+    write()
+    if check:
+        got = TorchScriptBackend(out, dev)(x).float().cpu()
+        meta["check"] = json.dumps({"runtime": "torchscript", "image": name, "shape": list(x.shape),
+                                    **compare_outputs(ref, got, model.layout)})
+        write()
+    LOGGER.debug("exported %s; %s", out, describe_check(meta))
+    return out
+
+
+def export_openvino(weights_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike | None = None,
+                    imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, batch: int = 1,
+                    check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
+                    exist_ok: bool = False) -> Path:
+    """Export to OpenVINO IR (``<stem>.xml`` + ``<stem>.bin``, fp32 weights): the kapao ONNX graph converted
+    by OpenVINO, the kapao metadata in its ``rt_info``. With ``check`` the written IR is compiled for the
+    CPU and compared with torch on ``check_image``. Needs the openvino package (``kapao[openvino]``)."""
+    from kapao.backends.dispatch import OpenVinoBackend
+    from kapao.backends.exported import IR_METADATA, OPENVINO_SUFFIX
+
+    ov = require("openvino", "--format openvino")
+    model, source, out, (h, w) = _prepare(weights_or_model, path, imgsz, OPENVINO_SUFFIX, exist_ok)
+    wrapper, x, ref, name = _reference(model, check_image, (h, w), batch, torch.device("cpu"), torch.float32)
+    data = _trace(wrapper, torch.zeros(batch, 3, h, w), DEFAULT_OPSET, dynamic)
+    meta = export_metadata(model, (h, w), dynamic=dynamic, half=False, batch=batch, opset=DEFAULT_OPSET, source=source)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
+        onnx_file = Path(tmp) / "model.onnx"
+        onnx_file.write_bytes(data)
+        ir = ov.convert_model(str(onnx_file))
+
+        def write() -> None:
+            ir.set_rt_info(json.dumps(meta), IR_METADATA)
+            staged = Path(tmp) / out.name
+            ov.save_model(ir, str(staged), compress_to_fp16=False)
+            os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
+            os.replace(staged, out)  # the .xml last: it names the .bin
+
+        write()
+        if check:
+            got = OpenVinoBackend(out)(x).float().cpu()
+            meta["check"] = json.dumps({"runtime": "openvino", "image": name, "shape": list(x.shape),
+                                        **compare_outputs(ref, got, model.layout)})
+            write()
+    LOGGER.debug("exported %s; %s", out, describe_check(meta))
+    return out

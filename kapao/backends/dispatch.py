@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from kapao.backends.cache import cached_onnx
+from kapao.backends.exported import OPENVINO_SUFFIX, TORCHSCRIPT_SUFFIX, TorchScriptBackend, ir_metadata
 from kapao.backends.int8 import Int8Calibration
 from kapao.backends.precision import check_precision
 from kapao.backends.runtimes import (
@@ -121,6 +122,10 @@ def _openvino(path: Any, device: torch.device, half: bool = False, fold_bn: bool
     return OpenVinoBackend(path)
 
 
+def _torchscript(path: Any, device: torch.device, half: bool = False, fold_bn: bool = True) -> Backend:
+    return TorchScriptBackend(path, device)  # traced from the folded model, at its own precision
+
+
 RUNTIMES: tuple[Runtime, ...] = (
     Runtime("torch", files=(), cached=False, precisions=("fp32", "fp16"), devices=(), packages=(),
             build=_torch(channels_last=False)),
@@ -128,8 +133,10 @@ RUNTIMES: tuple[Runtime, ...] = (
             build=_torch(channels_last=True)),  # torch with the channels_last (NHWC) memory layout
     Runtime("onnxruntime", files=(".onnx",), cached=True, precisions=("fp32", "int8"), devices=(),
             packages=("onnx", "onnxruntime"), build=_onnxruntime),
-    Runtime("openvino", files=(".onnx",), cached=True, precisions=("fp32",), devices=("cpu",),
+    Runtime("openvino", files=(".onnx", OPENVINO_SUFFIX), cached=True, precisions=("fp32",), devices=("cpu",),
             packages=("onnx", "onnxruntime", "openvino"), build=_openvino),
+    Runtime("torchscript", files=(TORCHSCRIPT_SUFFIX,), cached=False, precisions=("fp32", "fp16"), devices=(),
+            packages=(), build=_torchscript),  # `kapao export --format torchscript` files
 )
 BACKENDS = (AUTO, *(r.name for r in RUNTIMES))  # the --backend choices
 INT8_BACKEND = next(r.name for r in RUNTIMES if "int8" in r.precisions)  # the one runtime of int8 models
@@ -273,13 +280,19 @@ class OpenVinoBackend(FixedShapeRunner):
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         ov = optional_import("openvino", "--backend openvino", WeightsError)  # optional, heavy
-        self.meta = read_metadata(path)  # checks the file and its kapao metadata
+        ir = str(path).lower().endswith(OPENVINO_SUFFIX)  # an IR export (.xml + .bin), else a kapao ONNX file
+        self.meta = None if ir else read_metadata(path)  # checks the file and its kapao metadata
+        if ir and not Path(path).is_file():
+            raise WeightsError(f"exported model not found: {path}; check the path (export it with `kapao export`)")
         core = ov.Core()
         try:
             model = core.read_model(str(path))
+            self.meta = self.meta or ir_metadata(model, path)
             self.compiled = core.compile_model(model, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                 "INFERENCE_NUM_THREADS": int(threads or cpu_count(physical=True))})
+        except WeightsError:
+            raise
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with long texts
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise WeightsError(f"OpenVINO cannot compile {path} ({first}); use --backend onnxruntime") from None

@@ -10,9 +10,9 @@ from kapao.cfg.dataset import load_dataset_config, resolve_schema
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.cli.download import download
+from kapao.cli.export import export
 from kapao.cli.options import (
     MODEL_SIZES,
-    ImgShape,
     ImgSize,
     announce_tta,
     backend_options,
@@ -22,7 +22,6 @@ from kapao.cli.options import (
     check_half,
     given,
     inference_options,
-    int8_options,
     must_exist,
     settings_from,
     tta_passes,
@@ -95,6 +94,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 cli.add_command(predict)
 cli.add_command(track)
 cli.add_command(download)
+cli.add_command(export)
 
 
 @cli.command()
@@ -383,47 +383,6 @@ def convert(ctx: click.Context, data: str, to: str, out: str, copy_images: bool,
         raise bad_parameter(e, ctx, "out") from None
     click.echo(res.summary())
     click.echo(f"Dataset YAML: {res.yaml_path} (use it as --data)")
-
-
-@cli.command()
-@click.option("--weights", default="kapao_s_coco", show_default=True, callback=must_exist("weights"),
-              help="Checkpoint or name to export.")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True, help="Export format.")
-@click.option("--imgsz", type=ImgShape(), default="640", show_default=True,
-              help="Input size: 640 or H,W (multiples of 64); fixed unless --dynamic.")
-@click.option("--dynamic", is_flag=True, help="Free batch, height and width.")
-@click.option("--half", is_flag=True, help="FP16 export (CUDA only).")
-@click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim.")
-@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True, help="ONNX opset (SiLU needs 13+).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Fixed batch (ignored with --dynamic).")
-@click.option("--device", default=None, callback=check_device, help="cpu, 0, … [default: cpu; first GPU with --half]")
-@click.option("-o", "--output", default=None, help="Output file or folder. [default: <weights stem>.onnx next to the weights]")
-@click.option("--exist-ok", is_flag=True, help="Overwrite an existing output file (else export refuses).")
-@click.option("--check-image", default=None, help="Image for the onnxruntime-vs-torch check. [default: ultralytics bus.jpg]")
-@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
-@int8_options(with_data=True)
-@click.pass_context
-def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
-           opset: int, batch: int, device: str | None, output: str | None, exist_ok: bool, check_image: str | None,
-           no_check: bool, int8: bool, data: str | None, calib: str | None, calib_images: int) -> None:
-    """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
-    setup_logging(ctx.obj.get("verbose", False))
-    if int8 and half:  # contradicting options: a usage error, before the CUDA check
-        raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
-    check_half(ctx, half, device)
-    from kapao.backends.runtimes import read_metadata
-    from kapao.export import describe_check, export_onnx
-
-    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)
-    path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok,
-                       int8=int8_calib)
-    info = read_metadata(path)
-    shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
-    precision = "int8" if int8 else "fp16" if info.half else "fp32"
-    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {precision}; opset {opset})")
-    click.echo(describe_check(info.raw))
-    click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 
 
 def main() -> None:

@@ -203,7 +203,7 @@ def announce_tta(scales: list[float] | None, flips: list[bool] | None) -> None:
 
 
 # = kapao.backends.dispatch.BACKENDS, literal so that `kapao --help` needs no torch
-BACKEND_NAMES = ("auto", "torch", "torch-cl", "onnxruntime", "openvino")
+BACKEND_NAMES = ("auto", "torch", "torch-cl", "onnxruntime", "openvino", "torchscript")
 DEFAULT_CALIB_IMAGES = 32  # = kapao.backends.int8.DEFAULT_CALIB_IMAGES
 INT8_COST = ("int8 is faster on CPUs with VNNI but costs accuracy: its poses agreed with fp32's at OKS AP 0.97 "
              "on a small test (README, section 'int8')")

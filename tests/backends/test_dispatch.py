@@ -45,11 +45,12 @@ def test_cli_choices_are_the_backends():
 
 def test_the_table_has_one_row_per_runtime():
     rows = {r.name: r for r in fb.RUNTIMES}
-    assert list(rows) == ["torch", "torch-cl", "onnxruntime", "openvino"] == list(fb.BACKENDS[1:])
+    assert list(rows) == ["torch", "torch-cl", "onnxruntime", "openvino", "torchscript"] == list(fb.BACKENDS[1:])
     assert [r.name for r in fb.RUNTIMES if r.cached] == ["onnxruntime", "openvino"]  # .pt via the export cache
-    assert [r.name for r in fb.RUNTIMES if r.files] == ["onnxruntime", "openvino"]  # run .onnx files
-    assert [r.name for r in fb.RUNTIMES if "fp16" in r.precisions] == ["torch", "torch-cl"]
+    assert [r.name for r in fb.RUNTIMES if r.files] == ["onnxruntime", "openvino", "torchscript"]  # exported files
+    assert [r.name for r in fb.RUNTIMES if "fp16" in r.precisions] == ["torch", "torch-cl", "torchscript"]
     assert [r.name for r in fb.RUNTIMES if "int8" in r.precisions] == ["onnxruntime"] == [fb.INT8_BACKEND]
+    assert fb.exported_runtime("m.xml") is rows["openvino"] and fb.exported_runtime("m.torchscript") is rows["torchscript"]
     assert rows["openvino"].devices == ("cpu",) and not rows["torch"].devices
     assert fb.exported_runtime("a/b.ONNX") is rows["onnxruntime"] and fb.exported_runtime(Path("m.onnx"))
     assert fb.exported_runtime("kapao_s_coco") is None and fb.exported_runtime("best.pt") is None
@@ -109,7 +110,7 @@ CHOICES = [
     ("torch", "cpu", "onnx", False, "!--backend torch needs .pt weights"),
     ("torch-cl", "cuda", "onnx", False, "!--backend torch-cl needs .pt weights"),
     ("torch", "cpu", "onnx", True, "!--int8 runs on onnxruntime"),
-    ("tensorrt", "cpu", "pt", False, "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino"),
+    ("tensorrt", "cpu", "pt", False, "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino, torchscript"),
 ]
 
 

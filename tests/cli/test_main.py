@@ -105,7 +105,7 @@ USAGE_ERRORS = [
     (["export", "--imgsz", "100"], "'--imgsz'", "(try 128)"),
     (["export", "--imgsz", "64,64,64"], "'--imgsz'", "expected 640 or H,W such as 384,640"),
     (["export", "--opset", "12"], "'--opset'", "x>=13"),
-    (["export", "--format", "tflite"], "'--format'", "'tflite' is not 'onnx'"),
+    (["export", "--format", "tflite"], "'--format'", "'tflite' is not one of 'onnx', 'torchscript', 'openvino'"),
     (["export", "--batch", "0"], "'--batch'", "x>=1"),
     (["export", "--weights", "nope.pt"], "'--weights'", "not found"),
     (["export", "--device", "gpu"], "'--device'", "expected cpu"),
