@@ -110,7 +110,8 @@ CHOICES = [
     ("torch", "cpu", "onnx", False, "!--backend torch needs .pt weights"),
     ("torch-cl", "cuda", "onnx", False, "!--backend torch-cl needs .pt weights"),
     ("torch", "cpu", "onnx", True, "!--int8 runs on onnxruntime"),
-    ("tensorrt", "cpu", "pt", False, "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino, torchscript"),
+    ("tensorrt", "cpu", "pt", False,
+     "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino, torchscript"),
 ]
 
 
