@@ -109,7 +109,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
     """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
     too; the summary once the file is in the cache)."""
     from kapao.models.network import build_model, format_model_info, model_info
-    from kapao.weights.registry import REGISTRY, check_weights_spec
+    from kapao.weights.registry import DETECTORS, REGISTRY, check_weights_spec
 
     ctx = click.get_current_context()
     if kpts is not None and data is not None:
@@ -131,6 +131,10 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(format_model_info(model_info(model, imgsz)))
         return
     path, name = check_weights_spec(weights)
+    if name in DETECTORS:  # a start for training, not a pose model
+        click.echo(DETECTORS[name].describe())
+        click.echo("downloaded" if path.is_file() else "not downloaded yet: `kapao train --weights NAME` downloads it")
+        return
     if name is not None:
         click.echo(REGISTRY[name].describe())
         if not path.is_file():
