@@ -3,9 +3,6 @@ YOLOv5 modules, FP16) and their state dicts, the transfer counts of the official
 download of the named detectors from a local HTTP server."""
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from kapao.weights.detector import check_detector_size, detector_transfer
 from kapao.weights.download import resolve_weights
 from kapao.weights.loader import load_model, load_weights
 from kapao.weights.registry import DETECTORS, DIR_ENV, URL_ENV
-from tests.weights.yolov5_standin import build_detector, save_release_file
+from tests.weights.yolov5_standin import FileServer, build_detector, save_release_file
 
 HEAD_OUT = {f"model.33.m.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
@@ -123,32 +120,6 @@ def test_scratch_and_weights_conflict(coco_mini_yaml):
 # The named detectors: registry rows and download
 
 
-class _Files:
-    """A local HTTP server on 127.0.0.1 serving the files of one folder; records request paths."""
-
-    def __init__(self, folder: Path):
-        seen = self.requests = []
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # noqa: N802
-                seen.append(self.path)
-                super().do_GET()
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=folder))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_registry_rows_are_the_v5_release_assets():
     assert set(DETECTORS) == {"yolov5s6", "yolov5m6", "yolov5l6", "yolov5x6"}
     for name, e in DETECTORS.items():
@@ -162,7 +133,7 @@ def test_download_once_atomically_then_from_the_cache(tmp_path, monkeypatch, rel
     (served / "yolov5s6.pt").write_bytes(release_s.read_bytes())
     (served / "yolov5m6.pt").write_bytes(release_s.read_bytes())  # the wrong size under m's name
     monkeypatch.setenv(DIR_ENV, str(tmp_path / "cache"))
-    with _Files(served) as srv:
+    with FileServer(served) as srv:
         monkeypatch.setenv(URL_ENV, srv.url + "/{name}.pt")
         path, name = resolve_weights("yolov5s6")
         assert (path, name) == (tmp_path / "cache" / "yolov5s6.pt", "yolov5s6")

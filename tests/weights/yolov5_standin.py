@@ -11,8 +11,11 @@ Weights are random (seeded); only names, shapes, dtypes and the pickle format ar
 """
 from __future__ import annotations
 
+import functools
+import http.server
 import math
 import sys
+import threading
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,3 +211,29 @@ def save_release_file(path: Path, size: str = "s", version: str = "v5.0", nc: in
     with _yolov5_modules():
         torch.save(ckpt, path)
     return path
+
+
+class FileServer:
+    """A local HTTP server on 127.0.0.1 serving the files of one folder; records request paths."""
+
+    def __init__(self, folder: Path):
+        seen = self.requests = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                seen.append(self.path)
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=folder))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
