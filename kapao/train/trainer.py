@@ -7,7 +7,8 @@ TrainArgs, run folders, resume and checkpoint stripping in kapao.train.run.
 
 fitness = 0.1 AP50 + 0.9 AP of the EMA model; best.pt holds the fittest epoch. A step never mixes two
 epochs (the step counter restarts each epoch; the official code carries it over but zeroes the
-gradients anyway).
+gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md,
+"Training deviations".
 
 Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the
 EMA weights as the model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the
