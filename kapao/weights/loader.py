@@ -14,7 +14,7 @@ from kapao.errors import WeightsError
 from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.download import resolve_weights
 from kapao.weights.reader import read_weights_file
-from kapao.weights.registry import DEFAULT_WEIGHTS, REGISTRY, PathLike
+from kapao.weights.registry import DEFAULT_WEIGHTS, DETECTORS, REGISTRY, PathLike, check_weights_spec
 
 
 def load_weights(spec: PathLike, *, schema: KeypointSchema | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -57,6 +57,9 @@ def load_model(spec: PathLike = DEFAULT_WEIGHTS, device: Any = "cpu", *,
     imgsz (named weights: their native input size), and per format: config/extra (kapao),
     anchors/bn_eps/best_fitness (official).
     """
+    if check_weights_spec(spec)[1] in DETECTORS:  # say so before downloading it
+        raise WeightsError(f"{spec} is a YOLOv5 object detector, not a KAPAO pose model: it predicts no keypoints. "
+                           f"It is a start for training: `kapao train --weights {spec}`")
     state_dict, info = load_weights(spec, schema=schema)
     if info["format"] == DETECTOR_FORMAT:
         raise WeightsError(f"{info['path']} is a YOLOv5 object detector ({info['nc']} classes, size {info['size']}), "

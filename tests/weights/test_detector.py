@@ -90,9 +90,13 @@ def test_v6_file_transfers_what_matches_and_says_which_layers_start_fresh(tmp_pa
     assert len(blind) == 417  # what intersect_dicts alone would copy
 
 
-def test_detector_is_not_a_pose_model(release_s):
+def test_detector_is_not_a_pose_model(release_s, tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="is a YOLOv5 object detector .* not a KAPAO pose model.*kapao train"):
         load_model(release_s)
+    monkeypatch.setenv(DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(URL_ENV, "http://127.0.0.1:9/{name}.pt")  # never asked: refused before any download
+    with pytest.raises(WeightsError, match="yolov5m6 is a YOLOv5 object detector"):
+        load_model("yolov5m6")
 
 
 def test_size_mismatch_is_a_usage_error():
