@@ -19,7 +19,7 @@ import threading
 import types
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -194,13 +194,18 @@ def _yolov5_modules() -> Iterator[None]:
 
 
 def save_release_file(path: Path, size: str = "s", version: str = "v5.0", nc: int = 80, seed: int = 0,
-                      plain_state_dict: bool = False) -> Path:
+                      plain_state_dict: bool = False, weights: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write a stand-in release checkpoint (or, with ``plain_state_dict``, the model's state dict) to ``path``.
 
     The release layout (``strip_optimizer``): ``{'epoch': -1, 'best_fitness': ..., 'training_results': None,
-    'model': Model (FP16, no grad), 'optimizer': None, 'wandb_id': None}``.
+    'model': Model (FP16, no grad), 'optimizer': None, 'wandb_id': None}``. ``weights``: tensors to put
+    in place of the random ones where name and shape match (e.g. a trained kapao state_dict).
     """
-    model = build_detector(size, version, nc, seed).half()
+    model = build_detector(size, version, nc, seed)
+    if weights is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}, strict=False)
+    model = model.half()
     for p in model.parameters():
         p.requires_grad_(False)
     if plain_state_dict:
