@@ -68,7 +68,7 @@ def detector_from_state_dict(sd: Mapping[str, Tensor], path: Path) -> dict[str, 
     head = _head_index(sd)
     anchors = sd.get(f"model.{head}.anchors") if head is not None else None
     out = sd.get(f"model.{head}.m.0.weight") if head is not None else None
-    if anchors is None or out is None or anchors.ndim != 3 or len(anchors) != 4:
+    if anchors is None or out is None or anchors.ndim != 3:
         return None
     na = anchors.shape[1]
     if out.shape[0] % na or out.shape[0] // na <= 5:
@@ -82,6 +82,12 @@ def _head_index(sd: Mapping[str, Tensor]) -> int | None:
 
 
 def _describe(sd: Mapping[str, Tensor], path: Path, nc: int, names: Mapping[int, str]) -> dict[str, Any]:
+    head = _head_index(sd)
+    anchors = sd.get(f"model.{head}.anchors")
+    if anchors is None or anchors.ndim != 3 or anchors.shape[0] != 4:
+        levels = anchors.shape[0] if anchors is not None and anchors.ndim == 3 else "?"
+        raise WeightsError(f"{path}: a YOLOv5 detector with {levels} output levels, not a P6 one (4 levels, strides "
+                           "8-64): kapao starts only from P6 detectors such as yolov5s6.pt")
     kinds = layer_kinds(sd)
     for i, name in names.items():  # the pickled class names tell SPP from SPPF (same tensors)
         if kinds.get(i) == "SPP" and name in ("SPP", "SPPF"):

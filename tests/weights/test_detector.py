@@ -169,3 +169,12 @@ def test_info_describes_a_detector_name(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["info", "--weights", "yolov5l6"])
     assert res.exit_code == 0, res.output
     assert "releases/download/v5.0/yolov5l6.pt" in res.output and "sha256: not published" in res.output
+
+
+def test_a_p5_detector_is_refused(tmp_path):
+    """yolov5s.pt-like (3 output levels): the names overlap kapao's by accident, so nothing is transferred."""
+    sd = {k: v.float() for k, v in build_detector("s").state_dict().items()}
+    sd["model.33.anchors"] = sd["model.33.anchors"][:3]
+    torch.save(sd, tmp_path / "p5.pt")
+    with pytest.raises(WeightsError, match="3 output levels, not a P6 one"):
+        load_weights(tmp_path / "p5.pt")
