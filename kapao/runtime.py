@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 # Optional packages -> the pyproject extra that installs them (the one line a missing one prints).
-EXTRAS = {"openvino": "openvino", "tensorrt": "tensorrt", "coremltools": "coreml", "onnxslim": "onnx",
+EXTRAS = {"openvino": "openvino", "onnxslim": "onnx",
           "pandas": "pandas", "mlflow": "mlflow", "wandb": "wandb"}
 
 
