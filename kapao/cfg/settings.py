@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -150,6 +150,20 @@ class InferenceSettings:
 
 
 PREDICT_SETTINGS = InferenceSettings()  # the official demos' thresholds
+THRESHOLD_KEYWORDS = tuple(f.name for f in dataclasses.fields(InferenceSettings))  # conf=, iou=, … of the API
+
+
+def settings_from_keywords(base: InferenceSettings, keywords: dict[str, Any], verb: str,
+                           allowed: Sequence[str] = ()) -> tuple[InferenceSettings, dict[str, Any]]:
+    """(`base` with the threshold keywords of `keywords` applied, the other keywords), as ``KAPAO.<verb>``
+    takes them (``model.predict(src, conf=0.3, iou=0.5)``); TypeError naming ``KAPAO.<verb>()`` for a keyword
+    that is neither a threshold nor in `allowed`, ConfigError for an out-of-range value."""
+    unknown = sorted(k for k in keywords if k not in THRESHOLD_KEYWORDS and k not in allowed)
+    if unknown:
+        raise TypeError(f"KAPAO.{verb}() got an unexpected keyword argument {unknown[0]!r}; it takes "
+                        f"{', '.join(sorted({*THRESHOLD_KEYWORDS, *allowed}))}")
+    thresholds = {k: v for k, v in keywords.items() if k in THRESHOLD_KEYWORDS}
+    return base.replace(**thresholds), {k: v for k, v in keywords.items() if k not in THRESHOLD_KEYWORDS}
 VAL_SETTINGS = InferenceSettings(conf=0.001, iou=0.65, max_det=300, conf_kp=0.2, iou_kp=0.25,
                                  conf_kp_person=0.3, tolerance=50.0)
 

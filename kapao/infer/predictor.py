@@ -28,7 +28,7 @@ from kapao.backends.dispatch import RuntimeSpec, describe_backend, load_backend
 from kapao.backends.int8 import Int8Calibration
 from kapao.backends.runtimes import Backend, BackendInfo, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
-from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings, settings_from_keywords
 from kapao.data.letterbox import letterbox
 from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
 from kapao.errors import ConfigError, DataError, KapaoError
@@ -264,11 +264,29 @@ class KAPAO:
         """A predictor with these settings over the backend loaded once (Conv+BN folded, session open)."""
         return Predictor.from_backend(self.backend, settings, scales, flips, return_kp_objects)
 
+    def _keywords(self, verb: str, settings: InferenceSettings, kwargs: dict[str, Any],
+                  allowed: Sequence[str]) -> tuple[InferenceSettings, dict[str, Any]]:
+        """The threshold keywords (conf=, iou=, conf_kp=, tolerance=, max_det=, …) applied to `settings`, and
+        ``half=`` checked against the loaded model (its precision is chosen by ``KAPAO(weights, half=...)``)."""
+        settings, rest = settings_from_keywords(settings, kwargs, verb, (*allowed, "half"))
+        half = rest.pop("half", None)
+        if half is not None and bool(half) != self.half:
+            raise ConfigError(f"KAPAO.{verb}(half={half}): the model was loaded in {'fp16' if self.half else 'fp32'}; "
+                              f"choose the precision when loading: KAPAO(weights, half={bool(half)})")
+        return settings, rest
+
     def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
                 imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
-        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
+        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order.
+
+        Keywords as Ultralytics' ``predict``: the thresholds ``conf``, ``iou``, ``max_det``, ``conf_kp``,
+        ``iou_kp``, ``conf_kp_person``, ``tolerance``, ``fuse`` (fields of
+        :class:`kapao.cfg.settings.InferenceSettings`, applied to `settings`), ``half`` (must match the
+        loaded model), and ``scales``, ``flips`` (TTA), ``batch``."""
+        settings, kwargs = self._keywords("predict", settings, kwargs, ("scales", "flips", "batch"))
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
+            kwargs.pop("batch", None)  # arrays go as one batch
             out = self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
             return [dataclasses.replace(p.to("cpu"), image=a) for p, a in zip(out, arrays)]
         return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
@@ -348,6 +366,7 @@ class KAPAO:
         """
         from kapao.track.tracker import PoseTracker
 
+        settings, kwargs = self._keywords("track", settings, kwargs, ("scales", "flips"))
         step = PoseTracker(tracker, OneEuroSettings() if smooth is True else (smooth or None))
         predictor = self.predictor(settings, **kwargs)
         imgsz = self.check_imgsz(imgsz)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.cli.main import cli
+from kapao.errors import ConfigError
 from kapao.infer.predictor import KAPAO, Predictor, prepare_batch
 from kapao.models.network import kapao_n
 from kapao.poses import Poses
@@ -478,3 +479,21 @@ def test_results_carry_source_shape_and_image(coco_mini: Path, test_video: Path)
     assert arr.path is None and arr.image is original and arr.orig_shape == original.shape[:2]
     tracked = list(api.track(str(test_video), imgsz=128, settings=settings))
     assert [p.frame for p in tracked] == [0, 1, 2, 3, 4] and tracked[0].path == str(test_video)
+
+
+def test_predict_takes_ultralytics_style_threshold_keywords():
+    torch.manual_seed(0)
+    api = KAPAO(eager_model(), device="cpu")
+    img = np.random.default_rng(2).integers(0, 255, (128, 160, 3), dtype=np.uint8)
+    by_keyword = api.predict(img, imgsz=128, conf=0.5, max_det=7, tolerance=10.0)[0]
+    by_settings = api.predict(img, imgsz=128, settings=PREDICT_SETTINGS.replace(conf=0.5, max_det=7, tolerance=10.0))[0]
+    assert len(by_keyword) == len(by_settings) == 7 and torch.equal(by_keyword.boxes, by_settings.boxes)
+    assert len(api.predict(img, imgsz=128, conf=0.5, max_det=3, half=False)[0]) == 3
+    with pytest.raises(TypeError, match=r"^KAPAO.predict\(\) got an unexpected keyword argument 'confidence'; it takes "):
+        api.predict(img, confidence=0.3)
+    with pytest.raises(TypeError, match=r"^KAPAO.track\(\) got an unexpected keyword argument 'persist'"):
+        next(api.track([img], persist=True))
+    with pytest.raises(ConfigError, match=r"half=True\): the model was loaded in fp32; .*KAPAO\(weights, half=True\)"):
+        api.predict(img, half=True)
+    with pytest.raises(ConfigError, match="'conf' must be in"):
+        api.predict(img, conf=3)
