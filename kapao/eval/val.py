@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -56,10 +56,12 @@ def make_val_loader(cfg: DatasetConfig, split: str, imgsz: int, batch: int, work
 
 
 def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, protocol: str | None = None,
-             save_dir: Path | None = None, progress: bool = True, keep: int = 0) -> ValResult:
+             save_dir: Path | None = None, progress: bool = True, keep: int = 0,
+             batch_hook: Callable[[torch.Tensor], None] | None = None) -> ValResult:
     """Run `predictor` over every batch of `loader` and evaluate the poses against the split's GT.
 
-    keep: how many (meta, Poses) pairs to keep for drawing (train draws a sample of them).
+    keep: how many (meta, Poses) pairs to keep for drawing (train draws a sample of them);
+    batch_hook: called with each batch's targets (M, 6 + 3K) after its poses (training's validation loss).
     """
     dataset: PoseDataset = loader.dataset
     protocol = protocol or protocol_for(dataset)
@@ -69,9 +71,11 @@ def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, proto
     bar = tqdm(loader, desc=f"val {dataset.cfg.name}/{dataset.split}", unit="batch", disable=not progress,
                dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
-    for imgs, _, metas in bar:
+    for imgs, targets, metas in bar:
         predictor.timing.pre += time.perf_counter() - t0  # loading + letterboxing, done by the loader
         poses = predictor(imgs, metas)
+        if batch_hook is not None:
+            batch_hook(targets)
         for meta, p in zip(metas, poses):
             results.extend(p.to_coco(meta["image_id"]))
             if len(kept) < keep:

@@ -1,5 +1,5 @@
 """What a training run reports: the progress-bar line of each batch and results.csv (one row per
-epoch: mean losses, validation metrics, fitness, the lr of each optimizer group)."""
+epoch: mean training losses, validation losses and metrics, fitness, the lr of each optimizer group)."""
 from __future__ import annotations
 
 import csv
@@ -44,9 +44,11 @@ class ResultsLog:
         self.rows = read_results(path, start_epoch)
 
     def append(self, epoch: int, losses: Sequence[float], metrics: Mapping[str, float], fi: float | None,
-               lrs: Mapping[str, float]) -> None:
-        """Add epoch's row (metrics missing from `metrics` and fitness None stay empty) and rewrite the file."""
+               lrs: Mapping[str, float], val_losses: Sequence[float] = ()) -> None:
+        """Add epoch's row (metrics missing from `metrics`, validation losses of an epoch not validated and
+        fitness None stay empty) and rewrite the file."""
         row = {"epoch": epoch, **{f"train/{k}": v for k, v in zip(LOSS_NAMES, losses)},
+               **{f"val/{k}": v for k, v in zip(LOSS_NAMES, val_losses or [""] * len(LOSS_NAMES))},
                **{f"metrics/{k}": metrics.get(k, "") for k in self.metric_names},
                "fitness": "" if fi is None else fi,
                **{f"lr/{name}": lr for name, lr in lrs.items()}}

@@ -54,7 +54,7 @@ def results_figure(rows: Sequence[dict[str, str]]) -> Any:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in rows[0] if k != "epoch" and (k.startswith(("train/", "lr/")) or k in
+    keys = [k for k in rows[0] if k != "epoch" and (k.startswith(("train/", "val/", "lr/")) or k in
                                                       ("metrics/AP", "metrics/AP50", "fitness"))]
     epochs = [int(r["epoch"]) + 1 for r in rows]  # counted from 1, as on screen
     cols = 4
@@ -141,3 +141,14 @@ def ground_truth_pairs(coco: Any, metas: Sequence[dict[str, Any]], num_keypoints
         kp[..., 2] = (kp[..., 2] > 0).float()  # drawn where labelled
         pairs.append((meta, Poses(boxes, torch.ones(len(anns)), kp)))
     return pairs
+
+
+def plot_validation(result: Any, schema: KeypointSchema, coco: Any, run_dir: Path) -> None:
+    """The figures of one validation (a :class:`kapao.eval.val.ValResult`): val_pred.jpg, val_labels.jpg
+    (the same images with their ground truth, from the split's `coco` annotations) and pr_curve.png."""
+    if result.predictions:
+        safe_plot(draw_predictions, result.predictions, schema, run_dir / "val_pred.jpg")
+        truth = ground_truth_pairs(coco, [m for m, _ in result.predictions], schema.num_keypoints)
+        safe_plot(draw_predictions, truth, schema, run_dir / "val_labels.jpg", 0.0, VAL_TILE, 0.0)
+    if result.pr:
+        safe_plot(plot_pr_curve, result.pr, run_dir / "pr_curve.png")

@@ -1,5 +1,5 @@
 """The work of one training batch: forward + loss under autocast, scaled backward, and (when the
-loop says so) the optimizer step and the EMA update."""
+loop says so) the optimizer step and the EMA update; and the same loss on the validation batches."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kapao.backends.runtimes import TorchBackend
 from kapao.errors import KapaoError
 from kapao.train.optim import ModelEMA
 
@@ -59,3 +60,32 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
+
+
+class ValLoss:
+    """The training loss (box, obj, cls, kp) of the validation batches, from the same forward pass that
+    gives the validation poses: :meth:`forward` is the Predictor's network (the folded copy of `model`,
+    eval mode, keeping its raw head outputs); :meth:`add` (the batch hook of
+    :func:`kapao.eval.val.validate`) scores them against the batch's targets."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], tuple[Tensor, Tensor]],
+                 device: torch.device, half: bool) -> None:
+        self.backend = TorchBackend(model, device, half, fold_bn=True)  # a folded copy: the EMA is untouched
+        self.loss_fn, self.raw = loss_fn, None
+        self.sums, self.batches = torch.zeros(4, dtype=torch.float64), 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> decoded (B, N, no); the raw outputs are kept for :meth:`add`."""
+        decoded, self.raw = self.backend.model(x)
+        return decoded
+
+    def add(self, targets: Tensor) -> None:
+        with torch.no_grad():
+            raw = [r.float().clone() for r in self.raw]  # out of inference mode, fp32 as in training
+            _, items = self.loss_fn(raw, targets.to(raw[0].device))
+        self.sums += items.double().cpu()
+        self.batches += 1
+
+    def mean(self) -> list[float]:
+        """Mean box, obj, cls, kp losses over the batches seen (as the training columns)."""
+        return (self.sums / max(self.batches, 1)).tolist()

@@ -64,15 +64,7 @@ from kapao.train.optim import (
     warmup_iterations,
     warmup_values,
 )
-from kapao.train.plots import (
-    VAL_TILE,
-    draw_predictions,
-    ground_truth_pairs,
-    plot_pr_curve,
-    plot_results,
-    plot_train_batch,
-    safe_plot,
-)
+from kapao.train.plots import plot_results, plot_train_batch, plot_validation, safe_plot
 from kapao.train.run import (
     DEFAULT_SIZE,
     TrainArgs,
@@ -87,7 +79,7 @@ from kapao.train.run import (
     write_run_files,
 )
 from kapao.train.sampler import build_train_loader
-from kapao.train.step import NonFiniteLoss, TrainStep
+from kapao.train.step import NonFiniteLoss, TrainStep, ValLoss
 from kapao.weights.checkpoint import save_checkpoint, transfer_weights
 from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
@@ -356,24 +348,22 @@ class Trainer:
         return stop
 
     def validate(self) -> dict[str, float]:
-        """COCO/CrowdPose metrics of the EMA model on the val split (and val_pred.jpg)."""
-        predictor = Predictor.from_model(self.ema.module, self.device, half=self.device.type == "cuda", fold_bn=True,
-                                         settings=VAL_SETTINGS)  # folding works on a copy: the EMA is untouched
-        result = validate(predictor, self.val_loader, progress=True, keep=VAL_PLOT_IMAGES if self.args.plots else 0)
+        """COCO/CrowdPose metrics and the losses of the EMA model on the val split (and its figures)."""
+        loss = ValLoss(self.ema.module, self.loss_fn, self.device, half=self.device.type == "cuda")
+        predictor = Predictor(loss.forward, loss.backend.schema, self.device, VAL_SETTINGS, loss.backend.half)
+        result = validate(predictor, self.val_loader, progress=True, keep=VAL_PLOT_IMAGES if self.args.plots else 0,
+                          batch_hook=loss.add)
+        self.val_losses = loss.mean()
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
-        if self.args.plots and result.predictions:
-            safe_plot(draw_predictions, result.predictions, self.cfg.schema, self.run_dir / "val_pred.jpg")
-            truth = ground_truth_pairs(self.val_loader.dataset.coco, [m for m, _ in result.predictions],
-                                       self.cfg.schema.num_keypoints)  # the same images, their labels
-            safe_plot(draw_predictions, truth, self.cfg.schema, self.run_dir / "val_labels.jpg", 0.0, VAL_TILE, 0.0)
-        if self.args.plots and result.pr:
-            safe_plot(plot_pr_curve, result.pr, self.run_dir / "pr_curve.png")
+        if self.args.plots:
+            plot_validation(result, self.cfg.schema, self.val_loader.dataset.coco, self.run_dir)
         return result.metrics
 
     def log_epoch(self, epoch: int, losses: list[float], metrics: Mapping[str, float], fi: float | None) -> None:
         """Append the epoch to results.csv (and redraw results.png)."""
-        self.results.append(epoch, losses, metrics, fi, {g["name"]: g["lr"] for g in self.optimizer.param_groups})
+        self.results.append(epoch, losses, metrics, fi, {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                            self.val_losses if metrics else ())
         self.callbacks.fire("on_epoch_end", self, epoch, self.results.rows[-1])
         if self.args.plots:
             safe_plot(plot_results, self.results.path, self.run_dir / "results.png")

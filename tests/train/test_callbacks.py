@@ -74,7 +74,8 @@ def test_training_fires_events_writes_tensorboard_and_figures(coco_mini_yaml, tm
     assert len(events) == 1
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
-    assert {"train/box", "metrics/AP", "fitness"} <= set(acc.Tags()["scalars"])
+    assert {"train/box", "val/box", "val/kp", "metrics/AP", "fitness"} <= set(acc.Tags()["scalars"])
+    assert all(float(r["val/kp"]) > 0 for r in rows)  # results.csv: validation losses of every validated epoch
     assert [e.step for e in acc.Scalars("train/kp")] == [1, 2]  # epochs counted from 1
     assert [e.value for e in acc.Scalars("train/kp")] == pytest.approx([float(r["train/kp"]) for r in rows], rel=1e-4)
     pred, labels = cv2.imread(str(run / "val_pred.jpg")), cv2.imread(str(run / "val_labels.jpg"))

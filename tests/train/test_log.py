@@ -21,10 +21,11 @@ def _read(path):
 def test_results_log_columns_and_values(tmp_path):
     log = ResultsLog(tmp_path / "results.csv", COCO_METRICS)
     log.append(0, [0.1234567, 0.2, 0.3, 0.4], {}, None, LRS)  # an epoch without validation
-    log.append(1, [0.1, 0.2, 0.3, 0.4], {"AP": 0.5, "AP50": 0.75}, 0.525, LRS)
+    log.append(1, [0.1, 0.2, 0.3, 0.4], {"AP": 0.5, "AP50": 0.75}, 0.525, LRS, [0.5, 0.6, 0.7, 0.8])
     rows = _read(tmp_path / "results.csv")
-    assert list(rows[0]) == ["epoch", *(f"train/{n}" for n in LOSS_NAMES), *(f"metrics/{m}" for m in COCO_METRICS),
-                             "fitness", "lr/bn", "lr/weight", "lr/bias"]
+    assert list(rows[0]) == ["epoch", *(f"train/{n}" for n in LOSS_NAMES), *(f"val/{n}" for n in LOSS_NAMES),
+                             *(f"metrics/{m}" for m in COCO_METRICS), "fitness", "lr/bn", "lr/weight", "lr/bias"]
+    assert rows[0]["val/box"] == "" and rows[1]["val/kp"] == "0.8"  # validation losses of validated epochs only
     assert rows[0]["train/box"] == "0.123457" and rows[0]["metrics/AP"] == "" and rows[0]["fitness"] == ""
     assert rows[1]["metrics/AP50"] == "0.75" and rows[1]["fitness"] == "0.525" and rows[1]["lr/bias"] == "0.05"
     assert rows[1]["metrics/AR"] == ""  # a metric the evaluation did not return stays empty
