@@ -9,6 +9,7 @@ import click
 from kapao.cfg.dataset import load_dataset_config, resolve_schema
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.cli.evaluate import check_prediction_mode, echo_extras, evaluation_options, run_predictions
 from kapao.cli.options import (
     MODEL_SIZES,
     ImgShape,
@@ -178,14 +179,21 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@evaluation_options
 @click.pass_context
 def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool,
         imgsz: int, batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool,
         calib: str | None, calib_images: int,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-        project: str, name: str) -> None:
-    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
+        project: str, name: str, predictions: str | None, analyze: bool, metric: str, alpha: float,
+        images: str | None) -> None:
+    """Evaluate weights (or, with --predictions, a results file) on a dataset split: COCO keypoint AP, or
+    CrowdPose AP (easy/medium/hard); --analyze adds the error analysis, --metric pck the PCK."""
     setup_logging(ctx.obj.get("verbose", False))
+    check_prediction_mode(ctx, predictions, crowdpose)
+    if predictions is not None:
+        return run_predictions(ctx, predictions, data, split or "val", single_cls, analyze, metric, alpha, images,
+                               project, name)
     if crowdpose:
         if data not in (None, "crowdpose"):
             raise click.UsageError(f"--crowdpose means --data crowdpose; it contradicts --data {data}")
@@ -214,6 +222,11 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         from kapao.data.yolo_labels import OKS_AREA_NOTE
 
         click.echo(OKS_AREA_NOTE)
+    if analyze or metric == "pck":
+        from kapao.eval.report import extras_of_run
+
+        echo_extras(extras_of_run(data, split, single_cls, res.json_path, analyze=analyze, pck=metric == "pck",
+                                  alpha=alpha, image_dir=images))
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
     click.echo(f"Results saved to {save_dir}")

@@ -56,7 +56,7 @@ class Analysis:
     coco_gt: COCO
 
 
-def analyze(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: KeypointSchema, protocol: str = "coco",
+def diagnose(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: KeypointSchema, protocol: str = "coco",
             *, groups: bool = True) -> Analysis:
     """The full diagnosis of `results` against `gt` (see the module docstring); groups=False skips the
     by_size / by_overlap / by_visible_keypoints studies (the slow part: one analysis per group)."""
