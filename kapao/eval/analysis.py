@@ -193,7 +193,7 @@ def make_detections(coco_gt: COCO, results: Sequence[Mapping[str, Any]], max_det
     else:
         coco.createIndex()
     anns = [coco.anns[i] for i in sorted(coco.anns)]
-    kpts = np.array([a["keypoints"] for a in anns], dtype=np.float64).reshape(len(anns), -1)
+    kpts = np.array([a["keypoints"] for a in anns], dtype=np.float64).reshape(len(anns), -1) if anns else np.zeros((0, 0))
     scores = np.array([a["score"] for a in anns], dtype=np.float64)
     return Detections(coco, kpts, scores, anns)
 

@@ -43,7 +43,7 @@ def matched_pairs(coco_gt: COCO, results: Sequence[Mapping[str, Any]], schema: K
     return pairs
 
 
-def correct(pairs: Sequence[tuple[dict[str, Any], np.ndarray]], alpha: float,
+def correct(pairs: Sequence[tuple[dict[str, Any], np.ndarray]], alpha: float, num_keypoints: int,
             head: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per pair and keypoint: correct (P, K) bool and labelled (P, K) bool, at threshold alpha x the
     box size max(w, h), or alpha x the head size with head=True (pairs without head_bbox: nothing labelled)."""
@@ -59,7 +59,7 @@ def correct(pairs: Sequence[tuple[dict[str, Any], np.ndarray]], alpha: float,
         lab = (g[:, 2] > 0) & (norm is not None)
         hits.append(lab & (dist <= alpha * (norm or 0.0)))
         labelled.append(lab)
-    k = pairs[0][1].shape[0] if pairs else 0
+    k = num_keypoints
     return (np.array(hits, dtype=bool).reshape(-1, k), np.array(labelled, dtype=bool).reshape(-1, k))
 
 
@@ -75,9 +75,10 @@ def evaluate_pck(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: K
         coco_gt = _load_gt(gt, schema.num_keypoints, protocol=protocol)
         pairs = matched_pairs(coco_gt, results, schema, protocol)
     persons = sum(1 for a in coco_gt.dataset["annotations"] if not a.get("iscrowd") and a["num_keypoints"] > 0)
-    hits, lab = correct(pairs, alpha)
-    auc = [_share(*correct(pairs, float(a))) for a in AUC_ALPHAS]
-    head_hits, head_lab = correct(pairs, PCKH_ALPHA, head=True)
+    k = schema.num_keypoints
+    hits, lab = correct(pairs, alpha, k)
+    auc = [_share(*correct(pairs, float(a), k)) for a in AUC_ALPHAS]
+    head_hits, head_lab = correct(pairs, PCKH_ALPHA, k, head=True)
     return {
         "alpha": alpha, "PCK": _share(hits, lab),
         "AUC": float(np.mean(auc)) if pairs and auc[0] is not None else None,
