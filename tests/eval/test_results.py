@@ -110,3 +110,18 @@ def test_analyze_and_pck_write_their_files(coco_mini_yaml: Path, tmp_path: Path)
     pck = json.loads((run / "pck.json").read_text())
     assert 0 < pck["PCK"] <= 1 and pck["alpha"] == 0.2
     assert "AP after fixing (cumulative)" in res.output and "PCK@0.2" in res.output
+
+
+@pytest.mark.slow
+def test_model_val_with_analyze_writes_analysis_json(coco_mini_yaml: Path, tmp_path: Path):
+    from kapao.models.network import kapao_n
+    from kapao.weights.checkpoint import save_checkpoint
+
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, kapao_n(17), extra={"epoch": 0})
+    res = _val("--weights", str(weights), "--data", str(coco_mini_yaml), "--imgsz", "256", "--batch", "2", "--workers", "0",
+               "--device", "cpu", "--analyze", "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "runs" / "exp" / "analysis.json").read_text())
+    predictions = json.loads((tmp_path / "runs" / "exp" / "predictions.json").read_text())
+    assert CONTRACT <= set(summary) and summary["persons"]["detections"] <= len(predictions)
