@@ -27,6 +27,7 @@ exactly 0.85 is of no kind there; here it is good (the paper's ks >= 0.85).
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -127,11 +128,17 @@ def classify(dt_xy: np.ndarray, own: np.ndarray, own_area: float, others: np.nda
 # ----------------------------------------------------------------------------------------------
 class AnalysisEval(COCOeval):
     """pycocotools' COCOeval for one area range and one maxDets, with two additions of the analysis:
-    ground-truth ids to ignore (the reference's gtIgnoreIds) and the CrowdPose OKS area (0.53 x box)."""
+    ground-truth ids to ignore (the reference's gtIgnoreIds) and the CrowdPose OKS area (0.53 x box).
 
-    def __init__(self, coco_gt: COCO, coco_dt: COCO, params: AnalysisParams, oks_thrs: Sequence[float],
+    OKS matrices are kept in `dets.oks_cache` per state of the detections (keypoints and scores), since
+    the analysis evaluates the same state under several ignore sets and area ranges.
+    """
+
+    def __init__(self, coco_gt: COCO, dets: Detections, params: AnalysisParams, oks_thrs: Sequence[float],
                  max_dets: int, ignore_ids: frozenset = frozenset()) -> None:
-        super().__init__(coco_gt, coco_dt, iouType="keypoints")
+        super().__init__(coco_gt, dets.coco, iouType="keypoints")
+        self.dets = dets
+        self.cache_key = (dets.key, tuple(params.sigmas), params.box_area, max_dets)
         p = self.params
         p.kpt_oks_sigmas = np.asarray(params.sigmas, dtype=np.float64)
         p.iouThrs = np.asarray(oks_thrs, dtype=np.float64)
@@ -150,6 +157,42 @@ class AnalysisEval(COCOeval):
                 if self.box_area:
                     g["area"] = g["bbox"][2] * g["bbox"][3] * BOX_AREA_FACTOR
 
+    def computeOks(self, imgId: Any, catId: Any) -> np.ndarray | list:  # noqa: N802 - pycocotools' name
+        """pycocotools' computeOks with the loop over detections vectorised: the same operations in the same
+        order on every element; numpy's exp on a 2-D array may differ from its 1-D path in the last bit, so
+        values agree to 1e-15 (tests/eval/test_analysis.py), which matters only for an OKS that close to a
+        threshold."""
+        key = (*self.cache_key, imgId, catId)
+        if key not in self.dets.oks_cache:
+            self.dets.oks_cache[key] = self._oks(imgId, catId)
+        return self.dets.oks_cache[key]
+
+    def _oks(self, imgId: Any, catId: Any) -> np.ndarray | list:  # noqa: N803
+        p = self.params
+        gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
+        order = np.argsort([-d["score"] for d in dts], kind="mergesort")
+        dts = [dts[i] for i in order][: p.maxDets[-1]]
+        if len(gts) == 0 or len(dts) == 0:
+            return []
+        var = (p.kpt_oks_sigmas * 2) ** 2
+        d = np.array([dt["keypoints"] for dt in dts])
+        xd, yd = d[:, 0::3], d[:, 1::3]
+        ious = np.zeros((len(dts), len(gts)))
+        for j, gt in enumerate(gts):
+            g = np.array(gt["keypoints"])
+            xg, yg, vis = g[0::3], g[1::3], g[2::3] > 0
+            if vis.any():
+                dx, dy = xd - xg, yd - yg
+            else:  # distance to the box doubled around the ground truth's box
+                x, y, w, h = gt["bbox"]
+                dx = np.maximum(0, x - w - xd) + np.maximum(0, xd - (x + w * 2))
+                dy = np.maximum(0, y - h - yd) + np.maximum(0, yd - (y + h * 2))
+            e = (dx ** 2 + dy ** 2) / var / (gt["area"] + np.spacing(1)) / 2
+            if vis.any():
+                e = e[:, vis]
+            ious[:, j] = np.sum(np.exp(-e), axis=1) / e.shape[1]
+        return ious
+
     def images(self) -> list[dict[str, Any]]:
         """The per-image results of evaluate() (no None entries)."""
         return [e for e in self.evalImgs if e is not None]
@@ -166,6 +209,8 @@ class Detections:
     keypoints: np.ndarray
     scores: np.ndarray
     anns: list[dict[str, Any]] = field(default_factory=list)
+    key: bytes = b""  # fingerprint of the keypoints and scores now in the result object
+    oks_cache: dict = field(default_factory=dict)
 
     def set(self, keypoints: np.ndarray | None = None, scores: np.ndarray | None = None) -> None:
         """Put these keypoints (N, 3K) and scores (N,) into the result object (None: the originals)."""
@@ -174,6 +219,7 @@ class Detections:
         for i, ann in enumerate(self.anns):
             ann["keypoints"] = kp[i].tolist()
             ann["score"] = float(sc[i])
+        self.key = hashlib.sha1(np.ascontiguousarray(kp).tobytes() + np.ascontiguousarray(sc).tobytes()).digest()
 
 
 def make_detections(coco_gt: COCO, results: Sequence[Mapping[str, Any]], max_dets: int = MAX_DETS) -> Detections:
@@ -195,7 +241,9 @@ def make_detections(coco_gt: COCO, results: Sequence[Mapping[str, Any]], max_det
     anns = [coco.anns[i] for i in sorted(coco.anns)]
     kpts = np.array([a["keypoints"] for a in anns], dtype=np.float64).reshape(len(anns), -1) if anns else np.zeros((0, 0))
     scores = np.array([a["score"] for a in anns], dtype=np.float64)
-    return Detections(coco, kpts, scores, anns)
+    dets = Detections(coco, kpts, scores, anns)
+    dets.set()
+    return dets
 
 
 def match(ev: AnalysisEval) -> tuple[list[dict[int, Any]], list[set]]:
@@ -218,7 +266,7 @@ def find_errors(coco_gt: COCO, dets: Detections, params: AnalysisParams,
                 ignore_ids: frozenset = frozenset()) -> list[PersonErrors]:
     """The error kinds of every detection matched at OKS >= 0.1 (original keypoints and scores)."""
     dets.set()
-    ev = AnalysisEval(coco_gt, dets.coco, params, [LOCALISATION_OKS], params.max_dets, ignore_ids)
+    ev = AnalysisEval(coco_gt, dets, params, [LOCALISATION_OKS], params.max_dets, ignore_ids)
     ev.evaluate()
     k = params.num_keypoints
     out = []
@@ -241,8 +289,10 @@ def find_errors(coco_gt: COCO, dets: Detections, params: AnalysisParams,
 def fixed_keypoints(dets: Detections, errors: Sequence[PersonErrors], kinds: Sequence[int]) -> np.ndarray:
     """The detections' keypoints (N, 3K) with the keypoints of the given error kinds moved to their fixes."""
     kp = dets.keypoints.copy()
+    chosen = np.zeros(len(KINDS) + 1, dtype=bool)  # indexed by kind code; the last entry (-1) is UNLABELLED
+    chosen[list(kinds)] = True
     for pe in errors:
         row = kp[pe.dt_index].reshape(-1, 3)
-        sel = np.isin(pe.kinds, list(kinds))
+        sel = chosen[pe.kinds]
         row[sel, :2] = pe.fixed_xy[sel]
     return kp

@@ -69,7 +69,7 @@ def _evaluate(coco_gt: COCO, dets: Detections, params: AnalysisParams, keypoints
               scores: np.ndarray | None, ignore_ids: frozenset, oks_thrs: Sequence[float] | None = None,
               max_dets: int | None = None) -> AnalysisEval:
     dets.set(keypoints, scores)
-    ev = AnalysisEval(coco_gt, dets.coco, params, params.oks_thrs if oks_thrs is None else oks_thrs,
+    ev = AnalysisEval(coco_gt, dets, params, params.oks_thrs if oks_thrs is None else oks_thrs,
                       params.max_dets if max_dets is None else max_dets, ignore_ids)
     ev.evaluate()
     return ev

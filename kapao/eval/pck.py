@@ -32,7 +32,7 @@ def matched_pairs(coco_gt: COCO, results: Sequence[Mapping[str, Any]], schema: K
     params = AnalysisParams(tuple(schema.sigmas), tuple(schema.flip_index), box_area=protocol == "crowdpose",
                             area_rng=(0.0, 1e5 ** 2))
     dets = make_detections(coco_gt, sort_results(results), MAX_DETS)
-    ev = AnalysisEval(coco_gt, dets.coco, params, [LOCALISATION_OKS], MAX_DETS)
+    ev = AnalysisEval(coco_gt, dets, params, [LOCALISATION_OKS], MAX_DETS)
     ev.evaluate()
     pairs = []
     for did, gid in sorted(match(ev)[0][0].items()):
