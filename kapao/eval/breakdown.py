@@ -16,7 +16,8 @@ Steps, each on top of the previous ones (OKS 0.50:0.95, area range "all" = [32²
    are ignored as well. Every remaining detection is then a true positive, so this AP is 1 (-1 with no
    person to find).
 
-The reference stores the false-negative curves in the reverse OKS order of the others (its row for OKS 0.5
+:func:`single_curves` gives the reference's other study, each kind fixed alone (``ap_single`` in
+analysis.json). The reference stores the false-negative curves in the reverse OKS order of the others (its row for OKS 0.5
 is labelled 0.95 and so on); here every row keeps its own threshold. All values of step 5 are 1 either way
 except in degenerate sets.
 """
@@ -94,6 +95,27 @@ def cumulative_curves(coco_gt: COCO, dets: Detections, errors: Sequence[PersonEr
     ev = _evaluate(coco_gt, dets, params, kpts, scores, ignore_ids)
     ev.accumulate()
     out["score"] = _curves(ev)
+    out["background_fp"], out["false_negative"] = _background(coco_gt, ev)
+    dets.set()
+    return out
+
+
+def single_curves(coco_gt: COCO, dets: Detections, errors: Sequence[PersonErrors], params: AnalysisParams,
+                  ignore_ids: frozenset = frozenset()) -> dict[str, Curves]:
+    """The curves after fixing one kind alone, as the reference's AP-improvement study (errorsAPImpact) does:
+    each keypoint error kind alone; the optimal scores on the original keypoints; background false positives
+    on the original detections; and false negatives on top of those background false positives."""
+    out: dict[str, Curves] = {}
+    for name in ERROR_KINDS:
+        ev = _evaluate(coco_gt, dets, params, fixed_keypoints(dets, errors, [KINDS.index(name)]), None, ignore_ids)
+        ev.accumulate()
+        out[name] = _curves(ev)
+    scores = optimal_scores(coco_gt, dets, dets.keypoints, params, ignore_ids)
+    ev = _evaluate(coco_gt, dets, params, None, scores, ignore_ids)
+    ev.accumulate()
+    out["score"] = _curves(ev)
+    ev = _evaluate(coco_gt, dets, params, None, None, ignore_ids)
+    ev.accumulate()
     out["background_fp"], out["false_negative"] = _background(coco_gt, ev)
     dets.set()
     return out

@@ -1,7 +1,8 @@
 """`kapao val --analyze`: the error diagnosis of Ronchi & Perona (ICCV 2017) as one result (analysis.json).
 
 Contents: keypoint error counts of matched persons (:mod:`kapao.eval.analysis`), AP after fixing each error
-kind cumulatively (:mod:`kapao.eval.breakdown`), per keypoint type the mean ks and the share of each kind,
+kind cumulatively (``ap``) and each alone (``ap_single``) (:mod:`kapao.eval.breakdown`), per keypoint type
+the mean ks and the share of each kind,
 and the same counts and APs on groups of ground-truth persons, as the reference's sensitivity studies form
 them (matteorr/coco-analyze ``analysisAPI``):
 
@@ -35,7 +36,7 @@ from kapao.eval.analysis import (
     make_detections,
     oks_area,
 )
-from kapao.eval.breakdown import Curves, ap_table, cumulative_curves
+from kapao.eval.breakdown import Curves, ap_table, cumulative_curves, single_curves
 from kapao.eval.metrics import _load_gt, _quiet, sort_results
 
 SIZE_GROUPS = {"medium": (32 ** 2, 64 ** 2), "large": (64 ** 2, 96 ** 2), "xlarge": (96 ** 2, 128 ** 2),
@@ -69,6 +70,7 @@ def diagnose(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: Keypo
         summary: dict[str, Any] = {
             "keypoints": kind_counts(errors),
             "ap": ap_table(curves, params.oks_thrs),
+            "ap_single": ap_table(single_curves(coco_gt, dets, errors, params), params.oks_thrs),
             "per_keypoint": per_keypoint(errors, schema),
             "persons": {"ground_truth": _countable(coco_gt, params.area_rng, params),
                         "detections": len(dets.anns), "analysed": len(errors)},

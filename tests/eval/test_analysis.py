@@ -137,6 +137,12 @@ def test_the_keypoint_fixes_alone_bring_ap_to_1_and_each_fix_helps():
     summary = diagnose(_coco(gt, schema, protocol), results, schema, protocol, groups=False).summary
     ap = {s: summary["ap"][s]["AP"] for s in STEPS}
     assert ap["baseline"] < ap["miss"] < ap["swap"] < ap["inversion"] <= ap["jitter"] == pytest.approx(1.0)
+    single = {s: summary["ap_single"][s]["AP"] for s in STEPS[1:]}  # each kind alone: some help, none to 1
+    assert all(ap["baseline"] < single[s] < 1.0 for s in ("miss", "swap", "inversion"))
+    assert ap["baseline"] <= single["jitter"] < 1.0
+    assert single["score"] > ap["baseline"]  # B (exact) is now ranked before A (four errors)
+    assert single["background_fp"] > ap["baseline"]  # A, unmatched at the high thresholds, is ignored there
+    assert single["false_negative"] == pytest.approx(1.0)
 
 
 def test_crowd_regions_are_ignored_as_cocoeval_does():
