@@ -130,15 +130,16 @@ class AnalysisEval(COCOeval):
     """pycocotools' COCOeval for one area range and one maxDets, with two additions of the analysis:
     ground-truth ids to ignore (the reference's gtIgnoreIds) and the CrowdPose OKS area (0.53 x box).
 
-    OKS matrices are kept in `dets.oks_cache` per state of the detections (keypoints and scores), since
-    the analysis evaluates the same state under several ignore sets and area ranges.
+    OKS matrices are kept in `dets.oks_cache` per image and state of its detections (keypoints and scores):
+    the analysis evaluates the same states under several ignore sets and area ranges, and a fix changes few
+    images.
     """
 
     def __init__(self, coco_gt: COCO, dets: Detections, params: AnalysisParams, oks_thrs: Sequence[float],
                  max_dets: int, ignore_ids: frozenset = frozenset()) -> None:
         super().__init__(coco_gt, dets.coco, iouType="keypoints")
         self.dets = dets
-        self.cache_key = (dets.key, tuple(params.sigmas), params.box_area, max_dets)
+        self.cache_key = (tuple(params.sigmas), params.box_area, max_dets)
         p = self.params
         p.kpt_oks_sigmas = np.asarray(params.sigmas, dtype=np.float64)
         p.iouThrs = np.asarray(oks_thrs, dtype=np.float64)
@@ -162,7 +163,7 @@ class AnalysisEval(COCOeval):
         order on every element; numpy's exp on a 2-D array may differ from its 1-D path in the last bit, so
         values agree to 1e-15 (tests/eval/test_analysis.py), which matters only for an OKS that close to a
         threshold."""
-        key = (*self.cache_key, imgId, catId)
+        key = (*self.cache_key, imgId, catId, self.dets.image_keys.get(imgId))
         if key not in self.dets.oks_cache:
             self.dets.oks_cache[key] = self._oks(imgId, catId)
         return self.dets.oks_cache[key]
@@ -209,7 +210,7 @@ class Detections:
     keypoints: np.ndarray
     scores: np.ndarray
     anns: list[dict[str, Any]] = field(default_factory=list)
-    key: bytes = b""  # fingerprint of the keypoints and scores now in the result object
+    image_keys: dict = field(default_factory=dict)  # image id -> fingerprint of its detections' current state
     oks_cache: dict = field(default_factory=dict)
 
     def set(self, keypoints: np.ndarray | None = None, scores: np.ndarray | None = None) -> None:
@@ -219,7 +220,10 @@ class Detections:
         for i, ann in enumerate(self.anns):
             ann["keypoints"] = kp[i].tolist()
             ann["score"] = float(sc[i])
-        self.key = hashlib.sha1(np.ascontiguousarray(kp).tobytes() + np.ascontiguousarray(sc).tobytes()).digest()
+        rows: dict[Any, list[int]] = {}
+        for i, ann in enumerate(self.anns):
+            rows.setdefault(ann["image_id"], []).append(i)
+        self.image_keys = {img: hashlib.sha1(kp[r].tobytes() + sc[r].tobytes()).digest() for img, r in rows.items()}
 
 
 def make_detections(coco_gt: COCO, results: Sequence[Mapping[str, Any]], max_dets: int = MAX_DETS) -> Detections:

@@ -12,13 +12,14 @@ them (matteorr/coco-analyze ``analysisAPI``):
   0, 1-2, 3-8; ``by_visible_keypoints``: the number of labelled keypoints in four groups of ceil(K/4)
   (COCO: 1-5, 6-10, 11-15, 16-17). Persons outside a group are ignored, as the reference does with gtIgnoreIds.
 
-The reference fixes one error kind at a time in its size study; here every group gets the cumulative steps,
-like the overall result.
+Each group reports its persons, the error counts of the detections matched to them and the AP at OKS 0.75
+(the reference's threshold for these studies) after each cumulative step. The reference's size study fixes
+one kind at a time; here every group gets the cumulative steps, like the overall result.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ SIZE_GROUPS = {"medium": (32 ** 2, 64 ** 2), "large": (64 ** 2, 96 ** 2), "xlarg
                "xxlarge": (128 ** 2, 1e5 ** 2)}
 OVERLAP_IOU = 0.1
 OVERLAP_GROUPS = {"0": (0,), "1-2": (1, 2), "3-8": tuple(range(3, 9))}
-PR_OKS = (0.5, 0.75)  # thresholds whose precision-recall curves are kept for the pictures
+GROUP_OKS = 0.75  # the reference's sensitivity studies evaluate at this one OKS threshold
 
 
 @dataclass
@@ -121,17 +122,17 @@ def _study(coco_gt: COCO, dets: Detections, params: AnalysisParams, members: set
     table = ap_table(curves, params.oks_thrs)
     mine = [pe for pe in errors if pe.gt_id in members]
     return {"persons": len(members), "keypoints": kind_counts(mine),
-            "ap": {step: {k: v for k, v in row.items() if k in ("AP", "AP50", "AP75")} for step, row in table.items()}}
+            "ap75": {step: row["AP75"] for step, row in table.items()}}
 
 
 def group_studies(coco_gt: COCO, dets: Detections, params: AnalysisParams, num_keypoints: int) -> dict[str, Any]:
-    """by_size, by_overlap and by_visible_keypoints (see the module docstring)."""
+    """by_size, by_overlap and by_visible_keypoints (see the module docstring), at OKS 0.75 as the reference."""
+    params = replace(params, oks_thrs=(GROUP_OKS,))
     anns = coco_gt.dataset["annotations"]
     by_size = {}
     for name, (lo, hi) in SIZE_GROUPS.items():
         members = {a["id"] for a in anns if lo < oks_area(a, params) <= hi}
-        p = AnalysisParams(params.sigmas, params.flip_index, params.box_area, (lo, hi))
-        by_size[name] = _study(coco_gt, dets, p, members, frozenset())
+        by_size[name] = _study(coco_gt, dets, replace(params, area_rng=(lo, hi)), members, frozenset())
     all_ids = {a["id"] for a in anns}
     overlaps = overlap_counts(coco_gt, params)
     by_overlap = {}
