@@ -8,7 +8,7 @@ from typing import Callable
 import click
 
 from kapao.cli.options import FiniteRange, bad_parameter
-from kapao.errors import ConfigError
+from kapao.errors import ConfigError, DataError
 
 MODEL_ONLY = ("weights", "imgsz", "batch", "workers", "device", "half", "backend", "int8", "calib", "conf", "iou",
               "conf_kp", "iou_kp", "conf_kp_person", "tolerance", "max_det", "no_fuse", "scales", "flips", "tta")
@@ -53,6 +53,13 @@ def run_predictions(ctx: click.Context, predictions: str, data: str | None, spli
 
     if data is None:
         raise click.UsageError("--predictions needs --data: a dataset (coco, crowdpose, a YAML) or an annotations JSON")
+    if not data.lower().endswith(".json"):
+        from kapao.cfg.dataset import load_dataset_config
+
+        try:  # a missing dataset or split is a usage error, as for a model val
+            load_dataset_config(data, single_cls=single_cls).require(split)
+        except (ConfigError, DataError) as e:
+            raise bad_parameter(e, ctx, "data") from None
     try:
         res = run_prediction_val(predictions, data, split=split, single_cls=single_cls, analyze=analyze,
                                  pck=metric == "pck", alpha=alpha, image_dir=Path(images) if images else None,

@@ -92,6 +92,10 @@ def test_predictions_contradicts_model_options(coco_mini: Path, tmp_path: Path):
     assert res.exit_code == 2 and "--imgsz describe a model run" in res.output
     res = _val("--predictions", str(tmp_path / "p.json"))
     assert res.exit_code == 2 and "--predictions needs --data" in res.output
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"base: coco\npath: {tmp_path / 'nowhere'}\nval: images\nval_annotations: ann.json\n")
+    res = _val("--predictions", str(tmp_path / "p.json"), "--data", str(missing))
+    assert res.exit_code == 2 and "not found" in res.output and "--data" in res.output
 
 
 @pytest.mark.slow
