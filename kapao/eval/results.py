@@ -124,7 +124,7 @@ def check_results(results: Sequence[Any], gt: GroundTruth, where: str) -> None:
     k = gt.schema.num_keypoints
     images = gt.coco.imgs
     for i, r in enumerate(results):
-        if not isinstance(r, dict) or not all(key in r for key in ("image_id", "keypoints", "score")):
+        if not isinstance(r, dict) or not all(key in r for key in ("image_id", "category_id", "keypoints", "score")):
             raise DataError(f"{where}: result #{i} must be a dict with image_id, category_id, keypoints and score")
         kpts, image_id = r["keypoints"], r["image_id"]
         if not isinstance(kpts, list) or len(kpts) != 3 * k:
