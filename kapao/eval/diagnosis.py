@@ -81,6 +81,7 @@ def diagnose(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: Keypo
         }
         if groups:
             summary.update(group_studies(coco_gt, dets, params, schema.num_keypoints))
+    dets.oks_cache.clear()
     return Analysis(summary, curves, errors, dets, coco_gt)
 
 
