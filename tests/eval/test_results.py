@@ -129,3 +129,18 @@ def test_model_val_with_analyze_writes_analysis_json(coco_mini_yaml: Path, tmp_p
     summary = json.loads((tmp_path / "runs" / "exp" / "analysis.json").read_text())
     predictions = json.loads((tmp_path / "runs" / "exp" / "predictions.json").read_text())
     assert CONTRACT <= set(summary) and summary["persons"]["detections"] <= len(predictions)
+
+
+def test_predictions_on_yolo_data(coco_mini: Path, tmp_path: Path):
+    """A YOLO-pose dataset's ground truth is built from its txt labels (image sizes read from the headers)."""
+    from tests.data.test_yolo_labels import write_yolo
+
+    yaml_path = write_yolo(tmp_path / "ds", coco_mini, k=5, ndim=2)
+    gt = load_ground_truth(str(yaml_path))
+    assert gt.schema.num_keypoints == 5 and gt.image_dir is not None
+    results = [{"image_id": a["image_id"], "category_id": 1, "score": 1.0, "keypoints": a["keypoints"]}
+               for a in gt.coco.dataset["annotations"] if a["num_keypoints"]]
+    (tmp_path / "p.json").write_text(json.dumps(results))
+    res = _val("--predictions", str(tmp_path / "p.json"), "--data", str(yaml_path), "--project", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "runs" / "exp" / "metrics.json").read_text())["AP"] == pytest.approx(1.0)
