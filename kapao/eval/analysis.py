@@ -21,8 +21,10 @@ The rules and their conventions are those of the paper's reference code (github.
   OKS divides by (2 sigma)², it puts the point at ks = ks_target ** (1/4) of the matched person
   (0.96 for a fixed jitter, 0.84 for a fixed miss). Kept so that the numbers are the reference's.
 
-One deliberate difference: the reference calls a keypoint good only when ks > 0.85, so a keypoint at
-exactly 0.85 is of no kind there; here it is good (the paper's ks >= 0.85).
+Deliberate differences: the reference calls a keypoint good only when ks > 0.85, so a keypoint at exactly
+0.85 is of no kind there; here it is good (the paper's ks >= 0.85). Detections with equal scores are taken
+in kapao's canonical order (:func:`kapao.eval.metrics.sort_results`, as val does) where the reference keeps
+the file's order; the two agree on files in that order, such as kapao's own predictions.json.
 """
 from __future__ import annotations
 
