@@ -2,20 +2,60 @@
 (error analysis) and --metric pck; parsing and printing only, the work is in kapao.eval.report."""
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
 from kapao.cli.options import FiniteRange, bad_parameter
 from kapao.errors import ConfigError, DataError
+from kapao.runtime import setup_logging
 
 MODEL_ONLY = ("weights", "imgsz", "batch", "workers", "device", "half", "backend", "int8", "calib", "conf", "iou",
               "conf_kp", "iou_kp", "conf_kp_person", "tolerance", "max_det", "no_fuse", "scales", "flips", "tta")
 
 
+@dataclass
+class Evaluation:
+    """What --predictions, --analyze, --metric, --alpha and --images ask of a val run."""
+
+    predictions: str | None
+    analyze: bool
+    metric: str
+    alpha: float
+    images: str | None
+
+    def run(self, ctx: click.Context, data: str | None, split: str | None, single_cls: bool, crowdpose: bool,
+            project: str, name: str) -> None:
+        """Evaluate the --predictions file (after checking that no model option contradicts it)."""
+        check_prediction_mode(ctx, self.predictions, crowdpose)
+        run_predictions(ctx, self.predictions, data, split or "val", single_cls, self.analyze, self.metric, self.alpha,
+                        self.images, project, name)
+
+    def report(self, data: str, split: str, single_cls: bool, predictions_json: Path) -> None:
+        """After a model val: the analysis and/or PCK of the predictions.json it wrote (nothing if not asked)."""
+        if self.analyze or self.metric == "pck":
+            from kapao.eval.report import extras_of_run
+
+            echo_extras(extras_of_run(data, split, single_cls, predictions_json, analyze=self.analyze,
+                                      pck=self.metric == "pck", alpha=self.alpha, image_dir=self.images))
+
+
 def evaluation_options(f: Callable) -> Callable:
-    """--predictions, --analyze, --metric, --alpha and --images."""
+    """--predictions, --analyze, --metric, --alpha and --images, given to `f` as one `evaluation` (Evaluation);
+    with --predictions the results file is evaluated here and `f` (the model val) is not called."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ev = Evaluation(**{k: kwargs.pop(k) for k in ("predictions", "analyze", "metric", "alpha", "images")})
+        if ev.predictions is None:
+            return f(*args, **kwargs, evaluation=ev)
+        ctx = click.get_current_context()
+        setup_logging(ctx.obj.get("verbose", False))
+        return ev.run(ctx, *(kwargs[k] for k in ("data", "split", "single_cls", "crowdpose", "project", "name")))
+
     for opt in reversed([
         click.option("--predictions", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="Evaluate this COCO keypoint results JSON instead of running a model; --data may then "
@@ -29,8 +69,8 @@ def evaluation_options(f: Callable) -> Callable:
         click.option("--images", default=None, type=click.Path(exists=True, file_okay=False),
                      help="Image folder for the analysis gallery when --data is an annotations JSON."),
     ]):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def check_prediction_mode(ctx: click.Context, predictions: str | None, crowdpose: bool) -> None:

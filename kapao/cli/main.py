@@ -9,7 +9,7 @@ import click
 from kapao.cfg.dataset import load_dataset_config, resolve_schema
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
-from kapao.cli.evaluate import check_prediction_mode, echo_extras, evaluation_options, run_predictions
+from kapao.cli.evaluate import Evaluation, evaluation_options
 from kapao.cli.options import (
     MODEL_SIZES,
     ImgShape,
@@ -189,15 +189,9 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         imgsz: int, batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool,
         calib: str | None, calib_images: int,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-        project: str, name: str, predictions: str | None, analyze: bool, metric: str, alpha: float,
-        images: str | None) -> None:
-    """Evaluate weights (or, with --predictions, a results file) on a dataset split: COCO keypoint AP, or
-    CrowdPose AP (easy/medium/hard); --analyze adds the error analysis, --metric pck the PCK."""
+        project: str, name: str, evaluation: Evaluation) -> None:
+    """Evaluate weights or a results file (--predictions) on a dataset split: COCO keypoint AP, or CrowdPose AP."""
     setup_logging(ctx.obj.get("verbose", False))
-    check_prediction_mode(ctx, predictions, crowdpose)
-    if predictions is not None:
-        return run_predictions(ctx, predictions, data, split or "val", single_cls, analyze, metric, alpha, images,
-                               project, name)
     if crowdpose:
         if data not in (None, "crowdpose"):
             raise click.UsageError(f"--crowdpose means --data crowdpose; it contradicts --data {data}")
@@ -219,21 +213,16 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
                   int8=int8_calib)
-    save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
     if cfg.yolo is not None:
         from kapao.data.yolo_labels import OKS_AREA_NOTE
 
         click.echo(OKS_AREA_NOTE)
-    if analyze or metric == "pck":
-        from kapao.eval.report import extras_of_run
-
-        echo_extras(extras_of_run(data, split, single_cls, res.json_path, analyze=analyze, pck=metric == "pck",
-                                  alpha=alpha, image_dir=images))
+    evaluation.report(data, split, single_cls, res.json_path)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
-    click.echo(f"Results saved to {save_dir}")
+    click.echo(f"Results saved to {res.json_path.parent}")
 
 
 def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
