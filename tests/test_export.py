@@ -284,6 +284,7 @@ def test_simplified_export_matches_torch(model: torch.nn.Module, tmp_path: Path)
     assert info.check["coords"] < COORD_TOL and info.check["scores"] < SCORE_TOL
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_table(tmp_path: Path):
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--project", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)

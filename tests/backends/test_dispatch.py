@@ -83,6 +83,7 @@ def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
     return forward
 
 
+@pytest.mark.slow
 def test_every_backend_gives_the_same_poses(weights: Path, coco_mini: Path):
     image = load_image(sorted((coco_mini / "images").glob("*.jpg"))[0])
     torch_backend = fb.select_backend(weights, "cpu", backend="torch")

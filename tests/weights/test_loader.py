@@ -289,6 +289,7 @@ def _official_checkpoint(model: KapaoModel, classes: dict, **top) -> dict:
     return ckpt
 
 
+@pytest.mark.slow
 def test_official_checkpoint_loads_without_its_classes(tmp_path, official_classes, image):
     torch.manual_seed(3)
     src = KapaoModel("s", COCO).eval()

@@ -64,6 +64,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.mark.slow
 def test_load_weights_and_kapao_take_the_native_imgsz_from_the_table(cache, monkeypatch):
     from kapao.infer.predictor import KAPAO
 
