@@ -79,6 +79,7 @@ class _Tiny(torch.nn.Module):
         return (torch.nn.functional.silu(x).flatten(2).transpose(1, 2),)
 
 
+@pytest.mark.filterwarnings("ignore:Exporting to ONNX opset version")
 def test_trace_failure_is_one_config_error_naming_the_opset():
     with pytest.raises(ConfigError, match=r"ONNX export failed at opset 99 .*try the default --opset 17"):
         trace(DecodedOutput(_Tiny()), torch.zeros(1, 3, 8, 8), 99, dynamic=False)
