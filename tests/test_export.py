@@ -18,16 +18,16 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from kapao.backends.runtimes import OnnxBackend, read_metadata  # noqa: E402
-from kapao.cfg.schema import HeadLayout, KeypointSchema  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend, read_metadata
+from kapao.cfg.schema import HeadLayout, KeypointSchema
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
-from kapao.data.sources import VideoReader, default_source, load_image  # noqa: E402
-from kapao.errors import ConfigError, WeightsError  # noqa: E402
-from kapao.export import check_image_tensor, compare_outputs, export_onnx  # noqa: E402
-from kapao.infer.predictor import Predictor, prepare_batch  # noqa: E402
-from kapao.models.network import default_schema, kapao_n  # noqa: E402
-from kapao.poses import Poses  # noqa: E402
-from kapao.weights.checkpoint import save_checkpoint  # noqa: E402
+from kapao.data.sources import VideoReader, default_source, load_image
+from kapao.errors import ConfigError, WeightsError
+from kapao.export import check_image_tensor, compare_outputs, export_onnx
+from kapao.infer.predictor import Predictor, prepare_batch
+from kapao.models.network import default_schema, kapao_n
+from kapao.poses import Poses
+from kapao.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COORD_TOL, SCORE_TOL = 1e-2, 1e-4

@@ -63,7 +63,7 @@ def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPa
     assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
 
 
-def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
+def _with_fixed_scores(backend, layout: HeadLayout):
     """`backend` with scores replaced by fixed, well-separated values at spread-out anchors (6 poses, and
     keypoint objects of every type): a random model scores every anchor alike, so which poses survive
     NMS would be decided by rounding; this way the decisions are fixed and the coordinates -- the
@@ -90,7 +90,7 @@ def test_every_backend_gives_the_same_poses(weights: Path, coco_mini: Path):
     layout = HeadLayout(5)
     settings = PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3)
 
-    def poses(backend) -> Poses:  # noqa: ANN001
+    def poses(backend) -> Poses:
         predictor = Predictor(_with_fixed_scores(backend, layout), backend.schema, CPU, settings)
         return predictor.predict_images([image], 192)[0]
 
