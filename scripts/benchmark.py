@@ -27,9 +27,9 @@ weights, nothing downloaded) -- with:
 * peak memory: CUDA max allocated, else the peak process RSS growth during the row.
 
 Then the published-accuracy pairing (--pairing: kapao-s at 1280 and yolo26s-pose at 640, both published
-at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (issue 14: kapao
+at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (kapao
 with its output biases set to objectness 2.0, classes 0.0, so nearly every anchor passes the
-thresholds; NMS + fusion vs forward, now and with the previous NMS in scripts/_reference_nms.py), and
+thresholds; NMS + fusion vs forward, now and with the previous NMS in tests/infer/reference_nms.py), and
 the target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
 The video is --video, else $KAPAO_TEST_DATA/videos/posetrack-000001.mp4 (../shared/data by default),
 cut or looped to --frames frames.
@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
 NETWORK_ATTEMPTS: list[str] = []
 
 
@@ -78,6 +77,7 @@ _block_network()
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import MATMUL_N, matmul_gflops, median_ms, reference_nms, test_data  # noqa: E402
 
 from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
 from kapao.backends.runtimes import OnnxBackend, physical_cores  # noqa: E402
@@ -99,7 +99,6 @@ COCO_TEMPLATE = ((.50, .08), (.54, .06), (.46, .06), (.58, .08), (.42, .08), (.6
                  (.28, .40), (.74, .56), (.26, .56), (.60, .55), (.40, .55), (.60, .76), (.40, .76), (.60, .96),
                  (.40, .96))
 POSE_CANDIDATES, KP_CANDIDATES = 20, 4  # injected candidates per person / per keypoint of a person
-MATMUL_N = 2048  # the machine figure: an N x N x N fp32 matmul
 # Published COCO val2017 keypoint AP of the pairing, each from its own tool: KAPAO's official val.py
 # (pycocotools, 1280, README of wmcnally/kapao) and Ultralytics' validator (640, YOLO26 docs).
 PAIRING_AP = {"kapao-s": 63.0, "yolo26s-pose": 63.0}
@@ -111,8 +110,7 @@ PEERS = {"yolo11": "YOLO11-pose", "yolo26": "YOLO26-pose"}  # ultralytics famili
 
 
 def default_video() -> Path:
-    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    return root / "videos" / "posetrack-000001.mp4"
+    return test_data() / "videos" / "posetrack-000001.mp4"
 
 
 def read_frames(video: Path) -> tuple[list[np.ndarray], float]:
@@ -212,21 +210,6 @@ def inject_crowd(pred: torch.Tensor, layout: HeadLayout, meta: dict[str, Any], k
 # Measuring
 
 
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int, sync: bool = False) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """{'mb': peak CUDA memory allocated, or peak RSS growth of this process} over the block."""
@@ -256,15 +239,6 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         t.join()
         peak[0] = max(peak[0], proc.memory_info().rss)
         res["mb"] = (peak[0] - start) / 2**20
-
-
-def matmul_gflops(device: torch.device, runs: int, warmup: int) -> float:
-    """GFLOP/s of one MATMUL_N^3 fp32 matmul on `device` (2 N^3 FLOPs), median of `runs`."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
-    b = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
-    ms = median_ms(lambda: torch.mm(a, b), runs, warmup, device.type == "cuda")
-    return 2 * MATMUL_N**3 / (ms / 1000) / 1e9
 
 
 @dataclass
@@ -340,8 +314,7 @@ def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Back
     from kapao.backends.int8 import Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
-    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    calib = Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
+    calib = Calibration.from_spec(test_data() / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
     rows: list[Backend] = []
     for label, name, shapes, int8 in FAST_ROWS:
         try:
@@ -491,7 +464,7 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
     per frame, NMS + fusion ms with the current and the previous NMS, forward ms; markdown table lines."""
     from unittest import mock
 
-    import _reference_nms as ref  # scripts/_reference_nms.py: the NMS before issue 14
+    ref = reference_nms()
 
     args, device, sync = ctx.args, ctx.device, ctx.device.type == "cuda"
     torch.manual_seed(0)
