@@ -285,7 +285,7 @@ class Context:
 
 
 Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "KapaoBackend | None", "Path | None"]
-# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch; issue 14 parts 1-2):
+# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch):
 # (label, --backend, shapes, int8). Their exports go to a cache folder under the run's temp dir, not timed.
 # scripts/benchmark_backends.py measures the same rows without the end-to-end runs.
 FAST_ROWS = (
@@ -453,7 +453,7 @@ def yolo_row(ctx: Context, family: str, size: str, imgsz: int) -> Row:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hot post-processing (issue 14): nearly every anchor above the thresholds
+# Hot post-processing: nearly every anchor above the thresholds
 
 
 HOT_RUNS = 9  # timed runs (median) of the hot check, whatever --runs says

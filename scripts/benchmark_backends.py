@@ -8,7 +8,7 @@ $KAPAO_TEST_DATA/videos/posetrack-000001.mp4, 1280x720, letterboxed as predict d
 640 -> 640x384):
 
 * matmul        -- a 2048^3 fp32 torch matmul: what the machine can do (GFLOP/s);
-* torch         -- torch eager NCHW, Conv+BN folded (what predict ran before issue 14);
+* torch         -- torch eager NCHW, Conv+BN folded (the plain torch path);
 * torch-cl      -- the same with channels_last;
 * onnxruntime / onnxruntime-fixed -- the cached dynamic-shape export, and one fixed to the input's shape;
 * openvino / openvino-fixed       -- the same files compiled by OpenVINO (fp32);

@@ -1,5 +1,5 @@
 """Training hyperparameters and inference settings (typed, validated once), and reading the YAML files
-that ship with the package. :mod:`kapao.cfg.schema` re-exports these names."""
+that ship with the package."""
 from __future__ import annotations
 
 import dataclasses
@@ -161,7 +161,7 @@ class OneEuroSettings:
 
     Defaults from scripts/benchmark_smoothing.py: at 25, 30 and 60 fps, the least frame-to-frame jitter
     among settings whose mean RMS error to the truth is no worse than the raw keypoints' and whose lag
-    on a fast move is under 20 ms (measured 5-6 ms; jitter -60 % standing, -35 % walking at 30 fps).
+    on a fast move is under 20 ms (the measurements: README, "Video: tracking and smoothing").
 
     min_cutoff: Hz, cutoff at rest (lower = smoother, more lag when slow).
     beta:       cutoff increase per unit speed, in Hz per (person height / s) (higher = less lag on fast moves).

@@ -456,7 +456,7 @@ def test_keypoint_confidence_strict_tolerance_type_and_chunks(monkeypatch):
 
 
 def _dense_keypoint_confidence(keypoints_xy, evidence, tolerance):
-    """The previous keypoint_confidence (issue 13): every keypoint against every evidence row of its type."""
+    """The previous keypoint_confidence (all pairs): every keypoint against every evidence row of its type."""
     n, k = keypoints_xy.shape[:2]
     work = torch.promote_types(keypoints_xy.dtype, torch.float32)
     conf = torch.zeros(n, k, dtype=work)
