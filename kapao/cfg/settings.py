@@ -108,8 +108,9 @@ class Hyp:
                 float(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
-        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
-                      for k, v in d.items()})
+        values: dict[str, Any] = {k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
+                                  for k, v in d.items()}
+        return cls(**values)
 
 
 def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:

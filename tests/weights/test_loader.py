@@ -23,17 +23,17 @@ import pytest
 import torch
 from torch import nn
 
-from kapao.weights.checkpoint import CHECKPOINT_FORMAT, check_compatible, load_checkpoint, save_checkpoint, transfer_weights
-from kapao.weights.loader import load_model
-from kapao.weights.official import convert_official, load_official_checkpoint
-from kapao.weights.registry import DIR_ENV, GDRIVE_IDS, URL_ENV, weights_dir, weights_path
-from kapao.weights.download import download_weights, weights_url
-from kapao.weights.unpickle import RestrictedUnpickler, StandIn
-from kapao.cfg.schema import ANCHORS, STRIDES
 from kapao.cfg.dataset import load_dataset_config
+from kapao.cfg.schema import ANCHORS, STRIDES
 from kapao.errors import WeightsError
 from kapao.models.network import KapaoHead, KapaoModel, generic_schema
 from kapao.weights import registry
+from kapao.weights.checkpoint import CHECKPOINT_FORMAT, check_compatible, load_checkpoint, save_checkpoint, transfer_weights
+from kapao.weights.download import download_weights, weights_url
+from kapao.weights.loader import load_model
+from kapao.weights.official import convert_official, load_official_checkpoint
+from kapao.weights.registry import DIR_ENV, GDRIVE_IDS, URL_ENV, weights_dir, weights_path
+from kapao.weights.unpickle import RestrictedUnpickler, StandIn
 
 COCO = load_dataset_config("coco").schema
 CROWDPOSE = load_dataset_config("crowdpose").schema
@@ -469,7 +469,7 @@ class _Server:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 outer.requests.append(self.path)
                 parts = urllib.parse.urlsplit(self.path)
                 route = routes.get(parts.path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kapao.cli.main import cli
 from kapao.cfg.schema import BUILTIN_DATASETS, KeypointSchema
+from kapao.cli.main import cli
 from kapao.models.network import SIZES, KapaoModel
 from kapao.weights import registry
 from kapao.weights.checkpoint import save_checkpoint
