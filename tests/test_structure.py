@@ -341,11 +341,7 @@ UNMIRRORED: dict[str, str] = {
     "kapao.cfg.dataset": "dataset YAML loading; tests/cfg/test_schema.py and tests/data/test_dataset.py",
     "kapao.cli.options": "click option types; tests/cli/test_main.py drives them through the CLI",
     "kapao.cli.predict": "the predict/track verbs; tests/cli/test_main.py and tests/infer/test_predictor.py",
-    "kapao.weights.checkpoint": "save/load round trips in tests/weights/test_loader.py",
-    "kapao.weights.download": "tests/weights/test_loader.py, against a local HTTP server",
-    "kapao.weights.official": "official checkpoints in tests/weights/test_loader.py",
-    "kapao.weights.reader": "tests/weights/test_loader.py (reading files of each kind)",
-    "kapao.weights.unpickle": "the restricted unpickler's refusals in tests/weights/test_loader.py",
+    "kapao.weights.reader": "read through load_model on every kind of file: tests/weights/test_loader.py, test_official.py",
 }
 
 
