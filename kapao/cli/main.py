@@ -109,7 +109,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
     """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
     too; the summary once the file is in the cache)."""
     from kapao.models.network import build_model, format_model_info, model_info
-    from kapao.weights.registry import REGISTRY, check_weights_spec
+    from kapao.weights.registry import DETECTORS, REGISTRY, check_weights_spec
 
     ctx = click.get_current_context()
     if kpts is not None and data is not None:
@@ -131,6 +131,10 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(format_model_info(model_info(model, imgsz)))
         return
     path, name = check_weights_spec(weights)
+    if name in DETECTORS:  # a start for training, not a pose model
+        click.echo(DETECTORS[name].describe())
+        click.echo("downloaded" if path.is_file() else "not downloaded yet: `kapao train --weights NAME` downloads it")
+        return
     if name is not None:
         click.echo(REGISTRY[name].describe())
         if not path.is_file():
@@ -249,17 +253,27 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
     return check_device(ctx, param, value)
 
 
+def _check_start_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Like must_exist("weights"), but '' (random initialisation) is allowed."""
+    return value if value == "" else must_exist("weights")(ctx, param, value)
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
 @click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Total batch size (all GPUs). [default: the paper's 128/72/48 for s/m/l where the GPUs hold it "
+                   "(4 x 32 GB at 1280), else 16 accumulated to 64]")
 @click.option("--device", default=None, callback=_check_train_device,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, callback=must_exist("weights"),
-              help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
+@click.option("--weights", default=None, callback=_check_start_weights,
+              help="Initial weights: kapao checkpoint, official KAPAO file, state dict, YOLOv5 P6 detector or name. "
+                   "[default: the paper's start, the COCO-pretrained yolov5{s,m,l,x}6 detector of --size "
+                   "(downloaded once); '' or --scratch: random initialisation]")
+@click.option("--scratch", is_flag=True, help="Train from random initialisation (same as --weights '').")
 @click.option("--hyp", default=None, callback=must_exist("hyp"),
               help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
@@ -281,7 +295,8 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
 @click.pass_context
 def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
-          workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
+          workers: int, weights: str | None, scratch: bool, hyp: str | None, hyp_set: dict[str, float], project: str,
+          name: str,
           exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
           no_amp: bool, seed: int, single_cls: bool, no_plots: bool) -> None:
     """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
@@ -289,6 +304,10 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
     setup_logging(ctx.obj.get("verbose", False))
+    if scratch and weights:
+        raise click.UsageError(f"--scratch trains from random initialisation; --weights {weights} names initial "
+                               "weights: give one of them")
+    weights = "" if scratch else weights
     if resume:
         fixed = given(ctx, *(p.name for p in ctx.command.params if p.name not in RESUME_OPTIONS))
         if fixed:
