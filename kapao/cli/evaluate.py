@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from kapao.cli.options import FiniteRange, bad_parameter
 from kapao.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from kapao.eval.report import Extras
 from kapao.runtime import setup_logging
 
 MODEL_ONLY = ("weights", "imgsz", "batch", "workers", "device", "half", "backend", "int8", "calib", "conf", "iou",
@@ -31,6 +34,7 @@ class Evaluation:
             project: str, name: str) -> None:
         """Evaluate the --predictions file (after checking that no model option contradicts it)."""
         check_prediction_mode(ctx, self.predictions, crowdpose)
+        assert self.predictions is not None  # run only with --predictions
         run_predictions(ctx, self.predictions, data, split or "val", single_cls, self.analyze, self.metric, self.alpha,
                         self.images, project, name)
 
@@ -113,7 +117,7 @@ def run_predictions(ctx: click.Context, predictions: str, data: str | None, spli
     click.echo(f"Results saved to {res.save_dir}")
 
 
-def echo_extras(extras: object) -> None:
+def echo_extras(extras: Extras) -> None:
     """Print the analysis/PCK tables and the pictures written."""
     for text in extras.lines:
         click.echo(text)

@@ -160,7 +160,7 @@ class AnalysisEval(COCOeval):
                 if self.box_area:
                     g["area"] = g["bbox"][2] * g["bbox"][3] * BOX_AREA_FACTOR
 
-    def computeOks(self, imgId: Any, catId: Any) -> np.ndarray | list:  # noqa: N802 - pycocotools' name
+    def computeOks(self, imgId: Any, catId: Any) -> np.ndarray | list:
         """pycocotools' computeOks with the loop over detections vectorised: the same operations in the same
         order on every element; numpy's exp on a 2-D array may differ from its 1-D path in the last bit, so
         values agree to 1e-15 (tests/eval/test_analysis.py), which matters only for an OKS that close to a
@@ -170,7 +170,7 @@ class AnalysisEval(COCOeval):
             self.dets.oks_cache[key] = self._oks(imgId, catId)
         return self.dets.oks_cache[key]
 
-    def _oks(self, imgId: Any, catId: Any) -> np.ndarray | list:  # noqa: N803
+    def _oks(self, imgId: Any, catId: Any) -> np.ndarray | list:
         p = self.params
         gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
         order = np.argsort([-d["score"] for d in dts], kind="mergesort")
@@ -231,7 +231,8 @@ class Detections:
 def make_detections(coco_gt: COCO, results: Sequence[Mapping[str, Any]], max_dets: int = MAX_DETS) -> Detections:
     """Results (already checked and in canonical order) as :class:`Detections`, at most `max_dets` per
     image (the highest scores first, as the reference's run_analysis keeps them)."""
-    kept, per_image = [], {}
+    kept: list[Mapping[str, Any]] = []
+    per_image: dict[int, int] = {}
     for r in results:
         n = per_image.get(r["image_id"], 0)
         if n < max_dets:

@@ -179,8 +179,8 @@ def _background(coco_gt: COCO, ev: AnalysisEval) -> tuple[Curves, Curves]:
     ev.accumulate()
     fp = _curves(ev)
     precision, recall = fp.precision.copy(), fp.recall.copy()
-    for t, matched in enumerate(matched_gts):
-        missed = all_gts - matched
+    for t, matched_ids in enumerate(matched_gts):
+        missed = all_gts - matched_ids
         for e in ev.images():
             for g, gid in enumerate(e["gtIds"]):
                 if gid in missed:

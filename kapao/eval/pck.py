@@ -81,7 +81,7 @@ def evaluate_pck(gt: str | COCO, results: Sequence[Mapping[str, Any]], schema: K
     head_hits, head_lab = correct(pairs, PCKH_ALPHA, k, head=True)
     return {
         "alpha": alpha, "PCK": _share(hits, lab),
-        "AUC": float(np.mean(auc)) if pairs and auc[0] is not None else None,
+        "AUC": float(np.mean([a for a in auc if a is not None])) if pairs and auc[0] is not None else None,
         "PCKh@0.5": _share(head_hits, head_lab),
         "per_keypoint": {name: _share(hits[:, j], lab[:, j]) for j, name in enumerate(schema.names)},
         "matched_persons": len(pairs), "persons": persons,

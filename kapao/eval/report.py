@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from kapao.errors import DataError
 from kapao.eval.metrics import evaluate, format_metrics
@@ -28,7 +28,7 @@ class PredictionVal:
     """The result of evaluating a prediction file: metrics, protocol, counts, run folder and extras."""
 
     metrics: dict[str, float]
-    protocol: str
+    protocol: Literal["coco", "crowdpose"]
     images: int
     poses: int
     save_dir: Path

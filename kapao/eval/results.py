@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pycocotools.coco import COCO
 
@@ -31,7 +31,7 @@ class GroundTruth:
 
     coco: COCO
     schema: KeypointSchema
-    protocol: str
+    protocol: Literal["coco", "crowdpose"]
     source: str
     image_dir: Path | None = None
     name: str = ""
@@ -53,7 +53,7 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def protocol_of(dataset: Mapping[str, Any]) -> str:
+def protocol_of(dataset: Mapping[str, Any]) -> Literal["coco", "crowdpose"]:
     """CrowdPose protocol when every image carries a crowdIndex, else COCO (as kapao.eval.val decides)."""
     images = dataset.get("images") or []
     return "crowdpose" if images and all("crowdIndex" in im for im in images) else "coco"
