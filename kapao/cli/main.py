@@ -10,6 +10,7 @@ from kapao.cfg.dataset import load_dataset_config, resolve_schema
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.cli.download import download
+from kapao.cli.evaluate import Evaluation, evaluation_options
 from kapao.cli.export import export
 from kapao.cli.options import (
     MODEL_SIZES,
@@ -62,7 +63,7 @@ class KapaoGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
+        except Exception as e:  # the one place that turns any error into one line
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             click.secho(f"Error: {error_line(e)}", err=True, fg="red")
@@ -184,13 +185,14 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@evaluation_options
 @click.pass_context
 def val(ctx: click.Context, weights: str | None, data: str | None, split: str | None, crowdpose: bool, single_cls: bool,
         imgsz: int, batch: int, workers: int, device: str | None, half: bool, backend: str, int8: bool,
         calib: str | None, calib_images: int,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
-        project: str, name: str) -> None:
-    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
+        project: str, name: str, evaluation: Evaluation) -> None:
+    """Evaluate weights or a results file (--predictions) on a dataset split: COCO keypoint AP, or CrowdPose AP."""
     setup_logging(ctx.obj.get("verbose", False))
     if crowdpose:
         if data not in (None, "crowdpose"):
@@ -213,16 +215,16 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
                   int8=int8_calib)
-    save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
     if cfg.yolo is not None:
         from kapao.data.yolo_labels import OKS_AREA_NOTE
 
         click.echo(OKS_AREA_NOTE)
+    evaluation.report(data, split, single_cls, res.json_path)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
-    click.echo(f"Results saved to {save_dir}")
+    click.echo(f"Results saved to {res.json_path.parent}")
 
 
 def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:

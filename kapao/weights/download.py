@@ -190,8 +190,9 @@ def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
     writer = _CountingWriter(out, entry.name, entry.file_bytes)
     try:
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-            result = gdown.download(id=entry.gdrive_id, output=writer, quiet=True, use_cookies=False)
-    except Exception as e:  # gdown raises its own errors (access denied, quota, ...) and requests'
+            result = gdown.download(id=entry.gdrive_id, output=writer,  # type: ignore[arg-type]  # file-like: gdown only writes
+                                    quiet=True, use_cookies=False)
+    except Exception as e:
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise
         if _connection_failure(e):

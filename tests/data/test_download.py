@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kapao.cli.main import cli
 from kapao.data.download import DATASETS, URL_ENV, download_dataset
 from kapao.errors import DataError
-from tests.weights.test_loader import _send, _Server
+from tests.weights.test_download import _send, _Server
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
