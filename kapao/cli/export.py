@@ -66,9 +66,13 @@ def _export_other(ctx: click.Context, fmt: str, weights: str, imgsz: tuple[int, 
                              ("--half", half and fmt == "openvino")) if on]
     if wrong:
         raise click.UsageError(f"{wrong[0]} is not available with --format {fmt}")
-    common = dict(batch=batch, check_image=check_image, check=not no_check, exist_ok=exist_ok)
-    path = export_torchscript(weights, output, imgsz, half=half, device=device, **common) if fmt == "torchscript" \
-        else export_openvino(weights, output, imgsz, dynamic=dynamic, **common)
+    check = not no_check
+    if fmt == "torchscript":
+        path = export_torchscript(weights, output, imgsz, batch=batch, half=half, device=device, check_image=check_image,
+                                  check=check, exist_ok=exist_ok)
+    else:
+        path = export_openvino(weights, output, imgsz, dynamic=dynamic, batch=batch, check_image=check_image,
+                               check=check, exist_ok=exist_ok)
     info = load_backend(str(path)).info
     click.echo(f"Exported {path} ({fmt}; {info.precision}; {'dynamic' if dynamic else f'input {batch}x3x{imgsz[0]}x{imgsz[1]}'})")
     click.echo(describe_check(info.details))

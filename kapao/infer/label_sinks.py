@@ -40,7 +40,7 @@ class LabelSink:
 
     def __init__(self, root: Path | None = None, save_conf: bool = False, visible_conf: float = VISIBLE_CONF) -> None:
         self.root, self.save_conf, self.visible_conf = root, save_conf, visible_conf
-        self.folder: Path | None = None
+        self.folder = Path(LABELS_DIR)  # under the run folder once opened
         self.written = 0
 
     def open(self, save_dir: Path | None) -> None:
@@ -69,7 +69,7 @@ class CropSink:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root
-        self.folder: Path | None = None
+        self.folder = Path(CROPS_DIR)  # under the run folder once opened
         self.written = 0
 
     def open(self, save_dir: Path | None) -> None:

@@ -48,7 +48,7 @@ class ResultsLog:
         """Add epoch's row (metrics missing from `metrics`, validation losses of an epoch not validated and
         fitness None stay empty) and rewrite the file."""
         row = {"epoch": epoch, **{f"train/{k}": v for k, v in zip(LOSS_NAMES, losses)},
-               **{f"val/{k}": v for k, v in zip(LOSS_NAMES, val_losses or [""] * len(LOSS_NAMES))},
+               **{f"val/{k}": (val_losses[i] if val_losses else "") for i, k in enumerate(LOSS_NAMES)},
                **{f"metrics/{k}": metrics.get(k, "") for k in self.metric_names},
                "fitness": "" if fi is None else fi,
                **{f"lr/{name}": lr for name, lr in lrs.items()}}
