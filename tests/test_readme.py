@@ -38,6 +38,8 @@ def _fixtures(tmp: Path, coco_mini_yaml: Path, coco_mini: Path, test_video: Path
         (tmp / name).write_bytes(b"")  # parsing checks that files exist, not what they hold
     (tmp / "runs/train/exp/weights/last.pt").write_bytes(b"")
     (tmp / "mytracker.yaml").write_text("tracker_type: bytetrack\n")
+    for name in ("results.json", "ann.json"):
+        (tmp / name).write_text("[]")
     return {"mydata.yaml": str(coco_mini_yaml), "mydata-yolo.yaml": str(tmp / "mydata-yolo" / "data.yaml"),
             "video.mp4": str(test_video), "photos/": str(coco_mini / "images"), "frames/": str(coco_mini / "images"),
             "shots/*.jpg": str(coco_mini / "images" / "*.jpg"), "mydata-coco": str(tmp / "mydata-coco"),
