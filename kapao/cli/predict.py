@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kapao.cfg.settings import PREDICT_SETTINGS, OneEuroSettings
+from kapao.cfg.fields import from_fields
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
 from kapao.cli.options import (
     announce_tta,
     bad_parameter,
@@ -19,7 +20,6 @@ from kapao.cli.options import (
     tta_passes,
 )
 from kapao.errors import ConfigError
-from kapao.runtime import setup_logging
 
 if TYPE_CHECKING:
     from kapao.track.tracker import PoseTracker
@@ -47,7 +47,7 @@ def predict(ctx: click.Context, resume: str | None, track_: bool, tracker: str |
     if track_ and resume:
         raise click.UsageError("--resume cannot continue tracks (ids would start again); drop --track or --resume")
     tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
-    _predict(ctx, tracking, resume=resume, **opts)
+    _predict(ctx, tracking, opts, resume=resume)
 
 
 @click.command()
@@ -62,7 +62,7 @@ def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_c
     One Euro smoothing of each track's keypoints (on by default). Drawn videos colour each track; results
     go to runs/track/expN (predictions.jsonl/.json with track_id; keypoints.csv with --save-csv).
     """
-    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), **opts)
+    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), opts)
 
 
 def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
@@ -75,43 +75,36 @@ def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracke
         raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
 
 
-def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
-             device: str | None, half: bool, backend: str, int8: bool, calib: str | None, calib_images: int,
-             batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
-             tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
-             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
-             line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
-    """predict and track: build the settings, run, print the summary."""
+def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str, Any], resume: str | None = None) -> None:
+    """predict and track: build the run's options from the parameters (by field name), run, print the summary."""
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
     from kapao.errors import DataError
 
-    setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = tta_passes(scales, flips, tta)
+    p = dict(params)
+    p["scales"], p["flips"] = tta_passes(p["scales"], p["flips"], p["tta"])
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
-        source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
-                                                                               scales, flips, project, name)
-    settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+        base, resume = _resume_defaults(ctx, resume, p)
     try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
+        spec = resolve_source(p["source"])  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
-    check_half(ctx, half, device)
+    check_half(ctx, p["half"], p["device"])
     from kapao.infer.keypoints_csv import CsvSink
+    from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
-    from kapao.infer.sinks import DrawOptions
 
-    announce_tta(scales, flips)
+    announce_tta(p["scales"], p["flips"])
     from kapao.weights.registry import native_imgsz
 
-    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
-    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
-    draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"] or native_imgsz(p["weights"]))
+    api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
+    options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
+    output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], keep_results=False,
+                         progress=True, resume=resume, draw=from_fields(DrawOptions, p))
     try:
-        run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                      save=not nosave, show=show, draw=draw, project=project, name=name, keep_results=False,
-                      progress=True, resume=resume, transforms=[tracking.update_frame] if tracking else (),
-                      sinks=[CsvSink(api.schema.names)] if save_csv else ())
+        run = api.run(spec, options=options, output=output, transforms=[tracking.update_frame] if tracking else (),
+                      sinks=[CsvSink(api.schema.names)] if p["save_csv"] else ())
     except ConfigError as e:
         if str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
@@ -125,21 +118,22 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     click.echo(f"Results saved to {run.save_dir}")
 
 
-def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202
-    """The run --resume names, and its SOURCE, weights, imgsz, TTA and thresholds for the options not given."""
+def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tuple[InferenceSettings, str]:
+    """The run --resume names and its thresholds; its SOURCE, weights, imgsz and TTA fill in `p` (click's
+    parameters, changed in place) for the options not given."""
     import dataclasses
 
-    from kapao.cfg.settings import InferenceSettings
     from kapao.infer.resume import find_resume_run, read_run_args
 
     try:
-        run_dir = find_resume_run(resume, project, name, source)
+        run_dir = find_resume_run(resume, p["project"], p["name"], p["source"])
         stored = read_run_args(run_dir)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "resume") from None
     if ctx.get_parameter_source("weights") == click.core.ParameterSource.DEFAULT and stored.get("weights"):
-        weights = stored["weights"]
-    if not (scales or flips):
-        scales, flips = stored.get("scales"), stored.get("flips")
+        p["weights"] = stored["weights"]
+    if not (p["scales"] or p["flips"]):
+        p["scales"], p["flips"] = stored.get("scales"), stored.get("flips")
+    p["source"], p["imgsz"] = p["source"] or stored["source"], p["imgsz"] or stored.get("imgsz")
     base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
-    return source or stored["source"], weights, imgsz or stored.get("imgsz"), scales, flips, base, str(run_dir)
+    return base, str(run_dir)
