@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -340,6 +341,26 @@ def tracking_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """The tracker and smoothing options of track and predict --track as given (None: not given); built
+    from click's parameters by field name."""
+
+    tracker: str | None = None
+    smooth: bool | None = None
+    smooth_cutoff: float | None = None
+    smooth_beta: float | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any of them was given."""
+        return bool(self.tracker) or any(v is not None for v in (self.smooth, self.smooth_cutoff, self.smooth_beta))
+
+    def smoothing(self, default: bool) -> OneEuroSettings | None:
+        """The smoothing asked for (`default`: on or off when neither --smooth nor --no-smooth is given)."""
+        return smooth_settings(default if self.smooth is None else self.smooth, self.smooth_cutoff, self.smooth_beta)
 
 
 def smooth_settings(smooth: bool, cutoff: float | None, beta: float | None) -> OneEuroSettings | None:

@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kapao.cfg.fields import from_fields
-from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
 from kapao.cli.options import (
+    TrackingOptions,
     announce_tta,
     bad_parameter,
     calibration,
     check_half,
     predict_options,
     settings_from,
-    smooth_settings,
     tracking_options,
     tta_passes,
 )
@@ -34,45 +34,46 @@ if TYPE_CHECKING:
 @click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
 @tracking_options
 @click.pass_context
-def predict(ctx: click.Context, resume: str | None, track_: bool, tracker: str | None, smooth: bool | None,
-            smooth_cutoff: float | None, smooth_beta: float | None, **opts: Any) -> None:
+def predict(ctx: click.Context, resume: str | None, track_: bool, **params: Any) -> None:
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results go to runs/predict/expN:
     predictions.jsonl (one line per frame, written as it is made), drawn media, and a COCO-format
     predictions.json at the end. --track adds track ids (as `kapao track`; keypoints unsmoothed unless --smooth).
     """
-    if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
+    tracking = from_fields(TrackingOptions, params)
+    if not track_ and tracking.given:
         raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
     if track_ and resume:
         raise click.UsageError("--resume cannot continue tracks (ids would start again); drop --track or --resume")
-    tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
-    _predict(ctx, tracking, opts, resume=resume)
+    _predict(ctx, _tracking(tracking, smooth=False) if track_ else None, params, resume=resume)
 
 
 @click.command()
 @predict_options("runs/track")
 @tracking_options
 @click.pass_context
-def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-          smooth_beta: float | None, **opts: Any) -> None:
+def track(ctx: click.Context, **params: Any) -> None:
     """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
 
     Same options as predict (but --resume), plus the tracker (ByteTrack or BoT-SORT from ultralytics) and
     One Euro smoothing of each track's keypoints (on by default). Drawn videos colour each track; results
     go to runs/track/expN (predictions.jsonl/.json with track_id; keypoints.csv with --save-csv).
     """
-    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), opts)
+    _predict(ctx, _tracking(from_fields(TrackingOptions, params), smooth=True), params)
 
 
-def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
-    """The per-frame tracking step the options ask for (a usage error for an unusable --tracker)."""
+def _tracking(options: TrackingOptions, smooth: bool) -> PoseTracker:
+    """The per-frame tracking step the options ask for, smoothing on or off by default as `smooth` says (a
+    usage error for an unusable --tracker)."""
     from kapao.track.tracker import PoseTracker
 
+    smoothing = options.smoothing(smooth)
     try:
-        return PoseTracker(tracker or "bytetrack", smooth)
+        return PoseTracker(options.tracker or "bytetrack", smoothing)
     except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
+        raise click.BadParameter(str(e).removeprefix(f"--tracker {options.tracker}: "),
+                                 param_hint="'--tracker'") from None
 
 
 def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str, Any], resume: str | None = None) -> None:
