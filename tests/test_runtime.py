@@ -4,13 +4,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from kapao.errors import ConfigError
-from kapao.runtime import atomic_write, check_writable, increment_run_dir, select_device
+from kapao.runtime import atomic_write, check_writable, cpu_count, increment_run_dir, select_device
 
 
 def test_select_device_cpu_and_auto():
@@ -108,3 +110,16 @@ def test_plain_data_converts_to_weights_only_types_and_names_the_culprit(tmp_pat
         plain_data({"a": [1, object()]}, "extra")
     with pytest.raises(TypeError, match=r"extra has a key \(1, 2\) of type tuple"):
         plain_data({(1, 2): 0}, "extra")
+
+
+def test_cpu_count_counts_the_affinity_mask_and_caps_at_physical_cores(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(cpu_count=lambda logical=True: 2))
+    assert cpu_count() == 4 and cpu_count(physical=True) == 2  # hyper-threads count for workers, not for convs
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(cpu_count=lambda logical=True: 8))
+    assert cpu_count(physical=True) == 4  # never more than the process may use
+    monkeypatch.setitem(sys.modules, "psutil", None)  # psutil not installed: every allowed CPU counts
+    assert cpu_count(physical=True) == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity mask (macOS, Windows)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cpu_count() == 1 and cpu_count(physical=True) == 1
