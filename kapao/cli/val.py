@@ -59,6 +59,7 @@ def val(ctx: click.Context, **params: Any) -> None:
     res = run_val(weights, cfg, split=split, imgsz=p["imgsz"], batch=p["batch"], workers=p["workers"],
                   device=p["device"], half=p["half"], settings=settings, scales=scales, flips=flips,
                   project=p["project"], name=p["name"], backend=p["backend"], int8=int8_calib)
+    assert res.json_path is not None  # a project was given: predictions.json was written
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())

@@ -65,6 +65,7 @@ def pose_records(poses: Poses) -> list[dict[str, Any]]:
     n, k = len(poses), poses.num_keypoints
     boxes, scores = _short(poses.boxes), _short(poses.scores)
     xy, conf = _short(poses.keypoints[..., :2]), _short(poses.keypoints[..., 2])
+    assert poses.fused is not None  # Poses.__post_init__ sets it
     fused = poses.fused.cpu().tolist()
     ids = [None] * n if poses.track_ids is None else [int(i) if i >= 0 else None for i in poses.track_ids.tolist()]
     return [{"box": boxes[4 * i: 4 * i + 4], "score": scores[i],
