@@ -342,18 +342,17 @@ def test_trackers_never_install_or_download_anything():
     assert "tried to install" not in no_lap.stderr + no_lap.stdout
 
 
-@pytest.mark.parametrize("smooth", [False, True])
-def test_run_with_a_tracking_step_gives_what_track_yields(eager_weights, test_video, smooth):
+def test_run_with_a_tracking_step_gives_what_track_yields(eager_weights, test_video):
     """KAPAO.run and KAPAO.track share one frame loop: tracking as run's per-frame step gives the same poses,
     ids and (smoothed) keypoints, bit for bit, as the track generator."""
     from kapao.cfg.settings import PREDICT_SETTINGS
     from kapao.infer.predictor import KAPAO
 
-    api = KAPAO(eager_weights, device="cpu")
+    api = KAPAO(eager_weights, device="cpu", backend="torch")  # the loop is the same on every backend
     settings = PREDICT_SETTINGS.replace(conf=0.5, max_det=5)
-    tracked = list(api.track(str(test_video), imgsz=192, settings=settings, smooth=smooth))
-    step = PoseTracker("bytetrack", OneEuroSettings() if smooth else None)
-    run = api.run(str(test_video), imgsz=192, settings=settings, save=False, save_json=False, keep_results=True,
+    tracked = list(api.track(str(test_video), imgsz=128, settings=settings))  # smoothed: the default
+    step = PoseTracker("bytetrack", OneEuroSettings())
+    run = api.run(str(test_video), imgsz=128, settings=settings, save=False, save_json=False, keep_results=True,
                   transforms=[step.update_frame])
     assert run.save_dir is None and len(run.results) == len(tracked) == 5
     assert sum(len(p) for p in tracked) > 0
