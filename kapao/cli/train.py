@@ -45,17 +45,27 @@ def _check_train_device(ctx: click.Context, param: click.Parameter, value: str |
     return check_device(ctx, param, value)
 
 
+def _check_start_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Like must_exist("weights"), but '' (random initialisation) is allowed."""
+    return value if value == "" else must_exist("weights")(ctx, param, value)
+
+
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
 @click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Total batch size (all GPUs). [default: the paper's 128/72/48 for s/m/l where the GPUs hold it "
+                   "(4 x 32 GB at 1280), else 16 accumulated to 64]")
 @click.option("--device", default=None, callback=_check_train_device,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, callback=must_exist("weights"),
-              help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
+@click.option("--weights", default=None, callback=_check_start_weights,
+              help="Initial weights: kapao checkpoint, official KAPAO file, state dict, YOLOv5 P6 detector or name. "
+                   "[default: the paper's start, the COCO-pretrained yolov5{s,m,l,x}6 detector of --size "
+                   "(downloaded once); '' or --scratch: random initialisation]")
+@click.option("--scratch", is_flag=True, help="Train from random initialisation (same as --weights '').")
 @click.option("--hyp", default=None, callback=must_exist("hyp"),
               help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
@@ -81,6 +91,9 @@ def train(ctx: click.Context, **params: Any) -> None:
 
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
+    if params["scratch"] and params["weights"]:
+        raise click.UsageError(f"--scratch trains from random initialisation; --weights {params['weights']} names "
+                               "initial weights: give one of them")
     _check_run(ctx, params["resume"], params["project"], params["data"], params["single_cls"])
     from kapao.train.distributed import launch_distributed, should_launch
     from kapao.train.run import TrainArgs
@@ -90,7 +103,8 @@ def train(ctx: click.Context, **params: Any) -> None:
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         sys.exit(launch_distributed(argv, params["device"]))
     args = from_fields(TrainArgs, params, device=params["device"] or "", hyp_overrides=params["hyp_set"],
-                       amp=not params["no_amp"], plots=not params["no_plots"])
+                       weights="" if params["scratch"] else params["weights"], amp=not params["no_amp"],
+                       plots=not params["no_plots"])
     run_dir = run_training(args)
     click.echo(f"Results saved to {run_dir}")
 

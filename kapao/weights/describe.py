@@ -6,7 +6,7 @@ from typing import Any, Iterator, cast
 
 from kapao.models.network import KapaoModel, format_model_info, model_info
 from kapao.weights.loader import load_model
-from kapao.weights.registry import REGISTRY, PathLike, check_weights_spec
+from kapao.weights.registry import DETECTORS, REGISTRY, PathLike, check_weights_spec
 
 
 def named_weights_table() -> Iterator[str]:
@@ -17,10 +17,15 @@ def named_weights_table() -> Iterator[str]:
 
 
 def describe_weights(spec: PathLike, imgsz: int) -> Iterator[str]:
-    """The description of a weights spec, line by line as it is known: a named weight's registry entry
-    (and nothing more until it is downloaded), then the loaded model's summary (layers, parameters, GFLOPs
+    """The description of a weights spec, line by line as it is known: a named detector's entry (a start
+    for training, not a pose model: nothing more); a named weight's registry entry (and nothing more until
+    it is downloaded), then the loaded model's summary (layers, parameters, GFLOPs
     at `imgsz`) and :func:`checkpoint_lines`. Loading errors (corrupt, unsafe files) are raised."""
     path, name = check_weights_spec(spec)
+    if name in DETECTORS:  # a start for training, not a pose model
+        yield DETECTORS[name].describe()
+        yield "downloaded" if path.is_file() else "not downloaded yet: `kapao train --weights NAME` downloads it"
+        return
     if name is not None:
         yield REGISTRY[name].describe()
         if not path.is_file():
