@@ -45,7 +45,7 @@ class KapaoGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
+        except Exception as e:  # the one place that turns any error into one line
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             click.secho(f"Error: {error_line(e)}", err=True, fg="red")

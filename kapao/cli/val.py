@@ -6,6 +6,7 @@ from typing import Any
 import click
 
 from kapao.cfg.settings import VAL_SETTINGS
+from kapao.cli.evaluate import evaluation_options
 from kapao.cli.options import (
     ImgSize,
     announce_tta,
@@ -39,9 +40,10 @@ from kapao.errors import ConfigError, DataError
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")
 @click.option("--name", default="exp", show_default=True, help="Run folder name (incremented).")
+@evaluation_options
 @click.pass_context
 def val(ctx: click.Context, **params: Any) -> None:
-    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
+    """Evaluate weights or a results file (--predictions) on a dataset split: COCO keypoint AP, or CrowdPose AP."""
     p = params
     data, split, weights = _target(p["data"], p["split"], p["weights"], p["crowdpose"])
     scales, flips = tta_passes(p["scales"], p["flips"], p["tta"])
@@ -60,16 +62,16 @@ def val(ctx: click.Context, **params: Any) -> None:
                   device=p["device"], half=p["half"], settings=settings, scales=scales, flips=flips,
                   project=p["project"], name=p["name"], backend=p["backend"], int8=int8_calib)
     assert res.json_path is not None  # a project was given: predictions.json was written
-    save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())
     if cfg.yolo is not None:
         from kapao.data.yolo_labels import OKS_AREA_NOTE
 
         click.echo(OKS_AREA_NOTE)
+    p["evaluation"].report(data, split, p["single_cls"], res.json_path)
     ms = res.timing_ms
     click.echo(f"Speed: {ms['pre']:.1f} ms pre-process, {ms['infer']:.1f} ms inference, {ms['post']:.1f} ms NMS+fusion per image")
-    click.echo(f"Results saved to {save_dir}")
+    click.echo(f"Results saved to {res.json_path.parent}")
 
 
 def _target(data: str | None, split: str | None, weights: str | None, crowdpose: bool) -> tuple[str, str, str]:

@@ -61,7 +61,7 @@ class JsonlSink:
             raise ValueError("JsonlSink needs a run folder")
         self.path = save_dir / PREDICTIONS_JSONL
         try:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "ab")  # closed in close()
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
         self._synced = time.monotonic()

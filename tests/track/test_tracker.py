@@ -320,6 +320,7 @@ def test_kapao_track_yields_frames_lazily_with_ids(eager_weights, test_video):
         assert torch.equal(a.track_ids, b.track_ids) and torch.allclose(a.keypoints, b.keypoints)
 
 
+@pytest.mark.slow
 def test_trackers_never_install_or_download_anything():
     """ultralytics pip-installs lap when it is missing and downloads ReID models: kapao must reach neither."""
     import subprocess

@@ -99,6 +99,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 # Runs on coco-mini
 
 
+@pytest.mark.slow
 def test_two_epoch_run_writes_everything(coco_mini_yaml, tmp_path):
     run = train(_args(coco_mini_yaml, tmp_path, batch=1))  # 4 batches per epoch: 3 train_batch images
     assert run == tmp_path / "runs" / "exp"
@@ -122,6 +123,7 @@ def test_two_epoch_run_writes_everything(coco_mini_yaml, tmp_path):
     assert info["size"] == "n" and info["num_keypoints"] == 17
 
 
+@pytest.mark.slow
 def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
     """A run interrupted (Ctrl-C) at the start of its third epoch and resumed ends bit-identical to an
     uninterrupted one: epoch, lr position, optimizer, EMA and augmentation draws all continue."""
@@ -157,6 +159,7 @@ def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
     assert [r["train/box"] for r in _rows(full)] == [r["train/box"] for r in _rows(cut)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     """`kapao train` killed (SIGKILL) in the middle of an epoch after its first last.pt; `kapao train
     --resume RUN` finishes all epochs from the whole last.pt, and a second resume says it is done."""
@@ -192,6 +195,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     assert f"{last} has finished all 5 epochs; nothing to resume" in out.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
     """ENOSPC while writing epoch 1's last.pt: a one-line error, epoch 0's last.pt intact, no temp
     file left, and --resume continues from it once there is space."""
@@ -229,6 +233,7 @@ def test_unwritable_run_folder_is_one_line(coco_mini_yaml, tmp_path):
                                  "not a folder; use --project with a writable folder"
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(coco_mini_yaml, tmp_path):
     """torch.distributed.run with 2 CPU processes (gloo): completes, only rank 0 writes a run, and both
     ranks end with the same weights (gradients all-reduced, also after a no_sync accumulation)."""
@@ -311,6 +316,7 @@ def test_resume_applies_more_epochs_and_a_lower_lr0(coco_mini_yaml, tmp_path, mo
     assert seen == {"epochs": 3, "lr0": 0.001, "initial": [0.001] * len(seen["initial"]), "start": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [17, 14])
 def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, caplog, k):
     """Weights for the data's keypoints transfer whole; weights for another keypoint count (a CrowdPose
@@ -332,6 +338,7 @@ def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, ca
 # Learning
 
 
+@pytest.mark.slow
 def test_training_learns(coco_mini_yaml, tmp_path):
     """400 steps on the 4 coco-mini images (train = val), augmentation off (no mosaic, flips, colour,
     scale or translation: a memorisation test), lr0 0.05, size n at 192 px, ~1.5 min on one core.
