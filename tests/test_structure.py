@@ -339,11 +339,16 @@ UNMIRRORED: dict[str, str] = {
     "kapao.version": "one constant; tests/cli/test_main.py checks `kapao --version`",
     "kapao.cfg.settings": "settings records; read by every stage's tests (tests/cfg/test_schema.py, tests/infer, tests/train)",
     "kapao.cfg.dataset": "dataset YAML loading; tests/cfg/test_schema.py and tests/data/test_dataset.py",
-    "kapao.cli.options": "click option types; tests/cli/test_main.py drives them through the CLI",
     "kapao.cli.predict": "the predict/track verbs; tests/cli/test_main.py and tests/infer/test_predictor.py",
     "kapao.cli.download": "the download verb; tests/data/test_download.py drives it against a local server",
     "kapao.cli.export": "the export verb; tests/test_export.py and tests/backends/test_exported.py drive it",
     "kapao.weights.reader": "read through load_model on every kind of file: tests/weights/test_loader.py, test_official.py",
+    "kapao.cli.evaluate": "val's --predictions/--analyze/--metric options; tests/eval/test_results.py drives them "
+                          "through the CLI",
+    "kapao.eval.analysis_plots": "the analysis pictures; tests/eval/test_analysis.py checks the files --analyze writes",
+    "kapao.eval.breakdown": "the cumulative PR breakdown; tests/eval/test_analysis.py (AP after every fix, 1.0 at the end)",
+    "kapao.eval.diagnosis": "the per-keypoint error kinds; tests/eval/test_analysis.py plants each kind and finds it",
+    "kapao.eval.report": "the --predictions val run; tests/eval/test_results.py compares it with a model val",
 }
 
 

@@ -1,11 +1,66 @@
-"""The `export` command: ONNX, TorchScript and OpenVINO IR files of kapao weights (:mod:`kapao.export`),
-added to the `kapao` group by :mod:`kapao.cli.main`."""
+"""The `export` and `info` commands: the model as a file (ONNX) and the model described, added to the
+`kapao` group by :mod:`kapao.cli.main`."""
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
-from kapao.cli.options import ImgShape, calibration, check_device, check_half, int8_options, must_exist
-from kapao.runtime import setup_logging
+from kapao.cfg.dataset import resolve_schema
+from kapao.cli.options import (
+    MODEL_SIZES,
+    ImgShape,
+    ImgSize,
+    bad_parameter,
+    calibration,
+    check_device,
+    check_half,
+    given,
+    int8_options,
+    must_exist,
+)
+from kapao.errors import ConfigError
+from kapao.weights.registry import weights_help
+
+
+@click.command()
+@click.option("--weights", default=None, callback=must_exist("weights"),
+              help=f"Describe a checkpoint (kapao or official file) or named weights: {weights_help()}.")
+@click.option("--names", "list_names", is_flag=True, help="List the named weights (published AP, dataset, input size).")
+@click.option("--size", type=click.Choice(MODEL_SIZES), default="s", show_default=True, help="Model size.")
+@click.option("--kpts", type=click.IntRange(min=1), default=None,
+              help="Number of keypoints (17: COCO names, 14: CrowdPose names, else kp0..kpK-1). [default: 17]")
+@click.option("--data", default=None, callback=must_exist("data"),
+              help="Take the keypoint schema from a dataset config: coco, crowdpose or a YAML.")
+@click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Square input size for the GFLOPs figure.")
+def info(weights: str | None, list_names: bool, size: str, kpts: int | None, data: str | None, imgsz: int) -> None:
+    """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
+    too; the summary once the file is in the cache)."""
+    ctx = click.get_current_context()
+    if kpts is not None and data is not None:
+        raise click.UsageError(f"--kpts {kpts} contradicts --data {data} (the dataset sets the keypoints); give one")
+    if weights is not None and given(ctx, "size", "kpts", "data"):
+        raise click.UsageError(f"{', '.join(given(ctx, 'size', 'kpts', 'data'))} describe a new model; --weights "
+                               "already fixes size and keypoints: give either --weights or those")
+    if list_names:
+        from kapao.weights.describe import named_weights_table
+
+        for line in named_weights_table():
+            click.echo(line)
+        return
+    if weights is None:
+        from kapao.models.network import build_model, format_model_info, model_info
+
+        try:
+            schema = resolve_schema(num_keypoints=kpts, data=data)
+        except ConfigError as e:  # a --data YAML that is not a dataset config: a usage error, as for val/train
+            raise bad_parameter(e, ctx, "data") from None
+        click.echo(format_model_info(model_info(build_model(size, schema), imgsz)))
+        return
+    from kapao.weights.describe import describe_weights
+
+    for line in describe_weights(weights, imgsz):
+        click.echo(line)
 
 
 @click.command()
@@ -28,52 +83,51 @@ from kapao.runtime import setup_logging
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
 @int8_options(with_data=True)
 @click.pass_context
-def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], dynamic: bool, half: bool, simplify: bool,
-           opset: int, batch: int, device: str | None, output: str | None, exist_ok: bool, check_image: str | None,
-           no_check: bool, int8: bool, data: str | None, calib: str | None, calib_images: int) -> None:
-    """Export weights to ONNX: images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K); the schema travels in the file."""
-    setup_logging(ctx.obj.get("verbose", False))
-    if int8 and half:  # contradicting options: a usage error, before the CUDA check
+def export(ctx: click.Context, **params: Any) -> None:
+    """Export weights to ONNX (or TorchScript, OpenVINO IR): images (B, 3, H, W) RGB 0-1 -> decoded (B, N, 6 + 3K);
+    the schema travels in the file."""
+    p = params
+    if p["int8"] and p["half"]:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
-    check_half(ctx, half, device)
+    check_half(ctx, p["half"], p["device"])
+    if p["fmt"] != "onnx":
+        _export_other(p)
+        return
     from kapao.backends.runtimes import read_metadata
     from kapao.export import describe_check, export_onnx
 
-    if fmt != "onnx":
-        _export_other(ctx, fmt, weights, imgsz, dynamic, half, simplify, int8, batch, device, output, exist_ok,
-                      check_image, no_check)
-        return
-    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)
-    path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
-                       batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok,
-                       int8=int8_calib)
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], max(p["imgsz"]), p["data"])
+    path = export_onnx(p["weights"], p["output"], p["imgsz"], dynamic=p["dynamic"], half=p["half"],
+                       simplify=p["simplify"], opset=p["opset"], batch=p["batch"], check_image=p["check_image"],
+                       check=not p["no_check"], device=p["device"], exist_ok=p["exist_ok"], int8=int8_calib)
     info = read_metadata(path)
     shape = "dynamic batch/height/width" if info.dynamic else f"input {info.batch}x3x{info.imgsz[0]}x{info.imgsz[1]}"
-    precision = "int8" if int8 else "fp16" if info.half else "fp32"
-    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {precision}; opset {opset})")
+    precision = "int8" if p["int8"] else "fp16" if info.half else "fp32"
+    click.echo(f"Exported {path} ({path.stat().st_size / 1e6:.1f} MB; {shape}; {precision}; opset {p['opset']})")
     click.echo(describe_check(info.raw))
     click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 
 
-def _export_other(ctx: click.Context, fmt: str, weights: str, imgsz: tuple[int, int], dynamic: bool, half: bool,
-                  simplify: bool, int8: bool, batch: int, device: str | None, output: str | None, exist_ok: bool,
-                  check_image: str | None, no_check: bool) -> None:
+def _export_other(p: dict[str, Any]) -> None:
     """export --format torchscript|openvino: the options ONNX alone has are usage errors."""
     from kapao.backends.dispatch import load_backend
     from kapao.export import describe_check, export_openvino, export_torchscript
 
-    wrong = [o for o, on in (("--simplify", simplify), ("--int8", int8), ("--dynamic", dynamic and fmt == "torchscript"),
-                             ("--half", half and fmt == "openvino")) if on]
+    fmt = p["fmt"]
+    wrong = [o for o, on in (("--simplify", p["simplify"]), ("--int8", p["int8"]),
+                             ("--dynamic", p["dynamic"] and fmt == "torchscript"), ("--half", p["half"] and fmt == "openvino"))
+             if on]
     if wrong:
         raise click.UsageError(f"{wrong[0]} is not available with --format {fmt}")
-    check = not no_check
     if fmt == "torchscript":
-        path = export_torchscript(weights, output, imgsz, batch=batch, half=half, device=device, check_image=check_image,
-                                  check=check, exist_ok=exist_ok)
+        path = export_torchscript(p["weights"], p["output"], p["imgsz"], batch=p["batch"], half=p["half"], device=p["device"],
+                                  check_image=p["check_image"], check=not p["no_check"], exist_ok=p["exist_ok"])
     else:
-        path = export_openvino(weights, output, imgsz, dynamic=dynamic, batch=batch, check_image=check_image,
-                               check=check, exist_ok=exist_ok)
+        path = export_openvino(p["weights"], p["output"], p["imgsz"], dynamic=p["dynamic"], batch=p["batch"],
+                               check_image=p["check_image"], check=not p["no_check"], exist_ok=p["exist_ok"])
     info = load_backend(str(path)).info
-    click.echo(f"Exported {path} ({fmt}; {info.precision}; {'dynamic' if dynamic else f'input {batch}x3x{imgsz[0]}x{imgsz[1]}'})")
+    h, w = p["imgsz"]
+    shape = "dynamic" if p["dynamic"] else f"input {p['batch']}x3x{h}x{w}"
+    click.echo(f"Exported {path} ({fmt}; {info.precision}; {shape})")
     click.echo(describe_check(info.details))
     click.echo(f"Run it: kapao predict SOURCE --weights {path}")

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from kapao.data.sources import Frame
 from kapao.errors import DataError
-from kapao.infer.sinks import cut_unfinished_line
+from kapao.infer.resume import cut_unfinished_line
 from kapao.poses import Poses
 
 KEYPOINTS_CSV = "keypoints.csv"

@@ -17,7 +17,7 @@ import numpy as np
 
 from kapao.data.sources import Frame
 from kapao.errors import DataError
-from kapao.infer.sinks import source_name
+from kapao.infer.records import source_name
 from kapao.poses import VISIBLE_CONF, Poses
 from kapao.runtime import atomic_write
 

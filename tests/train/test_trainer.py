@@ -409,10 +409,10 @@ def test_lr_momentum_and_ema_decay_follow_the_paper_schedule(coco_mini_yaml, tmp
     equal the schedule written from the paper's rules — warmup for the first epoch, then the cosine
     WITHOUT the official one-epoch lag (kapao uses lf(e) in epoch e; the lagged schedule is told apart)."""
     from kapao.train.optim import ModelEMA
-    from kapao.train.step import TrainStep
+    from kapao.train.update import BatchUpdater
 
     seen, decays = [], []
-    step, decay_at = TrainStep.step, ModelEMA.decay_at
+    step, decay_at = BatchUpdater.optimizer_step, ModelEMA.decay_at
 
     def record_step(self):
         seen.append(({g["name"]: g["lr"] for g in self.optimizer.param_groups},
@@ -423,7 +423,7 @@ def test_lr_momentum_and_ema_decay_follow_the_paper_schedule(coco_mini_yaml, tmp
         decays.append(decay_at(self, updates))
         return decays[-1]
 
-    monkeypatch.setattr(TrainStep, "step", record_step)
+    monkeypatch.setattr(BatchUpdater, "optimizer_step", record_step)
     monkeypatch.setattr(ModelEMA, "decay_at", record_decay)
     no_aug = {"mosaic": 0, "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
     hyp_set = {"warmup_epochs": 1, "warmup_min_iters": 0, "nominal_batch": 2, **no_aug}

@@ -1,6 +1,5 @@
-"""One training batch on a tiny stand-in network: forward + loss, accumulated backward, the step and the EMA;
-the validation loss (ValLoss): the training loss of the validation batches, from the forward pass that gives
-the validation poses."""
+"""One training batch's weight update (kapao.train.update) on a tiny stand-in network: forward + loss,
+accumulated backward, the optimizer step and the EMA; the validation loss (ValLoss)."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +13,7 @@ from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import kapao_n
 from kapao.train.optim import ModelEMA
-from kapao.train.step import NonFiniteLoss, TrainStep, ValLoss
+from kapao.train.update import BatchUpdater, NonFiniteLoss, ValLoss
 
 
 def _loss(out, targets):
@@ -23,9 +22,9 @@ def _loss(out, targets):
     return loss, torch.stack([loss.detach()] * 4)
 
 
-def _step(model, ema=None, lr=0.1):
+def _updater(model, ema=None, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return TrainStep(model, _loss, opt, torch.amp.GradScaler("cpu", enabled=False), ema, torch.device("cpu"), amp=False)
+    return BatchUpdater(model, _loss, opt, torch.amp.GradScaler("cpu", enabled=False), ema, torch.device("cpu"), amp=False)
 
 
 def _batch():
@@ -38,7 +37,7 @@ def test_forward_backward_scales_images_to_unit_range_and_returns_detached_terms
     model = nn.Linear(3, 1)
     model.register_forward_hook(lambda m, x, y: seen.append(x[0]))
     imgs, targets = _batch()
-    items = _step(model).forward_backward(imgs, targets)
+    items = _updater(model).forward_backward(imgs, targets)
     assert items.shape == (4,) and not items.requires_grad
     assert torch.equal(seen[0], imgs.float() / 255)
     assert model.weight.grad is not None
@@ -46,14 +45,14 @@ def test_forward_backward_scales_images_to_unit_range_and_returns_detached_terms
 
 def test_gradients_accumulate_until_the_step_which_zeroes_them():
     model = nn.Linear(3, 1)
-    step = _step(model)
+    updater = _updater(model)
     imgs, targets = _batch()
-    step.forward_backward(imgs, targets)
+    updater.forward_backward(imgs, targets)
     once = model.weight.grad.clone()
-    step.forward_backward(imgs, targets)
+    updater.forward_backward(imgs, targets)
     assert torch.allclose(model.weight.grad, 2 * once)  # two batches' gradients, not the last one's
     before = model.weight.detach().clone()
-    step.step()
+    updater.optimizer_step()
     assert model.weight.grad is None
     assert torch.allclose(model.weight.detach(), before - 0.1 * 2 * once)  # plain SGD on the summed gradient
 
@@ -61,10 +60,10 @@ def test_gradients_accumulate_until_the_step_which_zeroes_them():
 def test_step_updates_the_ema_copy_only_at_the_step():
     model = nn.Linear(3, 1)
     ema = ModelEMA(model, decay=0.9, tau=1.0)
-    step = _step(model, ema)
-    step.forward_backward(*_batch())
+    updater = _updater(model, ema)
+    updater.forward_backward(*_batch())
     assert ema.updates == 0
-    step.step()
+    updater.optimizer_step()
     assert ema.updates == 1 and not torch.equal(ema.module.weight, model.weight)
 
 
@@ -72,7 +71,7 @@ def test_non_finite_loss_raises_before_any_gradient():
     model = nn.Linear(3, 1)
     imgs, targets = _batch()
     with pytest.raises(NonFiniteLoss, match="the loss became nan"):
-        _step(model).forward_backward(imgs, torch.full_like(targets, float("nan")))
+        _updater(model).forward_backward(imgs, torch.full_like(targets, float("nan")))
     assert model.weight.grad is None
 
 
