@@ -65,7 +65,8 @@ def _drawable(k: int = 17) -> Poses:
 
 
 def test_plot_draws_as_the_cli_does():
-    from kapao.infer.sinks import DrawOptions, MediaSink
+    from kapao.infer.options import DrawOptions
+    from kapao.infer.sinks import MediaSink
 
     p = _drawable()
     for opts, kw in [(DrawOptions(), {}), (DrawOptions(show_boxes=True, show_scores=True, fused_only=True, line_width=3),

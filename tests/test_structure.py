@@ -341,7 +341,6 @@ UNMIRRORED: dict[str, str] = {
     "kapao.cfg.dataset": "dataset YAML loading; tests/cfg/test_schema.py and tests/data/test_dataset.py",
     "kapao.cli.predict": "the predict/track verbs; tests/cli/test_main.py and tests/infer/test_predictor.py",
     "kapao.cli.download": "the download verb; tests/data/test_download.py drives it against a local server",
-    "kapao.cli.export": "the export verb; tests/test_export.py and tests/backends/test_exported.py drive it",
     "kapao.weights.reader": "read through load_model on every kind of file: tests/weights/test_loader.py, test_official.py",
     "kapao.cli.evaluate": "val's --predictions/--analyze/--metric options; tests/eval/test_results.py drives them "
                           "through the CLI",
