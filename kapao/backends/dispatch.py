@@ -286,7 +286,8 @@ class OpenVinoBackend(FixedShapeRunner):
         dims = self.compiled.input(0).get_partial_shape()
         static = [d.get_length() if d.is_static else None for d in dims]
         self.batch: int | None = static[0]
-        self.fixed_shape = (static[2], static[3]) if None not in static[2:] else None
+        h, w = static[2], static[3]  # NCHW
+        self.fixed_shape = (h, w) if h is not None and w is not None else None
         self.schema, self.device, self.half = self.meta.schema, torch.device("cpu"), False
         self.info = onnx_info(self.meta, "openvino", self.device, str(path), self.fixed_shape)
 
