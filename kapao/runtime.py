@@ -63,7 +63,7 @@ def select_device(spec: str | int | None = None) -> "torch.device":
     return torch.device(f"cuda:{ids[0]}")
 
 
-def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = False) -> Path:
+def increment_run_dir(project: str | os.PathLike[str], name: str = "exp", exist_ok: bool = False) -> Path:
     """Create and return `project/name`, or `project/nameN` with the next free N (exp, exp2, exp3 …).
 
     Raises KapaoError naming the folder when it cannot be created (a file in the way, no permission,

@@ -42,6 +42,7 @@ from kapao.backends.runtimes import (
     BackendInfo,
     FixedShapeRunner,
     OnnxBackend,
+    OnnxInfo,
     TorchBackend,
     onnx_info,
     read_metadata,
@@ -281,13 +282,13 @@ class OpenVinoBackend(FixedShapeRunner):
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         ov = optional_import("openvino", "--backend openvino", WeightsError)  # optional, heavy
         ir = str(path).lower().endswith(OPENVINO_SUFFIX)  # an IR export (.xml + .bin), else a kapao ONNX file
-        self.meta = None if ir else read_metadata(path)  # checks the file and its kapao metadata
+        onnx_meta = None if ir else read_metadata(path)  # checks the file and its kapao metadata
         if ir and not Path(path).is_file():
             raise WeightsError(f"exported model not found: {path}; check the path (export it with `kapao export`)")
         core = ov.Core()
         try:
             model = core.read_model(str(path))
-            self.meta = self.meta or ir_metadata(model, path)
+            self.meta: OnnxInfo = onnx_meta or ir_metadata(model, path)
             self.compiled = core.compile_model(model, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                 "INFERENCE_NUM_THREADS": int(threads or cpu_count(physical=True))})
@@ -300,7 +301,8 @@ class OpenVinoBackend(FixedShapeRunner):
         dims = self.compiled.input(0).get_partial_shape()
         static = [d.get_length() if d.is_static else None for d in dims]
         self.batch: int | None = static[0]
-        self.fixed_shape = (static[2], static[3]) if None not in static[2:] else None
+        h, w = static[2], static[3]  # NCHW
+        self.fixed_shape = (h, w) if h is not None and w is not None else None
         self.schema, self.device, self.half = self.meta.schema, torch.device("cpu"), False
         self.info = onnx_info(self.meta, "openvino", self.device, str(path), self.fixed_shape)
 

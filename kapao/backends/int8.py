@@ -89,7 +89,9 @@ def _reader(images: Sequence[Path], shape: tuple[int, int]) -> Any:
     """An onnxruntime CalibrationDataReader over the letterboxed images (read one at a time)."""
     quant = require("onnxruntime.quantization", "int8 quantisation")
 
-    class Reader(quant.CalibrationDataReader):
+    base: Any = quant.CalibrationDataReader  # a class of a module imported at run time
+
+    class Reader(base):
         def __init__(self) -> None:
             self.todo = list(images)
 

@@ -100,6 +100,7 @@ def must_exist(what: str) -> Callable:
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
         if value is None:
             return value
+        check: Callable[[str], object]  # the checks return different things; only their errors matter here
         if what == "weights":
             from kapao.weights.registry import check_weights_spec as check
         else:

@@ -37,7 +37,9 @@ class BatchUpdater:
         Gradients are accumulated; under DDP they are all-reduced only when `sync` (a step follows).
         Raises NonFiniteLoss (on every rank together) before a NaN/inf loss reaches the gradients.
         """
-        with self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext():
+        model = self.model  # narrowed to DDP (as self.ddp says) for the type checker
+        with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not sync \
+                else contextlib.nullcontext():
             x = imgs.to(self.device, non_blocking=True).float() / 255
             with torch.autocast(self.device.type, enabled=self.amp):
                 loss, items = self.loss_fn(self.model(x), targets.to(self.device))
@@ -72,7 +74,8 @@ class ValLoss:
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], tuple[Tensor, Tensor]],
                  device: torch.device, half: bool) -> None:
         self.backend = TorchBackend(model, device, half, fold_bn=True)  # a folded copy: the EMA is untouched
-        self.loss_fn, self.raw = loss_fn, None
+        self.loss_fn = loss_fn
+        self.raw: list[Tensor] = []
         self.sums, self.batches = torch.zeros(4, dtype=torch.float64), 0
 
     def forward(self, x: Tensor) -> Tensor:
