@@ -32,7 +32,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from kapao.errors import ConfigError, UsageError, WeightsError
 from kapao.runtime import atomic_write, check_writable, optional_import, os_error_reason, select_device
 from kapao.weights.loader import load_model
 
+if TYPE_CHECKING:
+    from kapao.models.network import KapaoModel
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -73,13 +76,13 @@ def image_size(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         raise ConfigError(f"--imgsz {imgsz}: height and width must be positive multiples of {MAX_STRIDE}") from None
 
 
-def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
+def _resolve_model(weights_or_model: Any) -> tuple[KapaoModel, Path | None, str]:
     """(model on CPU, weights file or None, source description)."""
     if isinstance(weights_or_model, nn.Module):
         model = weights_or_model
         if not isinstance(getattr(model, "schema", None), KeypointSchema) or not hasattr(model, "size"):
             raise ConfigError("export needs a kapao model (with .schema and .size) or a weights file/name")
-        return model, None, f"kapao-{model.size} (in memory)"
+        return cast("KapaoModel", model), None, f"kapao-{model.size} (in memory)"
     model, info = load_model(weights_or_model, device="cpu")
     path = Path(info["path"])
     return model, path, info.get("name") or path.name
@@ -285,7 +288,7 @@ def export_torchscript(weights_or_model: str | os.PathLike | nn.Module, path: st
     if check:
         got = TorchScriptBackend(out, dev)(x).float().cpu()
         meta["check"] = json.dumps({"runtime": "torchscript", "image": name, "shape": list(x.shape),
-                                    **compare_outputs(ref, got, model.layout)})
+                                    **compare_outputs(ref, got, HeadLayout(cast(KeypointSchema, model.schema).num_keypoints))})
         write()
     LOGGER.debug("exported %s; %s", out, describe_check(meta))
     return out
@@ -322,7 +325,8 @@ def export_openvino(weights_or_model: str | os.PathLike | nn.Module, path: str |
         if check:
             got = OpenVinoBackend(out)(x).float().cpu()
             meta["check"] = json.dumps({"runtime": "openvino", "image": name, "shape": list(x.shape),
-                                        **compare_outputs(ref, got, model.layout)})
+                                        **compare_outputs(ref, got,
+                                                          HeadLayout(cast(KeypointSchema, model.schema).num_keypoints))})
             write()
     LOGGER.debug("exported %s; %s", out, describe_check(meta))
     return out

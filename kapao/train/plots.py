@@ -143,12 +143,12 @@ def ground_truth_pairs(coco: Any, metas: Sequence[dict[str, Any]], num_keypoints
     return pairs
 
 
-def plot_validation(result: Any, schema: KeypointSchema, coco: Any, run_dir: Path) -> None:
+def plot_validation(result: Any, schema: KeypointSchema, dataset: Any, run_dir: Path) -> None:
     """The figures of one validation (a :class:`kapao.eval.val.ValResult`): val_pred.jpg, val_labels.jpg
-    (the same images with their ground truth, from the split's `coco` annotations) and pr_curve.png."""
+    (the same images with their ground truth, from the split's annotations, ``dataset.coco``) and pr_curve.png."""
     if result.predictions:
         safe_plot(draw_predictions, result.predictions, schema, run_dir / "val_pred.jpg")
-        truth = ground_truth_pairs(coco, [m for m, _ in result.predictions], schema.num_keypoints)
+        truth = ground_truth_pairs(dataset.coco, [m for m, _ in result.predictions], schema.num_keypoints)
         safe_plot(draw_predictions, truth, schema, run_dir / "val_labels.jpg", 0.0, VAL_TILE, 0.0)
     if result.pr:
         safe_plot(plot_pr_curve, result.pr, run_dir / "pr_curve.png")

@@ -1,23 +1,19 @@
 """The `train` verb: the training loop (:class:`Trainer`) and its entry point :func:`train`.
 
-The pieces live beside it: optimizer groups, warmup + cosine schedule and EMA in kapao.train.optim, one
-batch's forward/backward and weight update in kapao.train.update, the seeded data order in kapao.train.sampler, DDP in
-kapao.train.distributed, results.csv and the progress line in kapao.train.log, figures in kapao.train.plots, and
-TrainArgs, run folders, resume and checkpoint stripping in kapao.train.run.
+The pieces live beside it: optimizer groups, warmup + cosine schedule and EMA in kapao.train.optim, one batch's
+forward/backward and weight update in kapao.train.update, the seeded data order in kapao.train.sampler, DDP in
+kapao.train.distributed, results.csv and the progress line in kapao.train.log, figures in kapao.train.plots, and TrainArgs, run
+folders, resume and checkpoint stripping in kapao.train.run. fitness = 0.1 AP50 + 0.9 AP of the EMA model; best.pt holds the
+fittest epoch. A step never mixes two epochs (the step counter restarts each epoch; the official code carries it over but
+zeroes the gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md, "Training
+deviations".
 
-fitness = 0.1 AP50 + 0.9 AP of the EMA model; best.pt holds the fittest epoch. A step never mixes two
-epochs (the step counter restarts each epoch; the official code carries it over but zeroes the
-gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md,
-"Training deviations".
-
-Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the
-EMA weights as the model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the
-last completed one), best fitness/epoch, metrics, plain train args, hyp and dataset config. When a run
-finishes, optimizer/scaler/raw model are stripped from both files. Ctrl-C saves the current weights as
-last.pt under the last completed epoch (resume redoes the interrupted epoch); a NaN/inf loss stops the
-run without touching last.pt.
-
-Multi-GPU: every torchrun process calls :func:`train`; rank 0 alone validates, logs, plots and saves.
+Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the EMA weights as the
+model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the last completed one), best fitness/epoch,
+metrics, plain train args, hyp and dataset config. When a run finishes, optimizer/scaler/raw model are stripped from both
+files. Ctrl-C saves the current weights as last.pt under the last completed epoch (resume redoes the interrupted epoch); a
+NaN/inf loss stops the run without touching last.pt. Multi-GPU: every torchrun process calls :func:`train`; rank 0 alone
+validates, logs, plots and saves.
 """
 from __future__ import annotations
 
@@ -26,18 +22,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from kapao.cfg.dataset import load_dataset_config
-from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.cfg.settings import Hyp
+from kapao.data.dataset import PoseDataset
 from kapao.errors import ConfigError, KapaoError
 from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS
-from kapao.eval.val import make_val_loader, protocol_for, validate
-from kapao.infer.predictor import Predictor
+from kapao.eval.val import make_val_loader, protocol_for
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import cpu_count, remove_if_empty, setup_logging
@@ -84,8 +80,7 @@ from kapao.weights.checkpoint import save_checkpoint, transfer_weights
 from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
 
-__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "launch_distributed", "resolve_resume", "should_launch",
-           "train"]
+__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "launch_distributed", "resolve_resume", "should_launch", "train"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -114,11 +109,11 @@ class Trainer:
     fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
     """
+    model: nn.Module  # the KapaoModel; in DistributedDataParallel under torchrun
 
     def __init__(self, args: TrainArgs, run_dir: Path, device: torch.device, env: DistEnv,
                  ckpt: Mapping[str, Any] | None = None, callbacks: Iterable[Any] = ()) -> None:
         self.args, self.run_dir, self.device, self.env = args, run_dir, device, env
-        # loggers first: a missing logger package fails before anything is built
         self.callbacks = Callbacks([*build_callbacks(args.tensorboard, args.loggers), *callbacks] if env.main else ())
         self.wdir = run_dir / "weights"
         self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
@@ -131,11 +126,12 @@ class Trainer:
         self.state = RunState()
         self._setup_model()
         if self.args.batch is None:  # the paper's batch where the GPUs allow, decided once (rank 0)
-            batch, note = default_batch(self.model.size, args.imgsz, device, env.world_size)
+            batch, note = default_batch(self.args.size or DEFAULT_SIZE, args.imgsz, device, env.world_size)
             if env.main:
                 LOGGER.info("%s", note)
             self.args = dataclasses.replace(self.args, batch=int(broadcast(batch, env)))
         args = self.args
+        assert args.batch is not None  # resolved just above
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
                               f"({env.world_size})")
@@ -162,11 +158,11 @@ class Trainer:
         init_sd, info = load_weights(args.weights) if args.weights and not args.resume else (None, {})
         if info.get("format") == DETECTOR_FORMAT:
             check_detector_size(info, args.size)
-        self.model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
+        self.model = model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
         if init_sd is not None:
             self._transfer(init_sd, info)
         self.args = dataclasses.replace(  # as resolved, so that a resume finds the same run anywhere
-            args, size=self.model.size, epochs=self.epochs, data=absolute_if_file(args.data),
+            args, size=model.size, epochs=self.epochs, data=absolute_if_file(args.data),
             hyp=absolute_if_file(args.hyp), weights=absolute_if_file(args.weights))
         self.ema = ModelEMA(self.model, self.hyp.ema_decay, self.hyp.ema_tau) if self.env.main else None
         self.loss_fn = KapaoLoss(self.model, self.hyp, args.imgsz)
@@ -174,6 +170,7 @@ class Trainer:
     def _setup_optimization(self) -> None:
         """Accumulation, warmup length, lr schedule, SyncBatchNorm, optimizer and grad scaler."""
         hyp, batch = self.hyp, self.args.batch
+        assert batch is not None  # resolved in __init__
         self.accumulate = accumulate_steps(hyp, batch, self.nb)
         if self.accumulate < accumulate_steps(hyp, batch):
             LOGGER.warning("only %d batches per epoch: accumulating %d instead of %d batches per step (nominal "
@@ -208,7 +205,8 @@ class Trainer:
         return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
 
     def _metric_names(self) -> tuple[str, ...]:
-        return CROWDPOSE_METRICS if protocol_for(self.val_loader.dataset) == "crowdpose" else COCO_METRICS
+        assert self.val_loader is not None  # rank 0 only; make_val_loader builds it on a PoseDataset
+        return CROWDPOSE_METRICS if protocol_for(cast(PoseDataset, self.val_loader.dataset)) == "crowdpose" else COCO_METRICS
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         """Continue from a checkpoint: raw model, EMA, optimizer, scaler, epoch counters."""
@@ -292,6 +290,7 @@ class Trainer:
 
     def warmup(self, ni: int, epoch: int) -> int:
         """Set warmup iteration `ni`'s lrs and momentum; returns its accumulate."""
+        assert self.args.batch is not None  # resolved in __init__
         lrs, momentum, accumulate = warmup_values(ni, self.nw, self.hyp.lr0 * self.lf(epoch), self.hyp,
                                                   self.args.batch, self.accumulate)
         set_warmup(self.optimizer, lrs, momentum)
@@ -332,7 +331,7 @@ class Trainer:
         if metrics:
             self.callbacks.fire("on_val_end", self, epoch, metrics)
         improved = fi is not None and fi >= self.state.best_fitness
-        if improved:
+        if improved and fi is not None:
             self.state.best_fitness, self.state.best_epoch = fi, epoch
         self.log_epoch(epoch, losses, metrics, fi)
         patience = self.args.patience
@@ -349,19 +348,18 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """COCO/CrowdPose metrics and the losses of the EMA model on the val split (and its figures)."""
-        loss = ValLoss(self.ema.module, self.loss_fn, self.device, half=self.device.type == "cuda")
-        predictor = Predictor(loss.forward, loss.backend.schema, self.device, VAL_SETTINGS, loss.backend.half)
-        result = validate(predictor, self.val_loader, progress=True, keep=VAL_PLOT_IMAGES if self.args.plots else 0,
-                          batch_hook=loss.add)
-        self.val_losses = loss.mean()
+        assert self.ema is not None and self.val_loader is not None  # rank 0 only
+        loss = ValLoss(self.ema.module, self.loss_fn, self.device, self.device.type == "cuda")
+        result, self.val_losses = loss.validate(self.val_loader, VAL_PLOT_IMAGES if self.args.plots else 0)
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
         if self.args.plots:
-            plot_validation(result, self.cfg.schema, self.val_loader.dataset.coco, self.run_dir)
+            plot_validation(result, self.cfg.schema, self.val_loader.dataset, self.run_dir)
         return result.metrics
 
     def log_epoch(self, epoch: int, losses: list[float], metrics: Mapping[str, float], fi: float | None) -> None:
         """Append the epoch to results.csv (and redraw results.png)."""
+        assert self.results is not None  # rank 0 only
         self.results.append(epoch, losses, metrics, fi, {g["name"]: g["lr"] for g in self.optimizer.param_groups},
                             self.val_losses if metrics else ())
         self.callbacks.fire("on_epoch_end", self, epoch, self.results.rows[-1])
@@ -369,6 +367,7 @@ class Trainer:
             safe_plot(plot_results, self.results.path, self.run_dir / "results.png")
 
     def checkpoint_extra(self, epoch: int, metrics: Mapping[str, float], fi: float | None) -> dict[str, Any]:
+        assert self.ema is not None  # rank 0 only
         return {"epoch": epoch, "best_fitness": self.state.best_fitness, "best_epoch": self.state.best_epoch,
                 "fitness": fi, "metrics": dict(metrics), "ema_updates": self.ema.updates,
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -377,6 +376,7 @@ class Trainer:
 
     def save(self, path: Path, epoch: int, metrics: Mapping[str, float], fi: float | None) -> None:
         """Write a checkpoint (EMA weights + resume state); refuses NaN/inf weights, keeping the old file."""
+        assert self.ema is not None  # rank 0 only
         for name, m in (("model", unwrap(self.model)), ("EMA model", self.ema.module)):
             if not all(bool(torch.isfinite(t).all()) for t in m.state_dict().values() if t.is_floating_point()):
                 raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch + 1} ({path} was not "

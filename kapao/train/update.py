@@ -12,7 +12,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kapao.backends.runtimes import TorchBackend
+from kapao.cfg.settings import VAL_SETTINGS
 from kapao.errors import KapaoError
+from kapao.eval.val import validate
+from kapao.infer.predictor import Predictor
 from kapao.train.optim import ModelEMA
 
 
@@ -89,6 +92,11 @@ class ValLoss:
             _, items = self.loss_fn(raw, targets.to(raw[0].device))
         self.sums += items.double().cpu()
         self.batches += 1
+
+    def validate(self, loader: Any, keep: int = 0) -> tuple[Any, list[float]]:
+        """(:class:`kapao.eval.val.ValResult` of the model on `loader` at VAL_SETTINGS, the mean losses)."""
+        predictor = Predictor(self.forward, self.backend.schema, self.backend.device, VAL_SETTINGS, self.backend.half)
+        return validate(predictor, loader, progress=True, keep=keep, batch_hook=self.add), self.mean()
 
     def mean(self) -> list[float]:
         """Mean box, obj, cls, kp losses over the batches seen (as the training columns)."""
