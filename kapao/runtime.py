@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from kapao.errors import ConfigError, KapaoError
+from kapao.errors import ConfigError, KapaoError, OutsideRootError
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def inside_root(root: str | os.PathLike, entry: str | os.PathLike, where: str = "") -> Path:
+    """The path a data file's `entry` names under `root`, refused unless it stays inside `root`.
+
+    The one rule for paths read from data files (COCO `file_name`, YOLO image lists, run folders): the
+    entry is joined onto `root` (an absolute entry stands for itself), `..` and every symlinked folder on
+    the way are resolved, and the result must lie strictly inside the resolved `root`. The last component
+    is not resolved: a linked image (as `kapao convert` makes them) is the dataset's own file. Writers
+    must still create that last component without following it (O_EXCL). Raises OutsideRootError
+    (`where` first, e.g. "a.json: image id 3:") naming the entry and the rule; also for a NUL byte or an
+    empty entry. Returns the joined path (not resolved), so messages show what the file says.
+    """
+    text = os.fspath(entry)
+    text = os.fsdecode(text) if isinstance(text, bytes) else text
+    shown = f"{where} " if where else ""
+    if "\x00" in text or not text.strip():
+        what = "holds a NUL byte, which no file name can" if "\x00" in text else "is empty"
+        raise OutsideRootError(f"{shown}path {text!r} {what}; fix the entry")
+    base = Path(os.path.abspath(os.fspath(root)))
+    path = Path(os.path.normpath(base / text))
+    real_base = Path(os.path.realpath(base))
+    real = Path(os.path.realpath(path.parent)) / path.name
+    if path.name in ("", "..") or not real.is_relative_to(real_base) or real == real_base:
+        raise OutsideRootError(f"{shown}path {text!r} leads outside {base} (paths in data files must stay inside "
+                               "their folder, symlinked folders included); fix the entry or move the file inside")
+    return path
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -215,7 +215,9 @@ def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Probl
     where = f"{cfg.name} {split}" if cfg.yolo is not None else str(cfg.annotations[split])
     found = {"person box(es) lie outside the image (zero size after clipping) and are skipped": s.empty_boxes,
              "labelled keypoint(s) lie far outside the image and are dropped": s.kpts_dropped,
-             "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations}
+             "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations,
+             "image entr(ies) lead outside the image folder (or hold a NUL byte) and are skipped, never opened":
+                 s.outside}
     out = [Problem("error", where, f"{n} {what}; fix the labels") for what, n in found.items() if n]
     if s.persons == 0 and s.images:
         out.append(Problem("warning", where, f"no person labels in split {split}: all {s.images} images are negatives"))

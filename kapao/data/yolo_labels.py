@@ -31,14 +31,15 @@ from tqdm import tqdm
 from kapao.cfg.schema import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
 from kapao.data.labels import CACHE_VERSION, DatasetStats, Labels, cache_paths, load_cached, parse_annotation, save_cached
 from kapao.data.sources import probe_image
-from kapao.errors import ConfigError, DataError
+from kapao.errors import ConfigError, DataError, OutsideRootError
+from kapao.runtime import inside_root
 
 OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {BOX_AREA_FACTOR} x box area "
                  "(the Ultralytics / CrowdPose convention)")
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01
 
 
-def image_files(sources: Sequence[Path], root: Path) -> list[Path]:
+def image_files(sources: Sequence[Path], root: Path, outside: list[str] | None = None) -> list[Path]:
     """Image paths of a split, sorted: folders searched recursively, .txt lists read one path a line
     (`./x` relative to the list's folder, as Ultralytics; other relative lines under the root, else
     the list's folder). DataError naming a source that does not exist."""
@@ -47,20 +48,31 @@ def image_files(sources: Sequence[Path], root: Path) -> list[Path]:
         if src.is_dir():
             found += [p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         elif src.is_file():
-            found += [_list_entry(line.strip(), src, root) for line in
-                      src.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            lines = src.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
+            found += [p for n, line in enumerate(lines, 1) if line.strip()
+                      if (p := _list_entry(line.strip(), src, n, root, outside)) is not None]
         else:
             raise DataError(f"{src} not found: check 'path' and the split entries of the dataset YAML")
     return sorted({p for p in found if p.suffix.lower() in IMAGE_SUFFIXES}, key=str)
 
 
-def _list_entry(line: str, list_file: Path, root: Path) -> Path:
-    p = Path(line).expanduser()
-    if p.is_absolute():
-        return p
-    if line.startswith("./"):
-        return Path(os.path.abspath(list_file.parent / p))  # not resolve(): a linked image keeps its labels/ path
-    return Path(os.path.abspath(next((c for c in (root / p, list_file.parent / p) if c.exists()), root / p)))
+def _list_entry(line: str, list_file: Path, n: int, root: Path, outside: list[str] | None) -> Path | None:
+    """One image list line as a path inside the dataset root or the list's folder (kapao.runtime.inside_root);
+    a line leading elsewhere is appended to `outside` (None: raised as OutsideRootError)."""
+    p = Path(line)
+    anchors = [list_file.parent] if line.startswith("./") else [root, list_file.parent]
+    if not p.is_absolute() and not line.startswith("./"):
+        anchors.sort(key=lambda a: not (a / p).exists())  # the root first, unless only the list's folder has it
+    error = None
+    for anchor in anchors:
+        try:  # not resolve(): a linked image keeps its labels/ path
+            return Path(os.path.abspath(inside_root(anchor, p, f"{list_file}:{n}:")))
+        except OutsideRootError as e:
+            error = error or e
+    if outside is None:
+        raise error
+    outside.append(f"{list_file}:{n}")
+    return None
 
 
 def label_files(images: Sequence[Path]) -> list[Path]:
@@ -154,11 +166,13 @@ def row_annotations(rows: LabelRows, hw: tuple[int, int]) -> list[dict[str, Any]
 # Labels of a split
 @dataclass
 class SplitFiles:
-    """The files of one split: images (sorted), their label files, the .txt lists read."""
+    """The files of one split: images (sorted), their label files, the .txt lists read, and the list
+    lines (`list.txt:N`) that lead outside the dataset root (skipped, never opened)."""
 
     images: list[Path]
     labels: list[Path]
     lists: list[Path]
+    outside: list[str] = field(default_factory=list)
 
 
 def split_files(cfg: DatasetConfig, split: str) -> SplitFiles:
@@ -168,8 +182,9 @@ def split_files(cfg: DatasetConfig, split: str) -> SplitFiles:
         have = ", ".join(cfg.yolo.sources) or "none"
         raise ConfigError(f"dataset {cfg.name} ({cfg.source}) has no '{split}' split; it has: {have}")
     sources = cfg.yolo.sources[split]
-    images = image_files(sources, cfg.root)
-    return SplitFiles(images, label_files(images), [s for s in sources if s.is_file()])
+    outside: list[str] = []
+    images = image_files(sources, cfg.root, outside)
+    return SplitFiles(images, label_files(images), [s for s in sources if s.is_file()], outside)
 
 
 def _relative(p: Path, root: Path) -> str:
@@ -229,6 +244,7 @@ def _labels_from_rows(cfg: DatasetConfig, files: SplitFiles, parsed: list) -> La
     counts = [len(p) for p in persons]
     flat = [x for p in persons for x in p]
     stats.images, stats.persons, stats.negatives = len(kept), len(flat), counts.count(0)
+    stats.outside = len(files.outside)
     return Labels(files=np.array([_relative(files.images[i], cfg.root) for i in kept], dtype=str),
                   image_ids=np.array(kept, np.int64), shapes=np.array(shapes, np.int64).reshape(-1, 2),
                   apply_exif=np.ones(len(kept), bool),
