@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kapao.cfg.settings import read_yaml
 from kapao.data.sources import STREAM_PREFIXES, SourceSpec, VideoReader
 from kapao.errors import ConfigError, DataError
 from kapao.infer.sinks import PREDICTIONS_JSONL, Progress, load_progress
@@ -36,9 +37,9 @@ def source_key(text: str) -> str:
 def read_run_args(run_dir: Path) -> dict[str, Any]:
     """A predict run folder's args.yaml (ConfigError when it is missing or unreadable)."""
     try:
-        data = yaml.safe_load((run_dir / RUN_ARGS).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({getattr(e, 'strerror', None) or e}); "
+        data = read_yaml(run_dir / RUN_ARGS)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({e}); "
                           "resume a folder made by kapao predict") from None
     if not isinstance(data, dict) or "source" not in data:
         raise ConfigError(f"--resume {run_dir}: {RUN_ARGS} is not a kapao predict record; resume a folder made by "
