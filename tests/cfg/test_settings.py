@@ -48,8 +48,8 @@ def test_special_files_are_refused(tmp_path: Path):
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="not a regular file"):
         read_yaml(fifo)  # would block forever if opened
-    with pytest.raises(ConfigError, match="larger than"):
-        read_yaml(Path("/dev/zero"))  # not a regular file either, and never read to its end
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_yaml(Path("/dev/zero"))  # never read to its end
     with pytest.raises(ConfigError, match="cannot read config file"):
         read_yaml(tmp_path)
 

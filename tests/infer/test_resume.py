@@ -53,7 +53,7 @@ def test_read_run_args_and_check_resume(tmp_path: Path):
     with pytest.raises(ConfigError, match="is a stream"):
         check_resume(d, SourceSpec("stream", ["0"], source="0"), stored, {})
     (d / RUN_ARGS).write_text("- not a mapping\n")
-    with pytest.raises(ConfigError, match="not a kapao predict record"):
+    with pytest.raises(ConfigError, match="args.yaml: expected a mapping"):
         read_run_args(d)
     (d / RUN_ARGS).unlink()
     with pytest.raises(ConfigError, match="cannot read its args.yaml"):
