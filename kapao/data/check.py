@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -334,7 +333,7 @@ def left_right_problems(labels: Labels, schema: KeypointSchema, where: str) -> l
 # ----------------------------------------------------------------------------------------------
 def render_samples(cfg: DatasetConfig, loaded: dict[str, tuple[Labels, Path]], save_dir: Path, n: int) -> list[Path]:
     """Draw up to `n` images with persons (boxes, labelled keypoints, skeleton) per split into save_dir."""
-    from kapao.draw import draw_poses
+    from kapao.draw import draw_poses, write_image
 
     written = []
     for split, (labels, root) in loaded.items():
@@ -348,8 +347,7 @@ def render_samples(cfg: DatasetConfig, loaded: dict[str, tuple[Labels, Path]], s
                 continue
             drawn = draw_poses(img, labels.boxes[a:b], labels.keypoints[a:b], cfg.schema, show_scores=False)
             out = save_dir / f"{split}_{Path(str(labels.files[i])).stem}.jpg"
-            if cv2.imwrite(str(out), drawn):
-                written.append(out)
+            written.append(write_image(out, drawn))
     return written
 
 

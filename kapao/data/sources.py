@@ -121,13 +121,43 @@ def frame_count(cap: cv2.VideoCapture, address: str) -> int | None:
     return n if n > 0 and not address.isdigit() else None
 
 
+def opencv_safe(path: str) -> bool:
+    """Whether OpenCV may be given `path` as text: its C++ side crashes (SIGSEGV) on a str that is not valid
+    UTF-8, which is how Python holds a file name with undecodable bytes (as surrogates)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@contextlib.contextmanager
+def opencv_address(address: str) -> Iterator[str]:
+    """`address` as OpenCV can open it: a file whose name is not valid UTF-8 is reached through a temporary
+    link with a plain name (removed at the end)."""
+    if opencv_safe(address):
+        yield address
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="kapao-")
+    try:
+        link = os.path.join(folder, "video" + "".join(c for c in Path(address).suffix if opencv_safe(c)))
+        os.symlink(os.path.abspath(address), link)
+        yield link
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def count_frames(address: str) -> int | None:
     """Frame count of a video that is not open yet (for a progress bar's total)."""
-    cap = cv2.VideoCapture(address)
-    try:
-        return frame_count(cap, address)
-    finally:
-        cap.release()
+    with opencv_address(address) as safe:
+        cap = cv2.VideoCapture(safe)
+        try:
+            return frame_count(cap, address)
+        finally:
+            cap.release()
 
 
 class VideoReader:
@@ -136,8 +166,8 @@ class VideoReader:
     def __init__(self, address: str, prefetch: int = 8) -> None:
         self.address = address
         cap_arg: str | int = int(address) if address.isdigit() else address
-        with _opencv_quiet():  # a missing camera makes OpenCV print several lines of its own
-            self.cap = cv2.VideoCapture(cap_arg)
+        with _opencv_quiet(), opencv_address(str(cap_arg)) as safe:  # a missing camera makes OpenCV print
+            self.cap = cv2.VideoCapture(cap_arg if isinstance(cap_arg, int) else safe)  # lines of its own
         if not self.cap.isOpened():
             if address.isdigit():
                 raise DataError(f"cannot open webcam {address}: no camera at that index (or it is in use); connect "

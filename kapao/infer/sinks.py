@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from kapao.cfg.schema import KeypointSchema
-from kapao.data.sources import Frame, SourceSpec
-from kapao.draw import draw_poses
+from kapao.data.sources import Frame, SourceSpec, opencv_safe
+from kapao.draw import draw_poses, write_image
 from kapao.errors import DataError
 from kapao.poses import Poses
 from kapao.runtime import atomic_write
@@ -347,9 +347,7 @@ class MediaSink:
         if not self.save:
             return
         if frame.frame is None:
-            out = self.save_dir / self.drawn_name(frame.path)
-            if not cv2.imwrite(str(out), img):
-                raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
+            write_image(self.save_dir / self.drawn_name(frame.path), img)
             self.written += 1
         else:
             self._video_sink(frame).put(lambda: img)
@@ -365,6 +363,8 @@ class MediaSink:
         key = frame.path
         if key not in self._videos:
             name = Path(key).stem if not key.isdigit() else f"webcam{key}"
+            if not opencv_safe(name):  # OpenCV crashes on such a name: undecodable bytes written as \xff
+                name = os.fsencode(name).decode("utf-8", "backslashreplace")
             out = _unused(self.save_dir / f"{name}.mp4")
             h, w = frame.image.shape[:2]
             writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps or 30.0, (w, h))

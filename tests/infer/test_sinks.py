@@ -180,3 +180,46 @@ def test_source_names_keep_same_named_files_apart(tmp_path: Path):
     assert source_name(items[1], source_root(lone)) == "img.jpg"
     stream = SourceSpec("stream", ["rtsp://cam/1"], source="rtsp://cam/1")
     assert source_root(stream) is None and source_name("rtsp://cam/1", None) == "rtsp://cam/1"
+
+
+NON_UTF8_SCRIPT = r"""
+import os, shutil, sys
+import numpy as np
+import torch
+from kapao.cfg.schema import KeypointSchema
+from kapao.data.sources import Frame, VideoReader, load_image
+from kapao.infer.sinks import DrawOptions, MediaSink
+from kapao.poses import Poses
+
+out = sys.argv[1]
+image_name = os.fsdecode(b"bad\xffname.jpg")
+video_name = os.fsdecode(b"bad\xfe\xffclip.mp4")
+shutil.copy(sys.argv[2], os.path.join(out, video_name))
+sink = MediaSink(KeypointSchema.for_count(17), DrawOptions())
+sink.open(__import__("pathlib").Path(out) / "run")
+os.makedirs(os.path.join(out, "run"))
+empty = Poses.empty(17)
+img = np.full((32, 48, 3), 120, np.uint8)
+sink.add(Frame(img, os.path.join(out, image_name), None, None), empty)
+frames = list(VideoReader(os.path.join(out, video_name)))
+for f in frames:
+    sink.add(f, empty)
+sink.close()
+print(len(frames), load_image(os.path.join(out, "run", image_name)).shape)
+"""
+
+
+def test_non_utf8_file_names_are_read_and_drawn_without_a_crash(tmp_path: Path, test_video: Path):
+    """OpenCV crashes (SIGSEGV) on a str that is not valid UTF-8: drawn images go through imencode, videos
+    are opened through a plain-named link and written under an escaped name. Run in a child process so a
+    regression fails the test rather than the test session."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", NON_UTF8_SCRIPT, str(tmp_path), str(test_video)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["5", "(32,", "48,", "3)"]
+    names = sorted(os.listdir(os.fsencode(tmp_path / "run")))
+    assert names == [b"bad\\xfe\\xffclip.mp4", b"bad\xffname.jpg"]
