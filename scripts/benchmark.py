@@ -489,9 +489,12 @@ HOT_RUNS = 9  # timed runs (median) of the hot check, whatever --runs says
 def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
     """kapao-<size> with objectness bias 2.0 and class biases 0.0 on the first video frame at imgsz: candidates
     per frame, NMS + fusion ms with the current and the previous NMS, forward ms; markdown table lines."""
+    import importlib.util
     from unittest import mock
 
-    import _reference_nms as ref  # scripts/_reference_nms.py: the NMS before issue 14
+    spec = importlib.util.spec_from_file_location("reference_nms", REPO / "tests" / "infer" / "reference_nms.py")
+    ref = importlib.util.module_from_spec(spec)  # the NMS before early stopping, kept beside its tests
+    spec.loader.exec_module(ref)
 
     args, device, sync = ctx.args, ctx.device, ctx.device.type == "cuda"
     torch.manual_seed(0)

@@ -226,11 +226,10 @@ def test_update_frame_restarts_tracks_per_video_and_counts_tracks():
 # The verbs: `kapao track`, `kapao predict --track`, KAPAO.track
 @pytest.fixture(scope="module")
 def eager_weights(tmp_path_factory):
-    from test_predict import (
+    from kapao.weights.checkpoint import save_checkpoint
+    from tests.infer.test_predictor import (
         eager_model,  # an untrained size-n model that finds poses everywhere
     )
-
-    from kapao.weights.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("w") / "eager.pt"
     save_checkpoint(path, eager_model(), extra={"epoch": 0})

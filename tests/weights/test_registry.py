@@ -18,7 +18,7 @@ from kapao.weights import registry
 from kapao.weights.checkpoint import save_checkpoint
 from kapao.weights.loader import load_weights
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_entry_is_complete():
