@@ -146,6 +146,58 @@ def inside_root(root: str | os.PathLike, entry: str | os.PathLike, where: str = 
     return path
 
 
+class RunLock:
+    """An exclusive lock on a run folder, held while a process writes into it (predict, its --resume, train).
+
+    `fcntl.flock` on `FOLDER/.kapao.lock`, which holds the owner's pid: the OS drops the lock when the
+    owner dies, however it dies, so a stale file never blocks. A second writer is refused with a
+    KapaoError naming the holder's pid. The file is removed on release. No-op where flock is missing.
+    """
+
+    NAME = ".kapao.lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise KapaoError(f"{self.path.parent} is in use by another kapao process (pid {holder}); wait for "
+                                 "it to finish, or stop it, or write to another run folder") from None
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:  # not a file a releasing owner just removed
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError now, not after slow work, when :func:`atomic_write` could not create `path` (parents made)."""
     path = Path(path)

@@ -91,6 +91,9 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     if resume:  # the run's own options where none are given
         source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
                                                                                scales, flips, project, name)
+        nosave, save_csv, boxes, scores, kp_objects, fused_only, line_width = _resume_outputs(
+            ctx, resume, nosave=nosave, save_csv=save_csv, boxes=boxes, scores=scores, kp_objects=kp_objects,
+            fused_only=fused_only, line_width=line_width)
     settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
     try:
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
@@ -143,3 +146,22 @@ def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, sc
         scales, flips = stored.get("scales"), stored.get("flips")
     base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
     return source or stored["source"], weights, imgsz or stored.get("imgsz"), scales, flips, base, str(run_dir)
+
+
+_DRAWN = {"boxes": "show_boxes", "scores": "show_scores", "kp_objects": "show_kp_objects", "fused_only": "fused_only",
+          "line_width": "line_width"}  # option -> its DrawOptions field in args.yaml
+
+
+def _resume_outputs(ctx: click.Context, run_dir: str, **given: Any) -> tuple:
+    """The output options of a resumed run (--nosave, --save-csv, drawing) as its args.yaml keeps them,
+    for those not given on this command line; in the order of the keywords."""
+    from pathlib import Path
+
+    from kapao.infer.resume import read_run_args
+
+    stored = read_run_args(Path(run_dir))
+    draw = stored.get("draw") if isinstance(stored.get("draw"), dict) else {}
+    kept = {"nosave": stored.get("save") is False, "save_csv": "CsvSink" in (stored.get("sinks") or []),
+            **{k: draw[f] for k, f in _DRAWN.items() if f in draw}}
+    default = click.core.ParameterSource.DEFAULT
+    return tuple(kept.get(k, v) if ctx.get_parameter_source(k) == default else v for k, v in given.items())

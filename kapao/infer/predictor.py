@@ -290,20 +290,27 @@ class KAPAO:
             stored = read_run_args(resume_dir)
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
-        args = self._run_args(spec, imgsz, settings, scales, flips)
+        draw = draw or DrawOptions()
+        args = {**self._run_args(spec, imgsz, settings, scales, flips), "save": save, "draw": dataclasses.asdict(draw),
+                "sinks": sorted(type(s).__name__ for s in sinks)}  # what shapes the outputs: a resume keeps it
         if resume_dir is not None:
             check_resume(resume_dir, spec, stored, args)
+            args["run"] = stored.get("run")
         if show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
-        draw = draw or DrawOptions()
         predictor = self.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
         root = source_root(spec)
-        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
-                              root=root, sinks=sinks) if save_dir or show or sinks else None
+        names = {source_name(i, root) for i in spec.items} if resume_dir is not None else None
+        save_dir, done, lock = open_run_dir(project, name, readers, args, resume_dir, save or save_json, names)
+        try:
+            writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
+                                  root=root, sinks=sinks, run=args.get("run")) if save_dir or show or sinks else None
+        except BaseException:
+            lock.release()
+            raise
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
         skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
@@ -313,12 +320,15 @@ class KAPAO:
             _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
                             keep_results, bar, transforms)
         finally:
-            for r in readers.values():
-                r.close()
-            if writer:
-                run.json_path = writer.close()
-            if run.frames == 0 and resume_dir is None and save_dir is not None:
-                shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
+            try:
+                for r in readers.values():
+                    r.close()
+                if writer:
+                    run.json_path = writer.close()
+            finally:
+                lock.release()
+                if run.frames == 0 and resume_dir is None and save_dir is not None:
+                    shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
         run.seconds = time.perf_counter() - t0
         if run.frames == 0 and resume_dir is None:
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from kapao.cfg.settings import read_yaml
 from kapao.data.sources import STREAM_PREFIXES, SourceSpec, VideoReader
 from kapao.errors import ConfigError, DataError
 from kapao.infer.sinks import PREDICTIONS_JSONL, Progress, load_progress
-from kapao.runtime import atomic_write, increment_run_dir
+from kapao.runtime import RunLock, atomic_write, increment_run_dir
 
 RUN_ARGS = "args.yaml"  # what a predict run folder records about how it was made
 
@@ -90,23 +91,32 @@ def check_resume(run_dir: Path, spec: SourceSpec, stored: dict[str, Any], args: 
 
 
 def open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader], args: dict[str, Any],
-                  resume_dir: Path | None, wanted: bool) -> tuple[Path | None, Progress]:
-    """The run folder and what it already holds: the resumed one (its JSONL read, an unfinished last line
-    cut off), or the next runs/predict/expN with its args.yaml; the readers are closed when this fails."""
+                 resume_dir: Path | None, wanted: bool,
+                 names: set[str] | None = None) -> tuple[Path | None, Progress, RunLock]:
+    """The run folder, what it already holds and its lock (held until released): the resumed one (locked
+    first, then its JSONL read, an unfinished last line cut off, every record checked to be of this run and
+    SOURCE: `args["run"]`, `names`), or the next runs/predict/expN with its args.yaml (`args` plus a new run id); the readers are
+    closed when this fails. A folder another process writes to is refused (kapao.runtime.RunLock)."""
+    lock = RunLock(resume_dir or ".")
     try:
         if resume_dir is not None:
-            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL)
+            lock.acquire()
+            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL, args.get("run"), names), lock
         if not wanted:
-            return None, Progress()
+            return None, Progress(), lock
         save_dir = increment_run_dir(project, name)
+        lock = RunLock(save_dir).acquire()
+        args["run"] = uuid.uuid4().hex[:12]
         try:
             with atomic_write(save_dir / RUN_ARGS, "w") as f:
                 yaml.safe_dump(args, f, sort_keys=False)
         except OSError as e:
+            lock.release()
             shutil.rmtree(save_dir, ignore_errors=True)  # still empty: leave no run folder behind
             raise DataError(f"cannot write {save_dir / RUN_ARGS}: {e.strerror or e}; free disk space") from None
-        return save_dir, Progress()
+        return save_dir, Progress(), lock
     except BaseException:
+        lock.release()
         for r in readers.values():
             r.close()
         raise

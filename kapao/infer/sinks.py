@@ -101,10 +101,12 @@ def poses_from_records(records: Sequence[dict[str, Any]], num_keypoints: int) ->
                  torch.tensor([-1 if i is None else i for i in ids], dtype=torch.int64))
 
 
-def frame_record(frame: Frame, name: str, poses: Poses) -> dict[str, Any]:
-    """The JSONL line of one frame: source, frame (None for images), time (s into a video), image_id, poses."""
+def frame_record(frame: Frame, name: str, poses: Poses, run: str | None = None) -> dict[str, Any]:
+    """The JSONL line of one frame: source, frame (None for images), time (s into a video), image_id, poses,
+    and the id of the run that wrote it (when it has one: --resume accepts only its own run's lines)."""
     t = None if frame.frame is None or not frame.fps else round(frame.frame / frame.fps, 6)
-    return {"source": name, "frame": frame.frame, "time": t, "image_id": image_id_of(frame), "poses": pose_records(poses)}
+    rec = {"source": name, "frame": frame.frame, "time": t, "image_id": image_id_of(frame), "poses": pose_records(poses)}
+    return rec if run is None else {**rec, "run": run}
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -158,13 +160,26 @@ class Progress:
         return name in self.images if frame is None else frame <= self.frames.get(name, -1)
 
 
-def load_progress(path: Path) -> Progress:
-    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first."""
+def load_progress(path: Path, run: str | None = None, names: set[str] | None = None) -> Progress:
+    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first.
+
+    Only records of this run are accepted: with `run`, each record's "run" must be it; with `names`
+    (what SOURCE holds, as records name it), each record's source must be one of them; and no image may
+    be recorded twice. Anything else (another process appended to the file) is a DataError naming the line.
+    """
     progress = Progress()
     if not path.exists():
         return progress
     cut_unfinished_line(path)
-    for rec in read_records(path):
+    for i, rec in enumerate(read_records(path), 1):
+        why = (f"is a record of another run ({rec.get('run')!r}; this run is {run!r})" if run and rec.get("run") != run
+               else f"names {rec['source']!r}, which SOURCE does not hold" if names is not None and
+               rec["source"] not in names
+               else f"repeats {rec['source']!r}" if rec.get("frame") is None and rec["source"] in progress.images
+               else None)
+        if why:
+            raise DataError(f"{path}: line {i} {why}: another process wrote into this run folder; start a new run "
+                            "(drop --resume)")
         if rec.get("frame") is None:
             progress.images.add(rec["source"])
         else:
@@ -210,8 +225,8 @@ class Sink(Protocol):
 class JsonlSink:
     """Appends one JSON line per frame to ``save_dir/predictions.jsonl`` (see :func:`frame_record`)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None, run: str | None = None) -> None:
+        self.root, self.run = root, run
         self.path: Path | None = None
         self._file: Any = None
         self._synced = 0.0
@@ -227,7 +242,7 @@ class JsonlSink:
         self._synced = time.monotonic()
 
     def add(self, frame: Frame, poses: Poses) -> None:
-        rec = frame_record(frame, source_name(frame.path, self.root), poses)
+        rec = frame_record(frame, source_name(frame.path, self.root), poses, self.run)
         try:
             self._file.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
             self._file.flush()  # the OS has every finished line: a killed process loses nothing more
@@ -390,10 +405,10 @@ class ResultWriter:
 
     def __init__(self, save_dir: Path | None, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
                  show: bool = False, save_json: bool = True, root: Path | None = None,
-                 sinks: Sequence[Sink] = ()) -> None:
+                 sinks: Sequence[Sink] = (), run: str | None = None) -> None:
         self.save_dir, self.schema, self.save_json = save_dir, schema, save_json and save_dir is not None
         self.sinks: list[Sink] = [*([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks,
-                                  *([JsonlSink(root)] if self.save_json else [])]
+                                  *([JsonlSink(root, run)] if self.save_json else [])]
         opened: list[Sink] = []
         try:
             for s in self.sinks:

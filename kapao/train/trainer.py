@@ -39,7 +39,7 @@ from kapao.eval.val import make_val_loader, protocol_for, validate
 from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
-from kapao.runtime import available_cpus, remove_if_empty, setup_logging
+from kapao.runtime import RunLock, available_cpus, remove_if_empty, setup_logging
 from kapao.train.distributed import (
     DistEnv,
     broadcast,
@@ -397,9 +397,11 @@ def train(args: TrainArgs) -> Path:
         cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val"):
             cfg.require(split)
-    run_dir = None
+    run_dir, lock = None, None
     try:
         run_dir, last, args = prepare_run(args, env)
+        if env.main:  # a second training into this folder (a second --resume, --exist-ok) is refused
+            lock = RunLock(run_dir).acquire()
         ckpt = None
         if last is not None:
             ckpt, args = load_resume(last, args)
@@ -413,8 +415,12 @@ def train(args: TrainArgs) -> Path:
             write_run_files(trainer.run_dir, trainer.args, trainer.hyp)
         return trainer.fit()
     except BaseException:
+        if lock is not None:
+            lock.release()
         if env.main:
             remove_if_empty(run_dir)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         close(env)
