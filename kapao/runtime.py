@@ -198,6 +198,35 @@ class RunLock:
         self.release()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how Slurm, Kubernetes and systemd stop a job), raised like Ctrl-C so that every clean-up
+    path of Ctrl-C runs for it too: finished frames kept, videos finalised, training saved, temp files removed."""
+
+    signum = 15
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (once: a second one during the
+    clean-up is ignored); the previous handler is restored at the end. A no-op off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError now, not after slow work, when :func:`atomic_write` could not create `path` (parents made)."""
     path = Path(path)

@@ -132,3 +132,16 @@ def test_inside_root_keeps_data_file_paths_inside(tmp_path: Path, entry: str, ok
             inside_root(root, entry, "a.json:3:")
         assert len(str(e.value).splitlines()) == 1
     assert inside_root(str(tmp_path / "root" / "sub" / ".."), "a.jpg") == root / "a.jpg"
+
+
+def test_sigterm_is_raised_like_ctrl_c_once_and_the_handler_restored():
+    import signal
+
+    from kapao.runtime import Terminated, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as e, sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    assert isinstance(e.value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) == before

@@ -28,7 +28,7 @@ from kapao.cli.options import (
 )
 from kapao.cli.predict import predict, track
 from kapao.errors import ConfigError, DataError, KapaoError
-from kapao.runtime import quiet_third_party, setup_logging
+from kapao.runtime import Terminated, quiet_third_party, setup_logging, sigterm_as_interrupt
 from kapao.version import __version__
 from kapao.weights.registry import weights_help
 
@@ -44,7 +44,7 @@ class KapaoGroup(click.Group):
     --hyp, --resume, a dataset folder); checked before anything heavy runs. 1 when what the options name
     exists but fails while running: corrupt or unsafe files, unreadable media, invalid annotations,
     diverged training, disk, memory and permission problems, and unexpected errors (a bug: the line
-    points to --verbose). 130 on Ctrl-C.
+    points to --verbose). 130 on Ctrl-C, 143 on SIGTERM (handled as Ctrl-C: finished work is kept).
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -56,12 +56,14 @@ class KapaoGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo("Terminated (SIGTERM)." if terminated else "Interrupted.", err=True)
+            sys.exit(143 if terminated else 130)
         except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
             if ctx.obj and ctx.obj.get("verbose"):
                 raise

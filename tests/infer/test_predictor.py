@@ -454,3 +454,44 @@ def test_run_applies_frame_transforms_before_the_sinks(eager_weights: Path, coco
     recs = _jsonl(run.save_dir)
     assert [p["track_id"] for p in recs[0]["poses"]] == list(range(100, 100 + len(recs[0]["poses"])))
     assert run.results[0].track_ids is not None
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_finished_frames_of_a_video(eager_weights: Path, tmp_path: Path):
+    """SIGTERM while predicting a video is handled like Ctrl-C: every finished frame is in predictions.jsonl
+    and in a playable drawn .mp4, predictions.json is built, exit 143 with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    video = tmp_path / "long.mp4"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (320, 240))
+    for i in range(600):
+        w.write(np.full((240, 320, 3), i % 255, np.uint8))
+    w.release()
+    run = tmp_path / "runs" / "exp"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "kapao", "predict", str(video), "--weights", str(eager_weights),
+                             "--imgsz", "256", "--device", "cpu", "--project", str(tmp_path / "runs")],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            jsonl = run / "predictions.jsonl"
+            if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and err.rstrip().splitlines()[-1] == "Terminated (SIGTERM).", err[-2000:]
+    lines = (run / "predictions.jsonl").read_bytes().count(b"\n")
+    cap = cv2.VideoCapture(str(run / "long.mp4"))
+    drawn = 0
+    while cap.read()[0]:
+        drawn += 1
+    assert 3 <= lines < 600 and drawn == lines
+    assert len(json.loads((run / "predictions.json").read_text())) >= 0 and not (run / ".kapao.lock").exists()
