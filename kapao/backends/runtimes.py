@@ -134,25 +134,62 @@ class OnnxInfo:
         return json.loads(self.raw["check"]) if self.raw.get("check") else None
 
 
+MAX_METADATA_CHARS = 1 << 16  # a metadata value; the schema of K=133 keypoints is ~10 kB
+MAX_METADATA_DEPTH = 8  # JSON nesting of a metadata value (the schema nests 3 deep)
+
+
 def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxInfo:
-    """:class:`OnnxInfo` from ``metadata_props`` strings; WeightsError for a file kapao did not export."""
+    """:class:`OnnxInfo` from ``metadata_props`` strings; WeightsError for a file kapao did not export, and
+    "WHERE: metadata X is …" for any field that is not what kapao writes (a number, bounded JSON)."""
     if meta.get("format") != ONNX_FORMAT or "schema" not in meta:
         raise WeightsError(f"{where} has no kapao metadata (schema, image size); export it with "
                            "`kapao export` (kapao.export.export_onnx)")
-    if int(meta.get("format_version", "0")) > ONNX_FORMAT_VERSION:
-        raise WeightsError(f"{where} was exported by a newer kapao (format version {meta['format_version']}); "
-                           "upgrade kapao")
+
+    def field(key: str, default: str, kind: type, check: Any = None, what: str = "") -> Any:
+        text = meta.get(key, default)
+        bad = f"{where}: metadata {key} is {text[:60]!r}"
+        if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
+            raise WeightsError(f"{where}: metadata {key} is larger than {MAX_METADATA_CHARS} characters; export it again")
+        try:
+            value = json.loads(text) if kind is not str else text
+        except ValueError:
+            raise WeightsError(f"{bad}, not {what or kind.__name__}; export it again") from None
+        except RecursionError:
+            value = None
+        if value is None and text.lstrip()[:1] in ("[", "{") or _depth(value) > MAX_METADATA_DEPTH:
+            raise WeightsError(f"{where}: metadata {key} nests deeper than {MAX_METADATA_DEPTH} levels; export it again")
+        if not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or \
+                (check is not None and not check(value)):
+            raise WeightsError(f"{bad}, not {what or kind.__name__}; export it again")
+        return value
+
+    version = field("format_version", "0", int, lambda v: v >= 0, "an integer version")
+    if version > ONNX_FORMAT_VERSION:
+        raise WeightsError(f"{where} was exported by a newer kapao (format version {version}); upgrade kapao")
+    imgsz = field("imgsz", "null", list, lambda v: len(v) == 2 and all(type(i) is int and 0 < i <= 1 << 16 for i in v),
+                  "[height, width] in pixels")
+    batch = field("batch", "null", (int, type(None)), lambda v: v is None or v >= 1, "a positive batch size or null")
+    stride = field("stride", str(MAX_STRIDE), int, lambda v: v in (8, 16, 32, 64), "a stride of 8, 16, 32 or 64")
+    flags = {k: field(k, "false", bool, what="true or false") for k in ("dynamic", "half")}
     try:
-        schema = KeypointSchema.from_dict(json.loads(meta["schema"]), where=f"{where} metadata")
-        h, w = json.loads(meta["imgsz"])
-        batch = json.loads(meta.get("batch", "null"))
-        return OnnxInfo(schema=schema, imgsz=(int(h), int(w)), size=meta.get("size", "?"),
-                        stride=int(meta.get("stride", MAX_STRIDE)),
-                        dynamic=bool(json.loads(meta.get("dynamic", "false"))),
-                        half=bool(json.loads(meta.get("half", "false"))), batch=None if batch is None else int(batch),
-                        kapao_version=meta.get("kapao_version", "?"), raw=dict(meta))
+        schema = KeypointSchema.from_dict(field("schema", "null", dict, what="a keypoint schema"), where=f"{where} metadata")
     except (ValueError, TypeError, KeyError, ConfigError) as e:
         raise WeightsError(f"{where} has unreadable kapao metadata ({e}); export it again") from None
+    k = field("num_keypoints", str(schema.num_keypoints), int, what="an integer")
+    if k != schema.num_keypoints:
+        raise WeightsError(f"{where}: metadata num_keypoints is {k}, but its schema names {schema.num_keypoints} "
+                           "keypoints; export it again")
+    return OnnxInfo(schema=schema, imgsz=(imgsz[0], imgsz[1]), size=meta.get("size", "?")[:20], stride=stride,
+                    dynamic=flags["dynamic"], half=flags["half"], batch=batch,
+                    kapao_version=meta.get("kapao_version", "?")[:40], raw=dict(meta))
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """Nesting depth of parsed JSON (stops counting past MAX_METADATA_DEPTH)."""
+    if level > MAX_METADATA_DEPTH or not isinstance(value, (list, dict)):
+        return level
+    items = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
 def require(module: str, why: str) -> Any:
@@ -333,6 +370,11 @@ class OnnxBackend(FixedShapeRunner):
         """Input/output names, dtype and (fixed or free) shape from the session."""
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
+        want = self.layout.num_outputs
+        if len(out.shape) != 3 or len(inp.shape) != 4 or (isinstance(out.shape[2], int) and out.shape[2] != want):
+            raise WeightsError(f"{self.info['path']}: metadata schema has {self.schema.num_keypoints} keypoints, so the "
+                               f"graph must output (B, N, {want}) from a (B, 3, H, W) input, but it maps "
+                               f"{list(inp.shape)} to {list(out.shape)}; it is no kapao export of this schema")
         self.fp16 = inp.type == "tensor(float16)"
         self._np_dtype = np.float16 if self.fp16 else np.float32
         dims = list(inp.shape)
