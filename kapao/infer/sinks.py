@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ class _VideoSink:
     drawing and mp4 encoding (OpenCV releases the GIL) overlap the next frame's inference."""
 
     def __init__(self, writer: cv2.VideoWriter, path: Path, prefetch: int = 8) -> None:
-        self.writer, self.path = writer, path
+        self.writer, self.path, self.frames = writer, path, 0
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -291,6 +292,7 @@ class _VideoSink:
             if self._error is None:
                 try:
                     self.writer.write(job())
+                    self.frames += 1
                 except Exception as e:  # noqa: BLE001 - reported on the main thread by put()/release()
                     self._error = e
 
@@ -303,10 +305,19 @@ class _VideoSink:
         self._queue.put(make_image)
 
     def release(self) -> None:
+        """Finish the file, then read its frame count back: OpenCV reports no write error (a full disk
+        leaves a cut, unplayable file behind a success), so a file short of frames is a DataError."""
         self._queue.put(None)
         self._thread.join()
         self.writer.release()
         self._check()
+        cap = cv2.VideoCapture(str(self.path))
+        readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if readable < self.frames:
+            free = shutil.disk_usage(self.path.parent).free
+            raise DataError(f"cannot write video {self.path}: {readable} of its {self.frames} frames reached the file "
+                            f"({free >> 20} MiB free on its disk: full?); free disk space or use --project elsewhere")
 
 
 def _unused(path: Path) -> Path:

@@ -223,3 +223,19 @@ def test_non_utf8_file_names_are_read_and_drawn_without_a_crash(tmp_path: Path, 
     assert res.stdout.split() == ["5", "(32,", "48,", "3)"]
     names = sorted(os.listdir(os.fsencode(tmp_path / "run")))
     assert names == [b"bad\\xfe\\xffclip.mp4", b"bad\xffname.jpg"]
+
+
+def test_a_video_cut_short_by_a_full_disk_is_an_error(tmp_path: Path):
+    """OpenCV's writer reports nothing when the disk fills: the frames are counted back from the file."""
+    class SilentWriter:  # what cv2.VideoWriter does on ENOSPC: accepts every frame, writes no file
+        def write(self, image):
+            pass
+
+        def release(self):
+            (tmp_path / "v.mp4").write_bytes(b"\x00" * 100)
+
+    sink = ks._VideoSink(SilentWriter(), tmp_path / "v.mp4")
+    for _ in range(3):
+        sink.put(lambda: np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"cannot write video .*v.mp4: 0 of its 3 frames reached the file .*MiB free"):
+        sink.release()
