@@ -7,6 +7,7 @@ from :mod:`kapao.data.sources` and results go to :mod:`kapao.infer.sinks`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -30,7 +31,16 @@ from kapao.backends.runtimes import Backend, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
 from kapao.data.letterbox import letterbox
-from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
+from kapao.data.sources import (
+    ACCEPTED_INPUTS,
+    Frame,
+    SourceSpec,
+    VideoReader,
+    count_frames,
+    iter_api_images,
+    load_image,
+    resolve_source,
+)
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.infer.postprocess import postprocess
 from kapao.infer.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
@@ -255,13 +265,20 @@ class KAPAO:
         """A predictor with these settings over the backend loaded once (Conv+BN folded, session open)."""
         return Predictor.from_backend(self.backend, settings, scales, flips, return_kp_objects)
 
-    def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
-                imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
-        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order."""
-        if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
-            arrays = [source] if isinstance(source, np.ndarray) else list(source)
-            return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
-        return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
+    def predict(self, source: Any, *, imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS,
+                **kwargs: Any) -> list[Poses]:
+        """Poses for every image/frame of `source`, in order: a path, folder, glob, video, stream URL or webcam
+        index (str, Path, int), or in-memory images (see :data:`kapao.data.sources.ACCEPTED_INPUTS`: numpy
+        H×W / H×W×1/3/4 uint8/uint16 BGR, PIL images, torch tensors, lists or generators of them and of
+        paths, read one at a time). `[]` gives `[]`; None and other types raise TypeError."""
+        if isinstance(source, (str, Path, int)) and not isinstance(source, bool):
+            return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
+        images = iter_api_images(source)  # checks the type before the predictor is built
+        first = next(images, None)
+        if first is None:
+            return []
+        predictor, imgsz = self.predictor(settings, **kwargs), self.check_imgsz(imgsz)
+        return [predictor.predict_images([image], imgsz)[0] for image in itertools.chain([first], images)]
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
             settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
@@ -284,6 +301,8 @@ class KAPAO:
         self.check_imgsz(imgsz)
         if batch < 1:
             raise ConfigError(f"--batch {batch}: must be at least 1")
+        if source is None and not resume:
+            raise TypeError(f"source is None; give {ACCEPTED_INPUTS} (the sample images are only the CLI's default)")
         resume_dir, stored = None, None
         if resume:
             resume_dir = find_resume_run(resume, project, name, source_text(source))
@@ -350,8 +369,8 @@ class KAPAO:
         step = PoseTracker(tracker, OneEuroSettings() if smooth is True else (smooth or None))
         predictor = self.predictor(settings, **kwargs)
         imgsz = self.check_imgsz(imgsz)
-        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
-            for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
+        if source is None or not isinstance(source, (str, Path, int)):
+            for i, image in enumerate(iter_api_images(source)):
                 frame = Frame(image, "<arrays>", i, fps)
                 yield step.update_frame(frame, predictor.predict_images([image], imgsz)[0])
             return
