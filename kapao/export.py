@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.backends.int8 import INT8_METADATA, Calibration, quantize_int8
+from kapao.backends.int8 import INT8_METADATA, Int8Calibration, quantize_int8
 from kapao.backends.onnx_graph import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -45,6 +45,7 @@ from kapao.backends.onnx_graph import (
 )
 from kapao.backends.onnx_graph import set_metadata as _set_metadata
 from kapao.backends.onnx_graph import trace as _trace
+from kapao.backends.precision import WHY_EXPORT, check_precision, precision_of
 from kapao.backends.runtimes import OnnxBackend, require
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.data.letterbox import letterbox
@@ -124,7 +125,7 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
                 imgsz: int | tuple[int, int] = 640, *, dynamic: bool = False, half: bool = False,
                 simplify: bool = False, opset: int = DEFAULT_OPSET, batch: int = 1,
                 check_image: str | os.PathLike | np.ndarray | None = None, check: bool = True,
-                device: str | torch.device | None = None, exist_ok: bool = False, int8: Calibration | None = None) -> Path:
+                device: str | torch.device | None = None, exist_ok: bool = False, int8: Int8Calibration | None = None) -> Path:
     """Export a KAPAO model (weights spec as for ``load_model``, or a KapaoModel) to ONNX.
 
     The model is deep-copied, Conv+BN folded and put in eval mode (the caller's model is untouched);
@@ -149,11 +150,9 @@ def export_onnx(weights_or_model: str | os.PathLike | nn.Module, path: str | os.
         raise ConfigError(f"--opset {opset}: kapao exports opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     if batch < 1:
         raise ConfigError(f"--batch {batch}: must be at least 1")
-    if half and int8 is not None:
-        raise ConfigError("--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one")
+    precision = precision_of(half, int8 is not None)
     dev = select_device(device) if device is not None or half else torch.device("cpu")
-    if half and dev.type != "cuda":
-        raise ConfigError("--half needs a CUDA device (fp16 ONNX models are for GPUs); drop --half or use --device 0")
+    check_precision(precision, dev, why=WHY_EXPORT)
     slim = _onnxslim() if simplify else None
 
     model, weights, source = _resolve_model(weights_or_model)

@@ -344,9 +344,27 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+def cpu_count(physical: bool = False) -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (a container's or ``taskset``'s
+    limit), else the machine's CPU count; at least 1.
+
+    ``physical=False`` counts logical CPUs (hyper-threads included): the bound for worker processes and
+    threads that mostly wait (data loading, :func:`kapao.data.dataset.build_dataloader`, the training sampler).
+    ``physical=True`` caps that at the machine's physical cores (psutil; without it every allowed CPU
+    counts): the thread count of the CPU runtimes (onnxruntime intra-op, OpenVINO), whose convolutions a
+    second hyper-thread on the same core does not speed up.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        allowed = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        allowed = os.cpu_count() or 1
+    allowed = max(1, allowed)
+    if not physical:
+        return allowed
+    try:
+        import psutil  # optional: without it, every allowed core counts
+
+        cores = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        cores = allowed
+    return max(1, min(allowed, cores))

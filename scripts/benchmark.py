@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
-from kapao.backends.runtimes import OnnxBackend, physical_cores  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend  # noqa: E402
 from kapao.cfg.schema import HeadLayout  # noqa: E402
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS, InferenceSettings  # noqa: E402
 from kapao.data.sources import default_source, load_image  # noqa: E402
@@ -90,7 +90,7 @@ from kapao.infer import postprocess as pp  # noqa: E402
 from kapao.infer.postprocess import postprocess  # noqa: E402
 from kapao.infer.predictor import KAPAO, Predictor, prepare_batch  # noqa: E402
 from kapao.models.network import build_model, count_flops  # noqa: E402
-from kapao.runtime import select_device  # noqa: E402
+from kapao.runtime import cpu_count, select_device  # noqa: E402
 
 # Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
 BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))
@@ -336,16 +336,16 @@ def kapao_api(model: torch.nn.Module, device: torch.device, backend: KapaoBacken
 
 def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Backend]:
     """The FAST_ROWS backends (CPU only; a runtime that is not installed is noted and skipped)."""
-    from kapao.backends.dispatch import select_backend
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.dispatch import RuntimeSpec, load_backend
+    from kapao.backends.int8 import Int8Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
     root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    calib = Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
+    calib = Int8Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
     rows: list[Backend] = []
     for label, name, shapes, int8 in FAST_ROWS:
         try:
-            be = select_backend(model, "cpu", backend=name, shapes=shapes, int8=calib if int8 else None)
+            be = load_backend(model, RuntimeSpec("cpu", backend=name, int8=calib if int8 else None), shapes=shapes)
         except KapaoError as e:
             ctx.notes.append(f"{label} skipped: {e}")
             continue
@@ -511,11 +511,11 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
         fwd = median_ms(lambda: predictor.forward(x), runs, args.warmup, sync)
         fwd_default = fwd  # the default backend is torch off the CPU
         if device.type == "cpu" and not args.no_onnx:
-            from kapao.backends.dispatch import DEFAULT_CPU_BACKEND, select_backend
+            from kapao.backends.dispatch import DEFAULT_CPU_BACKEND, RuntimeSpec, load_backend
 
             os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
             # what `kapao predict` runs for a .pt on the CPU (an in-memory model's `auto` would be torch)
-            default = select_backend(model, "cpu", backend=DEFAULT_CPU_BACKEND)
+            default = load_backend(model, RuntimeSpec("cpu", backend=DEFAULT_CPU_BACKEND))
             fwd_default = median_ms(lambda: default(x), runs, args.warmup, sync)
         pred = predictor.forward(x).float()
         layout = model.layout
@@ -655,7 +655,7 @@ def main() -> None:
     device = select_device(args.device)
     if args.half and device.type != "cuda":
         raise SystemExit("--half needs a CUDA device (--device 0)")
-    threads = physical_cores()
+    threads = cpu_count(physical=True)
     torch.set_num_threads(threads)
     video = args.video or default_video()
     frames, fps = read_frames(video)

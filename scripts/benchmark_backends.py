@@ -17,7 +17,7 @@ $KAPAO_TEST_DATA/videos/posetrack-000001.mp4, 1280x720, letterboxed as predict d
 Each row: median forward ms of --runs after one warm-up call, GFLOP/s (the network's convolution
 FLOPs at that input / median time), and the largest coordinate difference to the torch row
 (pixels). The exports go to a temporary cache folder (not the user's) and are not timed. The fastest
-fp32 row at 1280 is the one to name in kapao/fast_backends.py (DEFAULT_CPU_BACKEND; "-fixed" winning
+fp32 row at 1280 is the one to name in kapao/backends/dispatch.py (DEFAULT_CPU_BACKEND; "-fixed" winning
 means DEFAULT_SHAPES = "fixed"). --quick: size n at 128, 2 runs (checks that every row works).
 Run it alone on an idle machine.
 """
@@ -73,15 +73,15 @@ def network_input(imgsz: int) -> torch.Tensor:
 
 
 def make_backend(row: str, model: torch.nn.Module, calib: object) -> object:
-    from kapao.backends.dispatch import select_backend
+    from kapao.backends.dispatch import RuntimeSpec, load_backend
 
     shapes = "fixed" if row.endswith("-fixed") else "dynamic"
     name = row.removesuffix("-fixed").removesuffix("-int8")
-    return select_backend(model, "cpu", backend=name, shapes=shapes, int8=calib if "int8" in row else None)
+    return load_backend(model, RuntimeSpec("cpu", backend=name, int8=calib if "int8" in row else None), shapes=shapes)
 
 
 def bench(args: argparse.Namespace) -> None:
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
     from kapao.cfg.schema import HeadLayout
     from kapao.models.network import build_model, count_flops
     from kapao.weights.loader import load_model
@@ -98,7 +98,7 @@ def bench(args: argparse.Namespace) -> None:
         x = network_input(imgsz)
         h, w = x.shape[-2:]
         gflops = count_flops(model, (h, w))
-        calib = Calibration.from_spec(args.calib, imgsz, args.calib_images)
+        calib = Int8Calibration.from_spec(args.calib, imgsz, args.calib_images)
         ref = None
         for row in args.backends:
             try:

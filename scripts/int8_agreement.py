@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("KAPAO_CACHE_DIR", tempfile.mkdtemp(prefix="kapao-int8-"))
 
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
     from kapao.cfg.schema import HeadLayout
     from kapao.cfg.settings import VAL_SETTINGS
     from kapao.data.sources import load_image
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = args.weights or memorise(args.train_epochs, args.imgsz, Path(tempfile.mkdtemp(prefix="kapao-mem-")))
     runs = {"torch": KAPAO(weights, "cpu", backend="torch"), "fp32": KAPAO(weights, "cpu", backend="onnxruntime"),
             "int8": KAPAO(weights, "cpu", backend="onnxruntime",
-                          int8=Calibration.from_spec(folder, args.imgsz, args.calib_images))}
+                          int8=Int8Calibration.from_spec(folder, args.imgsz, args.calib_images))}
     files = sorted(folder.glob("*.jpg"))
     arrays = [load_image(f) for f in files]
     images = [(int(f.stem), a.shape[:2]) for f, a in zip(files, arrays)]

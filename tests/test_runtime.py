@@ -4,13 +4,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from kapao.errors import ConfigError
-from kapao.runtime import atomic_write, check_writable, increment_run_dir, select_device
+from kapao.runtime import atomic_write, check_writable, cpu_count, increment_run_dir, select_device
 
 
 def test_select_device_cpu_and_auto():
@@ -145,3 +147,16 @@ def test_sigterm_is_raised_like_ctrl_c_once_and_the_handler_restored():
         for _ in range(1000):  # the handler runs between bytecodes
             pass
     assert isinstance(e.value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_cpu_count_counts_the_affinity_mask_and_caps_at_physical_cores(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(cpu_count=lambda logical=True: 2))
+    assert cpu_count() == 4 and cpu_count(physical=True) == 2  # hyper-threads count for workers, not for convs
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(cpu_count=lambda logical=True: 8))
+    assert cpu_count(physical=True) == 4  # never more than the process may use
+    monkeypatch.setitem(sys.modules, "psutil", None)  # psutil not installed: every allowed CPU counts
+    assert cpu_count(physical=True) == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity mask (macOS, Windows)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cpu_count() == 1 and cpu_count(physical=True) == 1

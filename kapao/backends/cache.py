@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kapao.backends.int8 import Calibration, quantize_int8
+from kapao.backends.int8 import Int8Calibration, quantize_int8
 from kapao.backends.onnx_graph import DEFAULT_OPSET, export_metadata, head_scope, inference_copy, set_metadata, trace
 from kapao.backends.runtimes import ONNX_FORMAT_VERSION, require
 from kapao.errors import WeightsError
@@ -66,7 +66,7 @@ def _version(package: str) -> str:
         return "-"
 
 
-def cache_key(digest: str, shape: tuple[int, int] | None, calib: Calibration | None = None) -> str:
+def cache_key(digest: str, shape: tuple[int, int] | None, calib: Int8Calibration | None = None) -> str:
     """The full key (JSON) of an exported model: weights digest, shape (None: dynamic), int8 calibration, versions."""
     return json.dumps({"weights": digest, "shape": list(shape) if shape else "dynamic",
                        "int8": calib.digest if calib else None, "format": ONNX_FORMAT_VERSION,
@@ -74,7 +74,7 @@ def cache_key(digest: str, shape: tuple[int, int] | None, calib: Calibration | N
                        **{p: _version(p) for p in KEY_PACKAGES}}, sort_keys=True)
 
 
-def cache_path(stem: str, shape: tuple[int, int] | None, calib: Calibration | None, key: str) -> Path:
+def cache_path(stem: str, shape: tuple[int, int] | None, calib: Int8Calibration | None, key: str) -> Path:
     """``<cache_dir>/<stem>-<dynamic|HxW>[-int8]-<hash of key>.onnx``."""
     kind = "dynamic" if shape is None else f"{shape[0]}x{shape[1]}"
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -93,7 +93,7 @@ def stored_key(path: Path) -> str | None:
 
 
 def cached_onnx(model: nn.Module, stem: str, backend: str, shape: tuple[int, int] | None = None,
-                calib: Calibration | None = None) -> Path:
+                calib: Int8Calibration | None = None) -> Path:
     """The cached ONNX file of `model` (a KapaoModel) for `shape` (None: dynamic) and `calib` (int8),
     exported now -- with a one-line notice naming `stem`, `backend` and the path -- when missing,
     stale or corrupt."""
@@ -117,7 +117,7 @@ def cached_onnx(model: nn.Module, stem: str, backend: str, shape: tuple[int, int
     return path
 
 
-def build_onnx(model: nn.Module, source: str, shape: tuple[int, int] | None, calib: Calibration | None,
+def build_onnx(model: nn.Module, source: str, shape: tuple[int, int] | None, calib: Int8Calibration | None,
                key: str) -> bytes:
     """The serialized kapao ONNX graph of `model` (fp32, or int8 with `calib`), metadata with ``cache_key``."""
     onnx = require("onnx", "the exported-model cache")

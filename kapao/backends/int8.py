@@ -39,7 +39,7 @@ INT8_METADATA = "int8"  # metadata key: JSON {images, imgsz, digest} of the cali
 
 
 @dataclass(frozen=True)
-class Calibration:
+class Int8Calibration:
     """What an int8 model is calibrated on: image files, letterboxed to ``imgsz`` (the size it will
     mostly run at). ``digest`` (paths, sizes, modification times, imgsz) keys cached int8 models."""
 
@@ -55,7 +55,7 @@ class Calibration:
         return h.hexdigest()[:16]
 
     @classmethod
-    def from_spec(cls, spec: str | os.PathLike, imgsz: int, count: int = DEFAULT_CALIB_IMAGES) -> "Calibration":
+    def from_spec(cls, spec: str | os.PathLike, imgsz: int, count: int = DEFAULT_CALIB_IMAGES) -> "Int8Calibration":
         """``--calib DIR`` or ``--data DATA`` and ``--calib-images N``, see :func:`calibration_images`."""
         return cls(tuple(calibration_images(spec, count)), int(imgsz))
 
@@ -99,7 +99,7 @@ def _reader(images: Sequence[Path], shape: tuple[int, int]) -> Any:
     return Reader()
 
 
-def quantize_int8(model: bytes, calib: Calibration, keep_fp32_prefix: str,
+def quantize_int8(model: bytes, calib: Int8Calibration, keep_fp32_prefix: str,
                   shape: tuple[int, int] | None = None) -> bytes:
     """A statically quantised copy (QDQ, per-channel int8) of the serialized kapao graph `model`.
 

@@ -8,10 +8,10 @@ A backend maps the letterboxed network input to the decoded head output and says
 probabilities | 2K keypoint x, y). Pre-processing, NMS and keypoint fusion stay in
 :class:`kapao.infer.predictor.Predictor`, the one inference path, whatever the backend.
 
-:func:`load_backend` picks the backend for a weights spec: :class:`OnnxBackend` for ``*.onnx``,
-:class:`TorchBackend` for anything else (a checkpoint, a named model, a KapaoModel). Another runtime
-(OpenVINO, an auto-exported cached file, int8) is one more class with the attributes of
-:class:`Backend` and one more row in :data:`FILE_BACKENDS`; the Predictor does not change.
+:func:`kapao.backends.dispatch.load_backend` picks the backend for a weights spec and ``--backend`` from
+one table, :data:`kapao.backends.dispatch.RUNTIMES`: another runtime is one more class with the attributes
+of :class:`Backend` and one more row there; the Predictor does not change. Every backend describes what it
+runs in a :class:`BackendInfo`.
 
 This module only reads exported files (their metadata, see :mod:`kapao.export` for the format);
 writing them is the exporter's job.
@@ -23,17 +23,19 @@ import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kapao.backends.precision import check_precision
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
-from kapao.runtime import select_device
+from kapao.runtime import cpu_count, select_device
 from kapao.weights.loader import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -44,20 +46,66 @@ INSTALL_HINT = "pip install kapao[onnx]"
 INPUT_PAD = PAD_VALUE / 255  # letterbox grey as network input in [0, 1]
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend runs, as records, messages and ``KAPAO.info`` read it.
+
+    ``runtime``: its row in :data:`kapao.backends.dispatch.RUNTIMES` (torch, torch-cl, onnxruntime,
+    openvino); ``precision``: fp32, fp16 or int8; ``device``: where it computes (an onnxruntime session
+    without CUDA says cpu); ``path``: the weights named (a checkpoint or .onnx file; None for an in-memory
+    model); ``name``: the registry name (``kapao_s_coco``) of named weights; ``format``: the file's format
+    (``kapao``, ``official``, ``state_dict``, ``kapao-onnx``, ...); ``exported``: the exported file run
+    (an .onnx given, or the exported-model cache's file; None for torch and for a cache of several fixed
+    shapes); ``fixed_shape``: (h, w) every input is padded to, None when dynamic; ``details``: the rest of
+    what the loader or the file's metadata said (epoch, size, schema, the raw ONNX metadata), read-only.
+    """
+
+    runtime: str
+    precision: str = "fp32"
+    device: torch.device = torch.device("cpu")
+    path: str | None = None
+    name: str | None = None
+    format: str | None = None
+    exported: str | None = None
+    fixed_shape: tuple[int, int] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    @property
+    def int8(self) -> bool:
+        """A statically quantised int8 model."""
+        return self.precision == "int8"
+
+    @property
+    def dynamic(self) -> bool:
+        """Any multiple of 64 runs as it is (no fixed input shape)."""
+        return self.fixed_shape is None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What :class:`kapao.infer.predictor.Predictor` needs from a runtime.
 
     ``schema``: keypoint schema of the network; ``device``: where inputs are expected and outputs
     returned; ``half``: inputs are fp16 (else fp32); ``fixed_shape``: (h, w) every input is padded to,
-    None when any multiple of 64 works; ``info``: a description of what was loaded (path, format, ...).
+    None when any multiple of 64 works; ``info``: what was loaded (:class:`BackendInfo`).
     """
 
     schema: KeypointSchema
     device: torch.device
-    half: bool
     fixed_shape: tuple[int, int] | None
-    info: dict[str, Any]
+    info: BackendInfo
+
+    @property
+    def half(self) -> bool:
+        """Inputs are fp16 (else fp32): an attribute or a property."""
+        ...
 
     def __call__(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, N, 6 + 3K) decoded predictions, network-input pixels."""
@@ -79,8 +127,7 @@ class TorchBackend:
     def __init__(self, model: nn.Module, device: torch.device | None = None, half: bool = False,
                  fold_bn: bool = True, info: Mapping[str, Any] | None = None, channels_last: bool = False) -> None:
         device = device or torch.device("cpu")
-        if half and device.type != "cuda":
-            raise ConfigError("--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0")
+        check_precision("fp16" if half else "fp32", device)
         if fold_bn:
             model = copy.deepcopy(model).fold_bn()
         model = model.to(device).eval()
@@ -91,7 +138,10 @@ class TorchBackend:
         self.schema: KeypointSchema = model.schema
         self.device, self.half = device, half
         self.fixed_shape: tuple[int, int] | None = None
-        self.info: dict[str, Any] = dict(info or {})
+        info = info or {}
+        self.info = BackendInfo("torch-cl" if channels_last else "torch", "fp16" if half else "fp32", device,
+                                path=_str_or_none(info.get("path")), name=info.get("name"), format=info.get("format"),
+                                details=info)
 
     @classmethod
     def from_weights(cls, weights: str | os.PathLike, device: torch.device | None = None, half: bool = False,
@@ -192,6 +242,14 @@ def _depth(value: Any, level: int = 0) -> int:
     return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
+def onnx_info(meta: OnnxInfo, runtime: str, device: torch.device, path: str,
+              fixed_shape: tuple[int, int] | None) -> BackendInfo:
+    """The :class:`BackendInfo` of an exported file run as it is: its own precision, format and metadata."""
+    precision = "int8" if meta.raw.get("int8") else "fp16" if meta.half else "fp32"
+    return BackendInfo(runtime, precision, device, path=path, format=meta.raw.get("format"), exported=path,
+                       fixed_shape=fixed_shape, details=meta.raw)
+
+
 def require(module: str, why: str) -> Any:
     """Import an optional dependency (onnx, onnxruntime) or raise WeightsError saying how to install it."""
     try:
@@ -278,21 +336,6 @@ class FixedShapeRunner:
 # onnxruntime
 
 
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (hyper-threads do not speed up convolutions)."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    try:
-        import psutil  # optional: without it, every allowed core counts
-
-        physical = psutil.cpu_count(logical=False) or allowed
-    except ImportError:
-        physical = allowed
-    return max(1, min(allowed, physical))
-
-
 def _require_onnxruntime() -> Any:
     try:
         import onnxruntime  # optional, heavy: only for .onnx models
@@ -318,7 +361,7 @@ def _ort_providers(ort: Any, dev: torch.device) -> tuple[list[Any], torch.device
 def _ort_session(ort: Any, model: str | bytes, providers: list[Any], threads: int | None, where: str) -> Any:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or physical_cores()
+    opts.intra_op_num_threads = threads or cpu_count(physical=True)
     opts.inter_op_num_threads = 1
     # no busy-waiting between runs: predict does NMS, drawing and video writing on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -355,24 +398,22 @@ class OnnxBackend(FixedShapeRunner):
             providers, dev = _ort_providers(ort, dev)
         self.session = _ort_session(ort, path if isinstance(path, bytes) else str(path), providers, threads, where)
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
-        self.info: dict[str, Any] = {"path": where, "format": "onnx", **self.meta.raw}
         self.schema: KeypointSchema = self.meta.schema
         self.layout = HeadLayout(self.schema.num_keypoints)
-        self._read_io()
+        self._read_io(where)
         self.imgsz: tuple[int, int] = self.meta.imgsz
         self.provider = self.session.get_providers()[0]
         self.device = dev if self.provider == "CUDAExecutionProvider" else torch.device("cpu")
-        if self.fp16 and self.device.type != "cuda":
-            raise WeightsError(f"{where} is an fp16 (--half) export, which needs onnxruntime with CUDA; "
-                               "export without --half for the CPU")
+        self.info = onnx_info(self.meta, "onnxruntime", self.device, where, self.fixed_shape)
+        check_precision("fp32", self.device, file=where, file_precision=self.info.precision)
 
-    def _read_io(self) -> None:
-        """Input/output names, dtype and (fixed or free) shape from the session."""
+    def _read_io(self, where: str) -> None:
+        """Input/output names, dtype and (fixed or free) shape from the session, checked against K."""
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         want = self.layout.num_outputs
         if len(out.shape) != 3 or len(inp.shape) != 4 or (isinstance(out.shape[2], int) and out.shape[2] != want):
-            raise WeightsError(f"{self.info['path']}: metadata schema has {self.schema.num_keypoints} keypoints, so the "
+            raise WeightsError(f"{where}: metadata schema has {self.schema.num_keypoints} keypoints, so the "
                                f"graph must output (B, N, {want}) from a (B, 3, H, W) input, but it maps "
                                f"{list(inp.shape)} to {list(out.shape)}; it is no kapao export of this schema")
         self.fp16 = inp.type == "tensor(float16)"
@@ -397,46 +438,3 @@ class OnnxBackend(FixedShapeRunner):
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self._np_dtype)
         y = self.session.run([self.output_name], {self.input_name: arr})[0]
         return torch.from_numpy(y).float()
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing a backend
-
-
-def is_onnx(weights: Any) -> bool:
-    """True for a path/name ending in .onnx (the KAPAO API and CLI switch to :class:`OnnxBackend`)."""
-    return isinstance(weights, (str, os.PathLike)) and str(weights).lower().endswith(".onnx")
-
-
-def _onnx_backend(weights: str | os.PathLike, device: torch.device, half: bool, fold_bn: bool) -> OnnxBackend:
-    backend = OnnxBackend(weights, device=device)
-    if half and not backend.fp16:
-        raise ConfigError(f"--half: {weights} is an fp32 ONNX model; export it with --half (CUDA) or drop --half")
-    return backend  # an exported file is already folded and has its own precision
-
-
-# Backends for files, by a test on the weights spec; the first match wins, TorchBackend takes the rest.
-FILE_BACKENDS: tuple[tuple[Callable[[Any], bool], Callable[..., Backend]], ...] = (
-    (is_onnx, _onnx_backend),
-)
-
-
-def is_exported_file(weights: Any) -> bool:
-    """True for a weights spec that one of :data:`FILE_BACKENDS` runs (an exported file, not a checkpoint)."""
-    return isinstance(weights, (str, os.PathLike)) and any(matches(weights) for matches, _ in FILE_BACKENDS)
-
-
-def load_backend(weights: str | os.PathLike | nn.Module, device: str | torch.device | None = None,
-                 half: bool = False, fold_bn: bool = True) -> Backend:
-    """The backend for `weights`: a KapaoModel, a checkpoint/model name, or an exported file.
-
-    ``device`` as for :func:`kapao.runtime.select_device`; ``half`` runs fp16 (CUDA only; an ONNX file
-    must be an fp16 export); ``fold_bn`` folds Conv+BN of a torch model (on a copy).
-    """
-    dev = device if isinstance(device, torch.device) else select_device(device)
-    if isinstance(weights, nn.Module):
-        return TorchBackend(weights, dev, half, fold_bn)
-    for matches, make in FILE_BACKENDS:
-        if matches(weights):
-            return make(weights, dev, half, fold_bn)
-    return TorchBackend.from_weights(weights, dev, half, fold_bn)

@@ -17,7 +17,7 @@ from kapao.runtime import select_device
 from kapao.weights.registry import weights_help
 
 if TYPE_CHECKING:
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
 
 MAX_LINE_WIDTH = 100  # pixels; wider lines hide the image
 
@@ -125,10 +125,17 @@ UNIT = FiniteRange(0.0, 1.0)
 
 
 def check_half(ctx: click.Context, half: bool, device: str | None) -> None:
-    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything."""
-    if half and select_device(device).type != "cuda":
+    """--half on a machine (or --device) without CUDA is a usage error (exit 2), found before loading anything
+    (:func:`kapao.backends.precision.check_precision`, the check the dispatcher makes again)."""
+    if not half:
+        return
+    from kapao.backends.precision import WHY_CLI, PrecisionError, check_precision  # deferred: imports torch
+
+    try:
+        check_precision("fp16", select_device(device), why=WHY_CLI)
+    except PrecisionError as e:
         param = next(p for p in ctx.command.params if p.name == "half")
-        raise click.BadParameter("needs a CUDA device (fp16 is for GPUs); drop --half or use --device 0", ctx, param)
+        raise click.BadParameter(e.reason, ctx, param) from None
 
 
 def given(ctx: click.Context, *names: str) -> list[str]:
@@ -281,7 +288,7 @@ def backend_options(f):  # noqa: ANN001, ANN201
                              "same poses within fp32 rounding.")(f)
 
 
-def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Calibration | None:
+def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str | None = None) -> Int8Calibration | None:
     """The int8 calibration asked for (None without --int8); usage errors when --int8, --calib and --data disagree."""
     if data and calib:
         raise click.UsageError("give either --data or --calib for the int8 calibration, not both")
@@ -292,9 +299,9 @@ def calibration(int8: bool, calib: str | None, count: int, imgsz: int, data: str
         return None
     if not calib:
         raise click.UsageError("--int8 needs calibration images: --calib DIR (a folder of typical images) or a dataset")
-    from kapao.backends.int8 import Calibration
+    from kapao.backends.int8 import Int8Calibration
 
-    return Calibration.from_spec(calib, imgsz, count)
+    return Int8Calibration.from_spec(calib, imgsz, count)
 
 
 class ImgShape(click.ParamType):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ from kapao.data.labels import load_labels, read_coco
 from kapao.data.letterbox import letterbox, resize_long_side
 from kapao.data.sources import load_image
 from kapao.errors import ConfigError, DataError
-from kapao.runtime import available_cpus
+from kapao.runtime import cpu_count
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class PoseDataset(Dataset):
                            self.split, self.ann_file, self.stats.images)
 
     def _cache_images(self) -> None:
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(min(8, cpu_count())) as pool:
             self._imgs = list(pool.map(self._read_resized, range(len(self.labels))))
         gb = sum(im.nbytes for im, _ in self._imgs) / 1e9
         LOGGER.info("%s %s: cached %d images in RAM (%.1f GB)", self.cfg.name, self.split, len(self._imgs), gb)
@@ -257,7 +256,7 @@ def build_dataloader(dataset: PoseDataset, batch_size: int, workers: int, shuffl
     warns about them); with workers=0 the dataset's own random state is reseeded from `seed`.
     Rectangular datasets need shuffle=False and the batch size they were built with.
     """
-    workers = min(workers, available_cpus())
+    workers = min(workers, cpu_count())
     if getattr(dataset, "rect", False) and (shuffle or batch_size != dataset.batch_size):
         raise ConfigError(f"rectangular batches need shuffle=False and batch_size={dataset.batch_size} "
                           f"(the dataset's), got shuffle={shuffle}, batch_size={batch_size}")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from kapao.backends.int8 import Calibration
+from kapao.backends.int8 import Int8Calibration
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, InferenceSettings
 from kapao.data.dataset import PoseDataset, build_dataloader
@@ -86,7 +86,7 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
             batch: int = 8, workers: int = 0, device: str | None = None, half: bool = False,
             settings: InferenceSettings = VAL_SETTINGS, scales: Sequence[float] | None = None,
             flips: Sequence[bool] | None = None, project: str | Path | None = None, name: str = "exp",
-            progress: bool = True, backend: str = "auto", int8: Calibration | None = None) -> ValResult:
+            progress: bool = True, backend: str = "auto", int8: Int8Calibration | None = None) -> ValResult:
     """The `kapao val` verb as a function: load weights, check them against the data, validate.
 
     With `project`, predictions.json goes to a new `project/nameN` folder, made once the weights and

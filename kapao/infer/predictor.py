@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kapao.backends.dispatch import select_backend
-from kapao.backends.int8 import Calibration
-from kapao.backends.runtimes import Backend, TorchBackend
+from kapao.backends.dispatch import RuntimeSpec, load_backend
+from kapao.backends.int8 import Int8Calibration
+from kapao.backends.runtimes import Backend, BackendInfo, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings
 from kapao.data.letterbox import letterbox
@@ -234,13 +234,16 @@ class KAPAO:
 
     ``backend``: auto (weights files on the CPU run through a cached ONNX export, see
     :mod:`kapao.backends.dispatch`), torch, torch-cl, onnxruntime or openvino; ``int8``: run a statically
-    quantised model calibrated on these images (:class:`kapao.backends.int8.Calibration`).
+    quantised model calibrated on these images (:class:`kapao.backends.int8.Int8Calibration`). Together they
+    are :attr:`runtime` (:class:`kapao.backends.dispatch.RuntimeSpec`); :attr:`info` says what was loaded
+    (:class:`kapao.backends.runtimes.BackendInfo`).
     """
 
     def __init__(self, weights: str | Path | torch.nn.Module = "kapao_s_coco", device: str | None = None,
-                 half: bool = False, backend: str = "auto", int8: Calibration | None = None) -> None:
-        self.backend: Backend = select_backend(weights, device, half, backend, int8=int8)
-        self.info: dict[str, Any] = self.backend.info
+                 half: bool = False, backend: str = "auto", int8: Int8Calibration | None = None) -> None:
+        self.runtime = RuntimeSpec(device, half, backend, int8)
+        self.backend: Backend = load_backend(weights, self.runtime)
+        self.info: BackendInfo = self.backend.info
         self.schema: KeypointSchema = self.backend.schema
         self.device, self.half = self.backend.device, self.backend.half
 
@@ -249,14 +252,14 @@ class KAPAO:
         """The input size of a fixed-shape ONNX file, else the native size of named weights
         (:data:`kapao.weights.registry.REGISTRY`), else 1280 (the paper's size)."""
         fixed = self.backend.fixed_shape
-        return max(fixed) if fixed else native_imgsz(self.info.get("name"))
+        return max(fixed) if fixed else native_imgsz(self.info.name)
 
     def check_imgsz(self, imgsz: int) -> int:
         """A valid --imgsz for this model (a fixed-shape ONNX file accepts no more than its export size)."""
         check_imgsz(imgsz)
         fixed = self.backend.fixed_shape
         if fixed and imgsz > max(fixed):
-            raise ConfigError(f"--imgsz {imgsz}: {self.info['path']} has a fixed {fixed[0]}x{fixed[1]} input; "
+            raise ConfigError(f"--imgsz {imgsz}: {self.info.path} has a fixed {fixed[0]}x{fixed[1]} input; "
                               f"use --imgsz {max(fixed)} or export with --dynamic")
         return imgsz
 
@@ -387,8 +390,8 @@ class KAPAO:
     def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
                   flips: Sequence[bool] | None) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
-        return {"source": source_key(spec.source), "weights": self.info.get("path"), "imgsz": imgsz,
-                "int8": bool(self.info.get("int8")), **dataclasses.asdict(settings),
+        return {"source": source_key(spec.source), "weights": self.info.path, "imgsz": imgsz,
+                "int8": self.info.int8, **dataclasses.asdict(settings),
                 "scales": [float(v) for v in scales] if scales else None,
                 "flips": [bool(v) for v in flips] if flips else None}
 

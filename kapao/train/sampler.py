@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import Hyp
 from kapao.data.dataset import PoseDataset, build_dataloader
-from kapao.runtime import available_cpus
+from kapao.runtime import cpu_count
 
 
 class EpochSampler(DistributedSampler):
@@ -46,7 +46,7 @@ def build_train_loader(cfg: DatasetConfig, hyp: Hyp, imgsz: int, batch: int, wor
     (workers capped at CPU count / processes). Call ``sampler.set_epoch(epoch)`` before each epoch."""
     ds = PoseDataset(cfg, "train", imgsz, hyp, augment=True, batch_size=batch, cache_images=cache)
     sampler = EpochSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    workers = min(workers, available_cpus() // world_size)
+    workers = min(workers, cpu_count() // world_size)
     loader = build_dataloader(SeededItems(ds, seed), batch, workers, shuffle=False, sampler=sampler,
                               seed=seed + rank)
     return loader, sampler

@@ -39,7 +39,7 @@ from kapao.eval.val import make_val_loader, protocol_for, validate
 from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
-from kapao.runtime import RunLock, available_cpus, remove_if_empty, setup_logging
+from kapao.runtime import RunLock, cpu_count, remove_if_empty, setup_logging
 from kapao.train.distributed import (
     DistEnv,
     broadcast,
@@ -183,7 +183,7 @@ class Trainer:
                                "weights kapao-%s); check --size", self.model.size, info.get("size"))
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
-        workers = min(self.args.workers, available_cpus())
+        workers = min(self.args.workers, cpu_count())
         return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
 
     def _metric_names(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kapao.backends.cache as mc
-from kapao.backends.int8 import Calibration
+from kapao.backends.int8 import Int8Calibration
 from kapao.models.network import kapao_n
 
 pytest.importorskip("onnxruntime")
@@ -37,7 +37,7 @@ def test_key_follows_weights_shape_calibration_and_versions(model: torch.nn.Modu
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1e-3
     assert mc.weights_digest(other) != digest
-    calib = Calibration.from_spec(coco_mini / "images", 128, 2)
+    calib = Int8Calibration.from_spec(coco_mini / "images", 128, 2)
     keys = {mc.cache_key(digest, None), mc.cache_key(digest, (128, 192)), mc.cache_key(digest, (192, 128)),
             mc.cache_key(digest, None, calib), mc.cache_key(mc.weights_digest(other), None)}
     assert len(keys) == 5

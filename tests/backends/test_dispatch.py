@@ -1,6 +1,8 @@
 """Choosing the runtime: --backend auto/torch/torch-cl/onnxruntime/openvino give the same poses."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from click.testing import CliRunner
 
 import kapao.backends.dispatch as fb
 from kapao.backends.cache import cache_dir
-from kapao.backends.runtimes import OnnxBackend, TorchBackend
+from kapao.backends.int8 import Int8Calibration
+from kapao.backends.runtimes import BackendInfo, OnnxBackend, TorchBackend
 from kapao.cfg.schema import HeadLayout
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.cli.main import cli
@@ -40,27 +43,117 @@ def test_cli_choices_are_the_backends():
     assert fb.DEFAULT_SHAPES in fb.SHAPE_POLICIES
 
 
+def test_the_table_has_one_row_per_runtime():
+    rows = {r.name: r for r in fb.RUNTIMES}
+    assert list(rows) == ["torch", "torch-cl", "onnxruntime", "openvino"] == list(fb.BACKENDS[1:])
+    assert [r.name for r in fb.RUNTIMES if r.cached] == ["onnxruntime", "openvino"]  # .pt via the export cache
+    assert [r.name for r in fb.RUNTIMES if r.files] == ["onnxruntime", "openvino"]  # run .onnx files
+    assert [r.name for r in fb.RUNTIMES if "fp16" in r.precisions] == ["torch", "torch-cl"]
+    assert [r.name for r in fb.RUNTIMES if "int8" in r.precisions] == ["onnxruntime"] == [fb.INT8_BACKEND]
+    assert rows["openvino"].devices == ("cpu",) and not rows["torch"].devices
+    assert fb.exported_runtime("a/b.ONNX") is rows["onnxruntime"] and fb.exported_runtime(Path("m.onnx"))
+    assert fb.exported_runtime("kapao_s_coco") is None and fb.exported_runtime("best.pt") is None
+    assert fb.exported_runtime(torch.nn.Identity()) is None
+
+
+def test_the_runtime_spec_says_its_precision():
+    assert fb.RuntimeSpec().precision == "fp32" and fb.RuntimeSpec(half=True).precision == "fp16"
+    assert fb.RuntimeSpec(int8=Int8Calibration((), 128)).precision == "int8"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fb.RuntimeSpec().half = True  # type: ignore[misc]
+
+
 def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPatch):
     model = kapao_n(5)
-    assert fb.choose_backend("auto", CPU, str(weights)) == fb.DEFAULT_CPU_BACKEND
-    assert fb.choose_backend("auto", GPU, str(weights)) == "torch"  # a GPU keeps torch
-    assert fb.choose_backend("auto", CPU, model) == "torch"  # an in-memory model may still change
-    assert fb.choose_backend("auto", CPU, "m.onnx") == "onnxruntime"
-    assert fb.choose_backend("auto", CPU, str(weights), int8=True) == fb.INT8_BACKEND
+    assert fb.choose_runtime("auto", CPU, str(weights)).name == fb.DEFAULT_CPU_BACKEND
+    assert fb.choose_runtime("auto", GPU, str(weights)).name == "torch"  # a GPU keeps torch
+    assert fb.choose_runtime("auto", CPU, model).name == "torch"  # an in-memory model may still change
+    assert fb.choose_runtime("auto", CPU, "m.onnx").name == "onnxruntime"
+    assert fb.choose_runtime("auto", CPU, str(weights), int8=True).name == fb.INT8_BACKEND
     for name in fb.BACKENDS[1:]:
-        assert fb.choose_backend(name, CPU, str(weights)) == name
+        assert fb.choose_runtime(name, CPU, str(weights)).name == name
     with pytest.raises(ConfigError, match="--backend openvino runs on the CPU"):
-        fb.choose_backend("openvino", GPU, str(weights))
+        fb.choose_runtime("openvino", GPU, str(weights))
     with pytest.raises(ConfigError, match="--int8 runs on onnxruntime"):
-        fb.choose_backend("torch", CPU, str(weights), int8=True)
+        fb.choose_runtime("torch", CPU, str(weights), int8=True)
     with pytest.raises(ConfigError, match="needs .pt weights"):
-        fb.choose_backend("torch-cl", CPU, "m.onnx")
+        fb.choose_runtime("torch-cl", CPU, "m.onnx")
     with pytest.raises(ConfigError, match="choose one of auto, torch"):
-        fb.choose_backend("tensorrt", CPU, str(weights))
+        fb.choose_runtime("tensorrt", CPU, str(weights))
     with pytest.raises(ConfigError, match="--half needs a CUDA device"):
-        fb.select_backend(str(weights), "cpu", half=True)
+        fb.load_backend(str(weights), fb.RuntimeSpec("cpu", half=True))
     monkeypatch.setattr(fb, "installed", lambda backend: False)  # `pip install kapao` without the [onnx] extra
-    assert fb.choose_backend("auto", CPU, str(weights)) == "torch"
+    assert fb.choose_runtime("auto", CPU, str(weights)).name == "torch"
+
+
+# Today's choices, pinned before the dispatcher became one table: (--backend, device, weights, --int8) ->
+# the runtime, or the start of the error. "pt" is a checkpoint path, "model" an in-memory KapaoModel.
+CHOICES = [
+    ("auto", "cpu", "pt", False, "DEFAULT"), ("auto", "cuda", "pt", False, "torch"),
+    ("auto", "cpu", "model", False, "torch"), ("auto", "cuda", "model", False, "torch"),
+    ("auto", "cpu", "onnx", False, "onnxruntime"), ("auto", "cuda", "onnx", False, "onnxruntime"),
+    ("auto", "cpu", "pt", True, "onnxruntime"), ("auto", "cuda", "pt", True, "onnxruntime"),
+    ("auto", "cpu", "model", True, "onnxruntime"), ("auto", "cpu", "onnx", True, "onnxruntime"),
+    ("torch", "cpu", "pt", False, "torch"), ("torch", "cuda", "pt", False, "torch"),
+    ("torch-cl", "cpu", "model", False, "torch-cl"), ("torch-cl", "cuda", "pt", False, "torch-cl"),
+    ("onnxruntime", "cpu", "pt", False, "onnxruntime"), ("onnxruntime", "cuda", "pt", False, "onnxruntime"),
+    ("onnxruntime", "cpu", "onnx", False, "onnxruntime"), ("onnxruntime", "cpu", "pt", True, "onnxruntime"),
+    ("onnxruntime", "cpu", "model", False, "onnxruntime"),
+    ("openvino", "cpu", "pt", False, "openvino"), ("openvino", "cpu", "onnx", False, "openvino"),
+    ("openvino", "cpu", "model", False, "openvino"),
+    ("openvino", "cuda", "pt", False, "!--backend openvino runs on the CPU"),
+    ("openvino", "cuda", "pt", True, "!--backend openvino runs on the CPU"),
+    ("openvino", "cpu", "pt", True, "!--int8 runs on onnxruntime"),
+    ("torch", "cpu", "pt", True, "!--int8 runs on onnxruntime"),
+    ("torch-cl", "cuda", "model", True, "!--int8 runs on onnxruntime"),
+    ("torch", "cpu", "onnx", False, "!--backend torch needs .pt weights"),
+    ("torch-cl", "cuda", "onnx", False, "!--backend torch-cl needs .pt weights"),
+    ("torch", "cpu", "onnx", True, "!--int8 runs on onnxruntime"),
+    ("tensorrt", "cpu", "pt", False, "!--backend tensorrt: choose one of auto, torch, torch-cl, onnxruntime, openvino"),
+]
+
+
+@pytest.mark.parametrize(("backend", "device", "kind", "int8", "want"), CHOICES)
+def test_the_choice_is_as_before(backend: str, device: str, kind: str, int8: bool, want: str, weights: Path):
+    spec = {"pt": str(weights), "model": kapao_n(5), "onnx": "m.onnx"}[kind]
+    dev = CPU if device == "cpu" else GPU
+    if want.startswith("!"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(want[1:])}"):
+            fb.choose_runtime(backend, dev, spec, int8)
+        return
+    assert fb.choose_runtime(backend, dev, spec, int8).name == (fb.DEFAULT_CPU_BACKEND if want == "DEFAULT" else want)
+
+
+def test_the_default_cpu_choice_falls_back_when_not_installed(weights: Path, monkeypatch: pytest.MonkeyPatch):
+    assert fb.DEFAULT_CPU_BACKEND == "onnxruntime"  # measured: README, section "Backends"
+    monkeypatch.setattr(fb, "installed", lambda backend: backend == "onnxruntime")
+    assert fb.choose_runtime("auto", CPU, str(weights)).name == "onnxruntime"
+    monkeypatch.setattr(fb, "installed", lambda backend: False)
+    assert fb.choose_runtime("auto", CPU, str(weights)).name == "torch"
+    assert fb.choose_runtime("auto", CPU, str(weights), True).name == "onnxruntime"  # int8 needs it: fails when loading
+    assert fb.choose_runtime("onnxruntime", CPU, str(weights)).name == "onnxruntime"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"half": True}, "--half needs a CUDA device (fp16 is not faster on CPU); drop --half or use --device 0"),
+    ({"half": True, "backend": "onnxruntime", "device": GPU},
+     "--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not onnxruntime"),
+    ({"half": True, "int8": "calib", "device": GPU},
+     "--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not onnxruntime"),
+    ({"shapes": "static"}, "shapes='static': choose one of dynamic, fixed"),
+])
+def test_the_loading_errors_are_as_before(kwargs: dict, message: str, weights: Path):
+    kwargs = {"device": "cpu", **kwargs}
+    if kwargs.get("int8") == "calib":
+        kwargs["int8"] = Int8Calibration((), 128)
+    shapes = kwargs.pop("shapes", fb.DEFAULT_SHAPES)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        fb.load_backend(str(weights), fb.RuntimeSpec(**kwargs), shapes=shapes)
+
+
+def test_an_exported_file_is_not_quantised_again():
+    with pytest.raises(ConfigError, match=r"^--int8: m\.onnx is already exported; quantise the \.pt weights"):
+        fb.load_backend("m.onnx", fb.RuntimeSpec("cpu", int8=Int8Calibration((), 128)))
 
 
 def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
@@ -85,7 +178,7 @@ def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
 
 def test_every_backend_gives_the_same_poses(weights: Path, coco_mini: Path):
     image = load_image(sorted((coco_mini / "images").glob("*.jpg"))[0])
-    torch_backend = fb.select_backend(weights, "cpu", backend="torch")
+    torch_backend = fb.load_backend(weights, fb.RuntimeSpec("cpu", backend="torch"))
     layout = HeadLayout(5)
     settings = PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3)
 
@@ -103,7 +196,7 @@ def test_every_backend_gives_the_same_poses(weights: Path, coco_mini: Path):
                          ("openvino", "dynamic"), ("openvino", "fixed")]:
         if name == "openvino":
             pytest.importorskip("openvino")
-        backend = fb.select_backend(weights, "cpu", backend=name, shapes=shapes)
+        backend = fb.load_backend(weights, fb.RuntimeSpec("cpu", backend=name), shapes=shapes)
         got = poses(backend)
         assert len(got) == len(ref) and torch.equal(got.keypoints[..., 2] > 0, ref.keypoints[..., 2] > 0)
         diff = max(float((got.boxes - ref.boxes).abs().max()), float((got.keypoints - ref.keypoints).abs().max()))
@@ -121,10 +214,14 @@ def test_auto_on_cpu_runs_the_cached_export(weights: Path):
     if fb.DEFAULT_CPU_BACKEND.startswith("torch"):
         assert isinstance(api.backend, TorchBackend)
         return
-    made = api.backend if fb.DEFAULT_SHAPES == "dynamic" else fb.select_backend(weights, "cpu", shapes="dynamic")
+    made = api.backend if fb.DEFAULT_SHAPES == "dynamic" else fb.load_backend(weights, fb.RuntimeSpec("cpu"),
+                                                                               shapes="dynamic")
     assert isinstance(made, OnnxBackend if fb.DEFAULT_CPU_BACKEND == "onnxruntime" else fb.OpenVinoBackend)
-    assert made.info["backend"] == fb.DEFAULT_CPU_BACKEND and made.info["path"] == str(weights)
-    assert Path(made.info["exported"]).parent == cache_dir()
+    assert made.info.runtime == fb.DEFAULT_CPU_BACKEND and made.info.path == str(weights)
+    assert Path(made.info.exported).parent == cache_dir()
+    assert made.info == BackendInfo(fb.DEFAULT_CPU_BACKEND, "fp32", CPU, path=str(weights), format="kapao",
+                                    exported=made.info.exported, details=made.info.details)
+    assert made.info.dynamic and not made.info.int8 and made.info.details["epoch"] == 0
     assert api.default_imgsz == 1280 and api.schema.num_keypoints == 5
     assert isinstance(KAPAO(kapao_n(5), "cpu").backend, TorchBackend)
 
@@ -136,7 +233,7 @@ def test_shape_cache_keeps_the_most_recent_shapes():
         made.append(shape)
         return lambda x: torch.full((x.shape[0], 1, 1), float(shape[0] * 1000 + shape[1]))
 
-    cache = fb.ShapeCacheBackend(make, None, {"backend": "x"}, CPU, max_shapes=2)
+    cache = fb.ShapeCacheBackend(make, None, BackendInfo("x"), CPU, max_shapes=2)
     assert cache.fixed_shape is None and not cache.half
     for h, w in [(128, 192), (128, 192), (192, 128), (128, 192), (256, 256), (192, 128)]:
         assert float(cache(torch.zeros(1, 3, h, w))) == h * 1000 + w

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from kapao.backends.cache import build_onnx
-from kapao.backends.int8 import INT8_METADATA, Calibration, calibration_images, quantize_int8
+from kapao.backends.int8 import INT8_METADATA, Int8Calibration, calibration_images, quantize_int8
 from kapao.backends.onnx_graph import head_scope
 from kapao.backends.runtimes import OnnxBackend, read_metadata
 from kapao.backends.runtimes import parse_metadata as read_metadata_dict
@@ -44,15 +44,15 @@ def test_calibration_images_folder_dataset_and_errors(tmp_path: Path, coco_mini_
         calibration_images(tmp_path / "empty")
     with pytest.raises(ConfigError, match="--calib-images 0"):
         calibration_images(tmp_path / "imgs", 0)
-    a, b = Calibration.from_spec(tmp_path / "imgs", 128, 3), Calibration.from_spec(tmp_path / "imgs", 192, 3)
-    assert a.digest != b.digest and a.digest == Calibration.from_spec(tmp_path / "imgs", 128, 3).digest
+    a, b = Int8Calibration.from_spec(tmp_path / "imgs", 128, 3), Int8Calibration.from_spec(tmp_path / "imgs", 192, 3)
+    assert a.digest != b.digest and a.digest == Int8Calibration.from_spec(tmp_path / "imgs", 128, 3).digest
 
 
 def test_int8_graph_keeps_the_head_fp32_and_stays_close(coco_mini: Path):
     torch.manual_seed(0)
     model = kapao_n(5).eval()
     fp32 = build_onnx(model, "tiny", (128, 128), None, "k")
-    calib = Calibration.from_spec(coco_mini / "images", 128, 4)
+    calib = Int8Calibration.from_spec(coco_mini / "images", 128, 4)
     int8 = onnx.load_from_string(quantize_int8(fp32, calib, head_scope(model), (128, 128)))
     nodes = int8.graph.node
     convs = [n for n in nodes if n.op_type == "Conv"]

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import kapao.backends.dispatch as fb
 import kapao.backends.runtimes as kb
-from kapao.backends.runtimes import Backend, TorchBackend, is_onnx, load_backend
+from kapao.backends.dispatch import RuntimeSpec, load_backend
+from kapao.backends.precision import PrecisionError
+from kapao.backends.runtimes import Backend, BackendInfo, TorchBackend
 from kapao.cfg.schema import HeadLayout
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.errors import ConfigError
@@ -25,9 +28,10 @@ def model() -> torch.nn.Module:
 
 
 def test_torch_backend_folds_a_copy_and_decodes(model: torch.nn.Module):
-    backend = load_backend(model, "cpu")
+    backend = load_backend(model, RuntimeSpec("cpu"))
     assert isinstance(backend, TorchBackend) and isinstance(backend, Backend)
-    assert backend.fixed_shape is None and not backend.half and backend.device == CPU and backend.info == {}
+    assert backend.fixed_shape is None and not backend.half and backend.device == CPU
+    assert backend.info == BackendInfo("torch", "fp32", CPU) and backend.info.details == {}
     assert any(hasattr(m, "bn") for m in model.modules())  # the caller's model is not folded
     assert not any(hasattr(m, "bn") for m in backend.model.modules())
     x = torch.rand(2, 3, 128, 192)
@@ -45,9 +49,20 @@ def test_torch_backend_half_needs_cuda(model: torch.nn.Module):
         TorchBackend(model, CPU, half=True)
 
 
-def test_is_onnx():
-    assert is_onnx("a/b.ONNX") and is_onnx(Path("m.onnx"))
-    assert not is_onnx("kapao_s_coco") and not is_onnx("best.pt") and not is_onnx(torch.nn.Identity())
+def test_the_info_is_typed_and_frozen(model: torch.nn.Module, tmp_path: Path):
+    from kapao.weights.checkpoint import save_checkpoint
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, extra={"epoch": 3})
+    info = load_backend(path, RuntimeSpec("cpu", backend="torch-cl")).info
+    assert (info.runtime, info.precision, info.device, info.path, info.format) == ("torch-cl", "fp32", CPU, str(path),
+                                                                                  "kapao")
+    assert info.name is None and info.exported is None and info.dynamic and not info.int8
+    assert info.details["epoch"] == 3 and info.details["schema"] == model.schema
+    with pytest.raises(AttributeError):
+        info.path = "other.pt"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        info.details["epoch"] = 4  # type: ignore[index]
 
 
 class _Recording:
@@ -57,7 +72,7 @@ class _Recording:
         self.inner, self.calls = inner, []
         self.schema, self.device, self.half = inner.schema, inner.device, inner.half
         self.fixed_shape = (128, 128)
-        self.info = {"path": path, "format": "recording"}
+        self.info = BackendInfo("recording", path=path, format="recording", fixed_shape=self.fixed_shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(x.shape))
@@ -71,9 +86,11 @@ def test_a_new_file_backend_needs_no_predictor_change(model: torch.nn.Module, mo
         made.append(_Recording(TorchBackend(model, device, half, fold_bn), str(weights)))
         return made[-1]
 
-    monkeypatch.setattr(kb, "FILE_BACKENDS", ((lambda w: str(w).endswith(".rec"), make), *kb.FILE_BACKENDS))
+    row = fb.Runtime("recording", files=(".rec",), cached=False, precisions=("fp32",), devices=(), packages=(),
+                     build=make)
+    monkeypatch.setattr(fb, "RUNTIMES", (*fb.RUNTIMES, row))  # a new runtime: one new row
     api = KAPAO("model.rec", device="cpu")
-    assert made and api.backend is made[0] and api.info["format"] == "recording"
+    assert made and api.backend is made[0] and api.info.format == "recording" and api.info.runtime == "recording"
     assert api.default_imgsz == 128
     with pytest.raises(ConfigError, match="fixed 128x128 input"):
         api.check_imgsz(192)
@@ -91,13 +108,16 @@ def test_onnx_files_get_the_onnx_backend(model: torch.nn.Module, tmp_path: Path)
     from kapao.export import export_onnx
 
     path = export_onnx(model, tmp_path / "m.onnx", imgsz=128, check=False)
-    backend = load_backend(path, "cpu")
+    backend = load_backend(path, RuntimeSpec("cpu"))
     assert isinstance(backend, kb.OnnxBackend) and isinstance(backend, Backend)
     assert backend.fixed_shape == (128, 128) and not backend.half and backend.schema == model.schema
-    assert backend.info["path"] == str(path) and backend.info["format"] == "kapao-onnx"  # the metadata's own
+    assert backend.info.path == str(path) and backend.info.format == "kapao-onnx"  # the metadata's own
+    assert backend.info == BackendInfo("onnxruntime", "fp32", CPU, path=str(path), format="kapao-onnx",
+                                       exported=str(path), fixed_shape=(128, 128), details=backend.meta.raw)
     assert backend.meta == kb.read_metadata(path)
-    with pytest.raises(ConfigError, match="is an fp32 ONNX model"):
-        load_backend(path, "cpu", half=True)
+    # --half asks CUDA first; on a CUDA device (onnxruntime here falls back to the CPU) the file must be fp16
+    with pytest.raises(PrecisionError, match=r"^--half: .* is an fp32 ONNX model; export it with --half"):
+        load_backend(path, RuntimeSpec(torch.device("cuda", 0), half=True))
 
 
 def _good_meta() -> dict[str, str]:
