@@ -716,3 +716,23 @@ def test_a_malformed_mirror_url_is_named(cache, monkeypatch, url, phrase):
         download_weights("kapao_s_coco")
     msg = str(e.value)
     assert msg.startswith(f"{URL_ENV}={url!r}: ") and phrase in msg and len(msg.splitlines()) == 1
+
+
+def test_foreign_checkpoints_are_named_for_what_they_are(tmp_path):
+    """An Ultralytics YOLO .pt and a TorchScript file are named (never loaded, nothing executed)."""
+    import warnings
+
+    import ultralytics.nn.tasks as tasks
+
+    from kapao.weights.reader import read_weights_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
+    torch.save({"model": tasks.PoseModel, "epoch": 1}, tmp_path / "yolo11n-pose.pt")  # a pickled ultralytics class
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(40))
+    for name, phrase in (("ts.pt", "is a TorchScript model"), ("m.onnx", "is an ONNX model"),
+                         ("yolo11n-pose.pt", "is an Ultralytics YOLO checkpoint (ultralytics.nn.tasks.PoseModel)")):
+        with pytest.raises(WeightsError) as e:
+            read_weights_file(tmp_path / name)
+        assert phrase in str(e.value) and "bug" not in str(e.value) and len(str(e.value).splitlines()) == 1
