@@ -105,6 +105,7 @@ class LabelRows:
     missing: bool = False  # no label file (the image is a negative)
     outside: int = 0
     problems: list[LabelProblem] = field(default_factory=list)
+    duplicates: int = 0  # rows that repeat an earlier row exactly (dropped, as Ultralytics does)
 
 
 def read_label_file(path: Path, k: int, ndim: int, num_classes: int, single_cls: bool = False) -> LabelRows:
@@ -141,10 +142,12 @@ def read_label_file(path: Path, k: int, ndim: int, num_classes: int, single_cls:
         else:
             rows.append(row)
     a = np.array(rows, np.float64).reshape(-1, width)
+    first = np.sort(np.unique(a, axis=0, return_index=True)[1]) if len(a) else np.zeros(0, np.int64)
+    duplicates, a = len(a) - len(first), a[first]
     coords = np.concatenate([a[:, 1:5], a[:, 5:].reshape(len(a), k, ndim)[..., :2].reshape(len(a), 2 * k)], 1)
     outside = int(((coords < -COORD_TOLERANCE) | (coords > 1 + COORD_TOLERANCE)).any(1).sum())
     return LabelRows(a[:, 0].astype(np.int64), a[:, 1:5].astype(np.float32),
-                     a[:, 5:].reshape(len(a), k, ndim).astype(np.float32), False, outside, problems)
+                     a[:, 5:].reshape(len(a), k, ndim).astype(np.float32), False, outside, problems, duplicates)
 
 
 def row_annotations(rows: LabelRows, hw: tuple[int, int]) -> list[dict[str, Any]]:
@@ -219,6 +222,9 @@ def parse_split(cfg: DatasetConfig, files: SplitFiles, workers: int = 8,
                                      f"(beyond 0..1 by more than {COORD_TOLERANCE}); they are clipped in or dropped "
                                      "while training; fix the labels")
                         for i, (_, rows) in enumerate(parsed) if rows.outside)
+        problems.extend(LabelProblem(files.labels[i], 0, f"{rows.duplicates} row(s) repeat an earlier row exactly; "
+                                     "they are dropped while training; delete them")
+                        for i, (_, rows) in enumerate(parsed) if rows.duplicates)
     elif found:
         more = f" ({len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise DataError(f"{found[0]}{more}; `kapao check --data {cfg.source}` lists them all")
