@@ -1,6 +1,7 @@
 """The `kapao` command: a thin click layer that parses options, builds settings and calls the library."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -201,11 +202,11 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         cfg.require(split)  # a missing dataset or split is a usage error, before anything is loaded or created
     except (ConfigError, DataError) as e:
         raise bad_parameter(e, ctx, "data") from None
+    int8_calib = calibration(int8, calib, calib_images, imgsz)  # usage errors before torch is imported
     check_half(ctx, half, device)
     from kapao.eval.val import run_val
 
     announce_tta(scales, flips)
-    int8_calib = calibration(int8, calib, calib_images, imgsz)
     res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
                   settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
                   int8=int8_calib)
@@ -406,11 +407,11 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
     setup_logging(ctx.obj.get("verbose", False))
     if int8 and half:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
+    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)  # usage errors before torch is imported
     check_half(ctx, half, device)
     from kapao.backends.runtimes import read_metadata
     from kapao.export import describe_check, export_onnx
 
-    int8_calib = calibration(int8, calib, calib_images, max(imgsz), data)
     path = export_onnx(weights, output, imgsz, dynamic=dynamic, half=half, simplify=simplify, opset=opset,
                        batch=batch, check_image=check_image, check=not no_check, device=device, exist_ok=exist_ok,
                        int8=int8_calib)
@@ -423,6 +424,15 @@ def export(ctx: click.Context, weights: str, fmt: str, imgsz: tuple[int, int], d
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):  # a closed stream (`2>&-`): the output is dropped, not a crash
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - lives as long as the process
+    try:
+        os.getcwd()
+    except OSError:  # torch's libraries fail to load (a fatal error of their own) from a deleted folder
+        click.secho("Error: the working folder no longer exists (deleted?); cd to an existing folder and rerun",
+                    err=True, fg="red")
+        sys.exit(1)
     quiet_third_party()
     cli(obj={})
 

@@ -99,15 +99,15 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
         spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
+    from kapao.weights.registry import native_imgsz
+
+    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))  # usage errors before torch
     check_half(ctx, half, device)
     from kapao.infer.keypoints_csv import CsvSink
     from kapao.infer.predictor import KAPAO
     from kapao.infer.sinks import DrawOptions
 
     announce_tta(scales, flips)
-    from kapao.weights.registry import native_imgsz
-
-    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
     api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
     try:
