@@ -101,7 +101,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{_short_name(path.name)}.", suffix=suffix, dir=path.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as f:
@@ -231,9 +231,16 @@ def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError now, not after slow work, when :func:`atomic_write` could not create `path` (parents made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{_short_name(path.name)}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.unlink(name)
+
+
+def _short_name(name: str, limit: int = 120) -> str:
+    """`name` cut to `limit` bytes (at a character boundary) for a temporary file beside it: a file name of
+    up to 255 bytes must still get its `.<name>.XXXXXXXX.tmp` without passing the file-name limit."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= limit else os.fsdecode(raw[:limit])  # any bytes are a valid POSIX file name
 
 
 def _umask() -> int:

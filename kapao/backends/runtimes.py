@@ -215,7 +215,8 @@ def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxIn
 
     version = field("format_version", "0", int, lambda v: v >= 0, "an integer version")
     if version > ONNX_FORMAT_VERSION:
-        raise WeightsError(f"{where} was exported by a newer kapao (format version {version}); upgrade kapao")
+        raise WeightsError(f"{where}: metadata format_version is {version}: the file was exported by a newer kapao; "
+                           "upgrade kapao")
     imgsz = field("imgsz", "null", list, lambda v: len(v) == 2 and all(type(i) is int and 0 < i <= 1 << 16 for i in v),
                   "[height, width] in pixels")
     batch = field("batch", "null", (int, type(None)), lambda v: v is None or v >= 1, "a positive batch size or null")
@@ -224,7 +225,7 @@ def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxIn
     try:
         schema = KeypointSchema.from_dict(field("schema", "null", dict, what="a keypoint schema"), where=f"{where} metadata")
     except (ValueError, TypeError, KeyError, ConfigError) as e:
-        raise WeightsError(f"{where} has unreadable kapao metadata ({e}); export it again") from None
+        raise WeightsError(f"{where}: metadata schema is not a valid keypoint schema ({e}); export it again") from None
     k = field("num_keypoints", str(schema.num_keypoints), int, what="an integer")
     if k != schema.num_keypoints:
         raise WeightsError(f"{where}: metadata num_keypoints is {k}, but its schema names {schema.num_keypoints} "
