@@ -1,5 +1,5 @@
 """Training hyperparameters and inference settings (typed, validated once), and reading the YAML files
-that ship with the package. :mod:`kapao.cfg.schema` re-exports these names."""
+that ship with the package."""
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +46,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
                               "pass a dataset/hyperparameter YAML")
         text = raw.decode("utf-8-sig")
         _check_yaml_events(text, path)
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as e:  # a folder, no permission, …
@@ -69,7 +69,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def _check_yaml_events(text: str, path: Path) -> None:
     """Refuse aliases, too many values and deep nesting from the parser's event stream (no object is built)."""
     nodes = depth = 0
-    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # noqa: S506
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         if isinstance(event, yaml.AliasEvent):
             raise ConfigError(f"{path}: uses the YAML alias *{event.anchor}; kapao reads no aliases or anchors "
                               "(they can expand a small file into billions of values); write the values out")
@@ -150,8 +150,9 @@ class Hyp:
                 float(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
-        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
-                      for k, v in d.items()})
+        values: dict[str, Any] = {k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
+                                  for k, v in d.items()}
+        return cls(**values)
 
 
 def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
@@ -203,7 +204,7 @@ class OneEuroSettings:
 
     Defaults from scripts/benchmark_smoothing.py: at 25, 30 and 60 fps, the least frame-to-frame jitter
     among settings whose mean RMS error to the truth is no worse than the raw keypoints' and whose lag
-    on a fast move is under 20 ms (measured 5-6 ms; jitter -60 % standing, -35 % walking at 30 fps).
+    on a fast move is under 20 ms (the measurements: README, "Video: tracking and smoothing").
 
     min_cutoff: Hz, cutoff at rest (lower = smoother, more lag when slow).
     beta:       cutoff increase per unit speed, in Hz per (person height / s) (higher = less lag on fast moves).

@@ -6,20 +6,20 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kapao.cfg.settings import PREDICT_SETTINGS, OneEuroSettings
+from kapao.cfg.fields import from_fields
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
 from kapao.cli.options import (
+    TrackingOptions,
     announce_tta,
     bad_parameter,
     calibration,
     check_half,
     predict_options,
     settings_from,
-    smooth_settings,
     tracking_options,
     tta_passes,
 )
 from kapao.errors import ConfigError
-from kapao.runtime import setup_logging
 
 if TYPE_CHECKING:
     from kapao.track.tracker import PoseTracker
@@ -34,87 +34,78 @@ if TYPE_CHECKING:
 @click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
 @tracking_options
 @click.pass_context
-def predict(ctx: click.Context, resume: str | None, track_: bool, tracker: str | None, smooth: bool | None,
-            smooth_cutoff: float | None, smooth_beta: float | None, **opts: Any) -> None:
+def predict(ctx: click.Context, resume: str | None, track_: bool, **params: Any) -> None:
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results go to runs/predict/expN:
     predictions.jsonl (one line per frame, written as it is made), drawn media, and a COCO-format
     predictions.json at the end. --track adds track ids (as `kapao track`; keypoints unsmoothed unless --smooth).
     """
-    if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
+    tracking = from_fields(TrackingOptions, params)
+    if not track_ and tracking.given:
         raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
     if track_ and resume:
         raise click.UsageError("--resume cannot continue tracks (ids would start again); drop --track or --resume")
-    tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
-    _predict(ctx, tracking, resume=resume, **opts)
+    _predict(ctx, _tracking(tracking, smooth=False) if track_ else None, params, resume=resume)
 
 
 @click.command()
 @predict_options("runs/track")
 @tracking_options
 @click.pass_context
-def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-          smooth_beta: float | None, **opts: Any) -> None:
+def track(ctx: click.Context, **params: Any) -> None:
     """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
 
     Same options as predict (but --resume), plus the tracker (ByteTrack or BoT-SORT from ultralytics) and
     One Euro smoothing of each track's keypoints (on by default). Drawn videos colour each track; results
     go to runs/track/expN (predictions.jsonl/.json with track_id; keypoints.csv with --save-csv).
     """
-    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), **opts)
+    _predict(ctx, _tracking(from_fields(TrackingOptions, params), smooth=True), params)
 
 
-def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
-    """The per-frame tracking step the options ask for (a usage error for an unusable --tracker)."""
+def _tracking(options: TrackingOptions, smooth: bool) -> PoseTracker:
+    """The per-frame tracking step the options ask for, smoothing on or off by default as `smooth` says (a
+    usage error for an unusable --tracker)."""
     from kapao.track.tracker import PoseTracker
 
+    smoothing = options.smoothing(smooth)
     try:
-        return PoseTracker(tracker or "bytetrack", smooth)
+        return PoseTracker(options.tracker or "bytetrack", smoothing)
     except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
+        raise click.BadParameter(str(e).removeprefix(f"--tracker {options.tracker}: "),
+                                 param_hint="'--tracker'") from None
 
 
-def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
-             device: str | None, half: bool, backend: str, int8: bool, calib: str | None, calib_images: int,
-             batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
-             tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
-             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
-             line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
-    """predict and track: build the settings, run, print the summary."""
+def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str, Any], resume: str | None = None) -> None:
+    """predict and track: build the run's options from the parameters (by field name), run, print the summary."""
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
     from kapao.errors import DataError
 
-    setup_logging(ctx.obj.get("verbose", False))
-    scales, flips = tta_passes(scales, flips, tta)
+    p = dict(params)
+    p["scales"], p["flips"] = tta_passes(p["scales"], p["flips"], p["tta"])
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
-        source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
-                                                                               scales, flips, project, name)
-        nosave, save_csv, boxes, scores, kp_objects, fused_only, line_width = _resume_outputs(
-            ctx, resume, nosave=nosave, save_csv=save_csv, boxes=boxes, scores=scores, kp_objects=kp_objects,
-            fused_only=fused_only, line_width=line_width)
-    settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+        base, resume = _resume_defaults(ctx, resume, p)
     try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
+        spec = resolve_source(p["source"])  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
     from kapao.weights.registry import native_imgsz
 
-    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))  # usage errors before torch
-    check_half(ctx, half, device)
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"] or native_imgsz(p["weights"]))
+    check_half(ctx, p["half"], p["device"])  # both usage errors come before torch is imported
     from kapao.infer.keypoints_csv import CsvSink
+    from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
-    from kapao.infer.sinks import DrawOptions
 
-    announce_tta(scales, flips)
-    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
-    draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
+    announce_tta(p["scales"], p["flips"])
+    api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
+    options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
+    output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], keep_results=False,
+                         progress=True, resume=resume, draw=from_fields(DrawOptions, p))
     try:
-        run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                      save=not nosave, show=show, draw=draw, project=project, name=name, keep_results=False,
-                      progress=True, resume=resume, transforms=[tracking.update_frame] if tracking else (),
-                      sinks=[CsvSink(api.schema.names)] if save_csv else ())
+        run = api.run(spec, options=options, output=output, transforms=[tracking.update_frame] if tracking else (),
+                      sinks=[CsvSink(api.schema.names)] if p["save_csv"] else ())
     except ConfigError as e:
         if str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
@@ -128,40 +119,34 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     click.echo(f"Results saved to {run.save_dir}")
 
 
-def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202
-    """The run --resume names, and its SOURCE, weights, imgsz, TTA and thresholds for the options not given."""
+def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tuple[InferenceSettings, str]:
+    """The run --resume names and its thresholds; its SOURCE, weights, imgsz and TTA fill in `p` (click's
+    parameters, changed in place) for the options not given."""
     import dataclasses
 
-    from kapao.cfg.settings import InferenceSettings
     from kapao.infer.resume import find_resume_run, read_run_args
 
     try:
-        run_dir = find_resume_run(resume, project, name, source)
+        run_dir = find_resume_run(resume, p["project"], p["name"], p["source"])
         stored = read_run_args(run_dir)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "resume") from None
     if ctx.get_parameter_source("weights") == click.core.ParameterSource.DEFAULT and stored.get("weights"):
-        weights = stored["weights"]
-    if not (scales or flips):
-        scales, flips = stored.get("scales"), stored.get("flips")
+        p["weights"] = stored["weights"]
+    if not (p["scales"] or p["flips"]):
+        p["scales"], p["flips"] = stored.get("scales"), stored.get("flips")
+    p["source"], p["imgsz"] = p["source"] or stored["source"], p["imgsz"] or stored.get("imgsz")
     base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
-    return source or stored["source"], weights, imgsz or stored.get("imgsz"), scales, flips, base, str(run_dir)
+    _resume_outputs(ctx, stored, p)
+    return base, str(run_dir)
 
 
-_DRAWN = {"boxes": "show_boxes", "scores": "show_scores", "kp_objects": "show_kp_objects", "fused_only": "fused_only",
-          "line_width": "line_width"}  # option -> its DrawOptions field in args.yaml
-
-
-def _resume_outputs(ctx: click.Context, run_dir: str, **given: Any) -> tuple:
-    """The output options of a resumed run (--nosave, --save-csv, drawing) as its args.yaml keeps them,
-    for those not given on this command line; in the order of the keywords."""
-    from pathlib import Path
-
-    from kapao.infer.resume import read_run_args
-
-    stored = read_run_args(Path(run_dir))
+def _resume_outputs(ctx: click.Context, stored: dict[str, Any], p: dict[str, Any]) -> None:
+    """The output options of a resumed run (--nosave, --save-csv, drawing) as its args.yaml keeps them, set in
+    `p` for those not given on this command line."""
     draw = stored.get("draw") if isinstance(stored.get("draw"), dict) else {}
     kept = {"nosave": stored.get("save") is False, "save_csv": "CsvSink" in (stored.get("sinks") or []),
-            **{k: draw[f] for k, f in _DRAWN.items() if f in draw}}
-    default = click.core.ParameterSource.DEFAULT
-    return tuple(kept.get(k, v) if ctx.get_parameter_source(k) == default else v for k, v in given.items())
+            **{k: v for k, v in draw.items() if k != "track_ids"}}  # the drawing options are DrawOptions' fields
+    for k, v in kept.items():
+        if k in p and ctx.get_parameter_source(k) == click.core.ParameterSource.DEFAULT:
+            p[k] = v

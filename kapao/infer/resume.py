@@ -1,14 +1,16 @@
 """Predict run folders: what a run records (args.yaml) and how --resume finds and continues one.
 
 A run folder holds args.yaml (SOURCE, weights, imgsz, inference settings) from its start, and the
-stream of results (:mod:`kapao.infer.sinks`, predictions.jsonl). A resumed run must go on with the same
-SOURCE and options; the images and video frames its JSONL holds are skipped.
+stream of results (:mod:`kapao.infer.records`, predictions.jsonl). A resumed run must go on with the same
+SOURCE and options; the images and video frames its JSONL holds (its :class:`Progress`) are skipped.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ import yaml
 from kapao.cfg.settings import read_yaml
 from kapao.data.sources import STREAM_PREFIXES, SourceSpec, VideoReader
 from kapao.errors import ConfigError, DataError
-from kapao.infer.sinks import PREDICTIONS_JSONL, Progress, load_progress
+from kapao.infer.records import PREDICTIONS_JSONL, read_records
 from kapao.runtime import RunLock, atomic_write, increment_run_dir
+
+LOGGER = logging.getLogger(__name__)
 
 RUN_ARGS = "args.yaml"  # what a predict run folder records about how it was made
 
@@ -120,3 +124,63 @@ def open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader]
         for r in readers.values():
             r.close()
         raise
+
+
+@dataclass
+class Progress:
+    """What a run's JSONL already holds: image sources done, and per video the last frame done."""
+
+    images: set[str] = field(default_factory=set)
+    frames: dict[str, int] = field(default_factory=dict)
+    lines: int = 0
+
+    def done(self, name: str, frame: int | None) -> bool:
+        return name in self.images if frame is None else frame <= self.frames.get(name, -1)
+
+
+def load_progress(path: Path, run: str | None = None, names: set[str] | None = None) -> Progress:
+    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first.
+
+    Only records of this run are accepted: with `run`, each record's "run" must be it; with `names`
+    (what SOURCE holds, as records name it), each record's source must be one of them; and no image may
+    be recorded twice. Anything else (another process appended to the file) is a DataError naming the line.
+    """
+    progress = Progress()
+    if not path.exists():
+        return progress
+    cut_unfinished_line(path)
+    for i, rec in enumerate(read_records(path), 1):
+        why = (f"is a record of another run ({rec.get('run')!r}; this run is {run!r})" if run and rec.get("run") != run
+               else f"names {rec['source']!r}, which SOURCE does not hold" if names is not None and
+               rec["source"] not in names
+               else f"repeats {rec['source']!r}" if rec.get("frame") is None and rec["source"] in progress.images
+               else None)
+        if why:
+            raise DataError(f"{path}: line {i} {why}: another process wrote into this run folder; start a new run "
+                            "(drop --resume)")
+        if rec.get("frame") is None:
+            progress.images.add(rec["source"])
+        else:
+            progress.frames[rec["source"]] = max(int(rec["frame"]), progress.frames.get(rec["source"], -1))
+        progress.lines += 1
+    return progress
+
+
+def cut_unfinished_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate `path` after its last newline (reading backwards, so a large file is not read whole)."""
+    size = end = path.stat().st_size
+    with open(path, "rb+") as f:
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            block = f.read(end - start)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            LOGGER.warning("%s: dropped an unfinished last line (%d bytes) left by a killed run", path, size - keep)
+            f.truncate(keep)

@@ -1,13 +1,14 @@
 """The `train` verb: the training loop (:class:`Trainer`) and its entry point :func:`train`.
 
 The pieces live beside it: optimizer groups, warmup + cosine schedule and EMA in kapao.train.optim, one
-batch's forward/backward/step in kapao.train.step, the seeded data order in kapao.train.sampler, DDP in
+batch's forward/backward and weight update in kapao.train.update, the seeded data order in kapao.train.sampler, DDP in
 kapao.train.distributed, results.csv and the progress line in kapao.train.log, figures in kapao.train.plots, and
 TrainArgs, run folders, resume and checkpoint stripping in kapao.train.run.
 
 fitness = 0.1 AP50 + 0.9 AP of the EMA model; best.pt holds the fittest epoch. A step never mixes two
 epochs (the step counter restarts each epoch; the official code carries it over but zeroes the
-gradients anyway).
+gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md,
+"Training deviations".
 
 Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the
 EMA weights as the model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the
@@ -64,9 +65,11 @@ from kapao.train.optim import (
 )
 from kapao.train.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.train.run import (
+    DEFAULT_SIZE,
     TrainArgs,
     absolute_if_file,
     build_hyp,
+    default_batch,
     default_epochs,
     load_resume,
     prepare_run,
@@ -75,8 +78,9 @@ from kapao.train.run import (
     write_run_files,
 )
 from kapao.train.sampler import build_train_loader
-from kapao.train.step import NonFiniteLoss, TrainStep
+from kapao.train.update import BatchUpdater, NonFiniteLoss
 from kapao.weights.checkpoint import save_checkpoint, transfer_weights
+from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
 
 __all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "launch_distributed", "resolve_resume", "should_launch",
@@ -106,7 +110,7 @@ class RunState:
 class Trainer:
     """One training run: set-up in __init__, then :meth:`fit`. Rank 0 alone validates, logs and writes.
 
-    fit: before_train, then per epoch train_epoch (before_epoch, train_step per batch) and after_epoch
+    fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
     """
 
@@ -120,13 +124,19 @@ class Trainer:
         # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
         self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
         self.epochs = int(args.epochs or default_epochs(self.cfg))
+        self.amp = bool(args.amp) and device.type == "cuda"
+        self.state = RunState()
+        self._setup_model()
+        if self.args.batch is None:  # the paper's batch where the GPUs allow, decided once (rank 0)
+            batch, note = default_batch(self.model.size, args.imgsz, device, env.world_size)
+            if env.main:
+                LOGGER.info("%s", note)
+            self.args = dataclasses.replace(self.args, batch=int(broadcast(batch, env)))
+        args = self.args
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
                               f"({env.world_size})")
         self.batch = args.batch // env.world_size  # per process
-        self.amp = bool(args.amp) and device.type == "cuda"
-        self.state = RunState()
-        self._setup_model()
         self.train_loader, self.sampler = build_train_loader(
             self.cfg, self.hyp, args.imgsz, self.batch, args.workers, args.seed, args.cache, env.rank, env.world_size)
         self.nb = len(self.train_loader)
@@ -135,7 +145,7 @@ class Trainer:
             self._restore(ckpt)
         if env.distributed:
             self.model = wrap_ddp(self.model, device)
-        self.stepper = TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
+        self.updater = BatchUpdater(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
                                  env.world_size)
         self.val_loader = self._val_loader() if env.main else None
         self.results = ResultsLog(run_dir / "results.csv", self._metric_names(), self.state.start_epoch) \
@@ -147,7 +157,9 @@ class Trainer:
         args = self.args
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         init_sd, info = load_weights(args.weights) if args.weights and not args.resume else (None, {})
-        self.model = build_model(args.size or info.get("size") or "s", self.cfg.schema).to(self.device)
+        if info.get("format") == DETECTOR_FORMAT:
+            check_detector_size(info, args.size)
+        self.model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
         if init_sd is not None:
             self._transfer(init_sd, info)
         self.args = dataclasses.replace(  # as resolved, so that a resume finds the same run anywhere
@@ -172,6 +184,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
 
     def _transfer(self, state_dict: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
+        if info.get("format") == DETECTOR_FORMAT:  # the paper's start: the official rule, anchors included
+            t = detector_transfer(self.model, state_dict, info)
+            if self.env.main:
+                LOGGER.info("Transferred %d/%d items from %s%s", t.transferred, t.total, info.get("path"),
+                            describe_transfer(info, t))
+            return
         n, total = transfer_weights(self.model, state_dict, exclude=("anchors",))
         k = info.get("num_keypoints")
         note = (f" (the weights have {k} keypoints, the data {self.cfg.schema.num_keypoints}: the head starts fresh)"
@@ -258,9 +276,9 @@ class Trainer:
                 accumulate = self.warmup(ni, epoch)
             if self.env.main and self.args.plots and i < PLOTTED_BATCHES and epoch == self.state.start_epoch:
                 plot_train_batch(imgs, targets, self.cfg.schema, self.run_dir / f"train_batch{i}.jpg")
-            step = i - last_step >= accumulate
-            items = self.train_step(imgs, targets, step, epoch, i)
-            if step:
+            update = i - last_step >= accumulate
+            items = self.train_batch(imgs, targets, update, epoch, i)
+            if update:
                 last_step = i
             mloss = (mloss * i + items) / (i + 1)
             if self.env.main:
@@ -275,14 +293,14 @@ class Trainer:
         set_warmup(self.optimizer, lrs, momentum)
         return accumulate
 
-    def train_step(self, imgs: Tensor, targets: Tensor, step: bool, epoch: int, i: int) -> Tensor:
-        """Forward/backward of batch `i` (then the optimizer step if `step`); returns its loss terms (4,)."""
+    def train_batch(self, imgs: Tensor, targets: Tensor, update: bool, epoch: int, i: int) -> Tensor:
+        """Forward/backward of batch `i` (then the optimizer step if `update`); returns its loss terms (4,)."""
         try:
-            items = self.stepper.forward_backward(imgs, targets, sync=step)
+            items = self.updater.forward_backward(imgs, targets, sync=update)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at epoch {epoch + 1}, iteration {i}: {self.divergence_advice()}") from None
-        if step:
-            self.stepper.step()
+        if update:
+            self.updater.optimizer_step()
         return items
 
     def divergence_advice(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import http.client
 import io
 import logging
@@ -16,11 +17,14 @@ from typing import Any
 
 from kapao.errors import WeightsError
 from kapao.runtime import atomic_write
+from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.reader import read_weights_file
 from kapao.weights.registry import (
+    DETECTORS,
     DIR_ENV,
     REGISTRY,
     URL_ENV,
+    DetectorEntry,
     PathLike,
     WeightsEntry,
     check_name,
@@ -45,12 +49,20 @@ def resolve_weights(spec: PathLike) -> tuple[Path, str | None]:
 
 
 def weights_url(name: str) -> str:
-    """The download URL of named weights ($KAPAO_WEIGHTS_URL with {id}/{name}, else Google Drive).
-    WeightsError naming the variable when it is no http(s) URL with a host and a {name} or {id} field."""
-    entry = REGISTRY[check_name(name)]
+    """The download URL of named weights ($KAPAO_WEIGHTS_URL with {id}/{name}, else Google Drive; a
+    detector: $KAPAO_WEIGHTS_URL when it has {name}, else its YOLOv5 release asset). WeightsError naming the
+    variable when it is no http(s) URL with a host."""
+    name = check_name(name)
     template = os.environ.get(URL_ENV)
-    if not template:
-        return entry.url
+    if template:
+        _check_url_template(template)
+    if name in DETECTORS:
+        return template.replace("{name}", name) if template and "{name}" in template else DETECTORS[name].url
+    entry = REGISTRY[name]
+    return template.replace("{id}", entry.gdrive_id).replace("{name}", entry.name) if template else entry.url
+
+
+def _check_url_template(template: str) -> None:
     import urllib.parse
 
     why = None
@@ -60,12 +72,11 @@ def weights_url(name: str) -> str:
             why = "it is no http:// or https:// URL with a host"
         elif any(ord(c) < 33 for c in template):
             why = "it holds spaces or control characters"
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        parts.port
     except ValueError as e:
         why = f"it cannot be parsed ({e})"
     if why:
         raise WeightsError(f"{URL_ENV}={template!r}: {why}; set it like https://mirror.example/{{name}}.pt, or unset it")
-    return template.replace("{id}", entry.gdrive_id).replace("{name}", entry.name)
 
 
 def download_weights(name: str, *, force: bool = False) -> Path:
@@ -77,7 +88,10 @@ def download_weights(name: str, *, force: bool = False) -> Path:
     weights) and are then moved into place atomically; a failed or truncated download leaves
     nothing behind. Offline, the error names the page to fetch by hand and the full path to save it as.
     """
-    entry = REGISTRY[check_name(name)]
+    name = check_name(name)
+    if name in DETECTORS:
+        return _download_detector(DETECTORS[name], force)
+    entry = REGISTRY[name]
     dest = weights_path(entry.name)
     if dest.is_file() and not force:
         return dest
@@ -102,10 +116,43 @@ def download_weights(name: str, *, force: bool = False) -> Path:
     return dest
 
 
+def _download_detector(entry: DetectorEntry, force: bool) -> Path:
+    """The cached YOLOv5 release detector, fetched over HTTP first if missing: atomically, checked
+    (sha256 when known; it must read as a YOLOv5 detector of the entry's size)."""
+    dest = weights_path(entry.name)
+    if dest.is_file() and not force:
+        return dest
+    url = weights_url(entry.name)
+    by_hand = f"download {url} by hand and save it as {dest}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dest, suffix=".part", check=lambda tmp: _verify_detector(tmp, entry, url, by_hand)) as f:
+            _download_http(url, f, entry.name, by_hand)
+    except OSError as e:
+        raise WeightsError(f"could not write {dest} ({e.strerror or e}); free disk space or set {DIR_ENV}, "
+                           f"or {by_hand}") from None
+    return dest
+
+
+def _verify_detector(tmp: Path, entry: DetectorEntry, url: str, by_hand: str) -> None:
+    if entry.sha256 is not None:
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if digest != entry.sha256:
+            raise WeightsError(f"the file downloaded for {entry.name} from {url} has sha256 {digest}, not "
+                               f"{entry.sha256}; it was deleted — {by_hand}")
+    try:
+        _, info = read_weights_file(tmp)
+    except WeightsError as e:
+        raise WeightsError(f"the file downloaded for {entry.name} from {url} is not usable weights ({e}); it was "
+                           f"deleted — {by_hand}") from None
+    if info["format"] != DETECTOR_FORMAT or info["size"] != entry.size:
+        what = f"a YOLOv5-{info['size']} detector" if info["format"] == DETECTOR_FORMAT else f"{info['format']} weights"
+        raise WeightsError(f"the file downloaded for {entry.name} from {url} is {what}, not the YOLOv5-{entry.size}6 "
+                           f"detector; it was deleted — {by_hand}")
+
+
 def _verify_download(tmp: Path, entry: WeightsEntry, url: str, by_hand: str) -> None:
     """The downloaded bytes against the table's size and sha256 (where recorded), then as weights."""
-    import hashlib
-
     name, size = entry.name, tmp.stat().st_size
     h = hashlib.sha256()
     with open(tmp, "rb") as f:
@@ -168,12 +215,13 @@ def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
         writer = _CountingWriter(out, bar)
         try:
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                result = gdown.download(id=entry.gdrive_id, output=writer, quiet=True, use_cookies=False)
+                result = gdown.download(id=entry.gdrive_id, output=writer,  # type: ignore[arg-type]  # file-like: gdown only writes
+                                        quiet=True, use_cookies=False)
         except OSError as e:
             if e.errno in _DISK_FULL:
                 raise
             result, reason = None, str(e)
-        except Exception as e:  # gdown raises its own errors (access denied, quota, ...) and requests'
+        except Exception as e:  # noqa: BLE001 - gdown raises its own errors (access denied, quota, ...) and requests'
             result, reason = None, f"{type(e).__name__}: {e}"
         else:
             reason = said.getvalue()
@@ -211,7 +259,7 @@ def _download_http(url: str, out: Any, name: str, by_hand: str) -> None:
                                f"a login page, or a changed link); {by_hand}")
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        expected = REGISTRY[name].file_bytes
+        expected = REGISTRY[name].file_bytes if name in REGISTRY else None
         if total is not None and expected is not None and total != expected:
             raise WeightsError(f"{url} offers {total} bytes for {name}, not the {expected} of the official file; "
                                f"{by_hand}")

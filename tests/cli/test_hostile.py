@@ -155,7 +155,7 @@ CASES = _cases()
 
 # ----------------------------------------------------------------------------------------------
 # The planted inputs
-def _coco_variant(w: Path, coco_mini: Path, name: str, edit) -> Path:  # noqa: ANN001
+def _coco_variant(w: Path, coco_mini: Path, name: str, edit) -> Path:
     gt = json.loads((coco_mini / "person_keypoints.json").read_text())
     edit(gt)
     (w / "ds" / f"{name}.json").write_text(json.dumps(gt))
@@ -266,7 +266,7 @@ def _plant_onnx(w: Path) -> None:
     onnx.save(bad, str(w / "onnx_nohead.onnx"))
 
 
-def _meta(model) -> dict[str, str]:  # noqa: ANN001
+def _meta(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 

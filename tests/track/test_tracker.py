@@ -10,8 +10,8 @@ from kapao.errors import ConfigError
 from kapao.poses import Poses
 from kapao.track.tracker import (
     UNTRACKED,
-    Detections,
     PoseTracker,
+    TrackerInput,
     id_switches,
     load_tracker_config,
 )
@@ -166,7 +166,7 @@ def test_botsort_with_camera_motion_compensation_on_images():
 
 def test_detections_view_matches_poses():
     p = poses_of([[0, 0, 10, 20], [5, 5, 25, 45]])
-    d = Detections.from_poses(p)
+    d = TrackerInput.from_poses(p)
     np.testing.assert_allclose(d.xywh, [[5, 10, 10, 20], [15, 25, 20, 40]])
     sub = d[np.array([False, True])]
     assert len(sub) == 1 and sub.conf.tolist() == pytest.approx([0.9]) and sub.keypoints.shape == (1, K, 2)
@@ -320,6 +320,7 @@ def test_kapao_track_yields_frames_lazily_with_ids(eager_weights, test_video):
         assert torch.equal(a.track_ids, b.track_ids) and torch.allclose(a.keypoints, b.keypoints)
 
 
+@pytest.mark.slow
 def test_trackers_never_install_or_download_anything():
     """ultralytics pip-installs lap when it is missing and downloads ReID models: kapao must reach neither."""
     import subprocess
@@ -362,3 +363,22 @@ def test_tracker_keys_are_validated(tmp_path, text, phrase):
     with pytest.raises(ConfigError) as e:
         load_tracker_config(path)
     assert phrase in str(e.value) and str(path) in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_run_with_a_tracking_step_gives_what_track_yields(eager_weights, test_video):
+    """KAPAO.run and KAPAO.track share one frame loop: tracking as run's per-frame step gives the same poses,
+    ids and (smoothed) keypoints, bit for bit, as the track generator."""
+    from kapao.cfg.settings import PREDICT_SETTINGS
+    from kapao.infer.predictor import KAPAO
+
+    api = KAPAO(eager_weights, device="cpu", backend="torch")  # the loop is the same on every backend
+    settings = PREDICT_SETTINGS.replace(conf=0.5, max_det=5)
+    tracked = list(api.track(str(test_video), imgsz=128, settings=settings))  # smoothed: the default
+    step = PoseTracker("bytetrack", OneEuroSettings())
+    run = api.run(str(test_video), imgsz=128, settings=settings, save=False, save_json=False, keep_results=True,
+                  transforms=[step.update_frame])
+    assert run.save_dir is None and len(run.results) == len(tracked) == 5
+    assert sum(len(p) for p in tracked) > 0
+    for a, b in zip(run.results, tracked):
+        assert torch.equal(a.track_ids, b.track_ids) and torch.equal(a.keypoints, b.keypoints)
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
