@@ -110,7 +110,7 @@ def _cases() -> list[tuple[str, str, list[str], int, str]]:
                 ("yaml", f"convert-{k}", ["convert", "--data", f"{{w}}/y_{k}.yaml", "--to", "yolo", "--out", "{t}/o"], 2,
                  phrase),
                 ("yaml", f"train-hyp-{k}", ["train", "--data", "{w}/mini.yaml", "--hyp", f"{{w}}/y_{k}.yaml",
-                                            "--epochs", "1", "--project", "{t}/runs", "--device", "cpu"], 1, phrase),
+                                            "--epochs", "1", "--project", "{t}/runs", "--device", "cpu"], 2, phrase),
                 ("yaml", f"track-{k}", ["track", "{w}/clip.mp4", "--tracker", f"{{w}}/y_{k}.yaml", *tiny], 2, phrase),
                 ("yaml", f"resume-{k}", ["predict", "--resume", f"{{w}}/run_{k}", *tiny[:2]], 2, phrase)]
     for k in NAMES:  # names: drawn images, videos and datasets under hostile names
