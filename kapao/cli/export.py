@@ -87,7 +87,7 @@ def export(ctx: click.Context, **params: Any) -> None:
     if p["int8"] and p["half"]:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
     int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], max(p["imgsz"]), p["data"])  # before torch
-    check_half(ctx, p["half"], p["device"])
+    check_half(ctx, p["half"], p["device"], bf16=False)
     from kapao.backends.runtimes import read_metadata
     from kapao.export import describe_check, export_onnx
 

@@ -8,6 +8,7 @@ import click
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.cli.evaluate import evaluation_options
 from kapao.cli.options import (
+    HALF_HELP,
     ImgSize,
     announce_tta,
     backend_options,
@@ -35,7 +36,7 @@ from kapao.errors import ConfigError, DataError
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
 @click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
-@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@click.option("--half", is_flag=True, help=HALF_HELP)
 @backend_options
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from kapao.weights.checkpoint import check_compatible
 LOGGER = logging.getLogger(__name__)
 
 
-def protocol_for(dataset: PoseDataset) -> str:
+def protocol_for(dataset: PoseDataset) -> Literal["coco", "crowdpose"]:
     """CrowdPose protocol when every ground-truth image has a `crowdIndex`, else COCO."""
     images = dataset.coco.dataset.get("images", [])
     return "crowdpose" if images and all("crowdIndex" in im for im in images) else "coco"
@@ -54,13 +54,14 @@ def make_val_loader(cfg: DatasetConfig, split: str, imgsz: int, batch: int, work
     return build_dataloader(dataset, batch, workers, shuffle=False)
 
 
-def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, protocol: str | None = None,
+def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *,
+             protocol: Literal["coco", "crowdpose"] | None = None,
              save_dir: Path | None = None, progress: bool = True, keep: int = 0) -> ValResult:
     """Run `predictor` over every batch of `loader` and evaluate the poses against the split's GT.
 
     keep: how many (meta, Poses) pairs to keep for drawing (train draws a sample of them).
     """
-    dataset: PoseDataset = loader.dataset
+    dataset = cast(PoseDataset, loader.dataset)  # DataLoader types its dataset as any Dataset
     protocol = protocol or protocol_for(dataset)
     results: list[dict[str, Any]] = []
     kept: list[tuple[dict[str, Any], Poses]] = []

@@ -147,7 +147,7 @@ class Predictor:
         x = images.to(self.device, non_blocking=True)
         x = (x.half() if self.half else x.float()) / 255.0
         with self._timed("infer"):
-            if self.scales:
+            if self.scales and self.flips is not None:  # flips is set whenever scales are
                 pred = tta_forward(self.forward, x, self.scales, self.flips, self.layout, self.schema.flip_index)
             else:
                 pred = self.forward(x)
@@ -318,7 +318,7 @@ class KAPAO:
         draw = out.draw or DrawOptions()
         args = {**self._run_args(spec, opts), "save": out.save, "draw": dataclasses.asdict(draw),
                 "sinks": sorted(type(s).__name__ for s in sinks)}  # what shapes the outputs: a resume keeps it
-        if resume_dir is not None:
+        if resume_dir is not None and stored is not None:  # read together above
             check_resume(resume_dir, spec, stored, args)
             args["run"] = stored.get("run")
         if out.show and (why := _display_available()):
@@ -328,6 +328,7 @@ class KAPAO:
     def _run(self, spec: SourceSpec, opts: PredictOptions, out: OutputOptions, args: dict[str, Any],
              resume_dir: Path | None, sinks: Sequence[Sink], transforms: Sequence[FrameTransform]) -> PredictRun:
         """The checked run: open the readers and the run folder (locked), feed the frame loop to the writer, clean up."""
+        assert out.draw is not None  # run() fills it in
         predictor = self.predictor(opts.settings, opts.scales, opts.flips, return_kp_objects=out.draw.show_kp_objects)
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
