@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -82,9 +83,10 @@ def increment_run_dir(project: str | os.PathLike[str], name: str = "exp", exist_
 
 def remove_if_empty(path: Path | None) -> None:
     """Remove the run folder `path` when it exists and holds nothing: a run that failed before writing
-    anything leaves no empty expN behind (call it from the failure path, then re-raise)."""
-    if path is not None and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
+    anything leaves no empty expN behind (call it from the failure path, then re-raise); its own lock file
+    (:class:`RunLock`) does not count."""
+    if path is not None and path.is_dir() and all(p.name == RunLock.NAME for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)  # empty but for the lock file of the run that failed
 
 
 def os_error_reason(e: OSError, path: Path) -> str:

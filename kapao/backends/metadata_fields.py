@@ -41,3 +41,10 @@ def json_depth(value: Any, level: int = 0) -> int:
         return level
     items = value.values() if isinstance(value, dict) else value
     return max((json_depth(v, level + 1) for v in items), default=level + 1)
+
+
+def check_head_shape(where: str, k: int, want: int, in_shape: list[Any], out_shape: list[Any]) -> None:
+    """WeightsError unless the graph maps (B, 3, H, W) to (B, N, `want`): the head the metadata's K implies."""
+    if len(out_shape) != 3 or len(in_shape) != 4 or (isinstance(out_shape[2], int) and out_shape[2] != want):
+        raise WeightsError(f"{where}: metadata schema has {k} keypoints, so the graph must output (B, N, {want}) from a "
+                           f"(B, 3, H, W) input, but it maps {in_shape} to {out_shape}; it is no kapao export of this schema")

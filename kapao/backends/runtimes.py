@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.backends.metadata_fields import metadata_field
+from kapao.backends.metadata_fields import check_head_shape, metadata_field
 from kapao.backends.precision import check_precision
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
@@ -223,9 +223,8 @@ def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxIn
     k = field("num_keypoints", str(schema.num_keypoints), int, what="an integer")
     if k != schema.num_keypoints:
         raise WeightsError(f"{where}: metadata num_keypoints is {k}, but its schema names {schema.num_keypoints}; export again")
-    return OnnxInfo(schema=schema, imgsz=(imgsz[0], imgsz[1]), size=meta.get("size", "?")[:20], stride=stride,
-                    dynamic=flags["dynamic"], half=flags["half"], batch=batch,
-                    kapao_version=meta.get("kapao_version", "?")[:40], raw=dict(meta))
+    return OnnxInfo(schema=schema, imgsz=(imgsz[0], imgsz[1]), size=meta.get("size", "?")[:20], stride=stride, batch=batch,
+                    **flags, kapao_version=meta.get("kapao_version", "?")[:40], raw=dict(meta))
 
 
 def onnx_info(meta: OnnxInfo, runtime: str, device: torch.device, path: str,
@@ -426,11 +425,7 @@ class OnnxBackend(FixedShapeRunner):
         """Input/output names, dtype and (fixed or free) shape from the session, checked against K."""
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
-        want = self.layout.num_outputs
-        if len(out.shape) != 3 or len(inp.shape) != 4 or (isinstance(out.shape[2], int) and out.shape[2] != want):
-            raise WeightsError(f"{where}: metadata schema has {self.schema.num_keypoints} keypoints, so the "
-                               f"graph must output (B, N, {want}) from a (B, 3, H, W) input, but it maps "
-                               f"{list(inp.shape)} to {list(out.shape)}; it is no kapao export of this schema")
+        check_head_shape(where, self.schema.num_keypoints, self.layout.num_outputs, list(inp.shape), list(out.shape))
         self.fp16 = inp.type == "tensor(float16)"
         self._np_dtype = np.float16 if self.fp16 else np.float32
         dims = list(inp.shape)

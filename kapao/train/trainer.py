@@ -425,11 +425,10 @@ def train(args: TrainArgs) -> Path:
         cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val"):
             cfg.require(split)
-    run_dir, lock = None, None
+    run_dir, lock = None, RunLock(".")  # held (rank 0) once the run folder is known; releasing an unheld one is a no-op
     try:
         run_dir, last, args = prepare_run(args, env)
-        if env.main:  # a second training into this folder (a second --resume, --exist-ok) is refused
-            lock = RunLock(run_dir).acquire()
+        lock = RunLock(run_dir).acquire() if env.main else lock  # a second training into this folder is refused
         ckpt = None
         if last is not None:
             ckpt, args = load_resume(last, args)
@@ -443,12 +442,9 @@ def train(args: TrainArgs) -> Path:
             write_run_files(trainer.run_dir, trainer.args, trainer.hyp)
         return trainer.fit()
     except BaseException:
-        if lock is not None:
-            lock.release()
         if env.main:
             remove_if_empty(run_dir)
         raise
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
         close(env)
