@@ -145,7 +145,7 @@ def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tupl
 def _resume_outputs(ctx: click.Context, stored: dict[str, Any], p: dict[str, Any]) -> None:
     """The output options of a resumed run (--nosave, --save-csv, drawing) as its args.yaml keeps them, set in
     `p` for those not given on this command line."""
-    draw = stored.get("draw") if isinstance(stored.get("draw"), dict) else {}
+    draw: dict[str, Any] = stored["draw"] if isinstance(stored.get("draw"), dict) else {}
     kept = {"nosave": stored.get("save") is False, "save_csv": "CsvSink" in (stored.get("sinks") or []),
             **{k: v for k, v in draw.items() if k != "track_ids"}}  # the drawing options are DrawOptions' fields
     for k, v in kept.items():

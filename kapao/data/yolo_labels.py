@@ -63,12 +63,13 @@ def _list_entry(line: str, list_file: Path, n: int, root: Path, outside: list[st
     anchors = [list_file.parent] if line.startswith("./") else [root, list_file.parent]
     if not p.is_absolute() and not line.startswith("./"):
         anchors.sort(key=lambda a: not (a / p).exists())  # the root first, unless only the list's folder has it
-    error = None
+    error: OutsideRootError | None = None
     for anchor in anchors:
         try:  # not resolve(): a linked image keeps its labels/ path
             return Path(os.path.abspath(inside_root(anchor, p, f"{list_file}:{n}:")))
         except OutsideRootError as e:
             error = error or e
+    assert error is not None  # every anchor refused the line
     if outside is None:
         raise error
     outside.append(f"{list_file}:{n}")
