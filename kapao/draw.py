@@ -14,9 +14,12 @@ import torch
 
 from kapao.cfg.schema import KeypointSchema, TargetLayout
 from kapao.errors import DataError
+from kapao.runtime import atomic_write, os_error_reason
 
 BOX_COLOR = (255, 128, 0)  # BGR, person boxes
 TEXT_COLOR = (255, 255, 255)
+ENCODED_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                              ".pbm", ".pnm", ".jp2"})  # what write_image encodes by suffix; others get JPEG bytes
 
 
 @lru_cache(maxsize=64)
@@ -160,6 +163,27 @@ def render_batch(images: Any, targets: Any, schema: KeypointSchema, path: str | 
         cv2.rectangle(grid, (x, y), (x + tw - 1, y + th - 1), (255, 255, 255), 2)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), grid, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-        raise DataError(f"cannot write {out}; check that the folder is writable and the name ends in .jpg")
+    write_image(out, grid, [cv2.IMWRITE_JPEG_QUALITY, 90])
     return out
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> Path:
+    """Write a BGR image to `path`, encoded by its suffix (.jpg when it has none OpenCV knows), atomically.
+
+    Encoded in memory (cv2.imencode) and written by Python: cv2.imwrite crashes the process (SIGSEGV) on a
+    file name that is not valid UTF-8, and any byte sequence is a valid POSIX file name. DataError naming
+    the file when it cannot be written (folder missing or read-only, disk full).
+    """
+    out = Path(path)
+    suffix = out.suffix.lower() if out.suffix.lower() in ENCODED_SUFFIXES else ".jpg"
+    ok, buf = cv2.imencode(suffix, image, params or [])
+    if not ok:
+        raise DataError(f"cannot encode {out} as {suffix}; give it a .jpg or .png name")
+    try:
+        with atomic_write(out, "wb") as f:
+            f.write(buf.tobytes())
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {os_error_reason(e, out)}; check that the output folder is writable "
+                        "and has space") from None
+    return out
+

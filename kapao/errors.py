@@ -29,3 +29,8 @@ class UsageError(KapaoError):
     that exists, an option a resumed run cannot change): exit code 2, as click's own usage errors."""
 
     exit_code = 2
+
+
+class OutsideRootError(DataError):
+    """A path read from a data file (a COCO `file_name`, a YOLO list line) that names no file inside the
+    folder it must stay in, or that no file name can hold (a NUL byte)."""

@@ -7,13 +7,14 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from kapao.errors import ConfigError, KapaoError, MissingPackageError
+from kapao.errors import ConfigError, KapaoError, MissingPackageError, OutsideRootError
 
 if TYPE_CHECKING:
     import torch
@@ -99,9 +100,10 @@ def increment_run_dir(project: str | os.PathLike[str], name: str = "exp", exist_
 
 def remove_if_empty(path: Path | None) -> None:
     """Remove the run folder `path` when it exists and holds nothing: a run that failed before writing
-    anything leaves no empty expN behind (call it from the failure path, then re-raise)."""
-    if path is not None and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
+    anything leaves no empty expN behind (call it from the failure path, then re-raise); its own lock file
+    (:class:`RunLock`) does not count."""
+    if path is not None and path.is_dir() and all(p.name == RunLock.NAME for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)  # empty but for the lock file of the run that failed
 
 
 def os_error_reason(e: OSError, path: Path) -> str:
@@ -139,7 +141,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{_short_name(path.name)}.", suffix=suffix, dir=path.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as f:
@@ -157,13 +159,128 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
     _fsync_dir(path.parent)
 
 
+def inside_root(root: str | os.PathLike, entry: str | os.PathLike, where: str = "") -> Path:
+    """The path a data file's `entry` names under `root`, refused unless it stays inside `root`.
+
+    The one rule for paths read from data files (COCO `file_name`, YOLO image lists, run folders): the
+    entry is joined onto `root` (an absolute entry stands for itself), `..` and every symlinked folder on
+    the way are resolved, and the result must lie strictly inside the resolved `root`. The last component
+    is not resolved: a linked image (as `kapao convert` makes them) is the dataset's own file. Writers
+    must still create that last component without following it (O_EXCL). Raises OutsideRootError
+    (`where` first, e.g. "a.json: image id 3:") naming the entry and the rule; also for a NUL byte or an
+    empty entry. Returns the joined path (not resolved), so messages show what the file says.
+    """
+    text = os.fspath(entry)
+    text = os.fsdecode(text) if isinstance(text, bytes) else text
+    shown = f"{where} " if where else ""
+    if "\x00" in text or not text.strip():
+        what = "holds a NUL byte, which no file name can" if "\x00" in text else "is empty"
+        raise OutsideRootError(f"{shown}path {text!r} {what}; fix the entry")
+    base = Path(os.path.abspath(os.fspath(root)))
+    path = Path(os.path.normpath(base / text))
+    real_base = Path(os.path.realpath(base))
+    real = Path(os.path.realpath(path.parent)) / path.name
+    if path.name in ("", "..") or not real.is_relative_to(real_base) or real == real_base:
+        raise OutsideRootError(f"{shown}path {text!r} leads outside {base} (paths in data files must stay inside "
+                               "their folder, symlinked folders included); fix the entry or move the file inside")
+    return path
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while a process writes into it (predict, its --resume, train).
+
+    `fcntl.flock` on `FOLDER/.kapao.lock`, which holds the owner's pid: the OS drops the lock when the
+    owner dies, however it dies, so a stale file never blocks. A second writer is refused with a
+    KapaoError naming the holder's pid. The file is removed on release. No-op where flock is missing.
+    """
+
+    NAME = ".kapao.lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise KapaoError(f"{self.path.parent} is in use by another kapao process (pid {holder}); wait for "
+                                 "it to finish, or stop it, or write to another run folder") from None
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:  # not a file a releasing owner just removed
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how Slurm, Kubernetes and systemd stop a job), raised like Ctrl-C so that every clean-up
+    path of Ctrl-C runs for it too: finished frames kept, videos finalised, training saved, temp files removed."""
+
+    signum = 15
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (once: a second one during the
+    clean-up is ignored); the previous handler is restored at the end. A no-op off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError now, not after slow work, when :func:`atomic_write` could not create `path` (parents made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{_short_name(path.name)}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.unlink(name)
+
+
+def _short_name(name: str, limit: int = 120) -> str:
+    """`name` cut to `limit` bytes (at a character boundary) for a temporary file beside it: a file name of
+    up to 255 bytes must still get its `.<name>.XXXXXXXX.tmp` without passing the file-name limit."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= limit else os.fsdecode(raw[:limit])  # any bytes are a valid POSIX file name
 
 
 def _umask() -> int:

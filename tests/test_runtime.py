@@ -125,6 +125,43 @@ def test_plain_data_converts_to_weights_only_types_and_names_the_culprit(tmp_pat
         plain_data({(1, 2): 0}, "extra")
 
 
+@pytest.mark.parametrize("entry, ok", [
+    ("a.jpg", True), ("sub/a.jpg", True), ("sub/../a.jpg", True), ("./a.jpg", True),
+    ("../a.jpg", False), ("sub/../../a.jpg", False), ("/etc/hostname", False), ("", False), (".", False),
+    ("a\x00.jpg", False), ("..", False), ("link/a.jpg", False), ("inlink/a.jpg", True), ("filelink", True),
+])
+def test_inside_root_keeps_data_file_paths_inside(tmp_path: Path, entry: str, ok: bool):
+    from kapao.errors import OutsideRootError
+    from kapao.runtime import inside_root
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")  # a symlinked folder leading out
+    (root / "inlink").symlink_to(root / "sub")  # one that stays inside
+    (root / "filelink").symlink_to(tmp_path / "elsewhere" / "img.jpg")  # a linked image: the dataset's own file
+    if ok:
+        assert inside_root(root, entry) == Path(os.path.normpath(root / entry))
+    else:
+        with pytest.raises(OutsideRootError, match="a.json:3:") as e:
+            inside_root(root, entry, "a.json:3:")
+        assert len(str(e.value).splitlines()) == 1
+    assert inside_root(str(tmp_path / "root" / "sub" / ".."), "a.jpg") == root / "a.jpg"
+
+
+def test_sigterm_is_raised_like_ctrl_c_once_and_the_handler_restored():
+    import signal
+
+    from kapao.runtime import Terminated, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as e, sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    assert isinstance(e.value, KeyboardInterrupt) and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_cpu_count_counts_the_affinity_mask_and_caps_at_physical_cores(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(cpu_count=lambda logical=True: 2))

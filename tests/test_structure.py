@@ -337,7 +337,6 @@ def test_cycle_finder(tmp_path: Path):
 UNMIRRORED: dict[str, str] = {
     "kapao.errors": "exception classes only; every test that expects a one-line error raises them",
     "kapao.version": "one constant; tests/cli/test_main.py checks `kapao --version`",
-    "kapao.cfg.settings": "settings records; read by every stage's tests (tests/cfg/test_schema.py, tests/infer, tests/train)",
     "kapao.cfg.dataset": "dataset YAML loading; tests/cfg/test_schema.py and tests/data/test_dataset.py",
     "kapao.cli.predict": "the predict/track verbs; tests/cli/test_main.py and tests/infer/test_predictor.py",
     "kapao.cli.download": "the download verb; tests/data/test_download.py drives it against a local server",

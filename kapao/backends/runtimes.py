@@ -19,6 +19,7 @@ writing them is the exporter's job.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kapao.backends.metadata_fields import check_head_shape, metadata_field
 from kapao.backends.precision import check_precision
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
@@ -198,24 +200,29 @@ class OnnxInfo:
 
 
 def parse_metadata(meta: Mapping[str, str], where: str = "ONNX model") -> OnnxInfo:
-    """:class:`OnnxInfo` from ``metadata_props`` strings; WeightsError for a file kapao did not export."""
+    """:class:`OnnxInfo` from ``metadata_props`` strings; WeightsError for a file kapao did not export, and
+    "WHERE: metadata X is …" for any field that is not what kapao writes (a number, bounded JSON)."""
     if meta.get("format") != ONNX_FORMAT or "schema" not in meta:
         raise WeightsError(f"{where} has no kapao metadata (schema, image size); export it with "
                            "`kapao export` (kapao.export.export_onnx)")
-    if int(meta.get("format_version", "0")) > ONNX_FORMAT_VERSION:
-        raise WeightsError(f"{where} was exported by a newer kapao (format version {meta['format_version']}); "
-                           "upgrade kapao")
+    field = functools.partial(metadata_field, meta, where)  # key, default, type, check, what it must be
+    version = field("format_version", "0", int, lambda v: v >= 0, "an integer version")
+    if version > ONNX_FORMAT_VERSION:
+        raise WeightsError(f"{where}: metadata format_version is {version}: exported by a newer kapao; upgrade kapao")
+    imgsz = field("imgsz", "null", list, lambda v: len(v) == 2 and all(type(i) is int and 0 < i <= 1 << 16 for i in v),
+                  "[height, width] in pixels")
+    batch = field("batch", "null", (int, type(None)), lambda v: v is None or v >= 1, "a positive batch size or null")
+    stride = field("stride", str(MAX_STRIDE), int, lambda v: v in (8, 16, 32, 64), "a stride of 8, 16, 32 or 64")
+    flags = {k: field(k, "false", bool, what="true or false") for k in ("dynamic", "half")}
     try:
-        schema = KeypointSchema.from_dict(json.loads(meta["schema"]), where=f"{where} metadata")
-        h, w = json.loads(meta["imgsz"])
-        batch = json.loads(meta.get("batch", "null"))
-        return OnnxInfo(schema=schema, imgsz=(int(h), int(w)), size=meta.get("size", "?"),
-                        stride=int(meta.get("stride", MAX_STRIDE)),
-                        dynamic=bool(json.loads(meta.get("dynamic", "false"))),
-                        half=bool(json.loads(meta.get("half", "false"))), batch=None if batch is None else int(batch),
-                        kapao_version=meta.get("kapao_version", "?"), raw=dict(meta))
+        schema = KeypointSchema.from_dict(field("schema", "null", dict, what="a keypoint schema"), where=f"{where} metadata")
     except (ValueError, TypeError, KeyError, ConfigError) as e:
-        raise WeightsError(f"{where} has unreadable kapao metadata ({e}); export it again") from None
+        raise WeightsError(f"{where}: metadata schema is not a valid keypoint schema ({e}); export it again") from None
+    k = field("num_keypoints", str(schema.num_keypoints), int, what="an integer")
+    if k != schema.num_keypoints:
+        raise WeightsError(f"{where}: metadata num_keypoints is {k}, but its schema names {schema.num_keypoints}; export again")
+    return OnnxInfo(schema=schema, imgsz=(imgsz[0], imgsz[1]), size=meta.get("size", "?")[:20], stride=stride, batch=batch,
+                    **flags, kapao_version=meta.get("kapao_version", "?")[:40], raw=dict(meta))
 
 
 def onnx_info(meta: OnnxInfo, runtime: str, device: torch.device, path: str,
@@ -397,17 +404,18 @@ class OnnxBackend(FixedShapeRunner):
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
         self.schema: KeypointSchema = self.meta.schema
         self.layout = HeadLayout(self.schema.num_keypoints)
-        self._read_io()
+        self._read_io(where)
         self.imgsz: tuple[int, int] = self.meta.imgsz
         self.provider = self.session.get_providers()[0]
         self.device = dev if self.provider == "CUDAExecutionProvider" else torch.device("cpu")
         self.info = onnx_info(self.meta, "onnxruntime", self.device, where, self.fixed_shape)
         check_precision("fp32", self.device, file=where, file_precision=self.info.precision)
 
-    def _read_io(self) -> None:
-        """Input/output names, dtype and (fixed or free) shape from the session."""
+    def _read_io(self, where: str) -> None:
+        """Input/output names, dtype and (fixed or free) shape from the session, checked against K."""
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
+        check_head_shape(where, self.schema.num_keypoints, self.layout.num_outputs, list(inp.shape), list(out.shape))
         self.fp16 = inp.type == "tensor(float16)"
         self._np_dtype = np.float16 if self.fp16 else np.float32
         dims = list(inp.shape)

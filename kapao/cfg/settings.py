@@ -22,22 +22,64 @@ def builtin_config_file(name: str) -> Path:
     return Path(str(resources.files("kapao.configs") / name))
 
 
+MAX_YAML_BYTES = 1 << 20  # every YAML kapao reads (datasets, hyps, trackers, args.yaml) is a few KB
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The one YAML reader: a mapping read from `path` with safe loading, refused in one ConfigError line
+    (within milliseconds) when it is not a regular text file, larger than MAX_YAML_BYTES, uses aliases
+    (`*name`: how a "billion laughs" file blows up; no kapao file needs them), holds more than
+    MAX_YAML_NODES values or nests deeper than MAX_YAML_DEPTH. Tags that would run code are refused by
+    the safe loader."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise ConfigError(f"{path}: not a regular file; pass a YAML file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES >> 20} MiB, far more than any config; "
+                              "pass a dataset/hyperparameter YAML")
+        text = raw.decode("utf-8-sig")
+        _check_yaml_events(text, path)
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as e:  # a folder, no permission, …
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL or other character YAML refuses
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"{path}: not a text (YAML) file; pass a dataset/hyperparameter YAML") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     return data
+
+
+def _check_yaml_events(text: str, path: Path) -> None:
+    """Refuse aliases, too many values and deep nesting from the parser's event stream (no object is built)."""
+    nodes = depth = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{path}: uses the YAML alias *{event.anchor}; kapao reads no aliases or anchors "
+                              "(they can expand a small file into billions of values); write the values out")
+        if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+            nodes += 1
+            depth += isinstance(event, yaml.CollectionStartEvent)
+            if nodes > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+                what = f"more than {MAX_YAML_NODES} values" if nodes > MAX_YAML_NODES else \
+                    f"nesting deeper than {MAX_YAML_DEPTH} levels"
+                raise ConfigError(f"{path}: {what}, far more than any config; pass a dataset/hyperparameter YAML")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def check_hyp_spec(spec: str | os.PathLike) -> None:

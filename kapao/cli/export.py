@@ -89,6 +89,7 @@ def export(ctx: click.Context, **params: Any) -> None:
     p = params
     if p["int8"] and p["half"]:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], max(p["imgsz"]), p["data"])  # before torch
     check_half(ctx, p["half"], p["device"], bf16=False)
     if p["fmt"] != "onnx":
         _export_other(p)
@@ -96,7 +97,6 @@ def export(ctx: click.Context, **params: Any) -> None:
     from kapao.backends.runtimes import read_metadata
     from kapao.export import describe_check, export_onnx
 
-    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], max(p["imgsz"]), p["data"])
     path = export_onnx(p["weights"], p["output"], p["imgsz"], dynamic=p["dynamic"], half=p["half"],
                        simplify=p["simplify"], opset=p["opset"], batch=p["batch"], check_image=p["check_image"],
                        check=not p["no_check"], device=p["device"], exist_ok=p["exist_ok"], int8=int8_calib)

@@ -4,6 +4,7 @@ track), :mod:`kapao.cli.val`, :mod:`kapao.cli.train`, :mod:`kapao.cli.export` (e
 :mod:`kapao.cli.data` (check, convert); shared option types and groups in :mod:`kapao.cli.options`."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,7 +16,7 @@ from kapao.cli.predict import predict, track
 from kapao.cli.train import train
 from kapao.cli.val import val
 from kapao.errors import KapaoError
-from kapao.runtime import quiet_third_party, setup_logging
+from kapao.runtime import Terminated, quiet_third_party, setup_logging, sigterm_as_interrupt
 from kapao.version import __version__
 
 
@@ -28,7 +29,7 @@ class KapaoGroup(click.Group):
     --hyp, --resume, a dataset folder); checked before anything heavy runs. 1 when what the options name
     exists but fails while running: corrupt or unsafe files, unreadable media, invalid annotations,
     diverged training, disk, memory and permission problems, and unexpected errors (a bug: the line
-    points to --verbose). 130 on Ctrl-C.
+    points to --verbose). 130 on Ctrl-C, 143 on SIGTERM (handled as Ctrl-C: finished work is kept).
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -40,12 +41,14 @@ class KapaoGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo("Terminated (SIGTERM)." if terminated else "Interrupted.", err=True)
+            sys.exit(143 if terminated else 130)
         except Exception as e:  # the one place that turns any error into one line
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
@@ -81,6 +84,15 @@ for _verb in (predict, track, val, train, check, convert, export, info, download
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):  # a closed stream (`2>&-`): the output is dropped, not a crash
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+    try:
+        os.getcwd()
+    except OSError:  # torch's libraries fail to load (a fatal error of their own) from a deleted folder
+        click.secho("Error: the working folder no longer exists (deleted?); cd to an existing folder and rerun",
+                    err=True, fg="red")
+        sys.exit(1)
     quiet_third_party()
     cli(obj={})
 

@@ -92,15 +92,15 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str,
         spec = resolve_source(p["source"])  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
-    check_half(ctx, p["half"], p["device"])
+    from kapao.weights.registry import native_imgsz
+
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"] or native_imgsz(p["weights"]))
+    check_half(ctx, p["half"], p["device"])  # both usage errors come before torch is imported
     from kapao.infer.keypoints_csv import CsvSink
     from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
 
     announce_tta(p["scales"], p["flips"])
-    from kapao.weights.registry import native_imgsz
-
-    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"] or native_imgsz(p["weights"]))
     api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
     options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
     output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], keep_results=False,
@@ -152,4 +152,16 @@ def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tupl
         p["scales"], p["flips"] = stored.get("scales"), stored.get("flips")
     p["source"], p["imgsz"] = p["source"] or stored["source"], p["imgsz"] or stored.get("imgsz")
     base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
+    _resume_outputs(ctx, stored, p)
     return base, str(run_dir)
+
+
+def _resume_outputs(ctx: click.Context, stored: dict[str, Any], p: dict[str, Any]) -> None:
+    """The output options of a resumed run (--nosave, --save-csv, drawing) as its args.yaml keeps them, set in
+    `p` for those not given on this command line."""
+    draw: dict[str, Any] = stored["draw"] if isinstance(stored.get("draw"), dict) else {}
+    kept = {"nosave": stored.get("save") is False, "save_csv": "CsvSink" in (stored.get("sinks") or []),
+            **{k: v for k, v in draw.items() if k != "track_ids"}}  # the drawing options are DrawOptions' fields
+    for k, v in kept.items():
+        if k in p and ctx.get_parameter_source(k) == click.core.ParameterSource.DEFAULT:
+            p[k] = v

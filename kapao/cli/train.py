@@ -98,6 +98,13 @@ def train(ctx: click.Context, **params: Any) -> None:
         raise click.UsageError(f"--scratch trains from random initialisation; --weights {params['weights']} names "
                                "initial weights: give one of them")
     _check_run(ctx, params["resume"], params["project"], params["data"], params["single_cls"])
+    if params["hyp"] and not params["resume"]:  # a hostile or malformed --hyp: a usage error before any weights
+        from kapao.cfg.settings import load_hyp
+
+        try:
+            load_hyp(params["hyp"])
+        except ConfigError as e:
+            raise bad_parameter(e, ctx, "hyp") from None
     from kapao.train.distributed import launch_distributed, should_launch
     from kapao.train.run import TrainArgs
     from kapao.train.trainer import train as run_training

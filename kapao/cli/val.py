@@ -54,11 +54,11 @@ def val(ctx: click.Context, **params: Any) -> None:
         cfg.require(split)  # a missing dataset or split is a usage error, before anything is loaded or created
     except (ConfigError, DataError) as e:
         raise bad_parameter(e, ctx, "data") from None
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"])  # usage errors before torch
     check_half(ctx, p["half"], p["device"])
     from kapao.eval.val import run_val
 
     announce_tta(scales, flips)
-    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"])
     res = run_val(weights, cfg, split=split, imgsz=p["imgsz"], batch=p["batch"], workers=p["workers"],
                   device=p["device"], half=p["half"], settings=settings, scales=scales, flips=flips,
                   project=p["project"], name=p["name"], backend=p["backend"], int8=int8_calib)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -215,7 +214,9 @@ def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Findi
     where = f"{cfg.name} {split}" if cfg.yolo is not None else str(cfg.annotations[split])
     found = {"person box(es) lie outside the image (zero size after clipping) and are skipped": s.empty_boxes,
              "labelled keypoint(s) lie far outside the image and are dropped": s.kpts_dropped,
-             "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations}
+             "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations,
+             "image entr(ies) lead outside the image folder (or hold a NUL byte) and are skipped, never opened":
+                 s.outside}
     out = [Finding("error", where, f"{n} {what}; fix the labels") for what, n in found.items() if n]
     if s.persons == 0 and s.images:
         out.append(Finding("warning", where, f"no person labels in split {split}: all {s.images} images are negatives"))
@@ -332,7 +333,7 @@ def left_right_problems(labels: Labels, schema: KeypointSchema, where: str) -> l
 # ----------------------------------------------------------------------------------------------
 def render_samples(cfg: DatasetConfig, loaded: dict[str, tuple[Labels, Path]], save_dir: Path, n: int) -> list[Path]:
     """Draw up to `n` images with persons (boxes, labelled keypoints, skeleton) per split into save_dir."""
-    from kapao.draw import draw_poses
+    from kapao.draw import draw_poses, write_image
 
     written = []
     for split, (labels, root) in loaded.items():
@@ -346,8 +347,7 @@ def render_samples(cfg: DatasetConfig, loaded: dict[str, tuple[Labels, Path]], s
                 continue
             drawn = draw_poses(img, labels.boxes[a:b], labels.keypoints[a:b], cfg.schema, show_scores=False)
             out = save_dir / f"{split}_{Path(str(labels.files[i])).stem}.jpg"
-            if cv2.imwrite(str(out), drawn):
-                written.append(out)
+            written.append(write_image(out, drawn))
     return written
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -30,7 +30,7 @@ from kapao.data.labels import read_coco
 from kapao.data.sources import probe_image
 from kapao.data.yolo_labels import read_label_file, row_annotations, split_files
 from kapao.errors import ConfigError, DataError
-from kapao.runtime import atomic_write
+from kapao.runtime import atomic_write, inside_root
 
 LOGGER = logging.getLogger(__name__)
 DECIMALS = 6
@@ -64,6 +64,16 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
+def _into_new_folder(out: str | os.PathLike, write: Callable[[Path], ConvertResult]) -> ConvertResult:
+    """Run `write` into `out` (new or empty); on any failure `out` is removed again: all in it was this run's."""
+    folder = _prepare_out(Path(out))
+    try:
+        return write(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
     with atomic_write(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True, default_flow_style=None)
@@ -87,10 +97,34 @@ def coco_rows(ann: dict[str, Any], width: int, height: int, k: int) -> tuple[str
     return "0 " + text, clipped
 
 
-def _place_image(src: Path, dst: Path, copy: bool) -> None:
+def _new_file(folder: Path, rel: str, where: str) -> Path:
+    """`folder/rel` for a new file: inside `folder` (kapao.runtime.inside_root), its folders made, and
+    nothing there yet (two entries naming one file would overwrite each other, or write through a link)."""
+    dst = inside_root(folder, rel, where)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    inside_root(folder, rel, where)  # again: a folder just made cannot be a link, one made earlier could
+    if os.path.lexists(dst):
+        raise DataError(f"{where} {dst} is written twice (two entries name the same file); give every image "
+                        "its own file_name")
+    return dst
+
+
+def _write_new(dst: Path, data: bytes | None = None, src: Path | None = None) -> None:
+    """Create `dst` exclusively (never following or replacing anything there) with `data` or `src`'s bytes."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        if src is None:
+            f.write(data or b"")
+        else:
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f)
+    if src is not None:
+        shutil.copystat(src, dst)
+
+
+def _place_image(src: Path, dst: Path, copy: bool) -> None:
     if copy:
-        shutil.copy2(src, dst)
+        _write_new(dst, src=src)
     else:
         os.symlink(src.resolve(), dst)
 
@@ -100,7 +134,10 @@ def coco_to_yolo(cfg: DatasetConfig, out: str | os.PathLike, *, copy_images: boo
     """Write a COCO-format dataset (every split with annotations, or `splits`) in the YOLO-pose layout."""
     if cfg.yolo is not None:
         raise ConfigError(f"{cfg.source} is already a YOLO-pose dataset; convert it with --to coco")
-    out = _prepare_out(Path(out))
+    return _into_new_folder(out, lambda o: _coco_to_yolo(cfg, o, copy_images, splits))
+
+
+def _coco_to_yolo(cfg: DatasetConfig, out: Path, copy_images: bool, splits: tuple[str, ...] | None) -> ConvertResult:
     k, schema = cfg.schema.num_keypoints, cfg.schema
     res = ConvertResult(out / "data.yaml")
     for split in splits or [s for s in SPLITS if s in cfg.annotations]:
@@ -109,8 +146,8 @@ def coco_to_yolo(cfg: DatasetConfig, out: str | os.PathLike, *, copy_images: boo
         persons_cat = {c["id"] for c in coco.dataset.get("categories", []) if c.get("keypoints")} or None
         res.images[split] = res.persons[split] = res.skipped[split] = 0
         for info in tqdm(coco.dataset["images"], desc=f"convert {split}", unit="img", leave=False):
-            rel = Path(info["file_name"])
-            src = img_dir / rel
+            rel, where = str(info["file_name"]), f"{ann_file}: image id {info.get('id')!r}:"
+            src = inside_root(img_dir, rel, where)
             if not src.is_file():
                 res.skipped[split] += 1
                 LOGGER.warning("%s not found; left out", src)
@@ -125,10 +162,9 @@ def coco_to_yolo(cfg: DatasetConfig, out: str | os.PathLike, *, copy_images: boo
                 row, clipped = coco_rows(a, int(info["width"]), int(info["height"]), k)
                 rows.append(row)
                 res.clipped += clipped
-            _place_image(src, out / "images" / split / rel, copy_images)
-            label = (out / "labels" / split / rel).with_suffix(".txt")
-            label.parent.mkdir(parents=True, exist_ok=True)
-            label.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+            _place_image(src, _new_file(out / "images" / split, rel, where), copy_images)
+            label = _new_file(out / "labels" / split, str(Path(rel).with_suffix(".txt")), where)
+            _write_new(label, "".join(r + "\n" for r in rows).encode())
             res.images[split] += 1
             res.persons[split] += len(rows)
     _write_yaml(res.yaml_path, {
@@ -144,8 +180,12 @@ def yolo_to_coco(cfg: DatasetConfig, out: str | os.PathLike,
     """Write a YOLO-pose dataset's labels as COCO keypoint JSON (one per split) plus a kapao YAML."""
     if cfg.yolo is None:
         raise ConfigError(f"{cfg.source} is already a COCO-format dataset; convert it with --to yolo")
-    out = _prepare_out(Path(out))
+    return _into_new_folder(out, lambda o: _yolo_to_coco(cfg, o, splits))
+
+
+def _yolo_to_coco(cfg: DatasetConfig, out: Path, splits: tuple[str, ...] | None) -> ConvertResult:
     schema, y = cfg.schema, cfg.yolo
+    assert y is not None
     res = ConvertResult(out / "data.yaml")
     category = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(schema.names),
                 "skeleton": [[a + 1, b + 1] for a, b in schema.skeleton]}

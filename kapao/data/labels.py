@@ -23,11 +23,11 @@ from tqdm import tqdm
 from kapao.cfg.schema import IMAGE_SUFFIXES
 from kapao.data.augment import Instances
 from kapao.data.sources import probe_image
-from kapao.errors import DataError
-from kapao.runtime import atomic_write
+from kapao.errors import DataError, OutsideRootError
+from kapao.runtime import atomic_write, inside_root
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 KPT_CLIP_MARGIN = 0.02  # labelled keypoints up to this fraction of max(h, w) outside the image are clipped in
 
 
@@ -49,6 +49,7 @@ class DatasetStats:
     kpts_dropped: int = 0
     size_mismatch: int = 0
     orphan_annotations: int = 0  # annotations whose image_id is not among the JSON's images
+    outside: int = 0  # image entries naming no file inside the image folder (kapao.runtime.inside_root)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -57,7 +58,8 @@ class DatasetStats:
         extras = {"crowd annotations skipped": self.crowd_skipped, "zero-size boxes skipped": self.empty_boxes,
                   "keypoints clipped into the image": self.kpts_clipped, "keypoints far outside dropped": self.kpts_dropped,
                   "images whose size differs from the JSON (labels rescaled)": self.size_mismatch,
-                  "annotations of image ids missing from 'images' skipped": self.orphan_annotations}
+                  "annotations of image ids missing from 'images' skipped": self.orphan_annotations,
+                  "image entries leading outside the image folder skipped": self.outside}
         return line + "".join(f", {v} {k}" for k, v in extras.items() if v)
 
     def to_array(self) -> np.ndarray:
@@ -306,6 +308,22 @@ def _check_images(infos: list[dict], ann_file: Path) -> None:
                             "'width'/'height'; fix the image entry")
 
 
+def _inside_images(infos: list[dict], img_dir: Path, ann_file: Path, stats: DatasetStats) -> list[dict]:
+    """The image entries whose file_name stays inside `img_dir`; the others are counted in
+    `stats.outside` (never opened) and the first is logged."""
+    kept = []
+    for info in infos:
+        try:
+            inside_root(img_dir, info["file_name"], f"{ann_file}: image id {info.get('id')!r}:")
+        except OutsideRootError as e:
+            if not stats.outside:
+                LOGGER.warning("%s; skipped", e)
+            stats.outside += 1
+            continue
+        kept.append(info)
+    return kept
+
+
 def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_crowd: bool,
                       coco: Any = None, workers: int = 8) -> Labels:
     """Parse a COCO keypoint JSON and probe its images (threads). Raises DataError on bad annotations."""
@@ -314,6 +332,7 @@ def parse_annotations(ann_file: Path, img_dir: Path, num_keypoints: int, skip_cr
     infos = list(coco.imgs.values())
     _check_images(infos, ann_file)
     stats.orphan_annotations = sum(len(v) for i, v in coco.imgToAnns.items() if i not in coco.imgs)
+    infos = _inside_images(infos, img_dir, ann_file, stats)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         jobs = pool.map(lambda info: probe_image(img_dir / info["file_name"]), infos)
         probes = list(tqdm(jobs, total=len(infos), desc=f"checking images in {img_dir.name}", unit="img",

@@ -80,6 +80,8 @@ def resolve_source(source: str | int | Path | None) -> SourceSpec:
 
 
 def _resolve(text: str) -> SourceSpec:
+    if "\x00" in text:
+        raise DataError(f"source {text!r} holds a NUL byte, which no file name or address can; fix the name")
     if text.isdigit():
         return SourceSpec("stream", [text])
     if text.lower().startswith(STREAM_PREFIXES):
@@ -121,13 +123,43 @@ def frame_count(cap: cv2.VideoCapture, address: str) -> int | None:
     return n if n > 0 and not address.isdigit() else None
 
 
+def opencv_safe(path: str) -> bool:
+    """Whether OpenCV may be given `path` as text: its C++ side crashes (SIGSEGV) on a str that is not valid
+    UTF-8, which is how Python holds a file name with undecodable bytes (as surrogates)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@contextlib.contextmanager
+def opencv_address(address: str) -> Iterator[str]:
+    """`address` as OpenCV can open it: a file whose name is not valid UTF-8 is reached through a temporary
+    link with a plain name (removed at the end)."""
+    if opencv_safe(address):
+        yield address
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="kapao-")
+    try:
+        link = os.path.join(folder, "video" + "".join(c for c in Path(address).suffix if opencv_safe(c)))
+        os.symlink(os.path.abspath(address), link)
+        yield link
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def count_frames(address: str) -> int | None:
     """Frame count of a video that is not open yet (for a progress bar's total)."""
-    cap = cv2.VideoCapture(address)
-    try:
-        return frame_count(cap, address)
-    finally:
-        cap.release()
+    with opencv_address(address) as safe:
+        cap = cv2.VideoCapture(safe)
+        try:
+            return frame_count(cap, address)
+        finally:
+            cap.release()
 
 
 class VideoReader:
@@ -136,8 +168,8 @@ class VideoReader:
     def __init__(self, address: str, prefetch: int = 8) -> None:
         self.address = address
         cap_arg: str | int = int(address) if address.isdigit() else address
-        with _opencv_quiet():  # a missing camera makes OpenCV print several lines of its own
-            self.cap = cv2.VideoCapture(cap_arg)
+        with _opencv_quiet(), opencv_address(str(cap_arg)) as safe:  # a missing camera makes OpenCV print
+            self.cap = cv2.VideoCapture(cap_arg if isinstance(cap_arg, int) else safe)  # lines of its own
         if not self.cap.isOpened():
             if address.isdigit():
                 raise DataError(f"cannot open webcam {address}: no camera at that index (or it is in use); connect "
@@ -255,3 +287,69 @@ def probe_image(path: Path) -> tuple[str, tuple[int, int], tuple[int, int]]:
     if w < 2 or h < 2:
         return "corrupt", (0, 0), (0, 0)
     return "ok", (h, w), ((w, h) if orientation in _EXIF_TRANSPOSED else (h, w))
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory images (the Python API)
+
+ACCEPTED_INPUTS = ("a path, folder, glob, video, stream URL or webcam index (str, Path, int); a numpy array H×W or "
+                   "H×W×1/3/4 (uint8 or uint16, BGR); a PIL image; a torch tensor laid out as such an array; or a "
+                   "list, tuple or iterable (e.g. a generator) of images and image paths")
+
+
+def is_single_image(obj: Any) -> bool:
+    """Whether `obj` is one in-memory image: a numpy array, a PIL image or a torch tensor."""
+    torch = sys.modules.get("torch")
+    return isinstance(obj, np.ndarray) or type(obj).__module__.startswith("PIL.") or (
+        torch is not None and isinstance(obj, torch.Tensor))
+
+
+def as_bgr_image(obj: Any, where: str = "source") -> np.ndarray:
+    """One image of the Python API as BGR uint8 (H, W, 3): an image path (read), a PIL image (as RGB), or
+    an array/tensor H×W, H×W×1 (grey), H×W×3 (BGR), H×W×4 (BGRA) of uint8 or uint16 (top byte kept).
+
+    TypeError naming `where` and the accepted inputs for any other type or dtype; ValueError for an
+    empty or wrongly shaped array; DataError for an unreadable image file.
+    """
+    if isinstance(obj, (str, os.PathLike)) and not isinstance(obj, bytes):
+        if "\x00" in os.fspath(obj):
+            raise DataError(f"{where} {os.fspath(obj)!r} holds a NUL byte, which no file name can; fix the name")
+        return load_image(obj)
+    if type(obj).__module__.startswith("PIL.") and hasattr(obj, "convert"):
+        return np.ascontiguousarray(np.asarray(obj.convert("RGB"))[..., ::-1])
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if not isinstance(obj, np.ndarray):
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; accepted: {ACCEPTED_INPUTS}")
+    if obj.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"{where} is an array of {obj.dtype}; images are uint8 or uint16 (convert with "
+                        "(a * 255).clip(0, 255).astype(np.uint8) from 0-1 floats)")
+    shape = obj.shape
+    if not (obj.ndim == 2 or (obj.ndim == 3 and shape[2] in (1, 3, 4))) or min(shape[:2], default=0) < 1:
+        raise ValueError(f"{where} has shape {shape}; images are H×W or H×W×1/3/4 with H, W >= 1")
+    img = (obj >> 8).astype(np.uint8) if obj.dtype == np.uint16 else obj
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(np.ascontiguousarray(img.reshape(shape[:2])), cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGRA2BGR)
+    return np.ascontiguousarray(img)
+
+
+def iter_api_images(source: Any) -> Iterator[np.ndarray]:
+    """The images of an in-memory source, one at a time (a generator is never held whole): one image
+    (:func:`is_single_image`), or a list, tuple or iterable of images and image paths. TypeError for
+    None, bytes, files and anything else, naming the accepted inputs."""
+    if source is None:
+        raise TypeError(f"source is None; give {ACCEPTED_INPUTS} (the sample images are only the CLI's default)")
+    if is_single_image(source):
+        yield as_bgr_image(source)
+        return
+    if isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike, dict)) or hasattr(source, "read") or \
+            not hasattr(source, "__iter__"):
+        raise TypeError(f"source is a {type(source).__module__}.{type(source).__qualname__}; accepted: {ACCEPTED_INPUTS}")
+    for i, item in enumerate(source):
+        if not (is_single_image(item) or isinstance(item, (str, os.PathLike))):
+            raise TypeError(f"source[{i}] is a {type(item).__module__}.{type(item).__qualname__}; each item must be "
+                            "an image (numpy array, PIL image, torch tensor) or an image path")
+        yield as_bgr_image(item, f"source[{i}]")

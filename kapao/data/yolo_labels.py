@@ -31,14 +31,15 @@ from tqdm import tqdm
 from kapao.cfg.schema import BOX_AREA_FACTOR, IMAGE_SUFFIXES, DatasetConfig, KeypointSchema
 from kapao.data.labels import CACHE_VERSION, DatasetStats, Labels, cache_paths, load_cached, parse_annotation, save_cached
 from kapao.data.sources import probe_image
-from kapao.errors import ConfigError, DataError
+from kapao.errors import ConfigError, DataError, OutsideRootError
+from kapao.runtime import inside_root
 
 OKS_AREA_NOTE = (f"YOLO labels have no segmentation area: OKS area = {BOX_AREA_FACTOR} x box area "
                  "(the Ultralytics / CrowdPose convention)")
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01
 
 
-def image_files(sources: Sequence[Path], root: Path) -> list[Path]:
+def image_files(sources: Sequence[Path], root: Path, outside: list[str] | None = None) -> list[Path]:
     """Image paths of a split, sorted: folders searched recursively, .txt lists read one path a line
     (`./x` relative to the list's folder, as Ultralytics; other relative lines under the root, else
     the list's folder). DataError naming a source that does not exist."""
@@ -47,20 +48,32 @@ def image_files(sources: Sequence[Path], root: Path) -> list[Path]:
         if src.is_dir():
             found += [p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         elif src.is_file():
-            found += [_list_entry(line.strip(), src, root) for line in
-                      src.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            lines = src.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
+            found += [p for n, line in enumerate(lines, 1) if line.strip()
+                      if (p := _list_entry(line.strip(), src, n, root, outside)) is not None]
         else:
             raise DataError(f"{src} not found: check 'path' and the split entries of the dataset YAML")
     return sorted({p for p in found if p.suffix.lower() in IMAGE_SUFFIXES}, key=str)
 
 
-def _list_entry(line: str, list_file: Path, root: Path) -> Path:
-    p = Path(line).expanduser()
-    if p.is_absolute():
-        return p
-    if line.startswith("./"):
-        return Path(os.path.abspath(list_file.parent / p))  # not resolve(): a linked image keeps its labels/ path
-    return Path(os.path.abspath(next((c for c in (root / p, list_file.parent / p) if c.exists()), root / p)))
+def _list_entry(line: str, list_file: Path, n: int, root: Path, outside: list[str] | None) -> Path | None:
+    """One image list line as a path inside the dataset root or the list's folder (kapao.runtime.inside_root);
+    a line leading elsewhere is appended to `outside` (None: raised as OutsideRootError)."""
+    p = Path(line)
+    anchors = [list_file.parent] if line.startswith("./") else [root, list_file.parent]
+    if not p.is_absolute() and not line.startswith("./"):
+        anchors.sort(key=lambda a: not (a / p).exists())  # the root first, unless only the list's folder has it
+    error: OutsideRootError | None = None
+    for anchor in anchors:
+        try:  # not resolve(): a linked image keeps its labels/ path
+            return Path(os.path.abspath(inside_root(anchor, p, f"{list_file}:{n}:")))
+        except OutsideRootError as e:
+            error = error or e
+    assert error is not None  # every anchor refused the line
+    if outside is None:
+        raise error
+    outside.append(f"{list_file}:{n}")
+    return None
 
 
 def label_files(images: Sequence[Path]) -> list[Path]:
@@ -93,6 +106,7 @@ class LabelRows:
     missing: bool = False  # no label file (the image is a negative)
     outside: int = 0
     problems: list[LabelProblem] = field(default_factory=list)
+    duplicates: int = 0  # rows that repeat an earlier row exactly (dropped, as Ultralytics does)
 
 
 def read_label_file(path: Path, k: int, ndim: int, num_classes: int, single_cls: bool = False) -> LabelRows:
@@ -129,10 +143,12 @@ def read_label_file(path: Path, k: int, ndim: int, num_classes: int, single_cls:
         else:
             rows.append(row)
     a = np.array(rows, np.float64).reshape(-1, width)
+    first = np.sort(np.unique(a, axis=0, return_index=True)[1]) if len(a) else np.zeros(0, np.int64)
+    duplicates, a = len(a) - len(first), a[first]
     coords = np.concatenate([a[:, 1:5], a[:, 5:].reshape(len(a), k, ndim)[..., :2].reshape(len(a), 2 * k)], 1)
     outside = int(((coords < -COORD_TOLERANCE) | (coords > 1 + COORD_TOLERANCE)).any(1).sum())
     return LabelRows(a[:, 0].astype(np.int64), a[:, 1:5].astype(np.float32),
-                     a[:, 5:].reshape(len(a), k, ndim).astype(np.float32), False, outside, problems)
+                     a[:, 5:].reshape(len(a), k, ndim).astype(np.float32), False, outside, problems, duplicates)
 
 
 def row_annotations(rows: LabelRows, hw: tuple[int, int]) -> list[dict[str, Any]]:
@@ -154,11 +170,13 @@ def row_annotations(rows: LabelRows, hw: tuple[int, int]) -> list[dict[str, Any]
 # Labels of a split
 @dataclass
 class SplitFiles:
-    """The files of one split: images (sorted), their label files, the .txt lists read."""
+    """The files of one split: images (sorted), their label files, the .txt lists read, and the list
+    lines (`list.txt:N`) that lead outside the dataset root (skipped, never opened)."""
 
     images: list[Path]
     labels: list[Path]
     lists: list[Path]
+    outside: list[str] = field(default_factory=list)
 
 
 def split_files(cfg: DatasetConfig, split: str) -> SplitFiles:
@@ -168,8 +186,9 @@ def split_files(cfg: DatasetConfig, split: str) -> SplitFiles:
         have = ", ".join(cfg.yolo.sources) or "none"
         raise ConfigError(f"dataset {cfg.name} ({cfg.source}) has no '{split}' split; it has: {have}")
     sources = cfg.yolo.sources[split]
-    images = image_files(sources, cfg.root)
-    return SplitFiles(images, label_files(images), [s for s in sources if s.is_file()])
+    outside: list[str] = []
+    images = image_files(sources, cfg.root, outside)
+    return SplitFiles(images, label_files(images), [s for s in sources if s.is_file()], outside)
 
 
 def _relative(p: Path, root: Path) -> str:
@@ -204,6 +223,9 @@ def parse_split(cfg: DatasetConfig, files: SplitFiles, workers: int = 8,
                                      f"(beyond 0..1 by more than {COORD_TOLERANCE}); they are clipped in or dropped "
                                      "while training; fix the labels")
                         for i, (_, rows) in enumerate(parsed) if rows.outside)
+        problems.extend(LabelProblem(files.labels[i], 0, f"{rows.duplicates} row(s) repeat an earlier row exactly; "
+                                     "they are dropped while training; delete them")
+                        for i, (_, rows) in enumerate(parsed) if rows.duplicates)
     elif found:
         more = f" ({len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise DataError(f"{found[0]}{more}; `kapao check --data {cfg.source}` lists them all")
@@ -229,6 +251,7 @@ def _labels_from_rows(cfg: DatasetConfig, files: SplitFiles, parsed: list) -> La
     counts = [len(p) for p in persons]
     flat = [x for p in persons for x in p]
     stats.images, stats.persons, stats.negatives = len(kept), len(flat), counts.count(0)
+    stats.outside = len(files.outside)
     return Labels(files=np.array([_relative(files.images[i], cfg.root) for i in kept], dtype=str),
                   image_ids=np.array(kept, np.int64), shapes=np.array(shapes, np.int64).reshape(-1, 2),
                   apply_exif=np.ones(len(kept), bool),

@@ -7,6 +7,7 @@ from :mod:`kapao.data.sources` and results go to :mod:`kapao.infer.sinks`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -30,7 +31,16 @@ from kapao.backends.runtimes import Backend, BackendInfo, TorchBackend
 from kapao.cfg.schema import MAX_STRIDE, HeadLayout, KeypointSchema, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings, settings_from_keywords
 from kapao.data.letterbox import letterbox
-from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
+from kapao.data.sources import (
+    ACCEPTED_INPUTS,
+    Frame,
+    SourceSpec,
+    VideoReader,
+    count_frames,
+    iter_api_images,
+    load_image,
+    resolve_source,
+)
 from kapao.errors import ConfigError, DataError, KapaoError
 from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions, run_options
 from kapao.infer.postprocess import postprocess
@@ -277,23 +287,30 @@ class KAPAO:
                               f"choose the precision when loading: KAPAO(weights, half={bool(half)})")
         return settings, rest
 
-    def predict(self, source: str | Path | int | np.ndarray | Sequence[np.ndarray] | None = None, *,
-                imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS, **kwargs: Any) -> list[Poses]:
-        """Poses for every image/frame of `source` (a path, folder, glob, video, or BGR arrays), in order.
+    def predict(self, source: Any, *, imgsz: int = 1280, settings: InferenceSettings = PREDICT_SETTINGS,
+                **kwargs: Any) -> list[Poses]:
+        """Poses for every image/frame of `source`, in order: a path, folder, glob, video, stream URL or webcam
+        index (str, Path, int), or in-memory images (see :data:`kapao.data.sources.ACCEPTED_INPUTS`: numpy
+        H×W / H×W×1/3/4 uint8/uint16 BGR, PIL images, torch tensors, lists or generators of them and of
+        paths). A list or tuple goes as one batch; a generator is read one image at a time. `[]` gives `[]`;
+        None and other types raise TypeError.
 
         Keywords as Ultralytics' ``predict``: the thresholds ``conf``, ``iou``, ``max_det``, ``conf_kp``,
         ``iou_kp``, ``conf_kp_person``, ``tolerance``, ``fuse`` (fields of
         :class:`kapao.cfg.settings.InferenceSettings`, applied to `settings`), ``half`` (must match the
         loaded model), and ``scales``, ``flips`` (TTA), ``batch``."""
         settings, kwargs = self._keywords("predict", settings, kwargs, ("scales", "flips", "batch"))
-        if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
-            arrays = [source] if isinstance(source, np.ndarray) else list(source)
-            kwargs.pop("batch", None)  # arrays go as one batch
-            out = self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
-            return [dataclasses.replace(p.to("cpu"), image=a) for p, a in zip(out, arrays)]
-        if isinstance(source, Sequence) and not isinstance(source, str):  # empty or not arrays: run() rejects it by its text
-            source = str(source)
-        return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
+        if isinstance(source, (str, Path, int)) and not isinstance(source, bool):
+            return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
+        images = iter_api_images(source)  # checks the type before the predictor is built
+        first = next(images, None)
+        if first is None:
+            return []
+        kwargs.pop("batch", None)  # in-memory images: a list is one batch, a generator one image at a time
+        predictor, imgsz = self.predictor(settings, **kwargs), self.check_imgsz(imgsz)
+        groups = [[first, *images]] if isinstance(source, (list, tuple)) else ([i] for i in itertools.chain([first], images))
+        return [dataclasses.replace(p.to("cpu"), image=a) for group in groups
+                for p, a in zip(predictor.predict_images(group, imgsz), group)]
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, options: PredictOptions | None = None,
             output: OutputOptions | None = None, sinks: Sequence[Sink] = (), transforms: Sequence[FrameTransform] = (),
@@ -317,33 +334,44 @@ class KAPAO:
         self.check_imgsz(opts.imgsz)
         if opts.batch < 1:
             raise ConfigError(f"--batch {opts.batch}: must be at least 1")
+        if source is None and not out.resume:
+            raise TypeError(f"source is None; give {ACCEPTED_INPUTS} (the sample images are only the CLI's default)")
         resume_dir, stored = None, None
         if out.resume:
             resume_dir = find_resume_run(out.resume, out.project, out.name, source_text(source))
             stored = read_run_args(resume_dir)
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
-        args = self._run_args(spec, opts)
+        draw = out.draw or DrawOptions()
+        args = {**self._run_args(spec, opts), "save": out.save, "draw": dataclasses.asdict(draw),
+                "sinks": sorted(type(s).__name__ for s in sinks)}  # what shapes the outputs: a resume keeps it
         if resume_dir is not None and stored is not None:  # read together above
             check_resume(resume_dir, spec, stored, args)
+            args["run"] = stored.get("run")
         if out.show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
-        return self._run(spec, opts, dataclasses.replace(out, draw=out.draw or DrawOptions()), args, resume_dir,
-                         sinks, transforms)
+        return self._run(spec, opts, dataclasses.replace(out, draw=draw), args, resume_dir, sinks, transforms)
 
     def _run(self, spec: SourceSpec, opts: PredictOptions, out: OutputOptions, args: dict[str, Any],
              resume_dir: Path | None, sinks: Sequence[Sink], transforms: Sequence[FrameTransform]) -> PredictRun:
-        """The checked run: open the readers and the run folder, feed the frame loop to the writer, clean up."""
+        """The checked run: open the readers and the run folder (locked), feed the frame loop to the writer, clean up."""
         assert out.draw is not None  # run() fills it in
         predictor = self.predictor(opts.settings, opts.scales, opts.flips, return_kp_objects=out.draw.show_kp_objects)
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir, done = open_run_dir(out.project, out.name, readers, {**args, **self.runs_on}, resume_dir,
-                                       out.save or out.save_json)
         root = source_root(spec)
-        writer = ResultWriter(save_dir, self.schema, out.draw, save_media=out.save, show=out.show,
-                              save_json=out.save_json, root=root, sinks=sinks) if save_dir or out.show or sinks else None
+        names = {source_name(i, root) for i in spec.items} if resume_dir is not None else None
+        args.update(self.runs_on)  # what ran, recorded in args.yaml; a resume does not compare it
+        save_dir, done, lock = open_run_dir(out.project, out.name, readers, args, resume_dir, out.save or out.save_json,
+                                            names)
+        try:
+            writer = ResultWriter(save_dir, self.schema, out.draw, save_media=out.save, show=out.show,
+                                  save_json=out.save_json, root=root, sinks=sinks,
+                                  run=args.get("run")) if save_dir or out.show or sinks else None
+        except BaseException:
+            lock.release()
+            raise
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
         skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
@@ -354,12 +382,15 @@ class KAPAO:
             _consume(predict_frames(predictor, frames, opts.imgsz, opts.batch, transforms), writer, run,
                      out.keep_results, bar)
         finally:
-            for r in readers.values():
-                r.close()
-            if writer:
-                run.json_path = writer.close()
-            if run.frames == 0 and resume_dir is None and save_dir is not None:
-                shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
+            try:
+                for r in readers.values():
+                    r.close()
+                if writer:
+                    run.json_path = writer.close()
+            finally:
+                lock.release()
+                if run.frames == 0 and resume_dir is None and save_dir is not None:
+                    shutil.rmtree(save_dir, ignore_errors=True)  # failed or empty: no run folder that looks like a result
         run.seconds = time.perf_counter() - t0
         if run.frames == 0 and resume_dir is None:
             why = f"{len(run.unreadable)} unreadable files" if run.unreadable else "the video has no frames"
@@ -384,9 +415,8 @@ class KAPAO:
         predictor = self.predictor(settings, **kwargs)
         imgsz = self.check_imgsz(imgsz)
         readers: dict[str, VideoReader] = {}
-        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
-            arrays = [source] if isinstance(source, np.ndarray) else source
-            frames: Iterator[Frame] = (Frame(image, "<arrays>", i, fps) for i, image in enumerate(arrays))
+        if source is None or not isinstance(source, (str, Path, int)):
+            frames: Iterator[Frame] = (Frame(image, "<arrays>", i, fps) for i, image in enumerate(iter_api_images(source)))
         else:
             frames = (dataclasses.replace(f, fps=fps) if f.frame is None and fps else f
                       for f in iter_frames(resolve_source(source), readers))

@@ -87,10 +87,12 @@ def poses_from_records(records: Sequence[dict[str, Any]], num_keypoints: int) ->
                  torch.tensor([-1 if i is None else i for i in ids], dtype=torch.int64))
 
 
-def frame_record(frame: Frame, name: str, poses: Poses) -> dict[str, Any]:
-    """The JSONL line of one frame: source, frame (None for images), time (s into a video), image_id, poses."""
+def frame_record(frame: Frame, name: str, poses: Poses, run: str | None = None) -> dict[str, Any]:
+    """The JSONL line of one frame: source, frame (None for images), time (s into a video), image_id, poses,
+    and the id of the run that wrote it (when it has one: --resume accepts only its own run's lines)."""
     t = None if frame.frame is None or not frame.fps else round(frame.frame / frame.fps, 6)
-    return {"source": name, "frame": frame.frame, "time": t, "image_id": image_id_of(frame), "poses": pose_records(poses)}
+    rec = {"source": name, "frame": frame.frame, "time": t, "image_id": image_id_of(frame), "poses": pose_records(poses)}
+    return rec if run is None else {**rec, "run": run}
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kapao.cfg.settings import read_yaml
 from kapao.data.sources import STREAM_PREFIXES, SourceSpec, VideoReader
 from kapao.errors import ConfigError, DataError
 from kapao.infer.records import PREDICTIONS_JSONL, read_records
-from kapao.runtime import atomic_write, increment_run_dir
+from kapao.runtime import RunLock, atomic_write, increment_run_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ def source_key(text: str) -> str:
 def read_run_args(run_dir: Path) -> dict[str, Any]:
     """A predict run folder's args.yaml (ConfigError when it is missing or unreadable)."""
     try:
-        data = yaml.safe_load((run_dir / RUN_ARGS).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({getattr(e, 'strerror', None) or e}); "
+        data = read_yaml(run_dir / RUN_ARGS)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read its {RUN_ARGS} ({e}); "
                           "resume a folder made by kapao predict") from None
     if not isinstance(data, dict) or "source" not in data:
         raise ConfigError(f"--resume {run_dir}: {RUN_ARGS} is not a kapao predict record; resume a folder made by "
@@ -94,23 +96,32 @@ def check_resume(run_dir: Path, spec: SourceSpec, stored: dict[str, Any], args: 
 
 
 def open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader], args: dict[str, Any],
-                  resume_dir: Path | None, wanted: bool) -> tuple[Path | None, Progress]:
-    """The run folder and what it already holds: the resumed one (its JSONL read, an unfinished last line
-    cut off), or the next runs/predict/expN with its args.yaml; the readers are closed when this fails."""
+                 resume_dir: Path | None, wanted: bool,
+                 names: set[str] | None = None) -> tuple[Path | None, Progress, RunLock]:
+    """The run folder, what it already holds and its lock (held until released): the resumed one (locked
+    first, then its JSONL read, an unfinished last line cut off, every record checked to be of this run and
+    SOURCE: `args["run"]`, `names`), or the next runs/predict/expN with its args.yaml (`args` plus a new run id); the readers are
+    closed when this fails. A folder another process writes to is refused (kapao.runtime.RunLock)."""
+    lock = RunLock(resume_dir or ".")
     try:
         if resume_dir is not None:
-            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL)
+            lock.acquire()
+            return resume_dir, load_progress(resume_dir / PREDICTIONS_JSONL, args.get("run"), names), lock
         if not wanted:
-            return None, Progress()
+            return None, Progress(), lock
         save_dir = increment_run_dir(project, name)
+        lock = RunLock(save_dir).acquire()
+        args["run"] = uuid.uuid4().hex[:12]
         try:
             with atomic_write(save_dir / RUN_ARGS, "w") as f:
                 yaml.safe_dump(args, f, sort_keys=False)
         except OSError as e:
+            lock.release()
             shutil.rmtree(save_dir, ignore_errors=True)  # still empty: leave no run folder behind
             raise DataError(f"cannot write {save_dir / RUN_ARGS}: {e.strerror or e}; free disk space") from None
-        return save_dir, Progress()
+        return save_dir, Progress(), lock
     except BaseException:
+        lock.release()
         for r in readers.values():
             r.close()
         raise
@@ -128,13 +139,26 @@ class Progress:
         return name in self.images if frame is None else frame <= self.frames.get(name, -1)
 
 
-def load_progress(path: Path) -> Progress:
-    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first."""
+def load_progress(path: Path, run: str | None = None, names: set[str] | None = None) -> Progress:
+    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first.
+
+    Only records of this run are accepted: with `run`, each record's "run" must be it; with `names`
+    (what SOURCE holds, as records name it), each record's source must be one of them; and no image may
+    be recorded twice. Anything else (another process appended to the file) is a DataError naming the line.
+    """
     progress = Progress()
     if not path.exists():
         return progress
     cut_unfinished_line(path)
-    for rec in read_records(path):
+    for i, rec in enumerate(read_records(path), 1):
+        why = (f"is a record of another run ({rec.get('run')!r}; this run is {run!r})" if run and rec.get("run") != run
+               else f"names {rec['source']!r}, which SOURCE does not hold" if names is not None and
+               rec["source"] not in names
+               else f"repeats {rec['source']!r}" if rec.get("frame") is None and rec["source"] in progress.images
+               else None)
+        if why:
+            raise DataError(f"{path}: line {i} {why}: another process wrote into this run folder; start a new run "
+                            "(drop --resume)")
         if rec.get("frame") is None:
             progress.images.add(rec["source"])
         else:

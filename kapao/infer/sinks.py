@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ import cv2
 import numpy as np
 
 from kapao.cfg.schema import KeypointSchema
-from kapao.data.sources import Frame
-from kapao.draw import draw_poses
+from kapao.data.sources import Frame, opencv_safe
+from kapao.draw import draw_poses, write_image
 from kapao.errors import DataError
 from kapao.infer.options import DrawOptions
 from kapao.infer.records import PREDICTIONS_JSON, PREDICTIONS_JSONL, frame_record, source_name, write_coco_json
@@ -50,8 +51,8 @@ class Sink(Protocol):
 class JsonlSink:
     """Appends one JSON line per frame to ``save_dir/predictions.jsonl`` (see :func:`frame_record`)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None, run: str | None = None) -> None:
+        self.root, self.run = root, run
         self.path: Path | None = None
         self._file: Any = None
         self._synced = 0.0
@@ -67,7 +68,7 @@ class JsonlSink:
         self._synced = time.monotonic()
 
     def add(self, frame: Frame, poses: Poses) -> None:
-        rec = frame_record(frame, source_name(frame.path, self.root), poses)
+        rec = frame_record(frame, source_name(frame.path, self.root), poses, self.run)
         try:
             self._file.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
             self._file.flush()  # the OS has every finished line: a killed process loses nothing more
@@ -95,7 +96,7 @@ class _VideoSink:
     drawing and mp4 encoding (OpenCV releases the GIL) overlap the next frame's inference."""
 
     def __init__(self, writer: cv2.VideoWriter, path: Path, prefetch: int = 8) -> None:
-        self.writer, self.path = writer, path
+        self.writer, self.path, self.frames = writer, path, 0
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -106,6 +107,7 @@ class _VideoSink:
             if self._error is None:
                 try:
                     self.writer.write(job())
+                    self.frames += 1
                 except Exception as e:  # noqa: BLE001 - reported on the main thread by put()/release()
                     self._error = e
 
@@ -118,10 +120,19 @@ class _VideoSink:
         self._queue.put(make_image)
 
     def release(self) -> None:
+        """Finish the file, then read its frame count back: OpenCV reports no write error (a full disk
+        leaves a cut, unplayable file behind a success), so a file short of frames is a DataError."""
         self._queue.put(None)
         self._thread.join()
         self.writer.release()
         self._check()
+        cap = cv2.VideoCapture(str(self.path))
+        readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if readable < self.frames:
+            free = shutil.disk_usage(self.path.parent).free
+            raise DataError(f"cannot write video {self.path}: {readable} of its {self.frames} frames reached the file "
+                            f"({free >> 20} MiB free on its disk: full?); free disk space or use --project elsewhere")
 
 
 def _unused(path: Path) -> Path:
@@ -178,9 +189,7 @@ class MediaSink:
             return
         assert self.save_dir is not None  # self.save is only true with a save_dir (see open)
         if frame.frame is None:
-            out = self.save_dir / self.drawn_name(frame.path)
-            if not cv2.imwrite(str(out), img):
-                raise DataError(f"cannot write {out}; check that the output folder is writable and has space")
+            write_image(self.save_dir / self.drawn_name(frame.path), img)
             self.written += 1
         else:
             self._video_sink(frame).put(lambda: img)
@@ -197,6 +206,8 @@ class MediaSink:
         if key not in self._videos:
             name = Path(key).stem if not key.isdigit() else f"webcam{key}"
             assert self.save_dir is not None  # only called when saving
+            if not opencv_safe(name):  # OpenCV crashes on such a name: undecodable bytes written as \xff
+                name = os.fsencode(name).decode("utf-8", "backslashreplace")
             out = _unused(self.save_dir / f"{name}.mp4")
             h, w = frame.image.shape[:2]
             writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*"mp4v"), frame.fps or 30.0, (w, h))
@@ -222,10 +233,10 @@ class ResultWriter:
 
     def __init__(self, save_dir: Path | None, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
                  show: bool = False, save_json: bool = True, root: Path | None = None,
-                 sinks: Sequence[Sink] = ()) -> None:
+                 sinks: Sequence[Sink] = (), run: str | None = None) -> None:
         self.save_dir, self.schema, self.save_json = save_dir, schema, save_json and save_dir is not None
         self.sinks: list[Sink] = [*([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks,
-                                  *([JsonlSink(root)] if self.save_json else [])]
+                                  *([JsonlSink(root, run)] if self.save_json else [])]
         opened: list[Sink] = []
         try:
             for s in self.sinks:

@@ -62,7 +62,13 @@ def load_tracker_config(tracker: str | Path = "bytetrack") -> SimpleNamespace:
     kind = cfg.get("tracker_type")
     if kind not in TRACKERS:
         raise ConfigError(f"--tracker {path}: 'tracker_type' must be one of {', '.join(TRACKERS)}, got {kind!r}")
-    merged = {**read_yaml(tracker_yaml(kind)), **cfg}
+    shipped = read_yaml(tracker_yaml(kind))
+    unknown = sorted(str(k) for k in cfg if k not in shipped)
+    if unknown:
+        raise ConfigError(f"--tracker {path}: unknown key(s) {', '.join(map(repr, unknown))} for {kind}; known: "
+                          f"{', '.join(shipped)}")
+    merged = {**shipped, **cfg}
+    _check_choices(merged, path)
     if merged.get("with_reid"):
         raise ConfigError(f"--tracker {path}: 'with_reid: true' needs a ReID network, which kapao does not run; "
                           "set it to false")
@@ -72,6 +78,25 @@ def load_tracker_config(tracker: str | Path = "bytetrack") -> SimpleNamespace:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
             raise ConfigError(f"--tracker {path}: '{key}' must be a number in [{low}, {high}], got {v!r}")
     return SimpleNamespace(**merged)
+
+
+GMC_METHODS = ("sparseOptFlow", "orb", "sift", "ecc", "none")  # what ultralytics' BoT-SORT GMC runs
+
+
+def _check_choices(cfg: dict[str, Any], path: Path) -> None:
+    """ConfigError for a tracker key whose value ultralytics would only fail on later (or silently ignore)."""
+    for key in ("fuse_score", "with_reid"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ConfigError(f"--tracker {path}: '{key}' must be true or false, got {cfg[key]!r}")
+    if "gmc_method" in cfg and cfg["gmc_method"] not in (*GMC_METHODS, None):
+        raise ConfigError(f"--tracker {path}: 'gmc_method' must be one of {', '.join(GMC_METHODS)}, "
+                          f"got {cfg['gmc_method']!r}")
+    for key in ("proximity_thresh", "appearance_thresh"):
+        v = cfg.get(key, 0.5)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ConfigError(f"--tracker {path}: '{key}' must be a number in [0, 1], got {v!r}")
+    if isinstance(cfg.get("track_buffer"), float) and not cfg["track_buffer"].is_integer():
+        raise ConfigError(f"--tracker {path}: 'track_buffer' must be a whole number of frames, got {cfg['track_buffer']!r}")
 
 
 class TrackerInput:

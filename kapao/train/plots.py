@@ -18,8 +18,8 @@ from torch import Tensor
 from kapao.cfg.schema import KeypointSchema
 from kapao.data.letterbox import resize_long_side
 from kapao.data.sources import load_image
-from kapao.draw import draw_poses, render_batch
-from kapao.errors import DataError, KapaoError
+from kapao.draw import draw_poses, render_batch, write_image
+from kapao.errors import KapaoError
 from kapao.poses import Poses
 
 LOGGER = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ def draw_predictions(predictions: Sequence[tuple[dict[str, Any], Any]], schema: 
     cols = min(len(tiles), 2)
     tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % cols)
     grid = np.vstack([np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)])
-    if not cv2.imwrite(str(path), grid, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-        raise DataError(f"cannot write {path}; check that the run folder is writable")
-    return path
+    return write_image(path, grid, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def plot_train_batch(imgs: Tensor, targets: Tensor, schema: KeypointSchema, path: Path) -> None:

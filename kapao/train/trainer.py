@@ -36,7 +36,7 @@ from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS
 from kapao.eval.val import make_val_loader, protocol_for
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
-from kapao.runtime import cpu_count, remove_if_empty, setup_logging
+from kapao.runtime import RunLock, cpu_count, remove_if_empty, setup_logging
 from kapao.train.callbacks import Callbacks, build_callbacks
 from kapao.train.distributed import (
     DistEnv,
@@ -427,9 +427,10 @@ def train(args: TrainArgs, callbacks: Iterable[Any] = ()) -> Path:
         cfg = load_dataset_config(args.data, single_cls=args.single_cls)
         for split in ("train", "val"):
             cfg.require(split)
-    run_dir = None
+    run_dir, lock = None, RunLock(".")  # held (rank 0) once the run folder is known; releasing an unheld one is a no-op
     try:
         run_dir, last, args = prepare_run(args, env)
+        lock = RunLock(run_dir).acquire() if env.main else lock  # a second training into this folder is refused
         ckpt = None
         if last is not None:
             ckpt, args = load_resume(last, args)
@@ -447,4 +448,5 @@ def train(args: TrainArgs, callbacks: Iterable[Any] = ()) -> Path:
             remove_if_empty(run_dir)
         raise
     finally:
+        lock.release()
         close(env)

@@ -146,6 +146,8 @@ def foreign_kind(path: Path) -> str | None:
         return None
     if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head):
         return "an ONNX model"
+    if head.startswith(b"PK\x03\x04") and _is_torchscript(path):
+        return "a TorchScript model (torch.jit.save), whose code kapao never runs"
     kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
     if kind is None and head[4:8] == b"ftyp":
         kind = "an MP4/MOV video"
@@ -153,6 +155,17 @@ def foreign_kind(path: Path) -> str | None:
     if kind is None and printable and not head.lstrip().startswith(b"<"):  # HTML: a failed download, below
         kind = "a text file (JSON/YAML/…)"
     return kind
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip archive is a TorchScript file: it holds compiled code (`code/`) or `constants.pkl`."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist()[:10_000])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _corrupt(path: Path, e: BaseException) -> WeightsError:
@@ -173,6 +186,8 @@ def _corrupt(path: Path, e: BaseException) -> WeightsError:
 
 def _torch_load_weights_only(path: Path) -> Any:
     check_file(path)
+    if _is_torchscript(path):  # torch.load would hand it to torch.jit.load
+        raise _corrupt(path, ValueError("TorchScript"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -7,8 +7,10 @@ import errno
 import hashlib
 import http.client
 import io
+import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,7 +34,11 @@ from kapao.weights.registry import (
 )
 
 _DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a download is given up
+DOWNLOAD_DEADLINE = 3600.0  # seconds a whole download may take
+MIN_RATE = 20_000  # bytes/s a download must average once MIN_RATE_AFTER seconds have passed (a drip is given up)
+MIN_RATE_AFTER = 30.0
 _CHUNK = 1 << 20
+LOGGER = logging.getLogger(__name__)
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -45,13 +51,33 @@ def resolve_weights(spec: PathLike) -> tuple[Path, str | None]:
 
 def weights_url(name: str) -> str:
     """The download URL of named weights ($KAPAO_WEIGHTS_URL with {id}/{name}, else Google Drive; a
-    detector: $KAPAO_WEIGHTS_URL when it has {name}, else its YOLOv5 release asset)."""
+    detector: $KAPAO_WEIGHTS_URL when it has {name}, else its YOLOv5 release asset). WeightsError naming the
+    variable when it is no http(s) URL with a host."""
     name = check_name(name)
     template = os.environ.get(URL_ENV)
+    if template:
+        _check_url_template(template)
     if name in DETECTORS:
         return template.replace("{name}", name) if template and "{name}" in template else DETECTORS[name].url
     entry = REGISTRY[name]
     return template.replace("{id}", entry.gdrive_id).replace("{name}", entry.name) if template else entry.url
+
+
+def _check_url_template(template: str) -> None:
+    import urllib.parse
+
+    why = None
+    try:
+        parts = urllib.parse.urlsplit(template)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            why = "it is no http:// or https:// URL with a host"
+        elif any(ord(c) < 33 for c in template):
+            why = "it holds spaces or control characters"
+        parts.port
+    except ValueError as e:
+        why = f"it cannot be parsed ({e})"
+    if why:
+        raise WeightsError(f"{URL_ENV}={template!r}: {why}; set it like https://mirror.example/{{name}}.pt, or unset it")
 
 
 def download_weights(name: str, *, force: bool = False) -> Path:
@@ -79,7 +105,7 @@ def download_weights(name: str, *, force: bool = False) -> Path:
                            f"writable folder, or {by_hand}") from None
     source = mirror or entry.url
     try:
-        with atomic_write(dest, suffix=".part", check=lambda tmp: _verify_download(tmp, entry.name, source,
+        with atomic_write(dest, suffix=".part", check=lambda tmp: _verify_download(tmp, entry, source,
                                                                                    by_hand)) as f:
             if mirror:
                 _download_http(mirror, f, entry.name, by_hand)
@@ -126,12 +152,28 @@ def _verify_detector(tmp: Path, entry: DetectorEntry, url: str, by_hand: str) ->
                            f"detector; it was deleted — {by_hand}")
 
 
-def _verify_download(tmp: Path, name: str, url: str, by_hand: str) -> None:
+def _verify_download(tmp: Path, entry: WeightsEntry, url: str, by_hand: str) -> None:
+    """The downloaded bytes against the table's size and sha256 (where recorded), then as weights."""
+    name, size = entry.name, tmp.stat().st_size
+    h = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    digest = h.hexdigest()
+    if entry.file_bytes is not None and size != entry.file_bytes:
+        raise WeightsError(f"the file downloaded for {name} from {url} has {size} bytes, not the {entry.file_bytes} "
+                           f"of the official file; it was deleted — {by_hand}")
+    if entry.sha256 is not None and digest != entry.sha256:
+        raise WeightsError(f"the file downloaded for {name} from {url} is not the official file (sha256 {digest[:16]}…, "
+                           f"expected {entry.sha256[:16]}…); it was deleted — {by_hand}")
     try:
         read_weights_file(tmp)
     except WeightsError as e:
         raise WeightsError(f"the file downloaded for {name} from {url} is not usable weights ({e}); it was "
                            f"deleted — {by_hand}") from None
+    if entry.sha256 is None:
+        LOGGER.info("%s: no sha256 recorded to check the download against; it has %d bytes, sha256 %s", name, size,
+                    digest)
 
 
 def _progress(name: str, total: int | None, file: Any = None) -> Any:
@@ -212,6 +254,15 @@ def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
                            f"the partial file was deleted — try again, or {by_hand}")
 
 
+def _check_pace(got: int, seconds: float, name: str, url: str, by_hand: str) -> None:
+    """WeightsError when a download passes DOWNLOAD_DEADLINE or averages below MIN_RATE (after MIN_RATE_AFTER)."""
+    if seconds > DOWNLOAD_DEADLINE or (seconds > MIN_RATE_AFTER and got < MIN_RATE * seconds):
+        why = (f"took longer than {DOWNLOAD_DEADLINE:.0f} s" if seconds > DOWNLOAD_DEADLINE else
+               f"averages {got / seconds / 1000:.1f} kB/s, below the {MIN_RATE / 1000:.0f} kB/s minimum")
+        raise WeightsError(f"download of {name} from {url} {why} ({got} bytes in {seconds:.0f} s); the partial file "
+                           f"was deleted — try again, or {by_hand}")
+
+
 def _download_http(url: str, out: Any, name: str, by_hand: str) -> None:
     """Stream ``url`` (a mirror: a plain file, no confirmation pages) into the open file ``out``."""
     request = urllib.request.Request(url, headers={"User-Agent": "kapao-weights/1 (python urllib)"})
@@ -228,13 +279,18 @@ def _download_http(url: str, out: Any, name: str, by_hand: str) -> None:
                                f"a login page, or a changed link); {by_hand}")
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        got = 0
+        expected = REGISTRY[name].file_bytes if name in REGISTRY else None
+        if total is not None and expected is not None and total != expected:
+            raise WeightsError(f"{url} offers {total} bytes for {name}, not the {expected} of the official file; "
+                               f"{by_hand}")
+        got, t0 = 0, time.monotonic()
         try:
             with _progress(name, total) as bar:
-                while chunk := resp.read(_CHUNK):
+                while chunk := resp.read1(_CHUNK):  # read1: returns what arrived, so a drip is noticed
                     out.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+                    _check_pace(got, time.monotonic() - t0, name, url, by_hand)
         except (OSError, http.client.HTTPException) as e:
             if isinstance(e, OSError) and e.errno in _DISK_FULL:
                 raise

@@ -43,6 +43,10 @@ def load_official_checkpoint(path: PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except _Refused as e:
+        if e.name.split(".")[0] == "ultralytics":
+            raise WeightsError(f"{path} is an Ultralytics YOLO checkpoint ({e.name}), not KAPAO weights; kapao runs "
+                               "KAPAO networks only (convert the dataset with `kapao convert` and train one with "
+                               "`kapao train`); nothing in it was executed") from None
         raise WeightsError(f"{path}: refused: the file tries to run code ({e.name}) or build objects that "
                            "official KAPAO checkpoints do not contain; nothing was executed — do not use this "
                            "file, get the weights from the official source") from None

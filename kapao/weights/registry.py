@@ -33,7 +33,9 @@ class WeightsEntry:
     """One official KAPAO weights file: where it comes from and what it is.
 
     ``ap`` is the AP the official README publishes for it on ``benchmark`` (None if none is stated);
-    ``file_bytes`` the file size when known (None: not recorded).
+    ``file_bytes`` and ``sha256`` the file's size and digest, against which every download is checked
+    (None: not recorded -- the official files were not at hand where this table was written, so a
+    download is then only checked to be whole and to load as weights; its digest is logged to be pinned).
     """
 
     name: str  # kapao_{size}_{dataset}; the cached file is <name>.pt
@@ -44,6 +46,7 @@ class WeightsEntry:
     benchmark: str  # what `ap` was measured on
     imgsz: int = DEFAULT_IMGSZ  # input size it was trained and evaluated at
     file_bytes: int | None = None
+    sha256: str | None = None
 
     @property
     def url(self) -> str:
@@ -64,10 +67,11 @@ class WeightsEntry:
         """Multi-line summary for ``kapao info --weights NAME``."""
         ap = f"{self.ap:.1f} ({self.benchmark})" if self.ap is not None else "not published"
         size = f"{self.file_bytes} bytes" if self.file_bytes is not None else "not recorded"
+        digest = self.sha256 or "not recorded (downloads are checked to load as weights only)"
         return "\n".join([f"name: {self.name}", f"model size: {self.size}", f"dataset: {self.dataset} "
                           f"({self.schema.num_keypoints} keypoints)", f"input size: {self.imgsz}",
                           f"published AP: {ap}", f"Google Drive id: {self.gdrive_id}", f"url: {self.url}",
-                          f"file size: {size}", f"cached as: {weights_path(self.name)}"])
+                          f"file size: {size}", f"sha256: {digest}", f"cached as: {weights_path(self.name)}"])
 
 
 _COCO_VAL = "COCO val2017, no TTA"

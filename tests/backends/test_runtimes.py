@@ -118,3 +118,75 @@ def test_onnx_files_get_the_onnx_backend(model: torch.nn.Module, tmp_path: Path)
     # --half asks CUDA first; on a CUDA device (onnxruntime here falls back to the CPU) the file must be fp16
     with pytest.raises(PrecisionError, match=r"^--half: .* is an fp32 ONNX model; export it with --half"):
         load_backend(path, RuntimeSpec(torch.device("cuda", 0), half=True))
+
+
+def _good_meta() -> dict[str, str]:
+    from kapao.backends.onnx_graph import export_metadata
+    from kapao.models.network import kapao_n
+
+    return export_metadata(kapao_n(17), (64, 64), dynamic=False, half=False, batch=1, opset=17)
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("format_version", "abc", "metadata format_version is 'abc', not an integer version"),
+    ("format_version", "-1", "not an integer version"),
+    ("format_version", "true", "not an integer version"),
+    ("format_version", "99", "metadata format_version is 99: exported by a newer kapao"),
+    ("schema", "[" * 100_000 + "]" * 100_000, "larger than 65536 characters"),
+    ("schema", "[" * 5000 + "]" * 5000, "nests deeper than 8 levels"),
+    ("schema", '{"names": ' + "[" * 20 + "]" * 20 + "}", "nests deeper than 8 levels"),
+    ("schema", "{", "metadata schema is '{', not a keypoint schema"),
+    ("schema", "[]", "not a keypoint schema"),
+    ("schema", '{"kpt_names": "x"}', "metadata schema is not a valid keypoint schema"),
+    ("imgsz", "[64]", "metadata imgsz is '[64]', not [height, width] in pixels"),
+    ("imgsz", "[64, -1]", "not [height, width]"),
+    ("imgsz", "[64.5, 64]", "not [height, width]"),
+    ("imgsz", "[1e9, 64]", "not [height, width]"),
+    ("batch", "0", "not a positive batch size"),
+    ("batch", '"1"', "not a positive batch size"),
+    ("stride", "7", "not a stride of 8, 16, 32 or 64"),
+    ("dynamic", "maybe", "metadata dynamic is 'maybe', not true or false"),
+    ("half", "1", "not true or false"),
+    ("num_keypoints", "5", "metadata num_keypoints is 5, but its schema names 17"),
+    ("num_keypoints", "x", "not an integer"),
+], ids=lambda v: v[:24] if isinstance(v, str) else v)
+def test_every_onnx_metadata_field_is_validated(key, value, phrase):
+    """Hostile metadata (a K, version or depth kapao never writes) is named: "FILE: metadata X is ..."."""
+    from kapao.backends.runtimes import parse_metadata
+    from kapao.errors import WeightsError
+
+    meta = {**_good_meta(), key: value}
+    with pytest.raises(WeightsError) as e:
+        parse_metadata(meta, where="m.onnx")
+    msg = str(e.value)
+    assert msg.startswith("m.onnx") and phrase in msg and len(msg.splitlines()) == 1, msg
+    assert parse_metadata(_good_meta()).imgsz == (64, 64)
+
+
+@pytest.mark.parametrize("out_shape", [[1, 3, 64, 64], [1, 10, 56], [1, 10, 6 + 3 * 5], [1, 570]])
+def test_an_onnx_graph_that_is_no_kapao_head_of_its_schema_is_named(tmp_path, out_shape):
+    """Valid kapao metadata on a graph whose output does not fit K: refused on load, naming both."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kapao.backends.onnx_graph import set_metadata
+    from kapao.backends.runtimes import OnnxBackend
+    from kapao.errors import WeightsError
+
+    inp = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [len(out_shape)], out_shape)
+    n = int(np.prod(out_shape))
+    nodes = [helper.make_node("Flatten", ["images"], ["flat"], axis=0),
+             helper.make_node("Slice", ["flat", "zero", "n", "one"], ["cut"]) if n <= 3 * 64 * 64 else None,
+             helper.make_node("Reshape", ["cut", "shape"], ["out"])]
+    consts = [helper.make_tensor(k, TensorProto.INT64, [1], [v]) for k, v in (("zero", 0), ("n", n), ("one", 1))]
+    graph = helper.make_graph([x for x in nodes if x is not None], "g", [inp], [out], initializer=[shape, *consts])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    set_metadata(model, _good_meta())
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(WeightsError, match=r"m.onnx: metadata schema has 17 keypoints, so the graph must output "
+                                           r"\(B, N, 57\)") as e:
+        OnnxBackend(path)
+    assert str(out_shape) in str(e.value) and len(str(e.value).splitlines()) == 1

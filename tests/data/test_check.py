@@ -104,6 +104,12 @@ def plant_duplicate(ds: Path) -> None:
     shutil.copyfile(label, label.with_name("copy.txt"))
 
 
+def plant_duplicate_row(ds: Path) -> None:
+    f = _labels(ds)[0]
+    row = f.read_text().splitlines()[0]
+    f.write_text(f.read_text() + row + "\n" + row + "\n")
+
+
 PLANTS = {  # plant -> (severity, text every finding contains)
     plant_missing_image: ("error", "image missing"),
     plant_corrupt_image: ("error", "image corrupt"),
@@ -116,6 +122,7 @@ PLANTS = {  # plant -> (severity, text every finding contains)
     plant_viewer_side: ("warning", "viewer's side"),
     plant_tiny_box: ("warning", "too small to learn"),
     plant_duplicate: ("warning", "identical cop"),
+    plant_duplicate_row: ("error", "2 row(s) repeat an earlier row exactly"),
 }
 
 

@@ -98,3 +98,83 @@ def test_convert_cli(coco_mini_yaml: Path, tmp_path: Path):
     res = run(cli, ["convert", "--data", str(tmp_path / "y" / "data.yaml"), "--to", "coco", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "c" / "annotations" / "test.json").is_file()
+
+
+def _planted(coco_mini: Path, tmp_path: Path, names: dict[int, str]) -> Path:
+    """A copy of coco-mini under tmp/ds whose image entries `names` (index -> file_name) are rewritten."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(coco_mini / "images", ds / "images")
+    gt = json.loads((coco_mini / "person_keypoints.json").read_text())
+    for i, name in names.items():
+        gt["images"][i]["file_name"] = name
+    (ds / "a.json").write_text(json.dumps(gt))
+    (ds / "d.yaml").write_text("base: coco\npath: .\n" + "".join(f"{s}: images\n{s}_annotations: a.json\n"
+                                                                for s in ("train", "val")))
+    return ds / "d.yaml"
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("name", ["../../../x/y.jpg", "/etc/hostname", "../ds/images/../../escape.jpg", "a\x00b.jpg",
+                                  "images/../../../../tmp/x.jpg", "sub/../../outside.jpg"])
+@pytest.mark.parametrize("copy", [False, True])
+def test_convert_never_writes_outside_out(coco_mini: Path, tmp_path: Path, name: str, copy: bool):
+    """A hostile file_name is refused with one line naming the JSON and the entry; --out is removed again and
+    nothing beside it appears."""
+    yaml_path = _planted(coco_mini, tmp_path, {1: name})
+    before = _listing(tmp_path)
+    argv = ["convert", "--data", str(yaml_path), "--to", "yolo", "--out", str(tmp_path / "ds" / "out" / "x")]
+    res = CliRunner().invoke(cli, argv + (["--copy-images"] if copy else []))
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "a.json: image id" in last and "bug" not in last, last
+    assert ("NUL" in last) if "\x00" in name else ("leads outside" in last)
+    assert _listing(tmp_path) - before <= {"ds/out"}  # only the parent of --out (it was asked for)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_convert_refuses_two_entries_naming_one_file(coco_mini: Path, tmp_path: Path, copy: bool):
+    """Two entries with one file_name would write the second through the first's link onto the source image."""
+    yaml_path = _planted(coco_mini, tmp_path, {})
+    gt = json.loads((yaml_path.parent / "a.json").read_text())
+    gt["images"][1]["file_name"] = gt["images"][0]["file_name"]
+    (yaml_path.parent / "a.json").write_text(json.dumps(gt))
+    source = (yaml_path.parent / "images" / gt["images"][0]["file_name"]).read_bytes()
+    argv = ["convert", "--data", str(yaml_path), "--to", "yolo", "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(cli, argv + (["--copy-images"] if copy else []))
+    assert res.exit_code == 1 and "is written twice" in res.output.strip().splitlines()[-1], res.output
+    assert (yaml_path.parent / "images" / gt["images"][0]["file_name"]).read_bytes() == source
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/hostname", "a\x00b.jpg"])
+def test_check_reports_and_val_skips_entries_outside_the_image_folder(coco_mini: Path, tmp_path: Path, name: str):
+    from kapao.data.labels import parse_annotations
+
+    yaml_path = _planted(coco_mini, tmp_path, {0: name})
+    res = CliRunner().invoke(cli, ["check", "--data", str(yaml_path), "--samples", "0", "--project", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "1 image entr(ies) lead outside the image folder" in res.output, res.output
+    labels = parse_annotations(yaml_path.parent / "a.json", yaml_path.parent / "images", 17, False)
+    assert labels.stats.outside == 1 and labels.stats.images == 3 and name not in labels.files.tolist()
+    assert "1 image entries leading outside the image folder skipped" in labels.stats.summary()
+
+
+def test_yolo_list_lines_outside_the_root_are_skipped_and_counted(coco_mini_yaml: Path, tmp_path: Path):
+    from kapao.data.check import check_dataset
+    from kapao.data.yolo_labels import split_files
+
+    res = coco_to_yolo(load_dataset_config(coco_mini_yaml), tmp_path / "yolo", splits=("train", "val"))
+    ds = res.yaml_path.parent
+    images = sorted(p.name for p in (ds / "images" / "val").iterdir())
+    (tmp_path / "outside.jpg").write_bytes((ds / "images" / "val" / images[0]).read_bytes())
+    (ds / "val.txt").write_text(f"./images/val/{images[0]}\n../outside.jpg\n/etc/hostname.jpg\nimages/val/{images[1]}\n")
+    (ds / "data.yaml").write_text((ds / "data.yaml").read_text().replace("val: images/val", "val: val.txt"))
+    cfg = load_dataset_config(ds / "data.yaml")
+    files = split_files(cfg, "val")
+    assert [p.name for p in files.images] == images[:2] and files.outside == [f"{ds / 'val.txt'}:2", f"{ds / 'val.txt'}:3"]
+    report = check_dataset(ds / "data.yaml", splits=["val"], samples=0, project=tmp_path / "r")
+    assert any("2 image entr(ies) lead outside" in str(p) for p in report.errors), report.problems

@@ -501,3 +501,118 @@ def test_predict_takes_ultralytics_style_threshold_keywords():
         api.predict(img, half=True)
     with pytest.raises(ConfigError, match="'conf' must be in"):
         api.predict(img, conf=3)
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_finished_frames_of_a_video(eager_weights: Path, tmp_path: Path):
+    """SIGTERM while predicting a video is handled like Ctrl-C: every finished frame is in predictions.jsonl
+    and in a playable drawn .mp4, predictions.json is built, exit 143 with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    video = tmp_path / "long.mp4"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (320, 240))
+    for i in range(600):
+        w.write(np.full((240, 320, 3), i % 255, np.uint8))
+    w.release()
+    run = tmp_path / "runs" / "exp"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "kapao", "predict", str(video), "--weights", str(eager_weights),
+                             "--imgsz", "256", "--device", "cpu", "--project", str(tmp_path / "runs")],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            jsonl = run / "predictions.jsonl"
+            if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and err.rstrip().splitlines()[-1] == "Terminated (SIGTERM).", err[-2000:]
+    lines = (run / "predictions.jsonl").read_bytes().count(b"\n")
+    cap = cv2.VideoCapture(str(run / "long.mp4"))
+    drawn = 0
+    while cap.read()[0]:
+        drawn += 1
+    assert 3 <= lines < 600 and drawn == lines
+    assert len(json.loads((run / "predictions.json").read_text())) >= 0 and not (run / ".kapao.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def api(eager_weights: Path) -> KAPAO:
+    """One torch-backend API object for the input-checking tests (no ONNX export per test)."""
+    return KAPAO(eager_weights, device="cpu", backend="torch")
+
+
+def _api_inputs(path: Path) -> dict[str, object]:
+    from PIL import Image
+
+    bgr = cv2.imread(str(path))
+    return {
+        "path": str(path), "Path": path, "bgr": bgr, "grey": cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY),
+        "grey1": cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)[..., None], "bgra": cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA),
+        "uint16": bgr.astype(np.uint16) * 257, "pil": Image.fromarray(bgr[..., ::-1].copy()),
+        "tensor": torch.from_numpy(bgr), "list": [bgr], "tuple": (str(path),), "mixed": [str(path), bgr],
+        "generator": (x for x in [bgr]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["path", "Path", "bgr", "grey", "grey1", "bgra", "uint16", "pil", "tensor", "list",
+                                  "tuple", "mixed", "generator"])
+def test_the_api_takes_what_users_hold(api: KAPAO, coco_mini: Path, kind: str):
+    """Every documented input gives the poses of the same image (grey ones: of its grey copy)."""
+    path = sorted((coco_mini / "images").iterdir())[0]
+    got = api.predict(_api_inputs(path)[kind], imgsz=128)
+    want = api.predict(cv2.imread(str(path)), imgsz=128)[0]
+    assert len(got) == (2 if kind == "mixed" else 1)
+    if kind not in ("grey", "grey1"):
+        assert torch.equal(got[0].boxes, want.boxes) and torch.equal(got[-1].keypoints, want.keypoints)
+
+
+@pytest.mark.parametrize("source, error, phrase", [
+    (None, TypeError, "source is None"),
+    (b"img.jpg", TypeError, "source is a builtins.bytes; accepted:"),
+    (object(), TypeError, "source is a builtins.object; accepted:"),
+    ({"a": 1}, TypeError, "source is a builtins.dict"),
+    (3.5, TypeError, "source is a builtins.float"),
+    ([1, 2], TypeError, "source[0] is a builtins.int; each item must be"),
+    ([np.zeros((8, 8, 3), np.uint8), None], TypeError, "source[1] is a builtins.NoneType"),
+    (np.zeros((8, 8, 3), np.float32), TypeError, "is an array of float32; images are uint8 or uint16"),
+    (np.zeros((8, 8, 3), bool), TypeError, "is an array of bool"),
+    (np.zeros((8, 8, 2), np.uint8), ValueError, "has shape (8, 8, 2); images are H×W or H×W×1/3/4"),
+    (np.zeros((0, 8, 3), np.uint8), ValueError, "has shape (0, 8, 3)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), ValueError, "has shape (2, 8, 8, 3)"),
+    (np.zeros(5, np.uint8), ValueError, "has shape (5,)"),
+    ("a\x00b.jpg", Exception, "holds a NUL byte"),
+    ([Path("a\x00b.jpg")], Exception, "source[0] 'a\\x00b.jpg' holds a NUL byte"),
+])
+def test_the_api_names_what_it_accepts(api: KAPAO, source, error, phrase):
+    with pytest.raises(error) as e:
+        api.predict(source, imgsz=128)
+    assert phrase in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+def test_the_api_streams_generators_and_gives_nothing_for_nothing(api: KAPAO, tmp_path: Path):
+    assert api.predict([], imgsz=128) == [] and api.predict(iter(()), imgsz=128) == []
+    taken = []
+
+    def frames():
+        for i in range(3):
+            taken.append(i)
+            yield np.full((32, 32, 3), 40 * i, np.uint8)
+
+    results = api.predict(frames(), imgsz=128)
+    assert len(results) == 3 and taken == [0, 1, 2]
+    with open(__file__, "rb") as f:
+        with pytest.raises(TypeError, match="_io.BufferedReader; accepted"):
+            api.predict(f, imgsz=128)
+    with pytest.raises(TypeError, match="source is None"):
+        api.run(None, imgsz=128, save=False, project=tmp_path)
+    with pytest.raises(TypeError, match="source is None"):
+        next(api.track(None, imgsz=128))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_read_run_args_and_check_resume(tmp_path: Path):
     with pytest.raises(ConfigError, match="is a stream"):
         check_resume(d, SourceSpec("stream", ["0"], source="0"), stored, {})
     (d / RUN_ARGS).write_text("- not a mapping\n")
-    with pytest.raises(ConfigError, match="not a kapao predict record"):
+    with pytest.raises(ConfigError, match="args.yaml: expected a mapping"):
         read_run_args(d)
     (d / RUN_ARGS).unlink()
     with pytest.raises(ConfigError, match="cannot read its args.yaml"):
@@ -72,13 +73,65 @@ def test_read_run_args_and_check_resume(tmp_path: Path):
 
 
 def test_open_run_dir_new_and_resumed(tmp_path: Path):
-    d, progress = open_run_dir(tmp_path / "runs", "exp", {}, {"source": "x", "imgsz": 64}, None, True)
-    assert d == tmp_path / "runs" / "exp" and read_run_args(d)["imgsz"] == 64 and progress.lines == 0
-    assert open_run_dir(tmp_path / "runs", "exp", {}, {}, None, False) == (None, progress.__class__())
+    d, progress, lock = open_run_dir(tmp_path / "runs", "exp", {}, {"source": "x", "imgsz": 64}, None, True)
+    stored = read_run_args(d)
+    assert d == tmp_path / "runs" / "exp" and stored["imgsz"] == 64 and progress.lines == 0 and len(stored["run"]) == 12
+    lock.release()
+    assert open_run_dir(tmp_path / "runs", "exp", {}, {}, None, False)[:2] == (None, progress.__class__())
     (d / "predictions.jsonl").write_bytes(b'{"source": "a.jpg", "frame": null, "poses": []}\n{"sour')
-    again, progress = open_run_dir(tmp_path / "runs", "exp", {}, {}, d, True)
+    again, progress, lock = open_run_dir(tmp_path / "runs", "exp", {}, {}, d, True)
     assert again == d and progress.images == {"a.jpg"} and (d / "predictions.jsonl").read_bytes().endswith(b"]}\n")
+    lock.release()
     assert source_key("0") == "0" and source_key("rtsp://cam") == "rtsp://cam"
+
+
+@pytest.mark.parametrize("lines, run, names, phrase", [
+    ([{"source": "a.jpg", "run": "r1"}, {"source": "b.jpg", "run": "r2"}], "r1", None, "line 2 is a record of another run"),
+    ([{"source": "a.jpg", "run": "r1"}, {"source": "a.jpg", "run": "r1"}], "r1", None, "line 2 repeats 'a.jpg'"),
+    ([{"source": "a.jpg"}, {"source": "../x.jpg"}], None, {"a.jpg", "b.jpg"}, "line 2 names '../x.jpg', which SOURCE"),
+    ([{"source": "a.jpg"}], "r1", None, "line 1 is a record of another run (None"),
+])
+def test_resume_accepts_only_its_own_records(tmp_path: Path, lines, run, names, phrase):
+    import json
+
+    from kapao.errors import DataError
+
+    d = tmp_path / "exp"
+    d.mkdir()
+    (d / "predictions.jsonl").write_text("".join(json.dumps({"frame": None, "poses": [], **r}) + "\n" for r in lines))
+    with pytest.raises(DataError, match=re.escape(phrase)) as e:
+        open_run_dir(tmp_path, "exp", {}, {"run": run}, d, True, names)
+    assert "another process wrote into this run folder" in str(e.value)
+    assert not (d / ".kapao.lock").exists()  # released on failure
+
+
+LOCK_HOLDER = ("import sys, time; from kapao.runtime import RunLock; RunLock(sys.argv[1]).acquire(); "
+               "print('held', flush=True); time.sleep(60)")
+
+
+def test_a_second_writer_is_refused_naming_the_holders_pid(tmp_path: Path):
+    """Two processes: the first holds the run folder's lock; the second is refused with its pid; once the
+    first dies (killed: the OS drops the lock) the folder is free again."""
+    import os
+    import subprocess
+    import sys
+
+    from kapao.errors import KapaoError
+    from kapao.runtime import RunLock
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"{re.escape(str(tmp_path))} is in use by another kapao process \(pid {holder.pid}\)"
+        with pytest.raises(KapaoError, match=busy):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path) as lock:  # the dead holder's file is still there, its lock is not
+        assert (tmp_path / ".kapao.lock").read_text().strip() == str(os.getpid())
+    assert not lock.path.exists()
 
 
 def test_load_progress_cuts_an_unfinished_line_and_knows_what_is_done(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import kapao.infer.sinks as ks
@@ -73,5 +74,65 @@ def test_result_writer_feeds_extra_sinks_and_closes_all_of_them(tmp_path: Path):
     w.close()
     with pytest.raises(DataError, match=r"cannot write .*missing.*predictions\.jsonl"):
         ResultWriter(tmp_path / "missing", schema, DrawOptions(), save_media=False)
+
+
+NON_UTF8_SCRIPT = r"""
+import os, shutil, sys
+import numpy as np
+import torch
+from kapao.cfg.schema import KeypointSchema
+from kapao.data.sources import Frame, VideoReader, load_image
+from kapao.infer.options import DrawOptions
+from kapao.infer.sinks import MediaSink
+from kapao.poses import Poses
+
+out = sys.argv[1]
+image_name = os.fsdecode(b"bad\xffname.jpg")
+video_name = os.fsdecode(b"bad\xfe\xffclip.mp4")
+shutil.copy(sys.argv[2], os.path.join(out, video_name))
+sink = MediaSink(KeypointSchema.for_count(17), DrawOptions())
+sink.open(__import__("pathlib").Path(out) / "run")
+os.makedirs(os.path.join(out, "run"))
+empty = Poses.empty(17)
+img = np.full((32, 48, 3), 120, np.uint8)
+sink.add(Frame(img, os.path.join(out, image_name), None, None), empty)
+frames = list(VideoReader(os.path.join(out, video_name)))
+for f in frames:
+    sink.add(f, empty)
+sink.close()
+print(len(frames), load_image(os.path.join(out, "run", image_name)).shape)
+"""
+
+
+def test_non_utf8_file_names_are_read_and_drawn_without_a_crash(tmp_path: Path, test_video: Path):
+    """OpenCV crashes (SIGSEGV) on a str that is not valid UTF-8: drawn images go through imencode, videos
+    are opened through a plain-named link and written under an escaped name. Run in a child process so a
+    regression fails the test rather than the test session."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", NON_UTF8_SCRIPT, str(tmp_path), str(test_video)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["5", "(32,", "48,", "3)"]
+    names = sorted(os.listdir(os.fsencode(tmp_path / "run")))
+    assert names == [b"bad\\xfe\\xffclip.mp4", b"bad\xffname.jpg"]
+
+
+def test_a_video_cut_short_by_a_full_disk_is_an_error(tmp_path: Path):
+    """OpenCV's writer reports nothing when the disk fills: the frames are counted back from the file."""
+    class SilentWriter:  # what cv2.VideoWriter does on ENOSPC: accepts every frame, writes no file
+        def write(self, image):
+            pass
+
+        def release(self):
+            (tmp_path / "v.mp4").write_bytes(b"\x00" * 100)
+
+    sink = ks._VideoSink(SilentWriter(), tmp_path / "v.mp4")
+    for _ in range(3):
+        sink.put(lambda: np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"cannot write video .*v.mp4: 0 of its 3 frames reached the file .*MiB free"):
+        sink.release()
 
 

@@ -343,6 +343,28 @@ def test_trackers_never_install_or_download_anything():
     assert "tried to install" not in no_lap.stderr + no_lap.stdout
 
 
+@pytest.mark.parametrize("text, phrase", [
+    ("tracker_type: botsort\ngmc_method: magic\n", "'gmc_method' must be one of sparseOptFlow, orb, sift, ecc, none"),
+    ("tracker_type: botsort\ngmc_method: 3\n", "'gmc_method' must be one of"),
+    ("tracker_type: bytetrack\ngmc_method: orb\n", "unknown key(s) 'gmc_method' for bytetrack"),
+    ("tracker_type: bytetrack\ntrak_buffer: 3\n", "unknown key(s) 'trak_buffer'"),
+    ("tracker_type: botsort\nfuse_score: maybe\n", "'fuse_score' must be true or false"),
+    ("tracker_type: botsort\nwith_reid: 1\n", "'with_reid' must be true or false"),
+    ("tracker_type: botsort\nproximity_thresh: 2\n", "'proximity_thresh' must be a number in [0, 1]"),
+    ("tracker_type: botsort\nappearance_thresh: x\n", "'appearance_thresh' must be a number in [0, 1]"),
+    ("tracker_type: bytetrack\ntrack_buffer: 2.5\n", "'track_buffer' must be a whole number of frames"),
+    ("tracker_type: bytetrack\ntrack_buffer: .inf\n", "'track_buffer' must be a whole number"),
+    ("tracker_type: bytetrack\nx: &a 1\ny: *a\n", "uses the YAML alias *a"),
+    ("tracker_type: bytetrack\n1: 2\n", "unknown key(s) '1'"),
+])
+def test_tracker_keys_are_validated(tmp_path, text, phrase):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_tracker_config(path)
+    assert phrase in str(e.value) and str(path) in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
 def test_run_with_a_tracking_step_gives_what_track_yields(eager_weights, test_video):
     """KAPAO.run and KAPAO.track share one frame loop: tracking as run's per-frame step gives the same poses,
     ids and (smoothed) keypoints, bit for bit, as the track generator."""

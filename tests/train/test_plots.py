@@ -37,8 +37,9 @@ def test_draw_predictions_grid(coco_mini, tmp_path):
     preds = [({"path": str(p)}, _poses([0.9, VAL_DRAW_CONF / 2])) for p in paths]
     out = draw_predictions(preds, schema, tmp_path / "val_pred.jpg", tile=64)
     assert cv2.imread(str(out)).shape == (128, 128, 3)  # 3 tiles in 2 columns, one blank
-    with pytest.raises(DataError, match="cannot write"):
-        draw_predictions(preds, schema, tmp_path / "missing" / "val_pred.jpg", tile=64)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot write .* is a file, not a folder"):
+        draw_predictions(preds, schema, tmp_path / "file" / "val_pred.jpg", tile=64)
 
 
 def test_train_batch_is_written_once_and_failures_only_warn(tmp_path, caplog):

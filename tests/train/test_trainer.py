@@ -369,6 +369,34 @@ def test_training_learns(coco_mini_yaml, tmp_path):
         assert float(final[f"train/{term}"]) < 0.6 * float(first[f"train/{term}"]), term
 
 
+@pytest.mark.slow
+def test_sigterm_saves_and_says_how_to_resume(coco_mini_yaml, tmp_path):
+    """SIGTERM (how schedulers stop a job) in the middle of an epoch is handled like Ctrl-C: last.pt saved
+    (whole: it loads), the command to resume printed, no temp file or lock left, exit 143 with one line."""
+    run = tmp_path / "runs" / "exp"
+    cmd = [sys.executable, "-m", "kapao", "train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
+           "--epochs", "5", "--batch", "2", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
+           "--no-plots", *(a for k, v in TINY.items() for a in ("--hyp-set", f"{k}={v}"))]
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 180
+            while proc.poll() is None and time.time() < deadline and "2/5 mem" not in log_file.read_text():
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+    text = log_file.read_text()
+    assert proc.returncode == 143, text[-2000:]
+    assert text.rstrip().splitlines()[-1] == "Terminated (SIGTERM)." and "Traceback" not in text
+    assert f"continue with --resume {run}" in text
+    assert _load(run / "weights" / "last.pt")["extra"]["epoch"] >= 0
+    assert not list(run.rglob("*.tmp")) and not (run / ".kapao.lock").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedule parity with the paper's rules
 

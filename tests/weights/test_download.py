@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kapao.errors import WeightsError
+from kapao.weights import registry
 from kapao.weights.checkpoint import save_checkpoint
 from kapao.weights.download import download_weights, weights_url
 from kapao.weights.loader import load_model
@@ -190,3 +191,81 @@ def test_offline_error_says_what_to_fetch_and_where(cache, monkeypatch):
     monkeypatch.delenv(URL_ENV)  # the default: Google Drive, and the page to fetch it by hand
     assert weights_url("kapao_s_coco") == ("https://drive.usercontent.google.com/download?"
                                              "id=1hv0xwdbdf-Ym06Hpjy6wKyIklNmKmB99&export=download&confirm=t")
+
+
+def _pin(monkeypatch, name: str, **fields) -> None:
+    """Give the table's entry for `name` a recorded size/sha256 (the real ones are not known here)."""
+    import dataclasses
+
+    from kapao.weights import download
+
+    entry = dataclasses.replace(registry.REGISTRY[name], **fields)
+    monkeypatch.setitem(registry.REGISTRY, name, entry)
+    monkeypatch.setattr(download, "REGISTRY", registry.REGISTRY)
+
+
+def test_a_download_is_checked_against_the_recorded_size_and_sha256(cache, served_bytes, monkeypatch, caplog):
+    """A different file served under an official name is deleted with one line; the right one is kept."""
+    import hashlib
+    import logging
+
+    routes = {"/f": lambda h, q: _send(h, served_bytes)}
+    right = hashlib.sha256(served_bytes).hexdigest()
+    with _Server(routes) as srv:
+        monkeypatch.setenv(URL_ENV, srv.url + "/f?n={name}")
+        _pin(monkeypatch, "kapao_s_coco", sha256="0" * 64)
+        with pytest.raises(WeightsError, match=r"is not the official file \(sha256 .*it was deleted") as e:
+            download_weights("kapao_s_coco")
+        assert len(str(e.value).splitlines()) == 1 and not cache.exists() or list(cache.iterdir()) == []
+        _pin(monkeypatch, "kapao_s_coco", file_bytes=len(served_bytes) + 1, sha256=None)
+        with pytest.raises(WeightsError, match=f"offers {len(served_bytes)} bytes for kapao_s_coco, not the"):
+            download_weights("kapao_s_coco")
+        _pin(monkeypatch, "kapao_s_coco", file_bytes=len(served_bytes), sha256=right)
+        assert download_weights("kapao_s_coco").read_bytes() == served_bytes
+        _pin(monkeypatch, "kapao_m_coco", sha256=None)
+        with caplog.at_level(logging.INFO, logger="kapao"):
+            download_weights("kapao_m_coco")
+        assert f"no sha256 recorded to check the download against; it has {len(served_bytes)} bytes, sha256 {right}" \
+            in caplog.text
+
+
+def test_a_dripping_server_is_given_up(cache, served_bytes, monkeypatch):
+    """One byte every 0.2 s never trips the socket timeout; the minimum rate does."""
+    import time
+
+    from kapao.weights import download
+
+    def drip(h, q):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(served_bytes)))
+        h.end_headers()
+        for b in served_bytes[:40]:
+            h.wfile.write(bytes([b]))
+            h.wfile.flush()
+            time.sleep(0.05)
+
+    monkeypatch.setattr(download, "MIN_RATE_AFTER", 0.5)
+    monkeypatch.setattr(download, "MIN_RATE", 1000)
+    with _Server({"/d": drip}) as srv:
+        monkeypatch.setenv(URL_ENV, srv.url + "/d?n={name}")
+        t0 = time.monotonic()
+        with pytest.raises(WeightsError, match=r"averages .* kB/s, below the 1 kB/s minimum.*partial file was deleted"):
+            download_weights("kapao_l_coco")
+        assert time.monotonic() - t0 < 5
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("url, phrase", [
+    ("not a url", "no http:// or https:// URL with a host"),
+    ("ftp://mirror/{name}.pt", "no http:// or https:// URL with a host"),
+    ("http://[::1/{name}", "cannot be parsed"),
+    ("http://host:port/{name}", "cannot be parsed"),
+    ("https://mirror.example/{name} .pt", "spaces or control characters"),
+    ("file:///etc/{name}", "no http:// or https:// URL with a host"),
+])
+def test_a_malformed_mirror_url_is_named(cache, monkeypatch, url, phrase):
+    monkeypatch.setenv(URL_ENV, url)
+    with pytest.raises(WeightsError) as e:
+        download_weights("kapao_s_coco")
+    msg = str(e.value)
+    assert msg.startswith(f"{URL_ENV}={url!r}: ") and phrase in msg and len(msg.splitlines()) == 1

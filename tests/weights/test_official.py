@@ -234,3 +234,23 @@ def test_cli_corrupt_and_official_weights(tmp_path, official_classes, model_n):
     res = CliRunner().invoke(cli, ["info", "--weights", str(official), "--imgsz", "128"])
     assert res.exit_code == 0, res.output
     assert f"weights: {official} (official checkpoint)" in res.output and "keypoints (17): nose" in res.output
+
+
+def test_foreign_checkpoints_are_named_for_what_they_are(tmp_path):
+    """An Ultralytics YOLO .pt and a TorchScript file are named (never loaded, nothing executed)."""
+    import warnings
+
+    import ultralytics.nn.tasks as tasks
+
+    from kapao.weights.reader import read_weights_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
+    torch.save({"model": tasks.PoseModel, "epoch": 1}, tmp_path / "yolo11n-pose.pt")  # a pickled ultralytics class
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(40))
+    for name, phrase in (("ts.pt", "is a TorchScript model"), ("m.onnx", "is an ONNX model"),
+                         ("yolo11n-pose.pt", "is an Ultralytics YOLO checkpoint (ultralytics.nn.tasks.PoseModel)")):
+        with pytest.raises(WeightsError) as e:
+            read_weights_file(tmp_path / name)
+        assert phrase in str(e.value) and "bug" not in str(e.value) and len(str(e.value).splitlines()) == 1
