@@ -91,8 +91,9 @@ from kapao.data.sources import default_source, load_image  # noqa: E402
 from kapao.errors import KapaoError  # noqa: E402
 from kapao.export import export_onnx  # noqa: E402
 from kapao.infer import postprocess as pp  # noqa: E402
+from kapao.infer.engine import Predictor, prepare_batch  # noqa: E402
 from kapao.infer.postprocess import postprocess  # noqa: E402
-from kapao.infer.predictor import KAPAO, Predictor, prepare_batch  # noqa: E402
+from kapao.infer.predictor import KAPAO  # noqa: E402
 from kapao.models.network import build_model, count_flops  # noqa: E402
 from kapao.runtime import cpu_bf16, cpu_count, select_device  # noqa: E402
 

@@ -39,7 +39,7 @@ ROWS = ("torch", "torch-cl", "onnxruntime", "onnxruntime-fixed", "openvino", "op
 def network_input(imgsz: int) -> torch.Tensor:
     """(1, 3, H, W) float in [0, 1]: the test video's first frame letterboxed as predict does (random if absent)."""
     from kapao.data.sources import VideoReader
-    from kapao.infer.predictor import prepare_batch
+    from kapao.infer.engine import prepare_batch
 
     video = TEST_DATA / "videos" / "posetrack-000001.mp4"
     if video.is_file():

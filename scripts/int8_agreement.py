@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     from kapao.cfg.schema import HeadLayout
     from kapao.cfg.settings import VAL_SETTINGS
     from kapao.data.sources import load_image
-    from kapao.infer.predictor import KAPAO, prepare_batch
+    from kapao.infer.engine import prepare_batch
+    from kapao.infer.predictor import KAPAO
     from kapao.runtime import cpu_bf16
 
     folder = TEST_DATA / "coco-mini" / "images"

@@ -24,7 +24,7 @@ from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
 from kapao.data.sources import VideoReader, default_source, load_image
 from kapao.errors import ConfigError, WeightsError
 from kapao.export import check_image_tensor, compare_outputs, export_onnx
-from kapao.infer.predictor import Predictor, prepare_batch
+from kapao.infer.engine import Predictor, prepare_batch
 from kapao.models.network import default_schema, kapao_n
 from kapao.poses import Poses
 from kapao.weights.checkpoint import save_checkpoint
@@ -43,7 +43,7 @@ def untrained_model(schema: KeypointSchema | int = 17, seed: int = 0) -> torch.n
     train-mode pass over bus.jpg and zidane.jpg sets BatchNorm statistics from real activations
     (variances floored by +0.05: near-dead channels would otherwise blow up fp32 rounding).
     """
-    from kapao.infer.predictor import prepare_batch
+    from kapao.infer.engine import prepare_batch
 
     torch.manual_seed(seed)
     model = kapao_n(schema)

@@ -31,7 +31,7 @@ class DecodedOutput(nn.Module):
     """The export graph: images (B, 3, H, W) float in [0, 1] -> decoded (B, N, no) in input pixels.
 
     Puts the model in eval mode (the decoded output exists only there) and returns the first item of
-    its eval forward, as :meth:`kapao.infer.predictor.Predictor.from_model` does.
+    its eval forward, as :meth:`kapao.infer.engine.Predictor.from_model` does.
     """
 
     def __init__(self, model: nn.Module) -> None:

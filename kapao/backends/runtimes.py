@@ -6,7 +6,7 @@ A backend maps the letterboxed network input to the decoded head output and says
 
 (channels as :class:`kapao.cfg.schema.HeadLayout`: box cx, cy, w, h | objectness | 1 + K class
 probabilities | 2K keypoint x, y). Pre-processing, NMS and keypoint fusion stay in
-:class:`kapao.infer.predictor.Predictor`, the one inference path, whatever the backend.
+:class:`kapao.infer.engine.Predictor`, the one inference path, whatever the backend.
 
 :func:`kapao.backends.dispatch.load_backend` picks the backend for a weights spec and ``--backend`` from
 one table, :data:`kapao.backends.dispatch.RUNTIMES`: another runtime is one more class with the attributes
@@ -94,7 +94,7 @@ def _str_or_none(value: Any) -> str | None:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What :class:`kapao.infer.predictor.Predictor` needs from a runtime.
+    """What :class:`kapao.infer.engine.Predictor` needs from a runtime.
 
     ``schema``: keypoint schema of the network; ``device``: where inputs are expected and outputs
     returned; ``half``: inputs are fp16 (else fp32); ``fixed_shape``: (h, w) every input is padded to,

@@ -111,7 +111,7 @@ def match_predictions(predictions: Iterable[tuple[Any, Poses]], coco_gt: Any, si
 
 def predict_and_match(predictor: Any, loader: Any, protocol: str = "coco", threshold: float = MATCH_OKS,
                       progress: bool = True) -> KeypointOutcomes:
-    """Run a :class:`kapao.infer.predictor.Predictor` over a val loader (:func:`kapao.eval.val.make_val_loader`)
+    """Run a :class:`kapao.infer.engine.Predictor` over a val loader (:func:`kapao.eval.val.make_val_loader`)
     and match every image's poses to its ground truth as they come (nothing else is kept)."""
     from tqdm import tqdm
 

@@ -18,7 +18,8 @@ from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import VAL_SETTINGS, InferenceSettings
 from kapao.data.dataset import PoseDataset, build_dataloader
 from kapao.eval.metrics import evaluate, format_metrics, save_results
-from kapao.infer.predictor import KAPAO, Predictor
+from kapao.infer.engine import Predictor
+from kapao.infer.predictor import KAPAO
 from kapao.poses import Poses
 from kapao.runtime import increment_run_dir, remove_if_empty
 from kapao.weights.checkpoint import check_compatible

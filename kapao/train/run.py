@@ -242,3 +242,18 @@ def strip_checkpoint(path: Path) -> None:
         model = KapaoModel.from_config(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
         save_checkpoint(path, model, extra={k: v for k, v in ckpt["extra"].items() if k not in RESUME_ONLY})
+
+
+def fitness(metrics: Mapping[str, float]) -> float:
+    """Model selection score: 0.1 AP50 + 0.9 AP (OKS)."""
+    return 0.1 * float(metrics.get("AP50", 0.0)) + 0.9 * float(metrics.get("AP", 0.0))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer."""
+
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+    epochs_done: int = -1  # last epoch whose end-of-epoch work (validation, checkpoint) finished

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, cast
 
@@ -63,11 +62,13 @@ from kapao.train.optim import (
 from kapao.train.plots import plot_results, plot_train_batch, plot_validation, safe_plot
 from kapao.train.run import (
     DEFAULT_SIZE,
+    RunState,
     TrainArgs,
     absolute_if_file,
     build_hyp,
     default_batch,
     default_epochs,
+    fitness,
     load_resume,
     prepare_run,
     resolve_resume,
@@ -86,21 +87,6 @@ LOGGER = logging.getLogger(__name__)
 
 PLOTTED_BATCHES = 3  # train_batch0..2.jpg of the first epoch
 VAL_PLOT_IMAGES = 4  # validation images drawn into val_pred.jpg
-
-
-def fitness(metrics: Mapping[str, float]) -> float:
-    """Model selection score: 0.1 AP50 + 0.9 AP (OKS)."""
-    return 0.1 * float(metrics.get("AP50", 0.0)) + 0.9 * float(metrics.get("AP", 0.0))
-
-
-@dataclass
-class RunState:
-    """What a checkpoint carries besides weights and optimizer."""
-
-    start_epoch: int = 0
-    best_fitness: float = 0.0
-    best_epoch: int = -1
-    epochs_done: int = -1  # last epoch whose end-of-epoch work (validation, checkpoint) finished
 
 
 class Trainer:

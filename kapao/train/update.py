@@ -15,7 +15,7 @@ from kapao.backends.runtimes import TorchBackend
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.errors import KapaoError
 from kapao.eval.val import validate
-from kapao.infer.predictor import Predictor
+from kapao.infer.engine import Predictor
 from kapao.train.optim import ModelEMA
 
 

@@ -19,7 +19,8 @@ from kapao.cli.main import cli
 from kapao.cli.options import BACKEND_NAMES
 from kapao.data.sources import load_image
 from kapao.errors import ConfigError
-from kapao.infer.predictor import KAPAO, Predictor
+from kapao.infer.engine import Predictor
+from kapao.infer.predictor import KAPAO
 from kapao.models.network import kapao_n
 from kapao.poses import Poses
 from kapao.weights.checkpoint import save_checkpoint

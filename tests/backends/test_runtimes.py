@@ -15,7 +15,8 @@ from kapao.backends.runtimes import Backend, BackendInfo, TorchBackend
 from kapao.cfg.schema import HeadLayout
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.errors import ConfigError
-from kapao.infer.predictor import KAPAO, Predictor
+from kapao.infer.engine import Predictor
+from kapao.infer.predictor import KAPAO
 from kapao.models.network import kapao_n
 
 CPU = torch.device("cpu")

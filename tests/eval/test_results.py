@@ -15,7 +15,7 @@ from kapao.cfg.settings import VAL_SETTINGS
 from kapao.cli.main import cli
 from kapao.eval.results import load_ground_truth
 from kapao.eval.val import make_val_loader, validate
-from kapao.infer.predictor import Predictor
+from kapao.infer.engine import Predictor
 from tests.eval.test_val import targets_as_predictions
 
 CONTRACT = {"keypoints", "ap", "per_keypoint", "by_size", "by_visible_keypoints", "by_overlap"}

@@ -13,7 +13,7 @@ from kapao.cfg.schema import HeadLayout, TargetLayout
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.cli.main import cli
 from kapao.eval.val import make_val_loader, protocol_for, validate
-from kapao.infer.predictor import Predictor
+from kapao.infer.engine import Predictor
 from kapao.models.network import kapao_n
 from kapao.weights.checkpoint import save_checkpoint
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.cli.main import cli
 from kapao.errors import ConfigError
-from kapao.infer.predictor import KAPAO, Predictor, prepare_batch
+from kapao.infer.engine import Predictor, prepare_batch
+from kapao.infer.predictor import KAPAO
 from kapao.models.network import kapao_n
 from kapao.poses import Poses
 from kapao.weights.checkpoint import save_checkpoint

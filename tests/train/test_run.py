@@ -164,3 +164,9 @@ def test_strip_checkpoint_keeps_weights_and_metadata(tmp_path):
     assert ckpt["extra"]["epoch"] == 2
     for k, v in model.state_dict().items():
         assert torch.equal(ckpt["state_dict"][k], v), k
+
+
+def test_fitness():
+    from kapao.train.run import fitness
+
+    assert fitness({"AP": 0.5, "AP50": 0.8}) == pytest.approx(0.53)

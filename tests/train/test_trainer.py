@@ -23,7 +23,6 @@ import pytest
 import torch
 import yaml
 
-import kapao.train.trainer as kt
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.errors import DataError, KapaoError
@@ -68,10 +67,6 @@ def _env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # Model selection (schedule, optimizer, EMA: tests/test_optim.py; resume/run folders:
 # tests/test_train_run.py; DDP launching: tests/test_distributed.py)
-
-
-def test_fitness():
-    assert kt.fitness({"AP": 0.5, "AP50": 0.8}) == pytest.approx(0.53)
 
 
 TRAIN_MODULES = sorted(p.stem for p in (REPO / "kapao" / "train").glob("*.py"))
@@ -348,7 +343,7 @@ def test_training_learns(coco_mini_yaml, tmp_path):
     observed and far above what an untrained model (or one that stopped learning) reaches.
     """
     from kapao.eval.val import make_val_loader, validate
-    from kapao.infer.predictor import Predictor
+    from kapao.infer.engine import Predictor
 
     cfg = load_dataset_config(coco_mini_yaml)
     loader = make_val_loader(cfg, "val", 192, 4)

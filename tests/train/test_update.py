@@ -9,7 +9,7 @@ from torch import nn
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
 from kapao.eval.val import make_val_loader, validate
-from kapao.infer.predictor import Predictor
+from kapao.infer.engine import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import kapao_n
 from kapao.train.optim import ModelEMA
