@@ -346,7 +346,7 @@ UNMIRRORED: dict[str, str] = {
     "kapao.eval.analysis_plots": "the analysis pictures; tests/eval/test_analysis.py checks the files --analyze writes",
     "kapao.eval.breakdown": "the cumulative PR breakdown; tests/eval/test_analysis.py (AP after every fix, 1.0 at the end)",
     "kapao.eval.diagnosis": "the per-keypoint error kinds; tests/eval/test_analysis.py plants each kind and finds it",
-    "kapao.infer.engine": "the one inference path; tests/infer/test_predictor.py (Predictor, prepare_batch) and every verb's tests",
+    "kapao.infer.engine": "the one inference path; tests/infer/test_predictor.py (Predictor, prepare_batch), every verb",
     "kapao.eval.report": "the --predictions val run; tests/eval/test_results.py compares it with a model val",
 }
 

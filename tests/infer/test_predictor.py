@@ -250,30 +250,33 @@ def test_video_sink_writes_in_order_and_reports_errors(tmp_path: Path):
     from kapao.errors import DataError
     from kapao.infer.sinks import _VideoSink
 
-    class Recorder:
-        def __init__(self, fail_at: int | None = None) -> None:
+    class Recorder:  # a real mp4 writer (the sink reads the frame count back) that records what it was given
+        def __init__(self, path: Path, fail_at: int | None = None) -> None:
             self.frames, self.fail_at, self.released = [], fail_at, False
+            self.real = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 5, (16, 16))
 
         def write(self, img: np.ndarray) -> None:
             if len(self.frames) == self.fail_at:
                 raise OSError("No space left on device")
             self.frames.append(int(img[0, 0, 0]))
+            self.real.write(img)
 
         def release(self) -> None:
             self.released = True
+            self.real.release()
 
-    ok = Recorder()
+    ok = Recorder(tmp_path / "a.mp4")
     sink = _VideoSink(ok, tmp_path / "a.mp4", prefetch=2)
     for i in range(20):
-        sink.put(lambda i=i: np.full((2, 2, 3), i, np.uint8))
+        sink.put(lambda i=i: np.full((16, 16, 3), i, np.uint8))
     sink.release()
     assert ok.frames == list(range(20)) and ok.released
 
-    bad = Recorder(fail_at=3)
+    bad = Recorder(tmp_path / "b.mp4", fail_at=3)
     sink = _VideoSink(bad, tmp_path / "b.mp4", prefetch=2)
     with pytest.raises(DataError, match=r"cannot write video .*b\.mp4: No space left"):
         for i in range(20):
-            sink.put(lambda i=i: np.full((2, 2, 3), i, np.uint8))
+            sink.put(lambda i=i: np.full((16, 16, 3), i, np.uint8))
         sink.release()
     assert bad.frames == [0, 1, 2]
 
@@ -332,7 +335,8 @@ def test_predict_streams_jsonl_and_builds_todays_json_from_it(eager_weights: Pat
     names = sorted(p.name for p in (coco_mini / "images").glob("*.jpg"))
     assert [r["source"] for r in lines] == names and len(run.results) == 4
     for rec, poses in zip(lines, run.results):
-        assert set(rec) == {"source", "frame", "time", "image_id", "poses"} and rec["frame"] is None
+        assert set(rec) == {"source", "frame", "time", "image_id", "poses", "run"} and rec["frame"] is None
+        assert rec["run"] == yaml.safe_load((run.save_dir / "args.yaml").read_text())["run"]  # resume checks it
         assert len(rec["poses"]) == len(poses) > 0
         p = rec["poses"][0]
         assert set(p) == {"box", "score", "keypoints", "confidences", "fused", "track_id"} and p["track_id"] is None
@@ -570,10 +574,12 @@ def test_the_api_takes_what_users_hold(api: KAPAO, coco_mini: Path, kind: str):
     """Every documented input gives the poses of the same image (grey ones: of its grey copy)."""
     path = sorted((coco_mini / "images").iterdir())[0]
     got = api.predict(_api_inputs(path)[kind], imgsz=128)
-    want = api.predict(cv2.imread(str(path)), imgsz=128)[0]
-    assert len(got) == (2 if kind == "mixed" else 1)
+    bgr = cv2.imread(str(path))
+    want = api.predict([bgr, bgr], imgsz=128) if kind == "mixed" else api.predict(bgr, imgsz=128)  # a list is one batch
+    assert len(got) == len(want) == (2 if kind == "mixed" else 1)
     if kind not in ("grey", "grey1"):
-        assert torch.equal(got[0].boxes, want.boxes) and torch.equal(got[-1].keypoints, want.keypoints)
+        for g, w in zip(got, want):
+            assert torch.equal(g.boxes, w.boxes) and torch.equal(g.keypoints, w.keypoints)
 
 
 @pytest.mark.parametrize("source, error, phrase", [
