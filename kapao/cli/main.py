@@ -309,13 +309,12 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
                 cfg.require(split)
         except (ConfigError, DataError) as e:
             raise bad_parameter(e, ctx, "data") from None
-    from kapao.train.distributed import launch_distributed, should_launch
+    from kapao.distributed import launch, should_launch, verb_argv
     from kapao.train.run import TrainArgs
     from kapao.train.trainer import train as run_training
 
     if should_launch(device):
-        argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
-        sys.exit(launch_distributed(argv, device))
+        sys.exit(launch("train", verb_argv("train"), device))
     args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
                      workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
                      exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.distributed import DistEnv, broadcast, close
 from kapao.errors import ConfigError, KapaoError
 from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS
 from kapao.eval.val import make_val_loader, protocol_for, validate
@@ -40,17 +41,7 @@ from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import cpu_count, remove_if_empty, setup_logging
-from kapao.train.distributed import (
-    DistEnv,
-    broadcast,
-    close,
-    init_device,
-    launch_distributed,
-    should_launch,
-    sync_batchnorm,
-    unwrap,
-    wrap_ddp,
-)
+from kapao.train.distributed import init_device, sync_batchnorm, unwrap, wrap_ddp
 from kapao.train.log import ResultsLog, progress_text
 from kapao.train.optim import (
     ModelEMA,
@@ -79,8 +70,7 @@ from kapao.train.step import NonFiniteLoss, TrainStep
 from kapao.weights.checkpoint import save_checkpoint, transfer_weights
 from kapao.weights.loader import load_weights
 
-__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "launch_distributed", "resolve_resume", "should_launch",
-           "train"]
+__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "resolve_resume", "train"]
 
 LOGGER = logging.getLogger(__name__)
 
