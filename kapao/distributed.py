@@ -80,6 +80,19 @@ def local_device(device: str | None, env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
+def start(device: str | None, env: DistEnv) -> torch.device:
+    """Join the job's gloo group, then take this rank's device (:func:`local_device`); a rank without its
+    GPU fails every rank, with the reason on rank 0."""
+    join(env)
+    dev, error = None, None
+    try:
+        dev = local_device(device, env)
+    except ConfigError as e:
+        error = e
+    agree(error, env)
+    return dev
+
+
 def close(env: DistEnv) -> None:
     """Leave the process group (if this process joined one)."""
     if env.distributed and dist.is_initialized():

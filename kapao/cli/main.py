@@ -18,6 +18,7 @@ from kapao.cli.options import (
     bad_parameter,
     calibration,
     check_device,
+    check_devices,
     check_half,
     given,
     inference_options,
@@ -172,7 +173,8 @@ def _dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetC
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
-@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--device", default=None, callback=check_devices,
+              help="cpu, 0, 1, … or a GPU list 0,1 (one process each, the split shared). [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
 @backend_options
 @inference_options(VAL_SETTINGS)
@@ -237,25 +239,13 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return out
 
 
-def _check_train_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
-    if value and "," in value:
-        ids = [d.strip() for d in value.split(",")]
-        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
-            raise click.BadParameter(f"{value!r}: a device list names distinct GPU indices, e.g. 0,1", ctx, param)
-        for d in ids:
-            check_device(ctx, param, d)
-        return value
-    return check_device(ctx, param, value)
-
-
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
 @click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
-@click.option("--device", default=None, callback=_check_train_device,
+@click.option("--device", default=None, callback=check_devices,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
 @click.option("--weights", default=None, callback=must_exist("weights"),

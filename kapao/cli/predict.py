@@ -2,6 +2,8 @@
 own run folder), added to the `kapao` group by :mod:`kapao.cli.main`."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -83,9 +85,13 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
              line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
     """predict and track: build the settings, run, print the summary."""
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
+    from kapao.distributed import DistEnv, launch, should_launch, verb_argv
     from kapao.errors import DataError
 
-    setup_logging(ctx.obj.get("verbose", False))
+    if should_launch(device):  # --device 0,1,2,3: one process per GPU, this one waits for them
+        sys.exit(launch(ctx.info_name, verb_argv(ctx.info_name), device))
+    env = DistEnv.from_environ()
+    setup_logging(ctx.obj.get("verbose", False), main_process=env.main)
     scales, flips = tta_passes(scales, flips, tta)
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
@@ -99,14 +105,24 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     check_half(ctx, half, device)
     from kapao.infer.keypoints_csv import CsvSink
     from kapao.infer.predictor import KAPAO
+    from kapao.infer.shard import has_parts
     from kapao.infer.sinks import DrawOptions
 
-    announce_tta(scales, flips)
+    if env.main:
+        announce_tta(scales, flips)
     from kapao.weights.registry import native_imgsz
 
     int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
-    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
+    if env.distributed or (resume and has_parts(Path(resume))):
+        if show:
+            raise click.UsageError("--show opens one window; it cannot be shared by processes: drop --show")
+        csv = [CsvSink([])] if save_csv else []  # names filled in once the weights are loaded
+        _sharded(ctx, env, tracking, spec, csv, weights=weights, device=device, half=half, backend=backend, int8=int8_calib,
+                 imgsz=imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave, draw=draw,
+                 project=project, name=name, resume=resume)
+        return
+    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
     try:
         run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
                       save=not nosave, show=show, draw=draw, project=project, name=name, keep_results=False,
@@ -123,6 +139,44 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     click.echo(f"{run.frames} frames, {run.poses} poses{tracks} in {run.seconds:.1f} s "
                f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
     click.echo(f"Results saved to {run.save_dir}")
+
+
+def _sharded(ctx: click.Context, env, tracking, spec, csv, *, weights, device, half, backend, int8, imgsz,  # noqa: ANN001
+             **run: Any) -> None:
+    """predict/track as one rank of a torchrun job: bring the rank up, run its share, rank 0 prints the summary.
+    A rank stopped because another failed exits 1 quietly (rank 0 prints the failing rank's error)."""
+    from kapao.distributed import RankStopped, agree, close, start
+    from kapao.infer.predictor import KAPAO
+    from kapao.infer.shard import run_sharded
+
+    try:
+        dev = start(device, env)
+        api, error = None, None
+        try:
+            api = KAPAO(weights, device=str(dev) if env.distributed else device, half=half, backend=backend, int8=int8)
+        except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
+            error = e
+        agree(error, env)
+        for sink in csv:
+            sink.names = list(api.schema.names)
+        res = run_sharded(api, spec, env, imgsz=imgsz or api.default_imgsz,
+                          transforms=[tracking.update_frame] if tracking else (), sinks=csv, track=tracking is not None,
+                          progress=True, **run)
+    except RankStopped:
+        sys.exit(1)
+    except ConfigError as e:
+        if env.main and str(e).startswith("--resume"):
+            raise bad_parameter(e, ctx, "resume") from None
+        raise
+    finally:
+        close(env)
+    if res is None:
+        return
+    extra = (f", {len(res.unreadable)} unreadable files skipped" if res.unreadable else "") + \
+        (f", {res.resumed} already done" if res.resumed else "")
+    click.echo(f"{res.frames} frames, {res.poses} poses on {env.world_size} processes in {res.seconds:.1f} s "
+               f"({res.frames / max(res.seconds, 1e-9):.1f} fps){extra}")
+    click.echo(f"Results saved to {res.save_dir}")
 
 
 def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202

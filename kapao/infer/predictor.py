@@ -293,7 +293,7 @@ class KAPAO:
             stored = read_run_args(resume_dir)
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
-        args = self._run_args(spec, imgsz, settings, scales, flips)
+        args = self.run_args(spec, imgsz, settings, scales, flips)
         if resume_dir is not None:
             check_resume(resume_dir, spec, stored, args)
         if show and (why := _display_available()):
@@ -311,9 +311,9 @@ class KAPAO:
         skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
         try:
-            bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
+            bar = tqdm(total=total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
                        dynamic_ncols=True)
-            _predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
+            predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
                             keep_results, bar, transforms)
         finally:
             for r in readers.values():
@@ -358,7 +358,7 @@ class KAPAO:
             for r in readers.values():
                 r.close()
 
-    def _run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
+    def run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
                   flips: Sequence[bool] | None) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
         return {"source": source_key(spec.source), "weights": self.info.path, "imgsz": imgsz,
@@ -367,7 +367,7 @@ class KAPAO:
                 "flips": [bool(v) for v in flips] if flips else None}
 
 
-def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
+def predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
                     imgsz: int, batch: int, keep_results: bool, bar: tqdm,
                     transforms: Sequence[FrameTransform] = ()) -> None:
     """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> transforms -> writer and
@@ -392,7 +392,7 @@ def _predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: Resul
         bar.close()
 
 
-def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
+def total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
     """Frames of a whole source for the progress bar (None for streams); open readers are not reopened."""
     if spec.kind == "stream":
         return None

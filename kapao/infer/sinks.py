@@ -210,8 +210,8 @@ class Sink(Protocol):
 class JsonlSink:
     """Appends one JSON line per frame to ``save_dir/predictions.jsonl`` (see :func:`frame_record`)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None, name: str = PREDICTIONS_JSONL) -> None:
+        self.root, self.name = root, name  # name: a path inside the run folder (a rank's part: parts/…)
         self.path: Path | None = None
         self._file: Any = None
         self._synced = 0.0
@@ -219,7 +219,7 @@ class JsonlSink:
     def open(self, save_dir: Path | None) -> None:
         if save_dir is None:
             raise ValueError("JsonlSink needs a run folder")
-        self.path = save_dir / PREDICTIONS_JSONL
+        self.path = save_dir / self.name
         try:
             self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
         except OSError as e:
@@ -386,14 +386,16 @@ class ResultWriter:
     """Feeds every frame's poses to the run's sinks: drawn media (when `save_media` or `show`), `sinks`,
     and last predictions.jsonl (when `save_json`): a frame's JSONL line is its commit record -- once it is
     there, the frame's drawn image and extra outputs were made, so --resume may skip it. At close,
-    predictions.json is built from the JSONL."""
+    predictions.json is built from the JSONL -- unless `jsonl` names a rank's part of a sharded run
+    (:mod:`kapao.infer.shard` merges the parts and writes it then)."""
 
     def __init__(self, save_dir: Path | None, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
                  show: bool = False, save_json: bool = True, root: Path | None = None,
-                 sinks: Sequence[Sink] = ()) -> None:
+                 sinks: Sequence[Sink] = (), jsonl: str = PREDICTIONS_JSONL) -> None:
         self.save_dir, self.schema, self.save_json = save_dir, schema, save_json and save_dir is not None
+        self.jsonl = jsonl
         self.sinks: list[Sink] = [*([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks,
-                                  *([JsonlSink(root)] if self.save_json else [])]
+                                  *([JsonlSink(root, jsonl)] if self.save_json else [])]
         opened: list[Sink] = []
         try:
             for s in self.sinks:
@@ -418,7 +420,7 @@ class ResultWriter:
                 error = error or e
         if error is not None:
             raise error
-        if not self.save_json:
+        if not self.save_json or self.jsonl != PREDICTIONS_JSONL:
             return None
         return write_coco_json(self.save_dir / PREDICTIONS_JSONL, self.save_dir / PREDICTIONS_JSON,
                                self.schema.num_keypoints)
