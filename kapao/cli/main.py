@@ -186,8 +186,16 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
         calib: str | None, calib_images: int,
         conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse, scales, flips, tta,  # noqa: ANN001
         project: str, name: str) -> None:
-    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard)."""
-    setup_logging(ctx.obj.get("verbose", False))
+    """Evaluate weights on a dataset split: COCO keypoint AP, or CrowdPose AP (easy/medium/hard).
+
+    Many processes: --device 0,1,2,3, or torchrun --nproc-per-node N -m kapao val … (each predicts a
+    share of the batches, rank 0 computes the metrics: the same as one process)."""
+    from kapao.distributed import DistEnv, launch, should_launch, verb_argv
+
+    if should_launch(device):
+        sys.exit(launch("val", verb_argv("val"), device))
+    env = DistEnv.from_environ()
+    setup_logging(ctx.obj.get("verbose", False), main_process=env.main)
     if crowdpose:
         if data not in (None, "crowdpose"):
             raise click.UsageError(f"--crowdpose means --data crowdpose; it contradicts --data {data}")
@@ -202,13 +210,24 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     except (ConfigError, DataError) as e:
         raise bad_parameter(e, ctx, "data") from None
     check_half(ctx, half, device)
+    from kapao.distributed import RankStopped, close, start
     from kapao.eval.val import run_val
 
-    announce_tta(scales, flips)
+    if env.main:
+        announce_tta(scales, flips)
     int8_calib = calibration(int8, calib, calib_images, imgsz)
-    res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=device, half=half,
-                  settings=settings, scales=scales, flips=flips, project=project, name=name, backend=backend,
-                  int8=int8_calib)
+    try:
+        dev = start(device, env)
+        res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers,
+                      device=str(dev) if env.distributed else device, half=half, settings=settings, scales=scales,
+                      flips=flips, project=project, name=name, backend=backend, int8=int8_calib, env=env,
+                      progress=env.main)
+    except RankStopped:
+        sys.exit(1)  # rank 0 prints the failing rank's error
+    finally:
+        close(env)
+    if res is None:
+        return
     save_dir = res.json_path.parent
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())

@@ -30,6 +30,15 @@ def init_device(device: str, env: DistEnv) -> torch.device:
     return dev
 
 
+def broadcast_weights(model: nn.Module, env: DistEnv) -> None:
+    """Rank 0's parameters and buffers copied into `model` on every rank (the same architecture)."""
+    if not env.distributed:
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -16,10 +16,12 @@ finishes, optimizer/scaler/raw model are stripped from both files. Ctrl-C saves 
 last.pt under the last completed epoch (resume redoes the interrupted epoch); a NaN/inf loss stops the
 run without touching last.pt.
 
-Multi-GPU: every torchrun process calls :func:`train`; rank 0 alone validates, logs, plots and saves.
+Multi-GPU: every torchrun process calls :func:`train`; every rank validates its share of the val split;
+rank 0 alone computes the metrics, logs, plots and saves.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -41,7 +43,7 @@ from kapao.infer.predictor import Predictor
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import cpu_count, remove_if_empty, setup_logging
-from kapao.train.distributed import init_device, sync_batchnorm, unwrap, wrap_ddp
+from kapao.train.distributed import broadcast_weights, init_device, sync_batchnorm, unwrap, wrap_ddp
 from kapao.train.log import ResultsLog, progress_text
 from kapao.train.optim import (
     ModelEMA,
@@ -94,7 +96,8 @@ class RunState:
 
 
 class Trainer:
-    """One training run: set-up in __init__, then :meth:`fit`. Rank 0 alone validates, logs and writes.
+    """One training run: set-up in __init__, then :meth:`fit`. Every rank validates its share; rank 0
+    alone computes the metrics, logs and writes.
 
     fit: before_train, then per epoch train_epoch (before_epoch, train_step per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
@@ -105,7 +108,7 @@ class Trainer:
         self.args, self.run_dir, self.device, self.env = args, run_dir, device, env
         self.wdir = run_dir / "weights"
         self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
-        for split in ("train", "val") if env.main else ("train",):  # fail before building anything
+        for split in ("train", "val"):  # fail before building anything (every rank validates its share)
             self.cfg.require(split)
         # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
         self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
@@ -127,7 +130,7 @@ class Trainer:
             self.model = wrap_ddp(self.model, device)
         self.stepper = TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
                                  env.world_size)
-        self.val_loader = self._val_loader() if env.main else None
+        self.val_loader = self._val_loader()
         self.results = ResultsLog(run_dir / "results.csv", self._metric_names(), self.state.start_epoch) \
             if env.main else None
 
@@ -144,6 +147,8 @@ class Trainer:
             args, size=self.model.size, epochs=self.epochs, data=absolute_if_file(args.data),
             hyp=absolute_if_file(args.hyp), weights=absolute_if_file(args.weights))
         self.ema = ModelEMA(self.model, self.hyp.ema_decay, self.hyp.ema_tau) if self.env.main else None
+        # the other ranks validate rank 0's EMA weights, received into a copy of the model
+        self.val_copy = copy.deepcopy(self.model).eval() if not self.env.main else None
         self.loss_fn = KapaoLoss(self.model, self.hyp, args.imgsz)
 
     def _setup_optimization(self) -> None:
@@ -174,7 +179,7 @@ class Trainer:
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
         workers = min(self.args.workers, cpu_count())
-        return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
+        return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers, self.env)
 
     def _metric_names(self) -> tuple[str, ...]:
         return CROWDPOSE_METRICS if protocol_for(self.val_loader.dataset) == "crowdpose" else COCO_METRICS
@@ -288,14 +293,16 @@ class Trainer:
 
     # -- end of epoch: validation, results, checkpoints ------------------------------------------------
     def after_epoch(self, epoch: int, losses: list[float]) -> bool:
-        """Validate, log and save (rank 0); returns True when training should stop (on every rank)."""
-        stop = self._evaluate_and_save(epoch, losses) if self.env.main else False
-        return bool(broadcast(stop, self.env))
-
-    def _evaluate_and_save(self, epoch: int, losses: list[float]) -> bool:
-        """Rank 0's end of an epoch; returns True to stop early (patience exhausted)."""
+        """Validate (every rank its share), log and save (rank 0); returns True when training should stop
+        (on every rank)."""
         final = epoch + 1 == self.epochs
         metrics = self.validate() if (not self.args.noval or final) else {}
+        stop = self._evaluate_and_save(epoch, losses, metrics) if self.env.main else False
+        return bool(broadcast(stop, self.env))
+
+    def _evaluate_and_save(self, epoch: int, losses: list[float], metrics: dict[str, float]) -> bool:
+        """Rank 0's end of an epoch; returns True to stop early (patience exhausted)."""
+        final = epoch + 1 == self.epochs
         fi = fitness(metrics) if metrics else None
         improved = fi is not None and fi >= self.state.best_fitness
         if improved:
@@ -314,10 +321,16 @@ class Trainer:
         return stop
 
     def validate(self) -> dict[str, float]:
-        """COCO/CrowdPose metrics of the EMA model on the val split (and val_pred.jpg)."""
-        predictor = Predictor.from_model(self.ema.module, self.device, half=self.device.type == "cuda", fold_bn=True,
+        """COCO/CrowdPose metrics of the EMA model on the val split (and val_pred.jpg) on rank 0; every rank
+        predicts its share of the batches with rank 0's EMA weights, the others return {}."""
+        model = self.ema.module if self.env.main else self.val_copy
+        broadcast_weights(model, self.env)
+        predictor = Predictor.from_model(model, self.device, half=self.device.type == "cuda", fold_bn=True,
                                          settings=VAL_SETTINGS)  # folding works on a copy: the EMA is untouched
-        result = validate(predictor, self.val_loader, progress=True, keep=VAL_PLOT_IMAGES if self.args.plots else 0)
+        result = validate(predictor, self.val_loader, progress=self.env.main,
+                          keep=VAL_PLOT_IMAGES if self.args.plots else 0, env=self.env)
+        if result is None:
+            return {}
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
         if self.args.plots and result.predictions:
