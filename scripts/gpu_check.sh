@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at tiny sizes (nothing timed)
 #
 # Steps (each under `timeout`, all within GPU_CHECK_LIMIT seconds, default 450):
-#   train    kapao-s, 1 epoch at 1280 with AMP on coco-mini (losses finite; the checkpoint loads)
+#   train    kapao-s from scratch (the machine is offline), 1 epoch at 1280 with AMP on coco-mini (losses finite; the checkpoint loads)
 #   predict  the test video with --half (fps)
 #   val      coco-mini with --half (AP, ms per image)
 #   nms      the early-stopping NMS against the previous one on the hot network's CUDA output
@@ -81,7 +81,7 @@ step() {
 
 CKPT="$OUT/train/weights/last.pt"
 step train 150 python3 -m kapao train --size "$SIZE" --data "$OUT/coco-mini.yaml" --imgsz "$IMGSZ" --epochs 1 \
-    --batch "$BATCH" --workers "$WORKERS" --device "$DEV" --project "$OUT" --name train --exist-ok --no-plots
+    --batch "$BATCH" --workers "$WORKERS" --device "$DEV" --project "$OUT" --name train --exist-ok --no-plots --scratch
 step checkpoint 60 python3 - "$OUT/train" <<'PY'
 import csv, math, sys
 from pathlib import Path

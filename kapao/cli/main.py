@@ -110,7 +110,7 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
     """Print a model summary: layers, parameters, GFLOPs and keypoint names (named weights: their entry
     too; the summary once the file is in the cache)."""
     from kapao.models.network import build_model, format_model_info, model_info
-    from kapao.weights.registry import REGISTRY, check_weights_spec
+    from kapao.weights.registry import DETECTORS, REGISTRY, check_weights_spec
 
     ctx = click.get_current_context()
     if kpts is not None and data is not None:
@@ -132,6 +132,10 @@ def info(weights: str | None, list_names: bool, size: str, kpts: int | None, dat
         click.echo(format_model_info(model_info(model, imgsz)))
         return
     path, name = check_weights_spec(weights)
+    if name in DETECTORS:  # a start for training, not a pose model
+        click.echo(DETECTORS[name].describe())
+        click.echo("downloaded" if path.is_file() else "not downloaded yet: `kapao train --weights NAME` downloads it")
+        return
     if name is not None:
         click.echo(REGISTRY[name].describe())
         if not path.is_file():
@@ -190,10 +194,10 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
 
     Many processes: --device 0,1,2,3, or torchrun --nproc-per-node N -m kapao val … (each predicts a
     share of the batches, rank 0 computes the metrics: the same as one process)."""
-    from kapao.distributed import DistEnv, launch, should_launch, verb_argv
+    from kapao.cli.ranks import as_rank, launch_if_listed
+    from kapao.distributed import DistEnv
 
-    if should_launch(device):
-        sys.exit(launch("val", verb_argv("val"), device))
+    launch_if_listed("val", device)
     env = DistEnv.from_environ()
     setup_logging(ctx.obj.get("verbose", False), main_process=env.main)
     if crowdpose:
@@ -210,22 +214,15 @@ def val(ctx: click.Context, weights: str | None, data: str | None, split: str | 
     except (ConfigError, DataError) as e:
         raise bad_parameter(e, ctx, "data") from None
     check_half(ctx, half, device)
-    from kapao.distributed import RankStopped, close, start
     from kapao.eval.val import run_val
 
     if env.main:
         announce_tta(scales, flips)
     int8_calib = calibration(int8, calib, calib_images, imgsz)
-    try:
-        dev = start(device, env)
-        res = run_val(weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers,
-                      device=str(dev) if env.distributed else device, half=half, settings=settings, scales=scales,
-                      flips=flips, project=project, name=name, backend=backend, int8=int8_calib, env=env,
-                      progress=env.main)
-    except RankStopped:
-        sys.exit(1)  # rank 0 prints the failing rank's error
-    finally:
-        close(env)
+    res = as_rank(env, device, lambda dev: run_val(
+        weights, cfg, split=split, imgsz=imgsz, batch=batch, workers=workers, device=dev, half=half, settings=settings,
+        scales=scales, flips=flips, project=project, name=name, backend=backend, int8=int8_calib, env=env,
+        progress=env.main))
     if res is None:
         return
     save_dir = res.json_path.parent
@@ -258,17 +255,27 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return out
 
 
+def _check_start_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Like must_exist("weights"), but '' (random initialisation) is allowed."""
+    return value if value == "" else must_exist("weights")(ctx, param, value)
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--size", type=click.Choice(MODEL_SIZES), default=None, help="Model size. [default: that of --weights, else s]")
 @click.option("--data", default="coco", show_default=True, callback=must_exist("data"), help="coco, crowdpose or a dataset YAML.")
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Train/val image size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 500 coco, 300 otherwise]")
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Total batch size (all GPUs).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Total batch size (all GPUs). [default: the paper's 128/72/48 for s/m/l where the GPUs hold it "
+                   "(4 x 32 GB at 1280), else 16 accumulated to 64]")
 @click.option("--device", default=None, callback=check_devices,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
-@click.option("--weights", default=None, callback=must_exist("weights"),
-              help="Initial weights: kapao checkpoint, official KAPAO file, state dict or name.")
+@click.option("--weights", default=None, callback=_check_start_weights,
+              help="Initial weights: kapao checkpoint, official KAPAO file, state dict, YOLOv5 P6 detector or name. "
+                   "[default: the paper's start, the COCO-pretrained yolov5{s,m,l,x}6 detector of --size "
+                   "(downloaded once); '' or --scratch: random initialisation]")
+@click.option("--scratch", is_flag=True, help="Train from random initialisation (same as --weights '').")
 @click.option("--hyp", default=None, callback=must_exist("hyp"),
               help="Hyperparameter YAML (keys not given keep the defaults of data/hyp-kapao.yaml).")
 @click.option("--hyp-set", "hyp_set", multiple=True, callback=_hyp_set, metavar="KEY=VALUE",
@@ -290,7 +297,8 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 @click.option("--no-plots", is_flag=True, help="Skip train_batch*.jpg, val_pred.jpg and results.png.")
 @click.pass_context
 def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: int | None, batch: int, device: str | None,
-          workers: int, weights: str | None, hyp: str | None, hyp_set: dict[str, float], project: str, name: str,
+          workers: int, weights: str | None, scratch: bool, hyp: str | None, hyp_set: dict[str, float], project: str,
+          name: str,
           exist_ok: bool, resume: str | None, noval: bool, nosave: bool, patience: int, cache: bool, sync_bn: bool,
           no_amp: bool, seed: int, single_cls: bool, no_plots: bool) -> None:
     """Train a KAPAO model (or resume a run); writes runs/train/expN with weights/best.pt and last.pt.
@@ -298,6 +306,10 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
     Multi-GPU: --device 0,1,2,3, or torchrun --nproc_per_node 4 -m kapao train ….
     """
     setup_logging(ctx.obj.get("verbose", False))
+    if scratch and weights:
+        raise click.UsageError(f"--scratch trains from random initialisation; --weights {weights} names initial "
+                               "weights: give one of them")
+    weights = "" if scratch else weights
     if resume:
         fixed = given(ctx, *(p.name for p in ctx.command.params if p.name not in RESUME_OPTIONS))
         if fixed:
@@ -318,12 +330,11 @@ def train(ctx: click.Context, size: str | None, data: str, imgsz: int, epochs: i
                 cfg.require(split)
         except (ConfigError, DataError) as e:
             raise bad_parameter(e, ctx, "data") from None
-    from kapao.distributed import launch, should_launch, verb_argv
+    from kapao.cli.ranks import launch_if_listed
     from kapao.train.run import TrainArgs
     from kapao.train.trainer import train as run_training
 
-    if should_launch(device):
-        sys.exit(launch("train", verb_argv("train"), device))
+    launch_if_listed("train", device)
     args = TrainArgs(data=data, size=size, imgsz=imgsz, epochs=epochs, batch=batch, device=device or "",
                      workers=workers, weights=weights, hyp=hyp, hyp_overrides=hyp_set, project=project, name=name,
                      exist_ok=exist_ok, resume=resume, noval=noval, nosave=nosave, patience=patience, cache=cache,

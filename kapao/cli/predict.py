@@ -2,7 +2,6 @@
 own run folder), added to the `kapao` group by :mod:`kapao.cli.main`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +83,12 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
              save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
              line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
     """predict and track: build the settings, run, print the summary."""
+    from kapao.cli.ranks import launch_if_listed
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
-    from kapao.distributed import DistEnv, launch, should_launch, verb_argv
+    from kapao.distributed import DistEnv
     from kapao.errors import DataError
 
-    if should_launch(device):  # --device 0,1,2,3: one process per GPU, this one waits for them
-        sys.exit(launch(ctx.info_name, verb_argv(ctx.info_name), device))
+    launch_if_listed(ctx.info_name, device)  # --device 0,1,2,3: one process per GPU, this one waits for them
     env = DistEnv.from_environ()
     setup_logging(ctx.obj.get("verbose", False), main_process=env.main)
     scales, flips = tta_passes(scales, flips, tta)
@@ -145,31 +144,29 @@ def _sharded(ctx: click.Context, env, tracking, spec, csv, *, weights, device, h
              **run: Any) -> None:
     """predict/track as one rank of a torchrun job: bring the rank up, run its share, rank 0 prints the summary.
     A rank stopped because another failed exits 1 quietly (rank 0 prints the failing rank's error)."""
-    from kapao.distributed import RankStopped, agree, close, start
+    from kapao.cli.ranks import as_rank
+    from kapao.distributed import agree
     from kapao.infer.predictor import KAPAO
     from kapao.infer.shard import run_sharded
 
-    try:
-        dev = start(device, env)
+    def body(dev: str | None):  # noqa: ANN202
         api, error = None, None
         try:
-            api = KAPAO(weights, device=str(dev) if env.distributed else device, half=half, backend=backend, int8=int8)
+            api = KAPAO(weights, device=dev, half=half, backend=backend, int8=int8)
         except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
             error = e
         agree(error, env)
         for sink in csv:
             sink.names = list(api.schema.names)
-        res = run_sharded(api, spec, env, imgsz=imgsz or api.default_imgsz,
-                          transforms=[tracking.update_frame] if tracking else (), sinks=csv, track=tracking is not None,
-                          progress=True, **run)
-    except RankStopped:
-        sys.exit(1)
+        return run_sharded(api, spec, env, imgsz=imgsz or api.default_imgsz, transforms=[tracking.update_frame]
+                           if tracking else (), sinks=csv, track=tracking is not None, progress=True, **run)
+
+    try:
+        res = as_rank(env, device, body)
     except ConfigError as e:
         if env.main and str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
         raise
-    finally:
-        close(env)
     if res is None:
         return
     extra = (f", {len(res.unreadable)} unreadable files skipped" if res.unreadable else "") + \

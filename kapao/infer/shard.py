@@ -157,6 +157,7 @@ def plan_run(spec: SourceSpec, args: dict[str, Any], world: int, *, project: str
     run_dir, _ = open_run_dir(project, name, {}, args, resume_dir, True)
     session = 1 + max((int(p.name[:3]) for p in (run_dir / PARTS).glob("*.jsonl") if p.name[:3].isdigit()), default=-1)
     (run_dir / PARTS).mkdir(exist_ok=True)
+    (run_dir / PREDICTIONS_JSONL).touch()  # what marks a predict run that --resume can find, before any merge
     items = [[i for u, _ in todo[r.start: r.stop] for i in u] for r in ranges]
     return ShardPlan(run_dir, session, items, done)
 

@@ -13,7 +13,7 @@ Facts of the official KAPAO (YOLOv5) recipe, written anew:
 * EMA of weights and buffers, decay ``ema_decay * (1 - exp(-updates / ema_tau))``, after each step.
 
 Deliberate difference: accumulate is capped at the number of batches per epoch, so a tiny dataset
-still steps.
+still steps (why, and the other training deviations: docs/DESIGN.md, "Training deviations").
 """
 from __future__ import annotations
 

@@ -18,14 +18,16 @@ import yaml
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import Hyp, load_hyp
 from kapao.distributed import DistEnv, broadcast
-from kapao.errors import ConfigError, DataError, KapaoError, UsageError
+from kapao.errors import ConfigError, DataError, KapaoError, UsageError, WeightsError
 from kapao.models.network import KapaoModel
 from kapao.runtime import atomic_write, increment_run_dir
 from kapao.weights.checkpoint import load_checkpoint, save_checkpoint
 from kapao.weights.download import resolve_weights
+from kapao.weights.registry import DETECTOR_FOR_SIZE, DETECTOR_RELEASE
 
 DEFAULT_EPOCHS = {"coco": 500, "crowdpose": 300}  # official recipes; anything else: FALLBACK_EPOCHS
 FALLBACK_EPOCHS = 300
+DEFAULT_SIZE = "s"
 RESUME_ONLY = ("optimizer", "scaler", "model")  # checkpoint extras only a resume needs
 
 
@@ -34,13 +36,13 @@ class TrainArgs:
     """Everything a training run needs; stored as args.yaml and in every checkpoint (plain data)."""
 
     data: str = "coco"  # dataset: built-in name (coco, crowdpose) or YAML path
-    size: str | None = None  # model size n/s/m/l/x; default: the --weights' size, else s
+    size: str | None = None  # model size n/s/m/l/x; default: the --weights' size, else DEFAULT_SIZE
     imgsz: int = 1280  # square train/val input size, a multiple of 64
     epochs: int | None = None  # default: 500 for coco, 300 for crowdpose and custom data
-    batch: int = 16  # total batch over all processes
+    batch: int | None = None  # total batch over all processes; None: default_batch()
     device: str = ""  # '', 'cpu', '0' (single process); several GPUs via kapao.distributed.launch/torchrun
     workers: int = 8  # data-loader workers per process (capped at CPU count / processes)
-    weights: str | None = None  # initial weights: kapao checkpoint, official KAPAO file, state dict or name
+    weights: str | None = None  # initial weights: a file or name; None: the size's YOLOv5 detector; '': random
     hyp: str | None = None  # hyperparameter YAML or built-in name (default: the official recipe)
     hyp_overrides: dict[str, float] = field(default_factory=dict)  # applied on top of `hyp`
     project: str = "runs/train"
@@ -69,6 +71,35 @@ class TrainArgs:
     @property
     def resuming(self) -> bool:
         return self.resume not in (None, False)
+
+
+# The paper's batches (official README: 4 V100 GPUs with 32 GB each, imgsz 1280, no accumulation)
+PAPER_BATCH = {"s": 128, "m": 72, "l": 48}
+PAPER_GPUS, PAPER_GPU_GIB = 4, 31.0  # a 32 GB V100 reports ~31.7 GiB
+FALLBACK_BATCH = 16  # accumulated to the nominal batch 64
+
+
+def default_batch(size: str, imgsz: int, device: Any, world_size: int) -> tuple[int, str]:
+    """(total batch, a line saying why) when --batch is not given.
+
+    The paper's batch for s/m/l when the GPUs of the run hold as much as its 4 x 32 GB at 1280 px: each
+    process's share (batch / processes) must fit in its GPU at the paper's images per GiB
+    (``PAPER_GPU_GIB * PAPER_GPUS / processes`` GiB per GPU, e.g. one 141 GB GPU, 2 x 80 GB or 4 x 32 GB).
+    Otherwise :data:`FALLBACK_BATCH`, accumulated to the nominal batch (the same weight-decay scaling).
+    """
+    import torch
+
+    paper = PAPER_BATCH.get(size)
+    how = (f"the paper trained kapao-{size} with --batch {paper} on {PAPER_GPUS} x 32 GB GPUs (--device 0,1,2,3)"
+           if paper else f"the paper trained no kapao-{size}")
+    if paper is None or device.type != "cuda" or paper % world_size:
+        return FALLBACK_BATCH, f"batch {FALLBACK_BATCH} (accumulated to 64); {how}"
+    need = PAPER_GPU_GIB * PAPER_GPUS / world_size * (imgsz / 1280) ** 2
+    have = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    if have < need:
+        return FALLBACK_BATCH, (f"batch {FALLBACK_BATCH} (accumulated to 64): {how}, which needs {need:.0f} GiB per GPU "
+                                f"with {world_size} process(es), this GPU has {have:.0f}")
+    return paper, f"batch {paper}, the paper's for kapao-{size} ({have:.0f} GiB per GPU, {world_size} process(es))"
 
 
 def default_epochs(cfg: DatasetConfig) -> int:
@@ -115,10 +146,38 @@ def prepare_run(args: TrainArgs, env: DistEnv) -> tuple[Path, Path | None, Train
             run_dir, last = resolve_resume(args.resume, args.project)
             decided = (str(run_dir), str(last), None)
         else:
-            weights = str(resolve_weights(args.weights)[0]) if args.weights else None
+            spec = start_weights(args)
+            weights = str(_resolve_start(spec, args)) if spec else None
             decided = (str(increment_run_dir(args.project, args.name, args.exist_ok)), None, weights)
     run_dir, last, weights = broadcast(decided, env)
     return Path(run_dir), (Path(last) if last else None), dataclasses.replace(args, weights=weights or args.weights)
+
+
+def start_weights(args: TrainArgs) -> str | None:
+    """The initial weights of a new run: ``--weights`` as given (``''``: random initialisation), else the
+    paper's start, the COCO-pretrained YOLOv5 v5.0 P6 detector of the size (yolov5s6 …; none for n)."""
+    if args.weights is not None:
+        return args.weights or None
+    size = args.size or DEFAULT_SIZE
+    name = DETECTOR_FOR_SIZE.get(size)
+    log = logging.getLogger(__name__)
+    if name is None:
+        log.info("no YOLOv5 v5.0 P6 detector exists for size %s (yolov5%s6 came with v6.0: pass --weights "
+                 "yolov5%s6.pt to start from it): training kapao-%s from random initialisation", size, size, size, size)
+    else:
+        log.info("starting from %s, the COCO-pretrained YOLOv5 %s detector (the paper's start; --scratch for random "
+                 "initialisation)", name, DETECTOR_RELEASE)
+    return name
+
+
+def _resolve_start(spec: str, args: TrainArgs) -> Path:
+    """The file of the run's initial weights; a default detector that cannot be fetched says how to go on."""
+    try:
+        return resolve_weights(spec)[0]
+    except WeightsError as e:
+        if args.weights is None:  # the default start, not asked for by name
+            raise WeightsError(f"{e}; or train from random initialisation with --scratch") from None
+        raise
 
 
 RESUME_HYP = ("lr0", "lrf")  # hyperparameters a resumed run may change (--hyp-set); the rest is the run's own

@@ -7,7 +7,8 @@ TrainArgs, run folders, resume and checkpoint stripping in kapao.train.run.
 
 fitness = 0.1 AP50 + 0.9 AP of the EMA model; best.pt holds the fittest epoch. A step never mixes two
 epochs (the step counter restarts each epoch; the official code carries it over but zeroes the
-gradients anyway).
+gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md,
+"Training deviations".
 
 Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the
 EMA weights as the model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the
@@ -57,9 +58,11 @@ from kapao.train.optim import (
 )
 from kapao.train.plots import draw_predictions, plot_results, plot_train_batch, safe_plot
 from kapao.train.run import (
+    DEFAULT_SIZE,
     TrainArgs,
     absolute_if_file,
     build_hyp,
+    default_batch,
     default_epochs,
     load_resume,
     prepare_run,
@@ -70,6 +73,7 @@ from kapao.train.run import (
 from kapao.train.sampler import build_train_loader
 from kapao.train.step import NonFiniteLoss, TrainStep
 from kapao.weights.checkpoint import save_checkpoint, transfer_weights
+from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
 
 __all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "resolve_resume", "train"]
@@ -113,13 +117,19 @@ class Trainer:
         # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
         self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
         self.epochs = int(args.epochs or default_epochs(self.cfg))
+        self.amp = bool(args.amp) and device.type == "cuda"
+        self.state = RunState()
+        self._setup_model()
+        if self.args.batch is None:  # the paper's batch where the GPUs allow, decided once (rank 0)
+            batch, note = default_batch(self.model.size, args.imgsz, device, env.world_size)
+            if env.main:
+                LOGGER.info("%s", note)
+            self.args = dataclasses.replace(self.args, batch=int(broadcast(batch, env)))
+        args = self.args
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
                               f"({env.world_size})")
         self.batch = args.batch // env.world_size  # per process
-        self.amp = bool(args.amp) and device.type == "cuda"
-        self.state = RunState()
-        self._setup_model()
         self.train_loader, self.sampler = build_train_loader(
             self.cfg, self.hyp, args.imgsz, self.batch, args.workers, args.seed, args.cache, env.rank, env.world_size)
         self.nb = len(self.train_loader)
@@ -140,7 +150,9 @@ class Trainer:
         args = self.args
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         init_sd, info = load_weights(args.weights) if args.weights and not args.resume else (None, {})
-        self.model = build_model(args.size or info.get("size") or "s", self.cfg.schema).to(self.device)
+        if info.get("format") == DETECTOR_FORMAT:
+            check_detector_size(info, args.size)
+        self.model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
         if init_sd is not None:
             self._transfer(init_sd, info)
         self.args = dataclasses.replace(  # as resolved, so that a resume finds the same run anywhere
@@ -167,6 +179,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
 
     def _transfer(self, state_dict: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
+        if info.get("format") == DETECTOR_FORMAT:  # the paper's start: the official rule, anchors included
+            t = detector_transfer(self.model, state_dict, info)
+            if self.env.main:
+                LOGGER.info("Transferred %d/%d items from %s%s", t.transferred, t.total, info.get("path"),
+                            describe_transfer(info, t))
+            return
         n, total = transfer_weights(self.model, state_dict, exclude=("anchors",))
         k = info.get("num_keypoints")
         note = (f" (the weights have {k} keypoints, the data {self.cfg.schema.num_keypoints}: the head starts fresh)"

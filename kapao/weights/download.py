@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import http.client
 import io
 import os
@@ -14,11 +15,14 @@ from typing import Any
 
 from kapao.errors import WeightsError
 from kapao.runtime import atomic_write
+from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.reader import read_weights_file
 from kapao.weights.registry import (
+    DETECTORS,
     DIR_ENV,
     REGISTRY,
     URL_ENV,
+    DetectorEntry,
     PathLike,
     WeightsEntry,
     check_name,
@@ -39,9 +43,13 @@ def resolve_weights(spec: PathLike) -> tuple[Path, str | None]:
 
 
 def weights_url(name: str) -> str:
-    """The download URL of named weights ($KAPAO_WEIGHTS_URL with {id}/{name}, else Google Drive)."""
-    entry = REGISTRY[check_name(name)]
+    """The download URL of named weights ($KAPAO_WEIGHTS_URL with {id}/{name}, else Google Drive; a
+    detector: $KAPAO_WEIGHTS_URL when it has {name}, else its YOLOv5 release asset)."""
+    name = check_name(name)
     template = os.environ.get(URL_ENV)
+    if name in DETECTORS:
+        return template.replace("{name}", name) if template and "{name}" in template else DETECTORS[name].url
+    entry = REGISTRY[name]
     return template.replace("{id}", entry.gdrive_id).replace("{name}", entry.name) if template else entry.url
 
 
@@ -54,7 +62,10 @@ def download_weights(name: str, *, force: bool = False) -> Path:
     weights) and are then moved into place atomically; a failed or truncated download leaves
     nothing behind. Offline, the error names the page to fetch by hand and the full path to save it as.
     """
-    entry = REGISTRY[check_name(name)]
+    name = check_name(name)
+    if name in DETECTORS:
+        return _download_detector(DETECTORS[name], force)
+    entry = REGISTRY[name]
     dest = weights_path(entry.name)
     if dest.is_file() and not force:
         return dest
@@ -77,6 +88,41 @@ def download_weights(name: str, *, force: bool = False) -> Path:
         raise WeightsError(f"could not write {dest} ({e.strerror or e}); free disk space or set {DIR_ENV}, "
                            f"or {by_hand}") from None
     return dest
+
+
+def _download_detector(entry: DetectorEntry, force: bool) -> Path:
+    """The cached YOLOv5 release detector, fetched over HTTP first if missing: atomically, checked
+    (sha256 when known; it must read as a YOLOv5 detector of the entry's size)."""
+    dest = weights_path(entry.name)
+    if dest.is_file() and not force:
+        return dest
+    url = weights_url(entry.name)
+    by_hand = f"download {url} by hand and save it as {dest}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dest, suffix=".part", check=lambda tmp: _verify_detector(tmp, entry, url, by_hand)) as f:
+            _download_http(url, f, entry.name, by_hand)
+    except OSError as e:
+        raise WeightsError(f"could not write {dest} ({e.strerror or e}); free disk space or set {DIR_ENV}, "
+                           f"or {by_hand}") from None
+    return dest
+
+
+def _verify_detector(tmp: Path, entry: DetectorEntry, url: str, by_hand: str) -> None:
+    if entry.sha256 is not None:
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if digest != entry.sha256:
+            raise WeightsError(f"the file downloaded for {entry.name} from {url} has sha256 {digest}, not "
+                               f"{entry.sha256}; it was deleted — {by_hand}")
+    try:
+        _, info = read_weights_file(tmp)
+    except WeightsError as e:
+        raise WeightsError(f"the file downloaded for {entry.name} from {url} is not usable weights ({e}); it was "
+                           f"deleted — {by_hand}") from None
+    if info["format"] != DETECTOR_FORMAT or info["size"] != entry.size:
+        what = f"a YOLOv5-{info['size']} detector" if info["format"] == DETECTOR_FORMAT else f"{info['format']} weights"
+        raise WeightsError(f"the file downloaded for {entry.name} from {url} is {what}, not the YOLOv5-{entry.size}6 "
+                           f"detector; it was deleted — {by_hand}")
 
 
 def _verify_download(tmp: Path, name: str, url: str, by_hand: str) -> None:

@@ -10,16 +10,25 @@ from torch import Tensor, nn
 
 from kapao.cfg.schema import KeypointSchema
 from kapao.weights.checkpoint import build_and_load, check_compatible
+from kapao.errors import WeightsError
+from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.download import resolve_weights
 from kapao.weights.reader import read_weights_file
-from kapao.weights.registry import DEFAULT_WEIGHTS, REGISTRY, PathLike
+from kapao.weights.registry import DEFAULT_WEIGHTS, DETECTORS, REGISTRY, PathLike, check_weights_spec
 
 
 def load_weights(spec: PathLike, *, schema: KeypointSchema | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The float32 state_dict and info of a weights spec (see :func:`load_model`), without a model."""
+    """The float32 state_dict and info of a weights spec (see :func:`load_model`), without a model.
+
+    A YOLOv5 detector (format 'detector', a start for training) has no keypoint schema: ``schema`` is
+    not checked against it and info's schema stays None.
+    """
     path, name = resolve_weights(spec)
     state_dict, info = read_weights_file(path)
     info.update(path=str(path), name=name)
+    if info["format"] == DETECTOR_FORMAT:
+        info.update(num_keypoints=None, keypoint_names=None)
+        return state_dict, info
     if name is not None:  # a named official weight: its dataset's schema and input size
         entry = REGISTRY[name]
         check_compatible(info["schema"], entry.schema, what=f"{path}")
@@ -48,6 +57,13 @@ def load_model(spec: PathLike = DEFAULT_WEIGHTS, device: Any = "cpu", *,
     imgsz (named weights: their native input size), and per format: config/extra (kapao),
     anchors/bn_eps/best_fitness (official).
     """
+    if check_weights_spec(spec)[1] in DETECTORS:  # say so before downloading it
+        raise WeightsError(f"{spec} is a YOLOv5 object detector, not a KAPAO pose model: it predicts no keypoints. "
+                           f"It is a start for training: `kapao train --weights {spec}`")
     state_dict, info = load_weights(spec, schema=schema)
+    if info["format"] == DETECTOR_FORMAT:
+        raise WeightsError(f"{info['path']} is a YOLOv5 object detector ({info['nc']} classes, size {info['size']}), "
+                           "not a KAPAO pose model: it predicts no keypoints. It is a start for training: "
+                           f"`kapao train --weights {info['name'] or info['path']}`")
     model = build_and_load(state_dict, info, Path(info["path"]), device)
     return model, info

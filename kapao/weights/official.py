@@ -62,7 +62,7 @@ def load_official_checkpoint(path: PathLike) -> dict[str, Any]:
     return dict(obj)
 
 
-def _walk_state_dict(node: StandIn, prefix: str, out: dict[str, Tensor], path: Path) -> None:
+def module_state_dict(node: StandIn, prefix: str, out: dict[str, Tensor], path: Path) -> None:
     """nn.Module.state_dict() over recorded stand-ins: parameters, persistent buffers, children."""
     non_persistent = node.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -79,7 +79,7 @@ def _walk_state_dict(node: StandIn, prefix: str, out: dict[str, Tensor], path: P
         if not isinstance(child, StandIn):
             raise WeightsError(f"{path}: submodule {prefix}{name} is a {type(child).__name__}; the file is not a "
                                "valid KAPAO checkpoint")
-        _walk_state_dict(child, f"{prefix}{name}.", out, path)
+        module_state_dict(child, f"{prefix}{name}.", out, path)
 
 
 def _iter_standins(node: StandIn, prefix: str = "") -> Iterator[tuple[str, StandIn]]:
@@ -109,8 +109,8 @@ def official_to_state_dict(ckpt: Mapping[str, Any],
     path = Path(path)
     root = _model_node(ckpt, path)
     raw: dict[str, Tensor] = {}
-    _walk_state_dict(root, "", raw, path)
-    detect, head = _detect_layer(root, path)
+    module_state_dict(root, "", raw, path)
+    detect, head = detect_layer(root, path)
     num_keypoints = _num_keypoints(detect, raw.get(head + "m.0.weight"), path)
     anchors_px, strides = _anchors(detect, raw, head, path)
     state_dict = _to_float32(raw, drop=head + "anchor_grid")
@@ -138,7 +138,7 @@ def _model_node(ckpt: Mapping[str, Any], path: Path) -> StandIn:
     return root
 
 
-def _detect_layer(root: StandIn, path: Path) -> tuple[StandIn, str]:
+def detect_layer(root: StandIn, path: Path) -> tuple[StandIn, str]:
     """The YOLOv5 Detect layer (the last one) and its state_dict prefix (``model.33.``)."""
     layers = root.children.get("model")
     detect = list(layers.children.values())[-1] if isinstance(layers, StandIn) and layers.children else None
@@ -234,10 +234,11 @@ def _check_activations(root: StandIn, path: Path) -> None:
                            "networks use SiLU (YOLOv5 v4.0+), so these weights cannot be used")
 
 
-def read_official(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_official(path: Path, ckpt: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state_dict, info) of an official file: :func:`official_to_state_dict`'s meta plus format
-    'official' and the keypoint schema (from the stored keypoint names when there are any)."""
-    state_dict, meta = official_to_state_dict(load_official_checkpoint(path), path)
+    'official' and the keypoint schema (from the stored keypoint names when there are any).
+    ``ckpt``: the file already read by :func:`load_official_checkpoint`."""
+    state_dict, meta = official_to_state_dict(ckpt if ckpt is not None else load_official_checkpoint(path), path)
     return state_dict, {"format": "official", **meta,
                         "schema": KeypointSchema.infer(meta["num_keypoints"], meta["keypoint_names"])}
 

@@ -17,15 +17,21 @@ from kapao.weights.checkpoint import (
     infer_size,
     is_kapao_checkpoint,
 )
-from kapao.weights.official import read_official
+from kapao.weights.detector import detector_from_state_dict, is_detector_checkpoint, read_detector
+from kapao.weights.official import load_official_checkpoint, read_official
 
 
 def read_weights_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The float32 state_dict and info (format, size, schema, epoch, ...) of one weights file."""
+    """The float32 state_dict and info (format, size, schema, epoch, ...) of one weights file.
+
+    format: 'kapao', 'official' (an official KAPAO file), 'state_dict' (of a KAPAO network) or 'detector'
+    (a YOLOv5 P6 box detector, pickled or its state_dict: a start for training only; schema None).
+    """
     try:
         obj = _torch_load_weights_only(path)
     except _PickledObjects:  # pickled modules: an official checkpoint (or worse), read restricted
-        return read_official(path)
+        ckpt = load_official_checkpoint(path)
+        return read_detector(ckpt, path) if is_detector_checkpoint(ckpt) else read_official(path, ckpt)
     return _interpret_data(obj, path)
 
 
@@ -54,6 +60,9 @@ def _interpret_data(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, 
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     size, k = infer_size(sd), infer_num_keypoints(sd)
     if size is None or k is None:
+        detector = detector_from_state_dict(sd, path)
+        if detector is not None:
+            return sd, detector
         raise WeightsError(f"{path}: a state_dict, but not of a KAPAO network (cannot find the stem conv "
                            "'model.0.conv.conv.weight' or the head 'model.33.m.0.weight')")
     return sd, {"format": "state_dict", "size": size, "schema": KeypointSchema.for_count(k), "epoch": None}

@@ -85,6 +85,49 @@ DEFAULT_WEIGHTS = "kapao_s_coco"
 GDRIVE_IDS: dict[str, str] = {n: e.gdrive_id for n, e in REGISTRY.items()}  # name -> Drive id
 
 
+# ----------------------------------------------------------------------------------------------
+# The detectors the paper starts training from
+
+DETECTOR_RELEASE = "v5.0"  # the official KAPAO attempt_download pins this YOLOv5 release tag
+DETECTOR_URL_TEMPLATE = "https://github.com/ultralytics/yolov5/releases/download/{tag}/{name}.pt"
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    """A COCO-pretrained YOLOv5 P6 detector of YOLOv5's v5.0 release: the start of the paper's training.
+
+    ``sha256`` and ``file_bytes`` are None: no published checksum or byte count was found for the v5.0
+    assets; a download is checked by reading it as a YOLOv5 detector of the entry's size instead.
+    """
+
+    name: str  # yolov5{size}6; the cached file is <name>.pt
+    size: str  # the kapao size it starts
+    sha256: str | None = None
+    file_bytes: int | None = None
+
+    @property
+    def url(self) -> str:
+        return DETECTOR_URL_TEMPLATE.format(tag=DETECTOR_RELEASE, name=self.name)
+
+    @property
+    def page_url(self) -> str:
+        return self.url
+
+    def describe(self) -> str:
+        """Multi-line summary for ``kapao info --weights NAME``."""
+        return "\n".join([f"name: {self.name}", f"YOLOv5 {DETECTOR_RELEASE} P6 object detector (COCO, 80 classes): "
+                          f"the start of `kapao train --size {self.size}`", f"url: {self.url}",
+                          f"sha256: {self.sha256 or 'not published'}",
+                          f"file size: {self.file_bytes or 'not published'}", f"cached as: {weights_path(self.name)}"])
+
+
+DETECTORS: dict[str, DetectorEntry] = {e.name: e for e in (
+    DetectorEntry("yolov5s6", "s"), DetectorEntry("yolov5m6", "m"), DetectorEntry("yolov5l6", "l"),
+    DetectorEntry("yolov5x6", "x"),
+)}
+DETECTOR_FOR_SIZE: dict[str, str] = {e.size: e.name for e in DETECTORS.values()}  # no v5.0 P6 detector for n
+
+
 def native_imgsz(name: str | None) -> int:
     """The input size named weights were trained at; :data:`DEFAULT_IMGSZ` for anything else."""
     entry = REGISTRY.get(name) if name else None
@@ -124,9 +167,10 @@ def weights_path(name: str) -> Path:
 
 
 def check_name(name: str) -> str:
+    """The bare name (without .pt) of official KAPAO weights or a starting detector; WeightsError otherwise."""
     name = name[:-3] if name.endswith(".pt") else name
-    if name not in REGISTRY:
-        raise WeightsError(f"unknown weights name '{name}'; known: {', '.join(WEIGHT_NAMES)}")
+    if name not in REGISTRY and name not in DETECTORS:
+        raise WeightsError(f"unknown weights name '{name}'; known: {', '.join(WEIGHT_NAMES + tuple(DETECTORS))}")
     return name
 
 
@@ -146,9 +190,9 @@ def check_weights_spec(spec: PathLike) -> tuple[Path, str | None]:
     if path.is_file():
         return path, None
     bare = Path(text).name[:-3] if text.endswith(".pt") else text
-    if bare in REGISTRY and (text == bare or Path(text).name == text):
+    if (bare in REGISTRY or bare in DETECTORS) and (text == bare or Path(text).name == text):
         return weights_path(bare), bare
     if path.exists():
         check_file(path)  # a folder: clear error
     raise WeightsError(f"weights '{text}' not found: no such file, and not a known name "
-                       f"({', '.join(WEIGHT_NAMES)})")
+                       f"({', '.join(WEIGHT_NAMES + tuple(DETECTORS))})")

@@ -43,7 +43,7 @@ class StandIn:
 
 
 _STANDIN_NAMES: dict[str, frozenset[str]] = {
-    "models.yolo": frozenset({"Model", "Detect"}),
+    "models.yolo": frozenset({"Model", "DetectionModel", "Detect"}),  # DetectionModel: YOLOv5 v7.0 files
     "models.common": frozenset({"Focus", "Conv", "C3", "Bottleneck", "SPP", "SPPF", "Concat",
                                 "BottleneckCSP", "DWConv"}),
     "utils.activations": frozenset({"SiLU", "Hardswish"}),  # YOLOv5's own, for torch < 1.7

@@ -2,7 +2,9 @@
 overrides, run files, resuming a finished run and stripping a finished run's checkpoint."""
 from __future__ import annotations
 
+import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +20,12 @@ from kapao.train.run import (
     TrainArgs,
     absolute_if_file,
     build_hyp,
+    default_batch,
     default_epochs,
     load_resume,
     prepare_run,
     resolve_resume,
+    start_weights,
     strip_checkpoint,
     write_run_files,
 )
@@ -68,8 +72,35 @@ def test_build_hyp_applies_overrides_and_absolute_paths(tmp_path):
     assert absolute_if_file("coco") == "coco" and absolute_if_file(None) is None
 
 
+def test_start_weights_default_to_the_paper_detector(caplog):
+    caplog.set_level(logging.INFO, logger="kapao")
+    assert [start_weights(TrainArgs(size=s)) for s in (None, "s", "m", "l", "x")] == \
+        ["yolov5s6", "yolov5s6", "yolov5m6", "yolov5l6", "yolov5x6"]
+    assert start_weights(TrainArgs(size="n")) is None
+    assert "no YOLOv5 v5.0 P6 detector exists for size n" in caplog.text
+    assert start_weights(TrainArgs(size="m", weights="")) is None  # --scratch
+    assert start_weights(TrainArgs(size="m", weights="kapao_s_coco")) == "kapao_s_coco"
+
+
+def test_default_batch_is_the_papers_where_the_gpus_hold_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert default_batch("s", 1280, cpu, 1)[0] == 16
+    gib = {"v": 0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib["v"] * 2 ** 30))
+    cuda = torch.device("cuda", 0)
+    for size, paper in {"s": 128, "m": 72, "l": 48}.items():
+        gib["v"] = 32
+        assert default_batch(size, 1280, cuda, 4)[0] == paper  # the paper's 4 x 32 GB
+        assert default_batch(size, 1280, cuda, 1)[0] == 16  # one 32 GB GPU: accumulate instead
+        gib["v"] = 141
+        assert default_batch(size, 1280, cuda, 1)[0] == paper
+    assert default_batch("n", 1280, cuda, 4)[0] == default_batch("x", 1280, cuda, 4)[0] == 16
+    gib["v"] = 32
+    assert "needs 124 GiB per GPU with 1 process(es), this GPU has 32" in default_batch("m", 1280, cuda, 1)[1]
+
+
 def test_prepare_run_new_and_resumed(tmp_path):
-    args = TrainArgs(project=str(tmp_path / "runs"))
+    args = TrainArgs(project=str(tmp_path / "runs"), weights="")
     run, last, out = prepare_run(args, DistEnv())
     assert run == tmp_path / "runs" / "exp" and run.is_dir() and last is None and out == args
     (run / "weights").mkdir()
