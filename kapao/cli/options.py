@@ -89,7 +89,7 @@ def check_devices(ctx: click.Context, param: click.Parameter, value: str | None)
     if value and "," in value:
         ids = [d.strip() for d in value.split(",")]
         if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
-            raise click.BadParameter(f"{value!r}: expected cpu, a GPU index or distinct GPU indices such as 0,1", ctx, param)
+            raise click.BadParameter(f"{value!r}: expected cpu, mps, a GPU index or distinct GPU indices such as 0,1", ctx, param)
         for d in ids:
             check_device(ctx, param, d)
         return value
