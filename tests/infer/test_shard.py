@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -218,11 +219,28 @@ def test_sigkill_of_one_rank_then_resume_gives_every_image_once(folder: Path, ea
 def test_disk_full_on_one_rank_is_one_line_on_rank_0_and_resume_finishes(folder: Path, eager_weights: Path,  # noqa: F811
                                                                           tmp_path: Path):
     script = tmp_path / "full_rank1.py"  # rank 1's disk "fills up" after 3 frames
-    script.write_text(
-        "import errno, os\nimport kapao.infer.sinks as s\nfrom kapao.cli.main import main\nadd = s.JsonlSink.add\n"
-        "def full(self, frame, poses):\n    self.n = getattr(self, 'n', 0) + 1\n"
-        "    if os.environ['RANK'] == '1' and self.n > 3:\n        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-        "    add(self, frame, poses)\ns.JsonlSink.add = full\nmain()\n")
+    script.write_text(textwrap.dedent("""
+        import errno, os
+        import kapao.infer.sinks as s
+        from kapao.cli.main import main
+
+        class Full:  # a file whose disk is full
+            def __init__(self, f):
+                self.f = f
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        add = s.JsonlSink.add
+        def full(self, frame, poses):
+            self.n = getattr(self, "n", 0) + 1
+            if os.environ["RANK"] == "1" and self.n == 4:
+                self._file = Full(self._file)
+            add(self, frame, poses)
+        s.JsonlSink.add = full
+        main()
+        """))
     common = [str(folder), "--weights", str(eager_weights), "--imgsz", "64", "--device", "cpu", "--nosave",
               "--project", str(tmp_path / "runs")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
@@ -232,7 +250,8 @@ def test_disk_full_on_one_rank_is_one_line_on_rank_0_and_resume_finishes(folder:
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error:")]
     assert out.returncode != 0 and errors == [f"Error: rank 1: cannot write {run / PARTS / '000-0001.jsonl'}: "
                                               "No space left on device; free disk space"], out.stdout + out.stderr
-    assert has_parts(run) and not (run / PREDICTIONS_JSONL).exists()  # the parts stay, nothing merged
+    assert has_parts(run) and (run / PREDICTIONS_JSONL).read_bytes() == b""  # the parts stay, nothing merged
+    assert not (run / PREDICTIONS_JSON).exists()
     res = _kapao("predict", "--resume", str(run), "--device", "cpu", "--nosave", nproc=2)
     assert res.returncode == 0, res.stdout + res.stderr
     one = _kapao("predict", *common[:-2], "--project", str(tmp_path / "one"))
