@@ -209,7 +209,7 @@ def _run(*args: str, nproc: int = 0, rdzv: tuple[str, ...] = ("--standalone",), 
 
 
 def _table(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if " = " in line or "images, " in line]
+    return [line for line in stdout.splitlines() if " = " in line or "protocol): " in line or line.endswith(" poses")]
 
 
 @pytest.mark.slow
@@ -228,9 +228,9 @@ def test_sharded_validate_gives_the_metrics_of_one_process(request, yaml_fixture
 @pytest.mark.parametrize("yaml_fixture, tta", [("coco_mini_yaml", False), ("coco_mini_yaml", True),
                                                ("crowdpose_mini_yaml", False), ("crowdpose_mini_yaml", True)])
 def test_val_cli_on_two_processes_equals_one(request, yaml_fixture: str, tta: bool, tmp_path: Path):
-    weights = tmp_path / "n.pt"
-    save_checkpoint(weights, eager_model(), extra={"epoch": 0})
     yaml = request.getfixturevalue(yaml_fixture)
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, eager_model(load_dataset_config(yaml).schema.num_keypoints), extra={"epoch": 0})
     common = ["-m", "kapao", "val", "--weights", str(weights), "--data", str(yaml), "--imgsz", "128", "--batch", "1",
               "--workers", "0", "--device", "cpu", *(["--tta"] if tta else [])]
     one = _run(*common, "--project", str(tmp_path / "one"))
