@@ -229,6 +229,7 @@ def test_unwritable_run_folder_is_one_line(coco_mini_yaml, tmp_path):
                                  "not a folder; use --project with a writable folder"
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(coco_mini_yaml, tmp_path):
     """torch.distributed.run with 2 CPU processes (gloo): completes, only rank 0 writes a run, and both
     ranks end with the same weights (gradients all-reduced, also after a no_sync accumulation)."""
@@ -271,7 +272,8 @@ def test_ddp_two_processes_gloo(coco_mini_yaml, tmp_path):
     assert res.exit_code == 0, res.output
     poses = re.search(r"val: AP [0-9.]+, AP50 [0-9.]+ \(4 images, (\d+) poses\)", log).group(1)
     assert f"4 images, {poses} poses" in res.output
-    assert format_metrics(_load(last)["extra"]["metrics"]) in res.output  # to the last printed digit
+    metrics = _load(last)["extra"]["metrics"]
+    assert len(metrics) >= 10 and format_metrics(metrics) in res.output  # to the last printed digit
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
