@@ -153,7 +153,7 @@ def signal_error(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         try:
             dist.distributed_c10d._get_default_store().set(ERROR_KEY, str(env.rank))
-        except Exception:  # noqa: BLE001 - the final agree() still stops every rank
+        except Exception:
             LOGGER.debug("could not signal the error to the other ranks", exc_info=True)
 
 

@@ -70,7 +70,7 @@ def draw_poses(img_bgr: np.ndarray, boxes: Any, keypoints: Any, schema: Keypoint
         color = track_color(int(ids[i])) if ids is not None and ids[i] >= 0 else None
         if show_boxes:
             cv2.rectangle(img, _point(box[0], box[1]), _point(box[2], box[3]), color or BOX_COLOR, lw, cv2.LINE_AA)
-        text = " ".join(([f"id {ids[i]}"] if color and show_track_ids else [])
+        text = " ".join(([f"id {ids[i]}"] if color and show_track_ids and ids is not None else [])
                         + ([f"{scores[i]:.2f}"] if show_boxes and show_scores and scores is not None else []))
         if text:
             _label(img, text, _point(box[0], box[1]), lw, color or BOX_COLOR)

@@ -27,9 +27,9 @@ weights, nothing downloaded) -- with:
 * peak memory: CUDA max allocated, else the peak process RSS growth during the row.
 
 Then the published-accuracy pairing (--pairing: kapao-s at 1280 and yolo26s-pose at 640, both published
-at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (issue 14: kapao
+at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (kapao
 with its output biases set to objectness 2.0, classes 0.0, so nearly every anchor passes the
-thresholds; NMS + fusion vs forward, now and with the previous NMS in scripts/_reference_nms.py), and
+thresholds; NMS + fusion vs forward, now and with the previous NMS in tests/infer/reference_nms.py), and
 the target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
 The video is --video, else $KAPAO_TEST_DATA/videos/posetrack-000001.mp4 (../shared/data by default),
 cut or looped to --frames frames.
@@ -44,19 +44,18 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 # torch threads lose their time slices and eager forward gets up to 4x slower (set it to ACTIVE to compare)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+import argparse
+import contextlib
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
 NETWORK_ATTEMPTS: list[str] = []
 
 
@@ -78,6 +77,7 @@ _block_network()
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import MATMUL_N, matmul_gflops, median_ms, reference_nms, test_data  # noqa: E402
 
 from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
 from kapao.backends.runtimes import OnnxBackend  # noqa: E402
@@ -99,7 +99,6 @@ COCO_TEMPLATE = ((.50, .08), (.54, .06), (.46, .06), (.58, .08), (.42, .08), (.6
                  (.28, .40), (.74, .56), (.26, .56), (.60, .55), (.40, .55), (.60, .76), (.40, .76), (.60, .96),
                  (.40, .96))
 POSE_CANDIDATES, KP_CANDIDATES = 20, 4  # injected candidates per person / per keypoint of a person
-MATMUL_N = 2048  # the machine figure: an N x N x N fp32 matmul
 # Published COCO val2017 keypoint AP of the pairing, each from its own tool: KAPAO's official val.py
 # (pycocotools, 1280, README of wmcnally/kapao) and Ultralytics' validator (640, YOLO26 docs).
 PAIRING_AP = {"kapao-s": 63.0, "yolo26s-pose": 63.0}
@@ -111,8 +110,7 @@ PEERS = {"yolo11": "YOLO11-pose", "yolo26": "YOLO26-pose"}  # ultralytics famili
 
 
 def default_video() -> Path:
-    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    return root / "videos" / "posetrack-000001.mp4"
+    return test_data() / "videos" / "posetrack-000001.mp4"
 
 
 def read_frames(video: Path) -> tuple[list[np.ndarray], float]:
@@ -212,21 +210,6 @@ def inject_crowd(pred: torch.Tensor, layout: HeadLayout, meta: dict[str, Any], k
 # Measuring
 
 
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int, sync: bool = False) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """{'mb': peak CUDA memory allocated, or peak RSS growth of this process} over the block."""
@@ -256,15 +239,6 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         t.join()
         peak[0] = max(peak[0], proc.memory_info().rss)
         res["mb"] = (peak[0] - start) / 2**20
-
-
-def matmul_gflops(device: torch.device, runs: int, warmup: int) -> float:
-    """GFLOP/s of one MATMUL_N^3 fp32 matmul on `device` (2 N^3 FLOPs), median of `runs`."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
-    b = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
-    ms = median_ms(lambda: torch.mm(a, b), runs, warmup, device.type == "cuda")
-    return 2 * MATMUL_N**3 / (ms / 1000) / 1e9
 
 
 @dataclass
@@ -311,7 +285,7 @@ class Context:
 
 
 Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "KapaoBackend | None", "Path | None"]
-# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch; issue 14 parts 1-2):
+# The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch):
 # (label, --backend, shapes, int8). Their exports go to a cache folder under the run's temp dir, not timed.
 # scripts/benchmark_backends.py measures the same rows without the end-to-end runs.
 FAST_ROWS = (
@@ -340,8 +314,7 @@ def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Back
     from kapao.backends.int8 import Int8Calibration
 
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
-    root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-    calib = Int8Calibration.from_spec(root / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
+    calib = Int8Calibration.from_spec(test_data() / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
     rows: list[Backend] = []
     for label, name, shapes, int8 in FAST_ROWS:
         try:
@@ -480,7 +453,7 @@ def yolo_row(ctx: Context, family: str, size: str, imgsz: int) -> Row:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hot post-processing (issue 14): nearly every anchor above the thresholds
+# Hot post-processing: nearly every anchor above the thresholds
 
 
 HOT_RUNS = 9  # timed runs (median) of the hot check, whatever --runs says
@@ -489,12 +462,9 @@ HOT_RUNS = 9  # timed runs (median) of the hot check, whatever --runs says
 def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
     """kapao-<size> with objectness bias 2.0 and class biases 0.0 on the first video frame at imgsz: candidates
     per frame, NMS + fusion ms with the current and the previous NMS, forward ms; markdown table lines."""
-    import importlib.util
     from unittest import mock
 
-    spec = importlib.util.spec_from_file_location("reference_nms", REPO / "tests" / "infer" / "reference_nms.py")
-    ref = importlib.util.module_from_spec(spec)  # the NMS before early stopping, kept beside its tests
-    spec.loader.exec_module(ref)
+    ref = reference_nms()
 
     args, device, sync = ctx.args, ctx.device, ctx.device.type == "cuda"
     torch.manual_seed(0)

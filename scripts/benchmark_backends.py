@@ -8,7 +8,7 @@ $KAPAO_TEST_DATA/videos/posetrack-000001.mp4, 1280x720, letterboxed as predict d
 640 -> 640x384):
 
 * matmul        -- a 2048^3 fp32 torch matmul: what the machine can do (GFLOP/s);
-* torch         -- torch eager NCHW, Conv+BN folded (what predict ran before issue 14);
+* torch         -- torch eager NCHW, Conv+BN folded (the plain torch path);
 * torch-cl      -- the same with channels_last;
 * onnxruntime / onnxruntime-fixed -- the cached dynamic-shape export, and one fixed to the input's shape;
 * openvino / openvino-fixed       -- the same files compiled by OpenVINO (fp32);
@@ -25,35 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import tempfile
-import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from _common import MATMUL_N, matmul_gflops, median_ms, test_data
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_DATA = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = test_data()
 ROWS = ("torch", "torch-cl", "onnxruntime", "onnxruntime-fixed", "openvino", "openvino-fixed",
         "onnxruntime-int8", "onnxruntime-int8-fixed")
-
-
-def median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up: first-call allocations, OpenVINO/onnxruntime shape specialisation
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def matmul_gflops(runs: int, n: int = 2048) -> float:
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    return 2 * n ** 3 / median_ms(lambda: a @ b, runs) / 1e6
 
 
 def network_input(imgsz: int) -> torch.Tensor:
@@ -92,7 +72,7 @@ def bench(args: argparse.Namespace) -> None:
     layout = HeadLayout(model.schema.num_keypoints)
     print(f"kapao-{model.size}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs; median of {args.runs} runs")
-    print(f"matmul 2048^3 fp32: {matmul_gflops(args.runs):.1f} GFLOP/s")
+    print(f"matmul {MATMUL_N}^3 fp32: {matmul_gflops(torch.device('cpu'), args.runs):.1f} GFLOP/s")
     print(f"{'backend':<24} {'input':>10} {'ms':>9} {'GFLOP/s':>8} {'max coord diff px':>18}")
     for imgsz in args.imgsz:
         x = network_input(imgsz)
@@ -133,5 +113,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import test_data
 from torch.utils.data import RandomSampler
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.schema import DatasetConfig
 from kapao.data.dataset import PoseDataset, build_dataloader
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def coco_mini_config(data_root: Path) -> DatasetConfig:
@@ -49,7 +48,7 @@ def throughput(cfg: DatasetConfig, imgsz: int, workers: int, batch_size: int, ba
 
 
 def main() -> None:
-    default_root = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
+    default_root = test_data()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", type=Path, default=default_root)
     ap.add_argument("--imgsz", type=int, nargs="+", default=[640, 1280])

@@ -9,17 +9,17 @@ post-processing then sees few detections, so its time is a lower bound).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import torch
+from _common import test_data
 
 from kapao.cfg.settings import PREDICT_SETTINGS
 from kapao.infer.predictor import KAPAO
 from kapao.models.network import build_model
 
-DATA = Path(os.environ.get("KAPAO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = test_data()
 
 
 def main() -> None:

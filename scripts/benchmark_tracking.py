@@ -31,8 +31,8 @@ from kapao.poses import Poses
 from kapao.track.tracker import (
     TRACKERS,
     UNTRACKED,
-    Detections,
     PoseTracker,
+    TrackerInput,
     assign_track_ids,
     id_switches,
     load_tracker_config,
@@ -55,7 +55,7 @@ class OksByteTracker(BYTETracker):
         self.last: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # track id -> (keypoints (K, 2), box centre (2,))
         self.frame_kpts = np.zeros((0, len(sigmas), 2))
 
-    def update(self, results: Detections, img: np.ndarray | None = None, **kwargs) -> np.ndarray:
+    def update(self, results: TrackerInput, img: np.ndarray | None = None, **kwargs) -> np.ndarray:
         self.frame_kpts = results.keypoints
         out = super().update(results, img, **kwargs)
         centres = results.xywh[:, :2]
@@ -153,7 +153,7 @@ def synthetic_table(seeds: int, people: int, frames: int, weights: list[float]) 
             truth, pred = [], []
             for t_ids, poses in seq:
                 truth.append(t_ids)
-                pred.append(assign_track_ids(tracker, Detections.from_poses(poses)))
+                pred.append(assign_track_ids(tracker, TrackerInput.from_poses(poses)))
             ids = np.concatenate(pred)
             created += len(set(ids[ids != UNTRACKED].tolist()))
             switches += id_switches(truth, pred)

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_train.py [--device cpu|0] [--iters 4] [--warmup 1] [--threads N]
 
-Times what `kapao train` does per batch (kapao.train.step.TrainStep): forward, loss, backward, and every
+Times what `kapao train` does per batch (kapao.train.update.BatchUpdater): forward, loss, backward, and every
 `accumulate` batches (nominal batch 64) the SGD step and the EMA update. Data loading is excluded
 (scripts/benchmark_loader.py measures it). Synthetic batches: random images, 6 persons per image
 with all 17 keypoints visible (plus their keypoint objects). Cases: sizes n and s at 640 px, batch 8,
@@ -25,7 +25,7 @@ from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import select_device
 from kapao.train.optim import ModelEMA, accumulate_steps, build_optimizer
-from kapao.train.step import TrainStep
+from kapao.train.update import BatchUpdater
 
 PERSONS = 6
 
@@ -57,14 +57,14 @@ def throughput(size: str, imgsz: int, batch: int, device: torch.device, amp: boo
     accumulate = accumulate_steps(hyp, batch)
     optimizer = build_optimizer(model, hyp, batch, accumulate)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    step = TrainStep(model, KapaoLoss(model, hyp, imgsz), optimizer, scaler, ModelEMA(model), device, amp)
+    updater = BatchUpdater(model, KapaoLoss(model, hyp, imgsz), optimizer, scaler, ModelEMA(model), device, amp)
     images, targets = synthetic_batch(batch, imgsz, np.random.default_rng(0))
 
     def run(n: int, offset: int) -> None:
         for i in range(offset, offset + n):
-            step.forward_backward(images, targets)
+            updater.forward_backward(images, targets)
             if (i + 1) % accumulate == 0:
-                step.step()
+                updater.optimizer_step()
 
     run(warmup, 0)
     if device.type == "cuda":

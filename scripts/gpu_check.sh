@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 14): train, predict, val and the speed benchmark on a CUDA machine, within 8 minutes.
+# GPU check: train, predict, val and the speed benchmark on a CUDA machine, within 8 minutes.
 #
 #   bash scripts/gpu_check.sh                 # on a CUDA machine, from the repository root
 #   bash scripts/gpu_check.sh --cpu-dry-run   # the same plumbing on CPU at tiny sizes (nothing timed)
@@ -88,7 +88,7 @@ from pathlib import Path
 
 import torch
 
-from kapao.weights import load_model
+from kapao.weights.loader import load_model
 
 run = Path(sys.argv[1])
 rows = list(csv.DictReader(open(run / "results.csv")))
@@ -106,18 +106,19 @@ step predict 60 python3 -m kapao predict "$DATA/videos/posetrack-000001.mp4" --w
 step val 60 python3 -m kapao val --weights "$CKPT" --data "$OUT/coco-mini.yaml" $HALF --device "$DEV" --imgsz "$IMGSZ" \
     --batch "$BATCH" --workers "$WORKERS" --project "$OUT" --name val
 step nms 60 python3 - "$DEV" "$IMGSZ" <<'PY'
-# The early-stopping NMS against the previous one (scripts/_reference_nms.py) on the hot network's output.
+# The early-stopping NMS against the previous one (tests/infer/reference_nms.py) on the hot network's output.
 import sys
 
 import torch
 
-sys.path.insert(0, "scripts")
-import _reference_nms as ref  # noqa: E402
+sys.path.insert(0, "scripts")  # a heredoc, not a script file: scripts/ is not on sys.path by itself
+from _common import reference_nms  # noqa: E402
 
-from kapao.cfg.schema import PREDICT_SETTINGS, VAL_SETTINGS  # noqa: E402
+from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS  # noqa: E402
 from kapao.models.network import build_model  # noqa: E402
-from kapao.infer.postprocess import nms  # noqa: E402
+from kapao.infer.nms import nms  # noqa: E402
 
+ref = reference_nms()
 device, imgsz = torch.device("cuda:0" if sys.argv[1] != "cpu" else "cpu"), int(sys.argv[2])
 torch.manual_seed(0)
 model = ref.set_hot_biases(build_model("s").eval()).to(device)

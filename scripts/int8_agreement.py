@@ -18,33 +18,13 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from _common import memorise, mini_yaml, test_data
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_DATA = Path(os.environ.get("KAPAO_TEST_DATA", REPO.parent / "shared" / "data"))
-
-
-# tests/test_train.py::test_training_learns' recipe: augmentation off, lr0 0.05, an optimiser step per batch
-MEMORISE_HYP = {"lr0": 0.05, "nominal_batch": 4, "warmup_epochs": 0, "warmup_min_iters": 10, "mosaic": 0,
-                "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
-
-
-def memorise(epochs: int, imgsz: int, project: Path) -> Path:
-    """Train size n on coco-mini (train = val) for `epochs` with MEMORISE_HYP on the CPU; returns last.pt."""
-    from kapao.train.run import TrainArgs
-    from kapao.train.trainer import train
-
-    root = TEST_DATA / "coco-mini"
-    yaml = project / "coco-mini.yaml"
-    splits = "".join(f"{s}: images\n{s}_annotations: person_keypoints.json\n" for s in ("train", "val"))
-    yaml.write_text(f"base: coco\nname: coco-mini\npath: {root}\n{splits}")
-    run = train(TrainArgs(data=str(yaml), size="n", imgsz=imgsz, epochs=epochs, batch=4, device="cpu", workers=0,
-                          noval=True, plots=False, project=str(project), patience=0, hyp_overrides=MEMORISE_HYP))
-    return run / "weights" / "last.pt"
+TEST_DATA = test_data()
 
 
 def ground_truth(images: list[tuple[int, tuple[int, int]]], poses: dict[int, object], min_score: float) -> object:
@@ -94,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     from kapao.infer.predictor import KAPAO, prepare_batch
 
     folder = TEST_DATA / "coco-mini" / "images"
-    weights = args.weights or memorise(args.train_epochs, args.imgsz, Path(tempfile.mkdtemp(prefix="kapao-mem-")))
+    weights = args.weights
+    if weights is None:
+        project = Path(tempfile.mkdtemp(prefix="kapao-mem-"))
+        data = mini_yaml(TEST_DATA / "coco-mini", project / "coco-mini.yaml", ("train", "val"))
+        weights = memorise(data, project, args.imgsz, args.train_epochs, patience=0)
     runs = {"torch": KAPAO(weights, "cpu", backend="torch"), "fp32": KAPAO(weights, "cpu", backend="onnxruntime"),
             "int8": KAPAO(weights, "cpu", backend="onnxruntime",
                           int8=Int8Calibration.from_spec(folder, args.imgsz, args.calib_images))}
@@ -121,5 +105,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+from _common import memorise, mini_yaml, test_data
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import PREDICT_SETTINGS, VAL_SETTINGS
@@ -26,27 +26,8 @@ from kapao.eval.val import make_val_loader, protocol_for
 from kapao.infer.predictor import KAPAO
 from kapao.runtime import atomic_write, increment_run_dir
 
-DATA = Path(os.environ.get("KAPAO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-NO_AUGMENTATION = {"mosaic": 0, "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
+DATA = test_data()
 SETTINGS = {"val": VAL_SETTINGS, "predict": PREDICT_SETTINGS}
-
-
-def mini_yaml(folder: Path, out: Path) -> Path:
-    """A dataset YAML (base coco) whose train/val/test splits are all a coco-mini style folder."""
-    splits = "".join(f"{s}: images\n{s}_annotations: person_keypoints.json\n" for s in ("train", "val", "test"))
-    out.write_text(f"base: coco\nname: {folder.name}\npath: {folder.resolve()}\n{splits}")
-    return out
-
-
-def train_memorised(data: Path, save_dir: Path, imgsz: int, steps: int) -> Path:
-    from kapao.train.run import TrainArgs
-    from kapao.train.trainer import train
-
-    hyp = {"lr0": 0.05, "nominal_batch": 4, "warmup_epochs": 0, "warmup_min_iters": 10, **NO_AUGMENTATION}
-    run = train(TrainArgs(data=str(data), size="n", imgsz=imgsz, batch=4, epochs=steps, device="cpu", workers=0,
-                          hyp_overrides=hyp, project=str(save_dir), name="train", noval=True, nosave=True,
-                          plots=False))
-    return Path(run) / "weights" / "last.pt"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     save_dir = increment_run_dir(args.project, args.name)
     data = args.data or str(mini_yaml(DATA / "coco-mini", save_dir / "coco-mini.yaml"))
-    weights = args.weights or train_memorised(Path(data), save_dir, args.imgsz, args.steps)
+    weights = args.weights or memorise(Path(data), save_dir, args.imgsz, args.steps, name="train", nosave=True)
     cfg = load_dataset_config(data)
     api = KAPAO(weights, device="cpu")
     loader = make_val_loader(cfg, args.split, api.check_imgsz(args.imgsz), 4)

@@ -1,8 +1,8 @@
 """ONNX export and the onnxruntime backend: round trips against torch, metadata, predict, errors, benchmark.
 
 Tolerances (CPU, fp32, onnxruntime vs torch eager on the same fused model): decoded box/keypoint
-coordinates within 1e-2 network-input pixels, scores (objectness, class probabilities) within 1e-4;
-measured: about 2e-4 px and 1e-7.
+coordinates within 1e-2 network-input pixels, scores (objectness, class probabilities) within 1e-4
+(the measured differences: docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from kapao.backends.runtimes import OnnxBackend, read_metadata  # noqa: E402
-from kapao.cfg.schema import HeadLayout, KeypointSchema  # noqa: E402
+from kapao.backends.runtimes import OnnxBackend, read_metadata
+from kapao.cfg.schema import HeadLayout, KeypointSchema
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
-from kapao.data.sources import VideoReader, default_source, load_image  # noqa: E402
-from kapao.errors import ConfigError, WeightsError  # noqa: E402
-from kapao.export import check_image_tensor, compare_outputs, export_onnx  # noqa: E402
-from kapao.infer.predictor import Predictor, prepare_batch  # noqa: E402
-from kapao.models.network import default_schema, kapao_n  # noqa: E402
-from kapao.poses import Poses  # noqa: E402
-from kapao.weights.checkpoint import save_checkpoint  # noqa: E402
+from kapao.data.sources import VideoReader, default_source, load_image
+from kapao.errors import ConfigError, WeightsError
+from kapao.export import check_image_tensor, compare_outputs, export_onnx
+from kapao.infer.predictor import Predictor, prepare_batch
+from kapao.models.network import default_schema, kapao_n
+from kapao.poses import Poses
+from kapao.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COORD_TOL, SCORE_TOL = 1e-2, 1e-4
@@ -284,6 +284,7 @@ def test_simplified_export_matches_torch(model: torch.nn.Module, tmp_path: Path)
     assert info.check["coords"] < COORD_TOL and info.check["scores"] < SCORE_TOL
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_table(tmp_path: Path):
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--project", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)

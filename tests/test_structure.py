@@ -44,7 +44,7 @@ MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 LONG_MARKER = re.compile(r"long because", re.IGNORECASE)  # a docstring saying why a function stays long
 
-# Known offenders being split by other branches (issue 11); delete an entry once its split is merged.
+# Known offenders waiting for a split; delete an entry once its split is merged.
 SIZE_EXEMPT: dict[str, str] = {}
 
 
@@ -332,3 +332,41 @@ def test_cycle_finder(tmp_path: Path):
     (pkg / "c.py").write_text("from kapao.a import f\n")
     (pkg / "d.py").write_text("from kapao.a import f\n")
     assert cycles(module_graph(pkg)) == [["kapao.a", "kapao.b", "kapao.c"]]
+
+
+# Modules without a mirror test file, and where they are tested instead.
+UNMIRRORED: dict[str, str] = {
+    "kapao.errors": "exception classes only; every test that expects a one-line error raises them",
+    "kapao.version": "one constant; tests/cli/test_main.py checks `kapao --version`",
+    "kapao.cfg.settings": "settings records; read by every stage's tests (tests/cfg/test_schema.py, tests/infer, tests/train)",
+    "kapao.cfg.dataset": "dataset YAML loading; tests/cfg/test_schema.py and tests/data/test_dataset.py",
+    "kapao.cli.predict": "the predict/track verbs; tests/cli/test_main.py and tests/infer/test_predictor.py",
+    "kapao.weights.reader": "read through load_model on every kind of file: tests/weights/test_loader.py, test_official.py",
+    "kapao.cli.evaluate": "val's --predictions/--analyze/--metric options; tests/eval/test_results.py drives them "
+                          "through the CLI",
+    "kapao.eval.analysis_plots": "the analysis pictures; tests/eval/test_analysis.py checks the files --analyze writes",
+    "kapao.eval.breakdown": "the cumulative PR breakdown; tests/eval/test_analysis.py (AP after every fix, 1.0 at the end)",
+    "kapao.eval.diagnosis": "the per-keypoint error kinds; tests/eval/test_analysis.py plants each kind and finds it",
+    "kapao.eval.report": "the --predictions val run; tests/eval/test_results.py compares it with a model val",
+}
+
+
+def mirror_test(path: Path, pkg: Path = PKG) -> Path:
+    """kapao/<pkg>/<mod>.py -> tests/<pkg>/test_<mod>.py; kapao/<mod>.py -> tests/test_<mod>.py."""
+    rel = path.relative_to(pkg)
+    return pkg.parent / "tests" / rel.parent / f"test_{rel.name}"
+
+
+def test_every_module_has_a_mirror_test_file():
+    """tests/ mirrors the package, so a module's tests are where its name says (or it is exempt above)."""
+    modules = [p for p in kapao_files() if not p.name.startswith("__")]
+    missing = sorted(module_name(p) for p in modules if not mirror_test(p).is_file() and module_name(p) not in UNMIRRORED)
+    assert not missing, f"add tests/<package>/test_<module>.py for (or list with a reason in UNMIRRORED): {missing}"
+    stale = sorted(m for m in UNMIRRORED if m not in {module_name(p) for p in modules}
+                   or mirror_test(PKG.parent / (m.replace(".", "/") + ".py")).is_file())
+    assert not stale, f"UNMIRRORED entries for modules that are gone or now have a mirror: {stale}"
+
+
+def test_mirror_test_paths():
+    assert mirror_test(PKG / "weights" / "checkpoint.py") == PKG.parent / "tests" / "weights" / "test_checkpoint.py"
+    assert mirror_test(PKG / "errors.py") == PKG.parent / "tests" / "test_errors.py"

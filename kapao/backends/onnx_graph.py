@@ -11,7 +11,7 @@ import copy
 import io
 import json
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +47,9 @@ def inference_copy(model: nn.Module, device: torch.device, half: bool = False) -
     """A frozen, Conv+BN-folded, eval-mode copy of `model` behind :class:`DecodedOutput` (the caller's
     model is untouched)."""
     net = copy.deepcopy(model).float().to(device).eval()
-    if hasattr(net, "fold_bn"):
-        net.fold_bn()
+    fold_bn = getattr(net, "fold_bn", None)
+    if fold_bn is not None:
+        fold_bn()
     if half:
         net = net.half()
     for p in net.parameters():
@@ -59,7 +60,7 @@ def inference_copy(model: nn.Module, device: torch.device, half: bool = False) -
 def export_metadata(model: nn.Module, imgsz: tuple[int, int], *, dynamic: bool, half: bool, batch: int,
                     opset: int, source: str = "") -> dict[str, str]:
     """The ``metadata_props`` of an exported model (see :mod:`kapao.export`)."""
-    schema: KeypointSchema = model.schema
+    schema = cast(KeypointSchema, model.schema)
     return {
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),
@@ -99,9 +100,10 @@ def trace(wrapper: nn.Module, x: Tensor, opset: int, dynamic: bool) -> bytes:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX export|will be removed).*")
         try:
-            torch.onnx.export(wrapper, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes=axes if dynamic else None,
-                              do_constant_folding=True)
+            # torch.onnx.export writes to file objects as documented; its annotation names paths only
+            torch.onnx.export(wrapper, (x,), buf, dynamo=False,  # type: ignore[arg-type]
+                              opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes if dynamic else None, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - unsupported opset and the like
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ConfigError(f"ONNX export failed at opset {opset} ({type(e).__name__}: {first}); "
@@ -112,4 +114,4 @@ def trace(wrapper: nn.Module, x: Tensor, opset: int, dynamic: bool) -> bytes:
 def head_scope(model: nn.Module) -> str:
     """The ONNX node-name prefix of the head's layer in a graph traced through :class:`DecodedOutput`
     (``/model/model.<i>/``): int8 quantisation leaves the head and the decoding after it in fp32."""
-    return f"/model/model.{len(model.model) - 1}/"
+    return f"/model/model.{len(cast(nn.ModuleList, model.model)) - 1}/"

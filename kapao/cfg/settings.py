@@ -1,5 +1,5 @@
 """Training hyperparameters and inference settings (typed, validated once), and reading the YAML files
-that ship with the package. :mod:`kapao.cfg.schema` re-exports these names."""
+that ship with the package."""
 from __future__ import annotations
 
 import dataclasses
@@ -108,8 +108,9 @@ class Hyp:
                 float(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: hyperparameter '{k}' must be a number, got {v!r}") from None
-        return cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
-                      for k, v in d.items()})
+        values: dict[str, Any] = {k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else float(v))
+                                  for k, v in d.items()}
+        return cls(**values)
 
 
 def load_hyp(spec: str | os.PathLike | None = None) -> Hyp:
@@ -161,7 +162,7 @@ class OneEuroSettings:
 
     Defaults from scripts/benchmark_smoothing.py: at 25, 30 and 60 fps, the least frame-to-frame jitter
     among settings whose mean RMS error to the truth is no worse than the raw keypoints' and whose lag
-    on a fast move is under 20 ms (measured 5-6 ms; jitter -60 % standing, -35 % walking at 30 fps).
+    on a fast move is under 20 ms (the measurements: README, "Video: tracking and smoothing").
 
     min_cutoff: Hz, cutoff at rest (lower = smoother, more lag when slow).
     beta:       cutoff increase per unit speed, in Hz per (person height / s) (higher = less lag on fast moves).

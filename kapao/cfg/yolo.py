@@ -51,7 +51,7 @@ def class_names(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
 
 def kpt_shape(data: Mapping[str, Any], where: str) -> tuple[int, int]:
     """(K, ndim) from `kpt_shape: [K, 2|3]`."""
-    shape = data.get("kpt_shape")
+    shape: Any = data.get("kpt_shape")
     try:
         k, ndim = (int(v) for v in shape)
     except (TypeError, ValueError):

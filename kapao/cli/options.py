@@ -2,15 +2,17 @@
 time, so a wrong command line exits with 2 before anything heavy is imported)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import click
 
-from kapao.cfg.dataset import check_dataset_spec
-from kapao.cfg.schema import OFFICIAL_TTA, check_imgsz
+from kapao.cfg.dataset import check_dataset_spec, load_dataset_config
+from kapao.cfg.schema import OFFICIAL_TTA, DatasetConfig, check_imgsz
 from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSettings, check_hyp_spec
 from kapao.errors import ConfigError, KapaoError
 from kapao.runtime import select_device
@@ -188,12 +190,20 @@ def inference_options(defaults: InferenceSettings) -> Callable:
     return wrap
 
 
-def settings_from(defaults: InferenceSettings, conf: float | None, iou: float | None, conf_kp: float | None,
-                  iou_kp: float | None, conf_kp_person: float | None, tolerance: float | None, max_det: int | None,
-                  no_fuse: bool) -> InferenceSettings:
-    """`defaults` with the values given on the command line (None = keep the default)."""
-    return defaults.replace(conf=conf, iou=iou, conf_kp=conf_kp, iou_kp=iou_kp, conf_kp_person=conf_kp_person,
-                            tolerance=tolerance, max_det=max_det, fuse=False if no_fuse else None)
+def settings_from(defaults: InferenceSettings, params: Mapping[str, Any]) -> InferenceSettings:
+    """`defaults` with the thresholds given on the command line, by field name (None = keep the default;
+    --no-fuse sets fuse)."""
+    given = {f.name: params.get(f.name) for f in dataclasses.fields(InferenceSettings)}
+    return defaults.replace(**{**given, "fuse": False if params["no_fuse"] else None})
+
+
+def dataset_config(ctx: click.Context, data: str, single_cls: bool) -> DatasetConfig:
+    """--data read as a dataset config; a YAML that is not one (malformed, several classes without
+    --single-cls) is a usage error naming --data."""
+    try:
+        return load_dataset_config(data, single_cls=single_cls)
+    except ConfigError as e:
+        raise bad_parameter(e, ctx, "data") from None
 
 
 def tta_passes(scales: list[float] | None, flips: list[bool] | None, tta: bool) -> tuple[list[float] | None, list[bool] | None]:
@@ -279,9 +289,10 @@ def predict_options(project: str) -> Callable:
             click.option("--save-csv", is_flag=True, help="Also write keypoints.csv: source, frame, pose, track, keypoint, "
                                                           "x, y, confidence (one row per keypoint, written as it goes)."),
             click.option("--show", is_flag=True, help="Show results in a window (needs a display)."),
-            click.option("--boxes/--no-boxes", default=False, show_default=True, help="Draw person boxes."),
-            click.option("--scores/--no-scores", default=False, show_default=True, help="Draw pose scores (with --boxes)."),
-            click.option("--kp-objects", is_flag=True, help="Draw keypoint-object boxes."),
+            click.option("--boxes/--no-boxes", "show_boxes", default=False, show_default=True, help="Draw person boxes."),
+            click.option("--scores/--no-scores", "show_scores", default=False, show_default=True,
+                         help="Draw pose scores (with --boxes)."),
+            click.option("--kp-objects", "show_kp_objects", is_flag=True, help="Draw keypoint-object boxes."),
             click.option("--fused-only", is_flag=True, help="Draw only keypoints confirmed by a keypoint object (fused)."),
             click.option("--line-width", type=click.IntRange(min=1, max=MAX_LINE_WIDTH), default=None,
                          help="Line width in pixels. [default: from image size]"),
@@ -351,6 +362,26 @@ def tracking_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """The tracker and smoothing options of track and predict --track as given (None: not given); built
+    from click's parameters by field name."""
+
+    tracker: str | None = None
+    smooth: bool | None = None
+    smooth_cutoff: float | None = None
+    smooth_beta: float | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any of them was given."""
+        return bool(self.tracker) or any(v is not None for v in (self.smooth, self.smooth_cutoff, self.smooth_beta))
+
+    def smoothing(self, default: bool) -> OneEuroSettings | None:
+        """The smoothing asked for (`default`: on or off when neither --smooth nor --no-smooth is given)."""
+        return smooth_settings(default if self.smooth is None else self.smooth, self.smooth_cutoff, self.smooth_beta)
 
 
 def smooth_settings(smooth: bool, cutoff: float | None, beta: float | None) -> OneEuroSettings | None:

@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kapao.cfg.settings import PREDICT_SETTINGS, OneEuroSettings
+from kapao.cfg.fields import from_fields
+from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
 from kapao.cli.options import (
+    TrackingOptions,
     announce_tta,
     bad_parameter,
     calibration,
     check_half,
     predict_options,
     settings_from,
-    smooth_settings,
     tracking_options,
     tta_passes,
 )
@@ -23,6 +24,9 @@ from kapao.errors import ConfigError
 from kapao.runtime import setup_logging
 
 if TYPE_CHECKING:
+    from kapao.backends.int8 import Int8Calibration
+    from kapao.data.sources import SourceSpec
+    from kapao.distributed import DistEnv
     from kapao.track.tracker import PoseTracker
 
 
@@ -35,98 +39,91 @@ if TYPE_CHECKING:
 @click.option("--track", "track_", is_flag=True, help="Give every pose a track id across video frames (see `kapao track`).")
 @tracking_options
 @click.pass_context
-def predict(ctx: click.Context, resume: str | None, track_: bool, tracker: str | None, smooth: bool | None,
-            smooth_cutoff: float | None, smooth_beta: float | None, **opts: Any) -> None:
+def predict(ctx: click.Context, resume: str | None, track_: bool, **params: Any) -> None:
     """Run pose estimation on SOURCE: image, folder, glob, video, webcam index (0) or stream URL.
 
     Without SOURCE it runs on the sample images that ship with ultralytics. Results go to runs/predict/expN:
     predictions.jsonl (one line per frame, written as it is made), drawn media, and a COCO-format
     predictions.json at the end. --track adds track ids (as `kapao track`; keypoints unsmoothed unless --smooth).
     """
-    if not track_ and (tracker or smooth is not None or smooth_cutoff is not None or smooth_beta is not None):
+    tracking = from_fields(TrackingOptions, params)
+    if not track_ and tracking.given:
         raise click.UsageError("--tracker/--smooth/--smooth-cutoff/--smooth-beta need --track (or use `kapao track`)")
     if track_ and resume:
         raise click.UsageError("--resume cannot continue tracks (ids would start again); drop --track or --resume")
-    tracking = _tracking(tracker, smooth_settings(bool(smooth), smooth_cutoff, smooth_beta)) if track_ else None
-    _predict(ctx, tracking, resume=resume, **opts)
+    _predict(ctx, _tracking(tracking, smooth=False) if track_ else None, params, resume=resume)
 
 
 @click.command()
 @predict_options("runs/track")
 @tracking_options
 @click.pass_context
-def track(ctx: click.Context, tracker: str | None, smooth: bool | None, smooth_cutoff: float | None,
-          smooth_beta: float | None, **opts: Any) -> None:
+def track(ctx: click.Context, **params: Any) -> None:
     """Track people through SOURCE (video, stream, webcam or image sequence): every pose gets a track id.
 
     Same options as predict (but --resume), plus the tracker (ByteTrack or BoT-SORT from ultralytics) and
     One Euro smoothing of each track's keypoints (on by default). Drawn videos colour each track; results
     go to runs/track/expN (predictions.jsonl/.json with track_id; keypoints.csv with --save-csv).
     """
-    _predict(ctx, _tracking(tracker, smooth_settings(smooth is not False, smooth_cutoff, smooth_beta)), **opts)
+    _predict(ctx, _tracking(from_fields(TrackingOptions, params), smooth=True), params)
 
 
-def _tracking(tracker: str | None, smooth: OneEuroSettings | None) -> PoseTracker:
-    """The per-frame tracking step the options ask for (a usage error for an unusable --tracker)."""
+def _tracking(options: TrackingOptions, smooth: bool) -> PoseTracker:
+    """The per-frame tracking step the options ask for, smoothing on or off by default as `smooth` says (a
+    usage error for an unusable --tracker)."""
     from kapao.track.tracker import PoseTracker
 
+    smoothing = options.smoothing(smooth)
     try:
-        return PoseTracker(tracker or "bytetrack", smooth)
+        return PoseTracker(options.tracker or "bytetrack", smoothing)
     except ConfigError as e:
-        raise click.BadParameter(str(e).removeprefix(f"--tracker {tracker}: "), param_hint="'--tracker'") from None
+        raise click.BadParameter(str(e).removeprefix(f"--tracker {options.tracker}: "),
+                                 param_hint="'--tracker'") from None
 
 
-def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | None, weights: str, imgsz: int | None,
-             device: str | None, half: bool, backend: str, int8: bool, calib: str | None, calib_images: int,
-             batch: int, conf, iou, conf_kp, iou_kp, conf_kp_person,  # noqa: ANN001
-             tolerance, max_det, no_fuse, scales, flips, tta, project: str, name: str, nosave: bool,  # noqa: ANN001
-             save_csv: bool, show: bool, boxes: bool, scores: bool, kp_objects: bool, fused_only: bool,
-             line_width: int | None, track_ids: bool = True, resume: str | None = None) -> None:
-    """predict and track: build the settings, run, print the summary."""
+def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str, Any], resume: str | None = None) -> None:
+    """predict and track: build the run's options from the parameters (by field name), run, print the summary."""
     from kapao.cli.ranks import launch_if_listed
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
     from kapao.distributed import DistEnv
     from kapao.errors import DataError
 
-    launch_if_listed(ctx.info_name, device)  # --device 0,1,2,3: one process per GPU, this one waits for them
+    launch_if_listed(ctx.info_name, params["device"])  # --device 0,1,2,3: one process per GPU, this one waits
     env = DistEnv.from_environ()
-    setup_logging(ctx.obj.get("verbose", False), main_process=env.main)
-    scales, flips = tta_passes(scales, flips, tta)
+    if not env.main:
+        setup_logging(ctx.obj.get("verbose", False), main_process=False)
+    p = dict(params)
+    p["scales"], p["flips"] = tta_passes(p["scales"], p["flips"], p["tta"])
     base = PREDICT_SETTINGS
     if resume:  # the run's own options where none are given
-        source, weights, imgsz, scales, flips, base, resume = _resume_defaults(ctx, resume, source, weights, imgsz,
-                                                                               scales, flips, project, name)
-    settings = settings_from(base, conf, iou, conf_kp, iou_kp, conf_kp_person, tolerance, max_det, no_fuse)
+        base, resume = _resume_defaults(ctx, resume, p)
     try:
-        spec = resolve_source(source)  # a SOURCE that names nothing usable fails before the weights are loaded
+        spec = resolve_source(p["source"])  # a SOURCE that names nothing usable fails before the weights are loaded
     except DataError as e:
         raise bad_parameter(e, ctx, "source") from None
-    check_half(ctx, half, device)
+    check_half(ctx, p["half"], p["device"])
     from kapao.infer.keypoints_csv import CsvSink
+    from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
     from kapao.infer.shard import has_parts
-    from kapao.infer.sinks import DrawOptions
 
     if env.main:
-        announce_tta(scales, flips)
+        announce_tta(p["scales"], p["flips"])
     from kapao.weights.registry import native_imgsz
 
-    int8_calib = calibration(int8, calib, calib_images, imgsz or native_imgsz(weights))
-    draw = DrawOptions(boxes, scores, kp_objects, line_width, fused_only, track_ids)
+    int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], p["imgsz"] or native_imgsz(p["weights"]))
     if env.distributed or (resume and has_parts(Path(resume))):
-        if show:
+        if p["show"]:
             raise click.UsageError("--show opens one window; it cannot be shared by processes: drop --show")
-        csv = [CsvSink([])] if save_csv else []  # names filled in once the weights are loaded
-        _sharded(ctx, env, tracking, spec, csv, weights=weights, device=device, half=half, backend=backend, int8=int8_calib,
-                 imgsz=imgsz, settings=settings, scales=scales, flips=flips, batch=batch, save=not nosave, draw=draw,
-                 project=project, name=name, resume=resume)
+        _sharded(ctx, env, tracking, spec, p, int8_calib, base, resume)
         return
-    api = KAPAO(weights, device=device, half=half, backend=backend, int8=int8_calib)
+    api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
+    options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
+    output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], keep_results=False,
+                         progress=True, resume=resume, draw=from_fields(DrawOptions, p))
     try:
-        run = api.run(spec, imgsz=imgsz or api.default_imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                      save=not nosave, show=show, draw=draw, project=project, name=name, keep_results=False,
-                      progress=True, resume=resume, transforms=[tracking.update_frame] if tracking else (),
-                      sinks=[CsvSink(api.schema.names)] if save_csv else ())
+        run = api.run(spec, options=options, output=output, transforms=[tracking.update_frame] if tracking else (),
+                      sinks=[CsvSink(api.schema.names)] if p["save_csv"] else ())
     except ConfigError as e:
         if str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
@@ -140,29 +137,33 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, source: str | Non
     click.echo(f"Results saved to {run.save_dir}")
 
 
-def _sharded(ctx: click.Context, env, tracking, spec, csv, *, weights, device, half, backend, int8, imgsz,  # noqa: ANN001
-             **run: Any) -> None:
-    """predict/track as one rank of a torchrun job: bring the rank up, run its share, rank 0 prints the summary.
-    A rank stopped because another failed exits 1 quietly (rank 0 prints the failing rank's error)."""
+def _sharded(ctx: click.Context, env: DistEnv, tracking: PoseTracker | None, spec: SourceSpec, p: dict[str, Any],
+             int8: Int8Calibration | None, base: InferenceSettings, resume: str | None) -> None:
+    """predict/track as one rank of a torchrun job (:mod:`kapao.infer.shard`): bring the rank up, run its
+    share, rank 0 merges and prints the summary. A rank stopped because another failed exits 1 quietly."""
     from kapao.cli.ranks import as_rank
     from kapao.distributed import agree
+    from kapao.infer.keypoints_csv import CsvSink
+    from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
     from kapao.infer.shard import run_sharded
 
     def body(dev: str | None):  # noqa: ANN202
         api, error = None, None
         try:
-            api = KAPAO(weights, device=dev, half=half, backend=backend, int8=int8)
+            api = KAPAO(p["weights"], device=dev, half=p["half"], backend=p["backend"], int8=int8)
         except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
             error = e
         agree(error, env)
-        for sink in csv:
-            sink.names = list(api.schema.names)
-        return run_sharded(api, spec, env, imgsz=imgsz or api.default_imgsz, transforms=[tracking.update_frame]
-                           if tracking else (), sinks=csv, track=tracking is not None, progress=True, **run)
+        options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
+        output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], progress=True,
+                             resume=resume, draw=from_fields(DrawOptions, p))
+        sinks = [CsvSink(api.schema.names)] if p["save_csv"] else []  # replayed from the merged JSONL
+        return run_sharded(api, spec, env, options, output, transforms=[tracking.update_frame] if tracking else (),
+                           sinks=sinks, track=tracking is not None)
 
     try:
-        res = as_rank(env, device, body)
+        res = as_rank(env, p["device"], body)
     except ConfigError as e:
         if env.main and str(e).startswith("--resume"):
             raise bad_parameter(e, ctx, "resume") from None
@@ -176,21 +177,22 @@ def _sharded(ctx: click.Context, env, tracking, spec, csv, *, weights, device, h
     click.echo(f"Results saved to {res.save_dir}")
 
 
-def _resume_defaults(ctx: click.Context, resume: str, source, weights, imgsz, scales, flips, project, name):  # noqa: ANN001, ANN202
-    """The run --resume names, and its SOURCE, weights, imgsz, TTA and thresholds for the options not given."""
+def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tuple[InferenceSettings, str]:
+    """The run --resume names and its thresholds; its SOURCE, weights, imgsz and TTA fill in `p` (click's
+    parameters, changed in place) for the options not given."""
     import dataclasses
 
-    from kapao.cfg.settings import InferenceSettings
     from kapao.infer.resume import find_resume_run, read_run_args
 
     try:
-        run_dir = find_resume_run(resume, project, name, source)
+        run_dir = find_resume_run(resume, p["project"], p["name"], p["source"])
         stored = read_run_args(run_dir)
     except ConfigError as e:
         raise bad_parameter(e, ctx, "resume") from None
     if ctx.get_parameter_source("weights") == click.core.ParameterSource.DEFAULT and stored.get("weights"):
-        weights = stored["weights"]
-    if not (scales or flips):
-        scales, flips = stored.get("scales"), stored.get("flips")
+        p["weights"] = stored["weights"]
+    if not (p["scales"] or p["flips"]):
+        p["scales"], p["flips"] = stored.get("scales"), stored.get("flips")
+    p["source"], p["imgsz"] = p["source"] or stored["source"], p["imgsz"] or stored.get("imgsz")
     base = PREDICT_SETTINGS.replace(**{f.name: stored.get(f.name) for f in dataclasses.fields(InferenceSettings)})
-    return source or stored["source"], weights, imgsz or stored.get("imgsz"), scales, flips, base, str(run_dir)
+    return base, str(run_dir)

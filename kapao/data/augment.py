@@ -203,7 +203,7 @@ def augment_hsv(img: np.ndarray, hgain: float, sgain: float, vgain: float, rng: 
 def fliplr(img: np.ndarray, inst: Instances, flip_index: Sequence[int]) -> tuple[np.ndarray, Instances]:
     """Mirror left-right: x -> w - x, then keypoint k takes slot flip_index[k] (left <-> right)."""
     w = img.shape[1]
-    img = cv2.flip(img, 1)  # ~15x faster than a contiguous numpy copy of img[:, ::-1]
+    img = cv2.flip(img, 1)  # much faster than a contiguous numpy copy of img[:, ::-1]
     boxes = inst.boxes.copy()
     boxes[:, [0, 2]] = w - inst.boxes[:, [2, 0]]
     kpts = inst.keypoints.copy()
@@ -216,7 +216,7 @@ class PixelNoise:
     """Official KAPAO/YOLOv5 pixel-level extras: Blur p=0.1, MedianBlur p=0.1, ToGray p=0.01.
 
     albumentations does these correctly and fast; they do not move pixels, so labels are untouched.
-    MedianBlur kernels stop at 5 (official: 7): OpenCV's 7x7 median is ~30x slower (70 ms at 640).
+    MedianBlur kernels stop at 5 (official: 7): OpenCV's 7x7 median is far slower (docs/DESIGN.md).
     """
 
     def __init__(self, seed: int = 0) -> None:

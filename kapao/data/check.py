@@ -52,7 +52,7 @@ MAX_LISTED = 10  # files listed per problem kind
 
 
 @dataclass
-class Problem:
+class Finding:
     """One finding: 'error' or 'warning', where (a file or the dataset) and what is wrong / what to do."""
 
     severity: str
@@ -83,50 +83,50 @@ class CheckReport:
 
     cfg: DatasetConfig | None
     counts: dict[str, SplitCounts] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     save_dir: Path | None = None
     samples: list[Path] = field(default_factory=list)
 
     @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
+    def errors(self) -> list[Finding]:
+        return [p for p in self.findings if p.severity == "error"]
 
     @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
+    def warnings(self) -> list[Finding]:
+        return [p for p in self.findings if p.severity == "warning"]
 
 
 # ----------------------------------------------------------------------------------------------
 def check_dataset(data: str | os.PathLike, *, single_cls: bool = False, splits: Sequence[str] | None = None,
                   samples: int = 4, project: str | os.PathLike | None = "runs/check", name: str = "exp") -> CheckReport:
-    """Load every split of dataset config `data` and report counts and problems.
+    """Load every split of dataset config `data` and report counts and findings.
 
     Up to `samples` images with persons are drawn with their labels into a new `project/nameN`
     folder (none with project=None). Raises ConfigError only for a YAML it cannot read at all.
     """
     report = CheckReport(None)
-    cfg = _load_config(data, single_cls, report.problems)
+    cfg = _load_config(data, single_cls, report.findings)
     report.cfg = cfg
     loaded: dict[str, tuple[Labels, Path]] = {}
     for split in splits or [s for s in SPLITS if s in cfg.annotations]:
         got = _check_split(cfg, split, report)
         if got is not None:
             loaded[split] = got
-    report.problems += _duplicates(loaded)
+    report.findings += _duplicates(loaded)
     if project is not None:
         report.save_dir = increment_run_dir(project, name)
         report.samples = render_samples(cfg, loaded, report.save_dir, samples)
     return report
 
 
-def _load_config(data: str | os.PathLike, single_cls: bool, problems: list[Problem]) -> DatasetConfig:
-    """The dataset config; a bad flip_idx or several classes become problems and are worked around."""
+def _load_config(data: str | os.PathLike, single_cls: bool, findings: list[Finding]) -> DatasetConfig:
+    """The dataset config; a bad flip_idx or several classes become findings and are worked around."""
     raw, source = resolve_dataset_yaml(data)
     overrides: dict[str, Any] = {}
     if "kpt_shape" in raw:
         classes = class_names(raw, source)
         if len(classes) > 1 and not (single_cls or raw.get("single_cls")):
-            problems.append(Problem("error", source, f"{len(classes)} classes ({', '.join(classes[:6])}) but kapao "
+            findings.append(Finding("error", source, f"{len(classes)} classes ({', '.join(classes[:6])}) but kapao "
                                     "trains one pose class: use --single-cls (or `single_cls: true`) to merge them, or "
                                     "make one dataset per class; checked here as one class"))
             single_cls = True
@@ -137,7 +137,7 @@ def _load_config(data: str | os.PathLike, single_cls: bool, problems: list[Probl
     if flip is not None and k:
         why = _flip_problem(list(flip), k)
         if why:
-            problems.append(Problem("error", source, f"flip_idx {list(flip)} {why}; flip_idx[k] must name the "
+            findings.append(Finding("error", source, f"flip_idx {list(flip)} {why}; flip_idx[k] must name the "
                                     "keypoint k becomes in a mirrored image (pairs swapped, others themselves); "
                                     "checked here without flipping"))
             overrides["flip_idx"] = list(range(k))
@@ -159,37 +159,37 @@ def _flip_problem(flip: list, k: int) -> str:
 
 
 def _check_split(cfg: DatasetConfig, split: str, report: CheckReport) -> tuple[Labels, Path] | None:
-    """Parse one split, add its counts and problems; (labels, image root) or None if it cannot be parsed."""
-    problems = report.problems
+    """Parse one split, add its counts and findings; (labels, image root) or None if it cannot be parsed."""
+    findings = report.findings
     try:
         if cfg.yolo is not None:
-            labels, no_label = _parse_yolo(cfg, split, problems)
+            labels, no_label = _parse_yolo(cfg, split, findings)
         else:
             img_dir, ann_file = cfg.require(split)
             labels, no_label = parse_annotations(ann_file, img_dir, cfg.schema.num_keypoints, split == "train"), 0
     except DataError as e:
-        problems.append(Problem("error", f"{cfg.name} {split}", f"{e}"))
+        findings.append(Finding("error", f"{cfg.name} {split}", f"{e}"))
         return None
     root = cfg.images[split]
     s = labels.stats
     v = np.digitize(labels.keypoints[..., 2], [1e-9, 1.5])  # 0, 1 (0 < v < 1.5, e.g. a float score) or 2
     per_type = np.stack([(v == i).sum(0) for i in range(3)], 1) if len(v) else np.zeros((cfg.schema.num_keypoints, 3), np.int64)
     report.counts[split] = SplitCounts(s.images, s.persons, s.box_only, s.negatives, s.missing, s.corrupt, per_type, no_label)
-    problems += _image_problems(labels, root, split)
-    problems += _stat_problems(labels, cfg, split)
-    problems += _tiny_boxes(labels, root, f"{cfg.name} {split}")
-    problems += left_right_problems(labels, cfg.schema, f"{cfg.name} {split}")
+    findings += _image_problems(labels, root, split)
+    findings += _stat_problems(labels, cfg, split)
+    findings += _tiny_boxes(labels, root, f"{cfg.name} {split}")
+    findings += left_right_problems(labels, cfg.schema, f"{cfg.name} {split}")
     return labels, root
 
 
-def _parse_yolo(cfg: DatasetConfig, split: str, problems: list[Problem]) -> tuple[Labels, int]:
+def _parse_yolo(cfg: DatasetConfig, split: str, findings: list[Finding]) -> tuple[Labels, int]:
     files = split_files(cfg, split)
     found: list = []
     labels = parse_split(cfg, files, problems=found)
-    problems += [Problem("error", str(p.file) + (f":{p.line}" if p.line else ""), p.what) for p in found]
+    findings += [Finding("error", str(p.file) + (f":{p.line}" if p.line else ""), p.what) for p in found]
     no_label = sum(not p.is_file() for p in files.labels)
     if files.images and no_label == len(files.images):
-        problems.append(Problem("warning", f"{cfg.name} {split}", f"none of the {no_label} images has a label file "
+        findings.append(Finding("warning", f"{cfg.name} {split}", f"none of the {no_label} images has a label file "
                                 f"(e.g. {files.labels[0]}); labels must sit where the last /images/ of the image path "
                                 "becomes /labels/, with the suffix .txt"))
     return labels, no_label
@@ -200,29 +200,29 @@ def _listed(items: Sequence[str]) -> str:
     return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
-def _image_problems(labels: Labels, root: Path, split: str) -> list[Problem]:
+def _image_problems(labels: Labels, root: Path, split: str) -> list[Finding]:
     out = []
     for f in labels.skipped:
         path = root / str(f)
         state = "corrupt (cannot be decoded)" if path.exists() else "missing"
-        out.append(Problem("error", str(path), f"image {state} in split {split}; replace it or remove it and its labels"))
+        out.append(Finding("error", str(path), f"image {state} in split {split}; replace it or remove it and its labels"))
     return out
 
 
-def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Problem]:
+def _stat_problems(labels: Labels, cfg: DatasetConfig, split: str) -> list[Finding]:
     """Label defects the parser counted (it fixes them while training: clips, drops or skips)."""
     s = labels.stats
     where = f"{cfg.name} {split}" if cfg.yolo is not None else str(cfg.annotations[split])
     found = {"person box(es) lie outside the image (zero size after clipping) and are skipped": s.empty_boxes,
              "labelled keypoint(s) lie far outside the image and are dropped": s.kpts_dropped,
              "annotation(s) refer to image ids missing from 'images' and are skipped": s.orphan_annotations}
-    out = [Problem("error", where, f"{n} {what}; fix the labels") for what, n in found.items() if n]
+    out = [Finding("error", where, f"{n} {what}; fix the labels") for what, n in found.items() if n]
     if s.persons == 0 and s.images:
-        out.append(Problem("warning", where, f"no person labels in split {split}: all {s.images} images are negatives"))
+        out.append(Finding("warning", where, f"no person labels in split {split}: all {s.images} images are negatives"))
     return out
 
 
-def _tiny_boxes(labels: Labels, root: Path, where: str) -> list[Problem]:
+def _tiny_boxes(labels: Labels, root: Path, where: str) -> list[Finding]:
     side = np.minimum(labels.boxes[:, 2] - labels.boxes[:, 0], labels.boxes[:, 3] - labels.boxes[:, 1])
     image_of = np.repeat(np.arange(len(labels)), np.diff(labels.offsets))
     long_side = labels.shapes.max(1)[image_of] if len(labels) else np.zeros(0)
@@ -230,12 +230,12 @@ def _tiny_boxes(labels: Labels, root: Path, where: str) -> list[Problem]:
     if not tiny.any():
         return []
     files = sorted({str(root / str(labels.files[i])) for i in image_of[tiny]})
-    return [Problem("warning", where, f"{int(tiny.sum())} person box(es) have a side below "
+    return [Finding("warning", where, f"{int(tiny.sum())} person box(es) have a side below "
                     f"{TINY_BOX_FRACTION:.0%} of the image's long side, too small to learn at usual input sizes "
                     f"(in {_listed(files)}); check them or remove them")]
 
 
-def _duplicates(loaded: dict[str, tuple[Labels, Path]]) -> list[Problem]:
+def _duplicates(loaded: dict[str, tuple[Labels, Path]]) -> list[Finding]:
     """Different image files with identical bytes, within and across splits (one file that several
     splits list on purpose, e.g. val = train for a quick test, is not reported)."""
     by_hash: dict[str, list[tuple[str, Path]]] = defaultdict(list)
@@ -257,7 +257,7 @@ def _duplicates(loaded: dict[str, tuple[Labels, Path]]) -> list[Problem]:
             splits = sorted({s for s, _ in group})
             leak = (f" across splits ({', '.join(splits)}): validation on them measures memory, not generalisation"
                     if len(splits) > 1 else "")
-            out.append(Problem("warning", str(group[0][1]), f"{len(group) - 1} identical cop(ies){leak}: "
+            out.append(Finding("warning", str(group[0][1]), f"{len(group) - 1} identical cop(ies){leak}: "
                                f"{_listed([str(p) for _, p in group[1:]])}; keep one"))
     return out
 
@@ -298,7 +298,7 @@ def _person_orders(labels: Labels, pairs: list[tuple[int, int]]) -> list[dict[in
     return out
 
 
-def left_right_problems(labels: Labels, schema: KeypointSchema, where: str) -> list[Problem]:
+def left_right_problems(labels: Labels, schema: KeypointSchema, where: str) -> list[Finding]:
     """Warnings for keypoint pairs whose left/right labels look swapped (see the module docstring)."""
     pairs, named = left_right_pairs(schema)
     if not pairs:
@@ -316,13 +316,13 @@ def left_right_problems(labels: Labels, schema: KeypointSchema, where: str) -> l
     out = []
     for i, (a, b) in enumerate(pairs):
         if total[i] >= LR_MIN_PERSONS and disagree[i] * 2 > total[i]:
-            out.append(Problem("warning", where, f"keypoints {schema.names[a]} / {schema.names[b]} look swapped: their "
+            out.append(Finding("warning", where, f"keypoints {schema.names[a]} / {schema.names[b]} look swapped: their "
                                f"left-right order disagrees with the person's other pairs in {disagree[i]} of {total[i]} "
                                "upright persons; check these labels and their kpt_names / flip_idx entries"))
     n = len(majorities)
     viewer = sum(m < 0 for m in majorities)
     if named and n >= LR_VIEWER_MIN_PERSONS and viewer > LR_VIEWER_FRACTION * n:
-        out.append(Problem("warning", where, f"left keypoints lie on the image's left of their right partners in {viewer} "
+        out.append(Finding("warning", where, f"left keypoints lie on the image's left of their right partners in {viewer} "
                            f"of {n} upright persons; people facing the camera show their left side on the image's "
                            "right, so the labels look made from the viewer's side (left and right swapped). Ignore "
                            "this if most persons face away from the camera"))
@@ -362,6 +362,6 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"  {'keypoint':<18} {'labelled':>8} {'v=1':>6} {'v=2':>6} {'v=0':>6}")
         for name, (v0, v1, v2) in zip(cfg.schema.names, c.keypoints):
             lines.append(f"  {name:<18} {v1 + v2:>8d} {v1:>6d} {v2:>6d} {v0:>6d}")
-    lines += [str(p) for p in report.problems]
+    lines += [str(p) for p in report.findings]
     lines.append(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
     return "\n".join(lines)

@@ -152,7 +152,8 @@ def yolo_to_coco(cfg: DatasetConfig, out: str | os.PathLike,
     doc: dict[str, Any] = {"name": cfg.name, "path": str(cfg.root)}
     for split in splits or list(y.sources):
         files = split_files(cfg, split)
-        images, anns = [], []
+        images: list[dict[str, Any]] = []
+        anns: list[dict[str, Any]] = []
         res.skipped[split] = 0
         for n, (img, lab) in enumerate(tqdm(list(zip(files.images, files.labels)), desc=f"convert {split}",
                                             unit="img", leave=False), 1):

@@ -220,8 +220,8 @@ def _labels_from_rows(cfg: DatasetConfig, files: SplitFiles, parsed: list) -> La
             stats.corrupt += status == "corrupt"
             skipped.append(_relative(files.images[i], cfg.root))
             continue
-        pairs = [parse_annotation(a, hw, (1.0, 1.0), k, files.labels[i], stats) for a in row_annotations(rows, hw)]
-        pairs = [p for p in pairs if p is not None]
+        parsed = [parse_annotation(a, hw, (1.0, 1.0), k, files.labels[i], stats) for a in row_annotations(rows, hw)]
+        pairs = [p for p in parsed if p is not None]
         stats.box_only += sum(not (kp[:, 2] > 0).any() for _, kp in pairs)
         kept.append(i)
         shapes.append(hw)
@@ -280,7 +280,7 @@ def ground_truth(labels: Labels, schema: KeypointSchema) -> Any:  # pycocotools.
 
     images = [{"id": int(i), "file_name": str(f), "height": int(h), "width": int(w)}
               for i, f, (h, w) in zip(labels.image_ids, labels.files, labels.shapes)]
-    anns = []
+    anns: list[dict[str, Any]] = []
     for n, image_id in enumerate(labels.image_ids):
         for j in range(labels.offsets[n], labels.offsets[n + 1]):
             x1, y1, x2, y2 = (float(v) for v in labels.boxes[j])

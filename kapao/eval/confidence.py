@@ -96,7 +96,7 @@ def match_image(poses: Poses, anns: Iterable[dict[str, Any]], sigmas: Sequence[f
     if not rows:
         return KeypointOutcomes.concat([], k)
     pi, gi = (np.array(v) for v in zip(*rows))
-    fused = poses.fused.detach().cpu().numpy()
+    fused = poses.fused.detach().cpu().numpy()  # type: ignore[union-attr]  # Poses.__post_init__ always sets fused
     return KeypointOutcomes(kp[pi, :, 2].astype(np.float64), fused[pi], labelled[gi],
                             np.where(labelled[gi], ks[pi, gi], np.nan))
 

@@ -34,7 +34,7 @@ import numbers
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence, TypeAlias
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -55,7 +55,7 @@ CROWDPOSE_AREA_FACTOR = BOX_AREA_FACTOR  # crowdpose-api: OKS scale (and area) o
 CROWD_INDEX_SPLIT = (0.2, 0.8)  # crowdpose-api: easy < 0.2 <= medium < 0.8 <= hard
 CROWDPOSE_SUBSETS = ("easy", "medium", "hard")
 
-GroundTruth = str | os.PathLike | COCO
+GroundTruth: TypeAlias = "str | os.PathLike | COCO"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class CrowdPoseEval(COCOeval):
     numbers uses them, so only 'all' is evaluated here.
     """
 
-    def __init__(self, coco_gt: COCO, coco_dt: COCO, sigmas: Sequence[float]) -> None:
+    def __init__(self, coco_gt: COCO, coco_dt: COCO, sigmas: Sequence[float] | np.ndarray) -> None:
         super().__init__(coco_gt, coco_dt, iouType="keypoints")
         p = self.params
         p.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from kapao.data.sources import Frame
 from kapao.errors import DataError
-from kapao.infer.sinks import cut_unfinished_line
+from kapao.infer.resume import cut_unfinished_line
 from kapao.poses import Poses
 
 KEYPOINTS_CSV = "keypoints.csv"
@@ -39,7 +39,7 @@ class CsvSink:
             if self.path.exists():
                 cut_unfinished_line(self.path)
             fresh = not self.path.exists() or self.path.stat().st_size == 0
-            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "a", newline="", encoding="utf-8")  # closed in close()
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
         if fresh:

@@ -172,7 +172,7 @@ def nms(pred: Tensor, settings: InferenceSettings, layout: HeadLayout) -> list[D
     obj = pred[..., layout.obj]
     score, cls = (pred[..., layout.cls] * obj.unsqueeze(-1)).max(-1)  # (B, N): argmax class, first on ties
 
-    def select(person: bool, conf: float, iou: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def select(person: bool, conf: float, iou: float) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         wanted = (cls == 0) if person else (cls > 0)
         img, anchor = ((obj > conf) & (score > conf) & wanted).nonzero(as_tuple=True)
         boxes = xywh_to_xyxy(pred[img, anchor, layout.box])  # gathers 4 columns, not whole rows

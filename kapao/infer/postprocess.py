@@ -51,7 +51,7 @@ from kapao.poses import Poses
 # anchor's argmax class, before any NMS, counted only above KP_EVIDENCE_FLOOR for both factors) whose
 # box centre lies at distance < tolerance from the keypoint, 0 if there is none (keypoint_confidence).
 # Of more than MAX_NMS such anchor rows per image only the MAX_NMS highest count, exactly equal scores at
-# the cut in (anchor, type) order (issue 14; before, torch.topk's device-dependent pick among them).
+# the cut in (anchor, type) order (torch.topk's pick among equal scores depends on the device).
 # Poses.fused keeps the official distinction: True exactly where the official rule gives confidence > 0.
 # OKS-based metrics ignore keypoint scores, so COCO/CrowdPose AP do not change.
 

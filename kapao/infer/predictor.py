@@ -32,9 +32,11 @@ from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings, OneEuroSetti
 from kapao.data.letterbox import letterbox
 from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames, load_image, resolve_source
 from kapao.errors import ConfigError, DataError, KapaoError
+from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions, run_options
 from kapao.infer.postprocess import postprocess
+from kapao.infer.records import source_name, source_root
 from kapao.infer.resume import check_resume, find_resume_run, open_run_dir, read_run_args, source_key, source_text
-from kapao.infer.sinks import DrawOptions, ResultWriter, Sink, source_name, source_root
+from kapao.infer.sinks import ResultWriter, Sink
 from kapao.infer.tta import tta_forward
 from kapao.poses import Poses
 from kapao.weights.registry import native_imgsz
@@ -266,16 +268,16 @@ class KAPAO:
             return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
         return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
 
-    def run(self, source: str | Path | int | SourceSpec | None = None, *, imgsz: int = 1280,
-            settings: InferenceSettings = PREDICT_SETTINGS, scales: Sequence[float] | None = None,
-            flips: Sequence[bool] | None = None, batch: int = 1, save: bool = True, save_json: bool = True,
-            show: bool = False, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
-            name: str = "exp", keep_results: bool = False, progress: bool = False,
-            resume: bool | str | Path | None = None, sinks: Sequence[Sink] = (),
-            transforms: Sequence[FrameTransform] = ()) -> PredictRun:
+    def run(self, source: str | Path | int | SourceSpec | None = None, *, options: PredictOptions | None = None,
+            output: OutputOptions | None = None, sinks: Sequence[Sink] = (), transforms: Sequence[FrameTransform] = (),
+            **keywords: Any) -> PredictRun:
         """The predict verb: run on a source; into runs/predict/expN stream predictions.jsonl (one line per
         frame, as it is made), drawn media, and at the end predictions.json (built from the JSONL).
 
+        options: what is predicted (:class:`kapao.infer.options.PredictOptions`: imgsz, settings, scales,
+        flips, batch); output: what is written and where (:class:`kapao.infer.options.OutputOptions`: save,
+        save_json, show, draw, project, name, keep_results, progress, resume). Any of their fields may be
+        given as a keyword instead (``run(src, imgsz=640, save=False)``); keywords win over the objects.
         keep_results: also keep every frame's Poses in PredictRun.results (memory grows with the run).
         resume: continue a run -- a run folder (or its predictions.jsonl), or True/"latest" (see
         :func:`kapao.infer.resume.find_resume_run`); its SOURCE is used when `source` is None, and its options must match.
@@ -284,37 +286,44 @@ class KAPAO:
         transforms: per-frame steps `(frame, poses) -> poses` applied in order before the sinks see the
         poses (e.g. tracking, then smoothing).
         """
-        self.check_imgsz(imgsz)
-        if batch < 1:
-            raise ConfigError(f"--batch {batch}: must be at least 1")
+        opts, out = run_options(keywords, options, output)
+        self.check_imgsz(opts.imgsz)
+        if opts.batch < 1:
+            raise ConfigError(f"--batch {opts.batch}: must be at least 1")
         resume_dir, stored = None, None
-        if resume:
-            resume_dir = find_resume_run(resume, project, name, source_text(source))
+        if out.resume:
+            resume_dir = find_resume_run(out.resume, out.project, out.name, source_text(source))
             stored = read_run_args(resume_dir)
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
-        args = self.run_args(spec, imgsz, settings, scales, flips)
+        args = self.run_args(spec, opts)
         if resume_dir is not None:
             check_resume(resume_dir, spec, stored, args)
-        if show and (why := _display_available()):
+        if out.show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
-        draw = draw or DrawOptions()
-        predictor = self.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
+        return self._run(spec, opts, dataclasses.replace(out, draw=out.draw or DrawOptions()), args, resume_dir,
+                         sinks, transforms)
+
+    def _run(self, spec: SourceSpec, opts: PredictOptions, out: OutputOptions, args: dict[str, Any],
+             resume_dir: Path | None, sinks: Sequence[Sink], transforms: Sequence[FrameTransform]) -> PredictRun:
+        """The checked run: open the readers and the run folder, feed the frame loop to the writer, clean up."""
+        predictor = self.predictor(opts.settings, opts.scales, opts.flips, return_kp_objects=out.draw.show_kp_objects)
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists
             readers[spec.items[0]] = VideoReader(spec.items[0])
-        save_dir, done = open_run_dir(project, name, readers, args, resume_dir, save or save_json)
+        save_dir, done = open_run_dir(out.project, out.name, readers, args, resume_dir, out.save or out.save_json)
         root = source_root(spec)
-        writer = ResultWriter(save_dir, self.schema, draw, save_media=save, show=show, save_json=save_json,
-                              root=root, sinks=sinks) if save_dir or show or sinks else None
+        writer = ResultWriter(save_dir, self.schema, out.draw, save_media=out.save, show=out.show,
+                              save_json=out.save_json, root=root, sinks=sinks) if save_dir or out.show or sinks else None
         run = PredictRun(save_dir, skipped=spec.skipped, timing=predictor.timing, resumed=done.lines)
         skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
         t0 = time.perf_counter()
         try:
-            bar = tqdm(total=total_frames(spec, readers), initial=done.lines, unit="frame", disable=not progress,
+            bar = tqdm(total=_total_frames(spec, readers), initial=done.lines, unit="frame", disable=not out.progress,
                        dynamic_ncols=True)
-            predict_frames(predictor, iter_frames(spec, readers, run.unreadable, skip), writer, run, imgsz, batch,
-                            keep_results, bar, transforms)
+            frames = iter_frames(spec, readers, run.unreadable, skip)
+            _consume(predict_frames(predictor, frames, opts.imgsz, opts.batch, transforms), writer, run,
+                     out.keep_results, bar)
         finally:
             for r in readers.values():
                 r.close()
@@ -337,49 +346,58 @@ class KAPAO:
         tracker: bytetrack, botsort or a tracker YAML; smooth: True (One Euro defaults), a
         kapao.cfg.settings.OneEuroSettings, or False/None for raw keypoints; fps: frame rate of arrays and
         image sequences (videos report their own). Other keywords as for `predict` (scales, flips).
+        The frames go through the same loop as `run` (:func:`predict_frames`), tracking as its per-frame step.
         """
         from kapao.track.tracker import PoseTracker
 
         step = PoseTracker(tracker, OneEuroSettings() if smooth is True else (smooth or None))
         predictor = self.predictor(settings, **kwargs)
         imgsz = self.check_imgsz(imgsz)
-        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
-            for i, image in enumerate([source] if isinstance(source, np.ndarray) else source):
-                frame = Frame(image, "<arrays>", i, fps)
-                yield step.update_frame(frame, predictor.predict_images([image], imgsz)[0])
-            return
         readers: dict[str, VideoReader] = {}
+        if isinstance(source, np.ndarray) or not isinstance(source, (str, Path, int, type(None))):
+            arrays = [source] if isinstance(source, np.ndarray) else source
+            frames: Iterator[Frame] = (Frame(image, "<arrays>", i, fps) for i, image in enumerate(arrays))
+        else:
+            frames = (dataclasses.replace(f, fps=fps) if f.frame is None and fps else f
+                      for f in iter_frames(resolve_source(source), readers))
         try:
-            for frame in iter_frames(resolve_source(source), readers):
-                if frame.frame is None and fps:
-                    frame = dataclasses.replace(frame, fps=fps)
-                yield step.update_frame(frame, predictor.predict_images([frame.image], imgsz)[0].to("cpu"))
+            for chunk in predict_frames(predictor, frames, imgsz, 1, [step.update_frame]):
+                yield from (poses for _, poses in chunk)
         finally:
             for r in readers.values():
                 r.close()
 
-    def run_args(self, spec: SourceSpec, imgsz: int, settings: InferenceSettings, scales: Sequence[float] | None,
-                  flips: Sequence[bool] | None) -> dict[str, Any]:
+    def run_args(self, spec: SourceSpec, opts: PredictOptions) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
-        return {"source": source_key(spec.source), "weights": self.info.path, "imgsz": imgsz,
-                "int8": self.info.int8, **dataclasses.asdict(settings),
-                "scales": [float(v) for v in scales] if scales else None,
-                "flips": [bool(v) for v in flips] if flips else None}
+        return {"source": source_key(spec.source), "weights": self.info.path, "imgsz": opts.imgsz,
+                "int8": self.info.int8, **dataclasses.asdict(opts.settings),
+                "scales": [float(v) for v in opts.scales] if opts.scales else None,
+                "flips": [bool(v) for v in opts.flips] if opts.flips else None}
 
 
-def predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: ResultWriter | None, run: PredictRun,
-                    imgsz: int, batch: int, keep_results: bool, bar: tqdm,
-                    transforms: Sequence[FrameTransform] = ()) -> None:
-    """The frame loop of a predict run: batches of frames -> Poses (on the CPU) -> transforms -> writer and
-    `run` counts. Closes the progress bar."""
+def predict_frames(predictor: Predictor, frames: Iterator[Frame], imgsz: int, batch: int,
+                   transforms: Sequence[FrameTransform] = ()) -> Iterator[list[tuple[Frame, Poses]]]:
+    """The one frame loop of `KAPAO.run` and `KAPAO.track`: batches of frames -> Poses (on the CPU) ->
+    transforms in order; yields each batch's (frame, poses) pairs as soon as they are made."""
+    for chunk in _batches(frames, batch):
+        results = predictor.predict_images([f.image for f in chunk], imgsz)
+        out = []
+        for frame, poses in zip(chunk, results):
+            poses = poses.to("cpu")
+            for step in transforms:
+                poses = step(frame, poses)
+            out.append((frame, poses))
+        yield out
+
+
+def _consume(batches: Iterator[list[tuple[Frame, Poses]]], writer: ResultWriter | None, run: PredictRun,
+             keep_results: bool, bar: tqdm) -> None:
+    """A predict run's end of the loop: every frame's poses to the writer, `run` counts, the progress bar
+    (closed at the end)."""
     t0 = time.perf_counter()
     try:
-        for chunk in _batches(frames, batch):
-            results = predictor.predict_images([f.image for f in chunk], imgsz)
-            for frame, poses in zip(chunk, results):
-                poses = poses.to("cpu")
-                for step in transforms:
-                    poses = step(frame, poses)
+        for chunk in batches:
+            for frame, poses in chunk:
                 if writer:
                     writer.add(frame, poses)
                 if keep_results:
@@ -392,7 +410,7 @@ def predict_frames(predictor: Predictor, frames: Iterator[Frame], writer: Result
         bar.close()
 
 
-def total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
+def _total_frames(spec: SourceSpec, readers: dict[str, VideoReader]) -> int | None:
     """Frames of a whole source for the progress bar (None for streams); open readers are not reopened."""
     if spec.kind == "stream":
         return None

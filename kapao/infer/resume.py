@@ -1,13 +1,15 @@
 """Predict run folders: what a run records (args.yaml) and how --resume finds and continues one.
 
 A run folder holds args.yaml (SOURCE, weights, imgsz, inference settings) from its start, and the
-stream of results (:mod:`kapao.infer.sinks`, predictions.jsonl). A resumed run must go on with the same
-SOURCE and options; the images and video frames its JSONL holds are skipped.
+stream of results (:mod:`kapao.infer.records`, predictions.jsonl). A resumed run must go on with the same
+SOURCE and options; the images and video frames its JSONL holds (its :class:`Progress`) are skipped.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ import yaml
 
 from kapao.data.sources import STREAM_PREFIXES, SourceSpec, VideoReader
 from kapao.errors import ConfigError, DataError
-from kapao.infer.sinks import PREDICTIONS_JSONL, Progress, load_progress
+from kapao.infer.records import PREDICTIONS_JSONL, read_records
 from kapao.runtime import atomic_write, increment_run_dir
+
+LOGGER = logging.getLogger(__name__)
 
 RUN_ARGS = "args.yaml"  # what a predict run folder records about how it was made
 
@@ -109,3 +113,50 @@ def open_run_dir(project: str | Path, name: str, readers: dict[str, VideoReader]
         for r in readers.values():
             r.close()
         raise
+
+
+@dataclass
+class Progress:
+    """What a run's JSONL already holds: image sources done, and per video the last frame done."""
+
+    images: set[str] = field(default_factory=set)
+    frames: dict[str, int] = field(default_factory=dict)
+    lines: int = 0
+
+    def done(self, name: str, frame: int | None) -> bool:
+        return name in self.images if frame is None else frame <= self.frames.get(name, -1)
+
+
+def load_progress(path: Path) -> Progress:
+    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first."""
+    progress = Progress()
+    if not path.exists():
+        return progress
+    cut_unfinished_line(path)
+    for rec in read_records(path):
+        if rec.get("frame") is None:
+            progress.images.add(rec["source"])
+        else:
+            progress.frames[rec["source"]] = max(int(rec["frame"]), progress.frames.get(rec["source"], -1))
+        progress.lines += 1
+    return progress
+
+
+def cut_unfinished_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate `path` after its last newline (reading backwards, so a large file is not read whole)."""
+    size = end = path.stat().st_size
+    with open(path, "rb+") as f:
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            block = f.read(end - start)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            LOGGER.warning("%s: dropped an unfinished last line (%d bytes) left by a killed run", path, size - keep)
+            f.truncate(keep)

@@ -31,27 +31,30 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from kapao.cfg.settings import PREDICT_SETTINGS, InferenceSettings
 from kapao.data.sources import Frame, SourceSpec, VideoReader, count_frames
 from kapao.distributed import DistEnv, RankStopped, agree, broadcast, check_stop, gather, signal_error
 from kapao.errors import ConfigError, DataError, UsageError
+from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
 from kapao.infer.predictor import KAPAO, FrameTransform, PredictRun, iter_frames, predict_frames
-from kapao.infer.resume import check_resume, find_resume_run, open_run_dir, read_run_args
-from kapao.infer.sinks import (
+from kapao.infer.records import (
     PREDICTIONS_JSON,
     PREDICTIONS_JSONL,
-    DrawOptions,
-    Progress,
-    ResultWriter,
-    Sink,
-    cut_unfinished_line,
-    load_progress,
     poses_from_records,
     read_records,
     source_name,
     source_root,
     write_coco_json,
 )
+from kapao.infer.resume import (
+    Progress,
+    check_resume,
+    cut_unfinished_line,
+    find_resume_run,
+    load_progress,
+    open_run_dir,
+    read_run_args,
+)
+from kapao.infer.sinks import ResultWriter, Sink
 from kapao.runtime import atomic_write
 
 LOGGER = logging.getLogger(__name__)
@@ -172,25 +175,30 @@ def _stop_check(env: DistEnv) -> FrameTransform:
     return step
 
 
-def run_part(api: KAPAO, spec: SourceSpec, plan: ShardPlan, env: DistEnv, *, imgsz: int, settings: InferenceSettings,
-             scales: Sequence[float] | None, flips: Sequence[bool] | None, batch: int, save: bool, draw: DrawOptions,
-             transforms: Sequence[FrameTransform], progress: bool) -> PredictRun:
+def run_part(api: KAPAO, spec: SourceSpec, plan: ShardPlan, env: DistEnv, opts: PredictOptions, save: bool,
+             draw: DrawOptions, transforms: Sequence[FrameTransform], progress: bool) -> PredictRun:
     """This rank's share: its items through the predictor into its JSONL part and the run folder's media."""
     sub = dataclasses.replace(spec, items=[spec.items[i] for i in plan.items[env.rank]])
     root = source_root(spec)  # names relative to the whole SOURCE, as one process names them
-    predictor = api.predictor(settings, scales, flips, return_kp_objects=draw.show_kp_objects)
+    predictor = api.predictor(opts.settings, opts.scales, opts.flips, return_kp_objects=draw.show_kp_objects)
     run = PredictRun(plan.run_dir, timing=predictor.timing)
     readers: dict[str, VideoReader] = {}
     done = plan.done
     skip = (lambda item, frame: done.done(source_name(item, root), frame)) if done.lines else None
     t0 = time.perf_counter()
     writer = ResultWriter(plan.run_dir, api.schema, draw, save_media=save, root=root, jsonl=plan.part(env.rank))
+    bar = tqdm(total=None, unit="frame", disable=not (progress and env.main), dynamic_ncols=True,
+               desc=f"rank 0 of {env.world_size}" if env.distributed else None)
     try:
-        bar = tqdm(total=None, unit="frame", disable=not (progress and env.main), dynamic_ncols=True,
-                   desc=f"rank 0 of {env.world_size}" if env.distributed else None)
-        predict_frames(predictor, iter_frames(sub, readers, run.unreadable, skip), writer, run, imgsz, batch, False,
-                       bar, [*transforms, _stop_check(env)])
+        frames = iter_frames(sub, readers, run.unreadable, skip)
+        for chunk in predict_frames(predictor, frames, opts.imgsz, opts.batch, [*transforms, _stop_check(env)]):
+            for frame, poses in chunk:
+                writer.add(frame, poses)
+                run.poses += len(poses)
+            run.frames += len(chunk)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         for r in readers.values():
             r.close()
         writer.close()
@@ -271,31 +279,29 @@ class ShardedRun:
     json_path: Path | None
 
 
-def run_sharded(api: KAPAO, spec: SourceSpec, env: DistEnv, *, imgsz: int, settings: InferenceSettings = PREDICT_SETTINGS,
-                scales: Sequence[float] | None = None, flips: Sequence[bool] | None = None, batch: int = 1,
-                save: bool = True, draw: DrawOptions | None = None, project: str | Path = "runs/predict",
-                name: str = "exp", resume: str | Path | bool | None = None, transforms: Sequence[FrameTransform] = (),
-                sinks: Sequence[Sink] = (), track: bool = False, progress: bool = False) -> ShardedRun | None:
+def run_sharded(api: KAPAO, spec: SourceSpec, env: DistEnv, options: PredictOptions, output: OutputOptions,
+                transforms: Sequence[FrameTransform] = (), sinks: Sequence[Sink] = (),
+                track: bool = False) -> ShardedRun | None:
     """The predict verb on every rank of a torchrun job (or one process continuing a sharded run):
     plan (rank 0), run this rank's part, merge (rank 0). Returns the summary on rank 0, None elsewhere;
-    raises on every rank when any rank failed (the failing rank's error on rank 0)."""
-    api.check_imgsz(imgsz)
-    if batch < 1:
-        raise ConfigError(f"--batch {batch}: must be at least 1")
-    draw = draw or DrawOptions()
+    raises on every rank when any rank failed (the failing rank's error on rank 0). `output.show` and
+    `output.keep_results` are not used (one window, and the poses stay in the files)."""
+    opts, out = options, output
+    api.check_imgsz(opts.imgsz)
+    if opts.batch < 1:
+        raise ConfigError(f"--batch {opts.batch}: must be at least 1")
     plan, error = None, None
     if env.main:
         try:
-            plan = plan_run(spec, api.run_args(spec, imgsz, settings, scales, flips), env.world_size, project=project,
-                            name=name, resume=resume, batch=batch, track=track)
+            plan = plan_run(spec, api.run_args(spec, opts), env.world_size, project=out.project, name=out.name,
+                            resume=out.resume, batch=opts.batch, track=track)
         except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
             error = e
     agree(error, env)
     plan = broadcast(plan, env)
     run, error = None, None
     try:
-        run = run_part(api, spec, plan, env, imgsz=imgsz, settings=settings, scales=scales, flips=flips, batch=batch,
-                       save=save, draw=draw, transforms=transforms, progress=progress)
+        run = run_part(api, spec, plan, env, opts, out.save, out.draw or DrawOptions(), transforms, out.progress)
     except Exception as e:  # noqa: BLE001 - the other ranks stop at their next frame, then every rank raises
         if not isinstance(e, RankStopped):
             signal_error(env)

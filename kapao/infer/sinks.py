@@ -5,196 +5,36 @@ Poses to a :class:`ResultWriter`, which feeds its sinks (open once, add per fram
 
 * :class:`JsonlSink` -- ``predictions.jsonl``: one JSON line per frame/image, flushed after every
   line and fsync'ed at least every SYNC_SECONDS, so memory stays flat on an endless stream and a kill
-  loses at most the line being written (a truncated last line is cut off by :func:`load_progress`);
+  loses at most the line being written (a truncated last line is cut off by :func:`kapao.infer.resume.load_progress`);
 * :class:`MediaSink` -- drawn images and videos (and the --show window);
 * any extra :class:`Sink` (e.g. a CSV export).
 
-At close the COCO-format ``predictions.json`` is built from the JSONL file (:func:`write_coco_json`),
+At close the COCO-format ``predictions.json`` is built from the JSONL file (:func:`kapao.infer.records.write_coco_json`),
 streamed and written atomically, never from results held in memory.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from kapao.cfg.schema import KeypointSchema
-from kapao.data.sources import Frame, SourceSpec
+from kapao.data.sources import Frame
 from kapao.draw import draw_poses
 from kapao.errors import DataError
+from kapao.infer.options import DrawOptions
+from kapao.infer.records import PREDICTIONS_JSON, PREDICTIONS_JSONL, frame_record, source_name, write_coco_json
 from kapao.poses import Poses
-from kapao.runtime import atomic_write
 
-LOGGER = logging.getLogger(__name__)
-
-PREDICTIONS_JSONL = "predictions.jsonl"
-PREDICTIONS_JSON = "predictions.json"
 SYNC_SECONDS = 1.0  # predictions.jsonl reaches the disk (fsync) at least this often; the OS gets every line at once
 
-
-def image_id_of(frame: Frame) -> int | str:
-    """COCO-style id: the frame index for videos, the file stem (as int when numeric) for images."""
-    if frame.frame is not None:
-        return frame.frame
-    stem = Path(frame.path).stem
-    return int(stem) if stem.isdigit() else stem
-
-
-def source_root(spec: SourceSpec) -> Path | None:
-    """The folder JSONL source names are relative to: a folder SOURCE itself, else the deepest folder
-    holding every item (a glob over several folders keeps their sub-paths apart); None for streams."""
-    if spec.kind == "stream" or not spec.items:
-        return None
-    given = Path(spec.source).expanduser()
-    if given.is_dir():
-        return Path(os.path.abspath(given))
-    return Path(os.path.commonpath([os.path.dirname(os.path.abspath(i)) for i in spec.items]))
-
-
-def source_name(item: str, root: Path | None) -> str:
-    """How an image/video/stream is named in the JSONL: its path relative to `root` (POSIX), or as given."""
-    return item if root is None else Path(os.path.relpath(os.path.abspath(item), root)).as_posix()
-
-
-# ----------------------------------------------------------------------------------------------
-# The JSONL record of a frame
-
-def _short(t: torch.Tensor) -> list[float]:
-    """Flat values, each the shortest decimal that reads back as the same float32 (exact and compact)."""
-    return [float(str(v)) for v in t.detach().float().cpu().numpy().ravel()]
-
-
-def pose_records(poses: Poses) -> list[dict[str, Any]]:
-    """One dict per pose: box [x1, y1, x2, y2], score, keypoints [[x, y]] * K, confidences [K], fused [K],
-    track_id (int; None when not tracked or in no confirmed track); original-image pixels."""
-    n, k = len(poses), poses.num_keypoints
-    boxes, scores = _short(poses.boxes), _short(poses.scores)
-    xy, conf = _short(poses.keypoints[..., :2]), _short(poses.keypoints[..., 2])
-    fused = poses.fused.cpu().tolist()
-    ids = [None] * n if poses.track_ids is None else [int(i) if i >= 0 else None for i in poses.track_ids.tolist()]
-    return [{"box": boxes[4 * i: 4 * i + 4], "score": scores[i],
-             "keypoints": [xy[2 * (i * k + j): 2 * (i * k + j) + 2] for j in range(k)],
-             "confidences": conf[i * k: (i + 1) * k], "fused": fused[i], "track_id": ids[i]} for i in range(n)]
-
-
-def poses_from_records(records: Sequence[dict[str, Any]], num_keypoints: int) -> Poses:
-    """The Poses (float32) a list of :func:`pose_records` dicts describes; exact for values they wrote."""
-    if not records:
-        return Poses.empty(num_keypoints)
-    boxes = torch.tensor([r["box"] for r in records], dtype=torch.float32)
-    xy = torch.tensor([r["keypoints"] for r in records], dtype=torch.float32).reshape(len(records), num_keypoints, 2)
-    conf = torch.tensor([r["confidences"] for r in records], dtype=torch.float32)
-    ids = [r.get("track_id") for r in records]
-    return Poses(boxes, torch.tensor([r["score"] for r in records], dtype=torch.float32),
-                 torch.cat((xy, conf[..., None]), -1), fused=torch.tensor([r["fused"] for r in records], dtype=torch.bool),
-                 track_ids=None if all(i is None for i in ids) else
-                 torch.tensor([-1 if i is None else i for i in ids], dtype=torch.int64))
-
-
-def frame_record(frame: Frame, name: str, poses: Poses) -> dict[str, Any]:
-    """The JSONL line of one frame: source, frame (None for images), time (s into a video), image_id, poses."""
-    t = None if frame.frame is None or not frame.fps else round(frame.frame / frame.fps, 6)
-    return {"source": name, "frame": frame.frame, "time": t, "image_id": image_id_of(frame), "poses": pose_records(poses)}
-
-
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The frame records of a JSONL file, one at a time. An unfinished last line (no newline: a kill
-    mid-write) is skipped; any other line that is not a JSON object raises DataError naming it."""
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                LOGGER.warning("%s: line %d is unfinished (the run was killed while writing it); ignored", path, i)
-                return
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
-            if not isinstance(rec, dict) or "poses" not in rec or "source" not in rec:
-                raise DataError(f"{path}: line {i} is not a kapao frame record; restore the file or start a new run "
-                                "(drop --resume)")
-            yield rec
-
-
-def write_coco_json(jsonl: Path, out: Path, num_keypoints: int) -> Path:
-    """COCO keypoint results of every record of `jsonl`, streamed into `out` (atomic): the same list
-    ``Poses.to_coco`` gives, each result with ``file`` = the record's source name."""
-    try:
-        with atomic_write(out, "w") as f:
-            f.write("[")
-            sep = ""
-            for rec in read_records(jsonl):
-                for r, p in zip(poses_from_records(rec["poses"], num_keypoints).to_coco(rec["image_id"]), rec["poses"]):
-                    r["file"] = rec["source"]
-                    if p.get("track_id") is not None:
-                        r["track_id"] = p["track_id"]
-                    f.write(sep + json.dumps(r))
-                    sep = ", "
-            f.write("]")
-    except OSError as e:
-        raise DataError(f"cannot write {out}: {e.strerror or e}; free disk space or use --project with a "
-                        "writable folder") from None
-    return out
-
-
-@dataclass
-class Progress:
-    """What a run's JSONL already holds: image sources done, and per video the last frame done."""
-
-    images: set[str] = field(default_factory=set)
-    frames: dict[str, int] = field(default_factory=dict)
-    lines: int = 0
-
-    def done(self, name: str, frame: int | None) -> bool:
-        return name in self.images if frame is None else frame <= self.frames.get(name, -1)
-
-
-def load_progress(path: Path) -> Progress:
-    """Read a run's predictions.jsonl for --resume; an unfinished last line is cut off the file first."""
-    progress = Progress()
-    if not path.exists():
-        return progress
-    cut_unfinished_line(path)
-    for rec in read_records(path):
-        if rec.get("frame") is None:
-            progress.images.add(rec["source"])
-        else:
-            progress.frames[rec["source"]] = max(int(rec["frame"]), progress.frames.get(rec["source"], -1))
-        progress.lines += 1
-    return progress
-
-
-def cut_unfinished_line(path: Path, chunk: int = 1 << 16) -> None:
-    """Truncate `path` after its last newline (reading backwards, so a large file is not read whole)."""
-    size = end = path.stat().st_size
-    with open(path, "rb+") as f:
-        while end > 0:
-            start = max(0, end - chunk)
-            f.seek(start)
-            block = f.read(end - start)
-            nl = block.rfind(b"\n")
-            if nl >= 0:
-                keep = start + nl + 1
-                break
-            end = start
-        else:
-            keep = 0
-        if keep < size:
-            LOGGER.warning("%s: dropped an unfinished last line (%d bytes) left by a killed run", path, size - keep)
-            f.truncate(keep)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sinks
 
 class Sink(Protocol):
     """Receives every frame's poses in order: open(run folder or None) once, add() per frame, close() once
@@ -221,7 +61,7 @@ class JsonlSink:
             raise ValueError("JsonlSink needs a run folder")
         self.path = save_dir / self.name
         try:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "ab")  # closed in close()
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; use --project with a writable folder") from None
         self._synced = time.monotonic()
@@ -248,16 +88,6 @@ class JsonlSink:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}; free disk space") from None
         finally:
             f.close()
-
-
-@dataclass
-class DrawOptions:
-    show_boxes: bool = False
-    show_scores: bool = False
-    show_kp_objects: bool = False
-    line_width: int | None = None
-    fused_only: bool = False  # draw only keypoints confirmed by a keypoint object (Poses.fused)
-    track_ids: bool = True  # label tracked poses with their id (they are coloured by track either way)
 
 
 class _VideoSink:

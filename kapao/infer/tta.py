@@ -1,5 +1,5 @@
 """Test-time augmentation: run the model on rescaled / flipped copies of a batch, map every pass back
-to the un-augmented input and concatenate, ready for NMS (re-exported by :mod:`kapao.infer.postprocess`)."""
+to the un-augmented input and concatenate, ready for NMS."""
 from __future__ import annotations
 
 import math

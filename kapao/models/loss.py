@@ -6,7 +6,7 @@ assignment and every loss term work in grid units of each level (pixels / stride
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from ultralytics.utils.metrics import bbox_iou
 from kapao.cfg.schema import OBJ_LEVEL_WEIGHTS, HeadLayout, TargetLayout
 from kapao.cfg.settings import Hyp
 from kapao.errors import ConfigError
+from kapao.models.network import KapaoModel
 
 # A target is assigned to its own cell and to the neighbouring cell across the nearer vertical and
 # horizontal cell edge: offsets (in cells, subtracted from the centre) own, left, up, right, down.
@@ -147,10 +148,10 @@ class KapaoLoss:
     """
 
     def __init__(self, model: nn.Module, hyp: Hyp | None = None, imgsz: int = 640):
-        model = getattr(model, "module", model)
-        self.layout: HeadLayout = model.layout
-        self.strides = tuple(model.strides)
-        anchors_px = model.anchors.detach()
+        net = cast(KapaoModel, getattr(model, "module", model))  # the network itself, also under DDP
+        self.layout: HeadLayout = net.layout
+        self.strides = tuple(net.strides)
+        anchors_px = net.anchors.detach()
         stride_t = torch.tensor(self.strides, dtype=anchors_px.dtype, device=anchors_px.device).view(-1, 1, 1)
         self.anchors = anchors_px / stride_t  # (nl, na, 2) grid units
         if len(OBJ_LEVEL_WEIGHTS) < len(self.strides):
@@ -166,7 +167,7 @@ class KapaoLoss:
         lay, k = self.layout, self.layout.num_keypoints
         device = raw[0].device
         anchors = self.anchors.to(device)
-        levels = assign_targets(targets.to(device), [p.shape[2:4] for p in raw], anchors, k, self.hyp.anchor_t)
+        levels = assign_targets(targets.to(device), [(p.shape[2], p.shape[3]) for p in raw], anchors, k, self.hyp.anchor_t)
         zero = torch.zeros((), device=device)
         lbox, lobj, lcls, lkp = zero, zero, zero, zero
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +136,8 @@ class KapaoHead(nn.Module):
     """Per-level 1x1 output convs. ``anchors`` is a buffer in grid units (pixels / stride), as in the
     official checkpoints; :attr:`KapaoModel.anchors` gives them in pixels."""
 
+    anchors: Tensor  # the buffer registered in __init__
+
     def __init__(self, in_channels: Sequence[int], layout: HeadLayout,
                  anchors: Sequence[Sequence[Sequence[float]]] = ANCHORS, strides: Sequence[int] = STRIDES):
         super().__init__()
@@ -166,8 +168,8 @@ class KapaoHead(nn.Module):
         """
         nc = self.layout.num_classes
         with torch.no_grad():
-            for conv, s in zip(self.m, self.strides):
-                b = conv.bias.view(self.na, self.no)
+            for conv, s in zip(cast(Sequence[nn.Conv2d], self.m), self.strides):
+                b = cast(Tensor, conv.bias).view(self.na, self.no)
                 b[:, self.layout.obj] += math.log(8 / (640 / s) ** 2)
                 b[:, self.layout.cls] += math.log(0.6 / (nc - 0.99))
 
@@ -243,12 +245,15 @@ class KapaoModel(nn.Module):
         self.strides = STRIDES
         scale = SIZES[size]
 
-        layers, channels, self.sources = [], [], []
+        layers: list[nn.Module] = []
+        channels: list[int] = []
+        self.sources: list[int | tuple[int, ...]] = []
         c_prev = 3
+        module: nn.Module
         for i, spec in enumerate(P6_LAYERS):
             src = spec.src
             if spec.kind == "concat":
-                idx = [i - 1 if j == -1 else j for j in src]
+                idx = [i - 1 if j == -1 else j for j in cast(tuple[int, ...], src)]  # a concat has several inputs
                 module, c_out = Concat(1), sum(channels[j] for j in idx)
             else:
                 module, c_out = _make_layer(spec, c_prev, scale)
@@ -293,7 +298,7 @@ class KapaoModel(nn.Module):
     # -- attributes --------------------------------------------------------------------------
     @property
     def head(self) -> KapaoHead:
-        return self.model[-1]
+        return cast(KapaoHead, self.model[-1])
 
     @property
     def num_keypoints(self) -> int:
@@ -310,14 +315,15 @@ class KapaoModel(nn.Module):
         """Images (B, 3, H, W), H and W multiples of 64 -> raw head outputs (B, na, H/s, W/s, no) per level."""
         if x.ndim != 4 or x.shape[-2] % MAX_STRIDE or x.shape[-1] % MAX_STRIDE:
             raise ValueError(f"input must be (B, 3, H, W) with H and W multiples of {MAX_STRIDE}, got {tuple(x.shape)}")
-        saved: dict[int, Tensor] = {}
+        saved: dict[int, Any] = {}
+        y: Any = x  # a tensor between layers; the list of a concat's inputs, and the head's list of levels
         for i, (module, src) in enumerate(zip(self.model, self.sources)):
             if not isinstance(src, int):
-                x = [x if j == -1 else saved[j] for j in src]
-            x = module(x)
+                y = [y if j == -1 else saved[j] for j in src]
+            y = module(y)
             if i in self._keep:
-                saved[i] = x
-        return x
+                saved[i] = y
+        return y
 
     def forward(self, x: Tensor) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """Train mode: raw list; eval mode: (decoded (B, N, no) in input pixels, raw list)."""
@@ -332,7 +338,7 @@ class KapaoModel(nn.Module):
             if isinstance(m, Conv) and hasattr(m, "bn"):
                 m.conv = fuse_conv_and_bn(m.conv, m.bn)
                 delattr(m, "bn")
-                m.forward = m.forward_fuse
+                m.forward = m.forward_fuse  # type: ignore[method-assign]  # the instance runs without its BN from now on
         return self
 
 

@@ -74,7 +74,7 @@ def load_tracker_config(tracker: str | Path = "bytetrack") -> SimpleNamespace:
     return SimpleNamespace(**merged)
 
 
-class Detections:
+class TrackerInput:
     """Person detections of one frame in the form ultralytics' trackers read (as `Boxes.cpu().numpy()`).
 
     xyxy (N, 4) pixels, conf (N,), cls (N,) all 0 (person); `keypoints` (N, K, 2) rides along for
@@ -88,7 +88,7 @@ class Detections:
         self.keypoints = keypoints
 
     @classmethod
-    def from_poses(cls, poses: Poses) -> "Detections":
+    def from_poses(cls, poses: Poses) -> "TrackerInput":
         return cls(poses.boxes.detach().float().cpu().numpy(), poses.scores.detach().float().cpu().numpy(),
                    poses.keypoints[..., :2].detach().float().cpu().numpy())
 
@@ -100,12 +100,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.conf)
 
-    def __getitem__(self, index: Any) -> "Detections":
+    def __getitem__(self, index: Any) -> "TrackerInput":
         kp = None if self.keypoints is None else self.keypoints[index]
-        return Detections(self.xyxy[index], self.conf[index], kp)
+        return TrackerInput(self.xyxy[index], self.conf[index], kp)
 
 
-def assign_track_ids(tracker: BYTETracker, dets: Detections, image: np.ndarray | None = None) -> np.ndarray:
+def assign_track_ids(tracker: BYTETracker, dets: TrackerInput, image: np.ndarray | None = None) -> np.ndarray:
     """Run one tracker step; (N,) int64 track id of each detection, UNTRACKED where no confirmed track took it.
 
     The tracker reports rows [x1, y1, x2, y2, track_id, score, cls, idx] (idx: the detection's index).
@@ -159,7 +159,7 @@ class PoseTracker:
     def __call__(self, poses: Poses, time: float, image: np.ndarray | None = None) -> Poses:
         """poses of one frame (original-image pixels) at `time` seconds into the video; image (H, W, 3) BGR
         is used by BoT-SORT's camera-motion compensation. Returns a new Poses; the input is not changed."""
-        ids = assign_track_ids(self.tracker, Detections.from_poses(poses), image)
+        ids = assign_track_ids(self.tracker, TrackerInput.from_poses(poses), image)
         new = ids[ids > self._max_id]
         if len(new):
             self.tracks_total += len(new)

@@ -1,1 +1,2 @@
-"""Training: the trainer loop and its pieces (arguments and run folders, step, sampler, log, optimiser, distributed, plots)."""
+"""Training: the trainer loop and its pieces (arguments and run folders, batch update, sampler, log, optimiser,
+distributed, plots)."""

@@ -118,9 +118,12 @@ def build_hyp(args: TrainArgs) -> Hyp:
         if args.hyp_overrides else hyp
 
 
-def resolve_resume(spec: bool | str | os.PathLike, project: str | os.PathLike = "runs/train") -> tuple[Path, Path]:
+def resolve_resume(spec: bool | str | os.PathLike | None, project: str | os.PathLike = "runs/train") -> tuple[Path, Path]:
     """(run folder, last.pt) of a resume spec: True/'' (latest last.pt under `project`), a run folder,
     its weights/ folder, or a checkpoint file."""
+    last: Path | None
+    if spec is None or spec is False:
+        raise ValueError("resolve_resume needs a resume spec: True, a run folder or a checkpoint")
     if spec is True or (isinstance(spec, str) and spec.strip() in ("", "latest")):
         found = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
         if not found:

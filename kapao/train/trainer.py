@@ -1,7 +1,7 @@
 """The `train` verb: the training loop (:class:`Trainer`) and its entry point :func:`train`.
 
 The pieces live beside it: optimizer groups, warmup + cosine schedule and EMA in kapao.train.optim, one
-batch's forward/backward/step in kapao.train.step, the seeded data order in kapao.train.sampler, DDP in
+batch's forward/backward and weight update in kapao.train.update, the seeded data order in kapao.train.sampler, DDP in
 kapao.train.distributed, results.csv and the progress line in kapao.train.log, figures in kapao.train.plots, and
 TrainArgs, run folders, resume and checkpoint stripping in kapao.train.run.
 
@@ -71,7 +71,7 @@ from kapao.train.run import (
     write_run_files,
 )
 from kapao.train.sampler import build_train_loader
-from kapao.train.step import NonFiniteLoss, TrainStep
+from kapao.train.update import BatchUpdater, NonFiniteLoss
 from kapao.weights.checkpoint import save_checkpoint, transfer_weights
 from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
@@ -103,7 +103,7 @@ class Trainer:
     """One training run: set-up in __init__, then :meth:`fit`. Every rank validates its share; rank 0
     alone computes the metrics, logs and writes.
 
-    fit: before_train, then per epoch train_epoch (before_epoch, train_step per batch) and after_epoch
+    fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
     """
 
@@ -138,7 +138,7 @@ class Trainer:
             self._restore(ckpt)
         if env.distributed:
             self.model = wrap_ddp(self.model, device)
-        self.stepper = TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
+        self.updater = BatchUpdater(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
                                  env.world_size)
         self.val_loader = self._val_loader()
         self.results = ResultsLog(run_dir / "results.csv", self._metric_names(), self.state.start_epoch) \
@@ -271,9 +271,9 @@ class Trainer:
                 accumulate = self.warmup(ni, epoch)
             if self.env.main and self.args.plots and i < PLOTTED_BATCHES and epoch == self.state.start_epoch:
                 plot_train_batch(imgs, targets, self.cfg.schema, self.run_dir / f"train_batch{i}.jpg")
-            step = i - last_step >= accumulate
-            items = self.train_step(imgs, targets, step, epoch, i)
-            if step:
+            update = i - last_step >= accumulate
+            items = self.train_batch(imgs, targets, update, epoch, i)
+            if update:
                 last_step = i
             mloss = (mloss * i + items) / (i + 1)
             if self.env.main:
@@ -288,14 +288,14 @@ class Trainer:
         set_warmup(self.optimizer, lrs, momentum)
         return accumulate
 
-    def train_step(self, imgs: Tensor, targets: Tensor, step: bool, epoch: int, i: int) -> Tensor:
-        """Forward/backward of batch `i` (then the optimizer step if `step`); returns its loss terms (4,)."""
+    def train_batch(self, imgs: Tensor, targets: Tensor, update: bool, epoch: int, i: int) -> Tensor:
+        """Forward/backward of batch `i` (then the optimizer step if `update`); returns its loss terms (4,)."""
         try:
-            items = self.stepper.forward_backward(imgs, targets, sync=step)
+            items = self.updater.forward_backward(imgs, targets, sync=update)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at epoch {epoch + 1}, iteration {i}: {self.divergence_advice()}") from None
-        if step:
-            self.stepper.step()
+        if update:
+            self.updater.optimizer_step()
         return items
 
     def divergence_advice(self) -> str:

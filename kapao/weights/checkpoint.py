@@ -55,8 +55,9 @@ def save_checkpoint(path: PathLike, model: nn.Module, *, extra: Mapping[str, Any
     schema = getattr(model, "schema", None)
     if "schema" not in config and isinstance(schema, KeypointSchema):
         config["schema"] = schema.to_dict()
-    if "num_keypoints" not in config and getattr(model, "num_keypoints", None) is not None:
-        config["num_keypoints"] = int(model.num_keypoints)
+    num_keypoints = getattr(model, "num_keypoints", None)
+    if "num_keypoints" not in config and num_keypoints is not None:
+        config["num_keypoints"] = int(num_keypoints)
     extra = dict(extra or {})
     extra.setdefault("date", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra.setdefault("kapao_version", __version__)
@@ -178,7 +179,7 @@ def _torch_load_weights_only(path: Path) -> Any:
         raise _corrupt(path, e) from None
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as e:  # truncated zip, garbage bytes, empty file, unreadable ...
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage bytes, empty file, unreadable ...
         if isinstance(e, PermissionError):
             raise WeightsError(f"cannot read {path}: permission denied") from None
         raise _corrupt(path, e) from None

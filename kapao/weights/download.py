@@ -173,12 +173,13 @@ def _download_drive(entry: WeightsEntry, out: Any, by_hand: str) -> None:
         writer = _CountingWriter(out, bar)
         try:
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                result = gdown.download(id=entry.gdrive_id, output=writer, quiet=True, use_cookies=False)
+                result = gdown.download(id=entry.gdrive_id, output=writer,  # type: ignore[arg-type]  # file-like: gdown only writes
+                                        quiet=True, use_cookies=False)
         except OSError as e:
             if e.errno in _DISK_FULL:
                 raise
             result, reason = None, str(e)
-        except Exception as e:  # gdown raises its own errors (access denied, quota, ...) and requests'
+        except Exception as e:  # noqa: BLE001 - gdown raises its own errors (access denied, quota, ...) and requests'
             result, reason = None, f"{type(e).__name__}: {e}"
         else:
             reason = said.getvalue()

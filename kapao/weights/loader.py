@@ -9,8 +9,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from kapao.cfg.schema import KeypointSchema
-from kapao.weights.checkpoint import build_and_load, check_compatible
 from kapao.errors import WeightsError
+from kapao.weights.checkpoint import build_and_load, check_compatible
 from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.download import resolve_weights
 from kapao.weights.reader import read_weights_file

@@ -50,11 +50,11 @@ def load_official_checkpoint(path: PathLike) -> dict[str, Any]:
         if "pickle_module" in str(e):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 forbids custom unpicklers
             raise WeightsError(f"{path} is an official KAPAO checkpoint, which kapao reads with its own "
                                "restricted unpickler, but TORCH_FORCE_WEIGHTS_ONLY_LOAD is set; unset it, or "
-                               "convert the file once with kapao.weights.convert_official()") from None
+                               "convert the file once with kapao.weights.official.convert_official()") from None
         raise _corrupt(path, e) from None
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a damaged file
         raise _corrupt(path, e) from None
     if not isinstance(obj, Mapping) or not isinstance(obj.get("ema") or obj.get("model"), StandIn):
         raise WeightsError(f"{path} is not an official KAPAO checkpoint (no pickled 'model' entry) and not a "
@@ -142,7 +142,7 @@ def detect_layer(root: StandIn, path: Path) -> tuple[StandIn, str]:
     """The YOLOv5 Detect layer (the last one) and its state_dict prefix (``model.33.``)."""
     layers = root.children.get("model")
     detect = list(layers.children.values())[-1] if isinstance(layers, StandIn) and layers.children else None
-    if not isinstance(detect, StandIn) or not detect.qualname.endswith(".Detect"):
+    if not isinstance(layers, StandIn) or not isinstance(detect, StandIn) or not detect.qualname.endswith(".Detect"):
         raise WeightsError(f"{path}: no YOLOv5 Detect layer at the end of the model; not a KAPAO checkpoint")
     return detect, f"model.{len(layers.children) - 1}."
 

@@ -156,7 +156,7 @@ def test_an_exported_file_is_not_quantised_again():
         fb.load_backend("m.onnx", fb.RuntimeSpec("cpu", int8=Int8Calibration((), 128)))
 
 
-def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
+def _with_fixed_scores(backend, layout: HeadLayout):
     """`backend` with scores replaced by fixed, well-separated values at spread-out anchors (6 poses, and
     keypoint objects of every type): a random model scores every anchor alike, so which poses survive
     NMS would be decided by rounding; this way the decisions are fixed and the coordinates -- the
@@ -176,13 +176,14 @@ def _with_fixed_scores(backend, layout: HeadLayout):  # noqa: ANN001, ANN202
     return forward
 
 
+@pytest.mark.slow
 def test_every_backend_gives_the_same_poses(weights: Path, coco_mini: Path):
     image = load_image(sorted((coco_mini / "images").glob("*.jpg"))[0])
     torch_backend = fb.load_backend(weights, fb.RuntimeSpec("cpu", backend="torch"))
     layout = HeadLayout(5)
     settings = PREDICT_SETTINGS.replace(conf=0.3, conf_kp=0.3)
 
-    def poses(backend) -> Poses:  # noqa: ANN001
+    def poses(backend) -> Poses:
         predictor = Predictor(_with_fixed_scores(backend, layout), backend.schema, CPU, settings)
         return predictor.predict_images([image], 192)[0]
 

@@ -48,6 +48,7 @@ def test_calibration_images_folder_dataset_and_errors(tmp_path: Path, coco_mini_
     assert a.digest != b.digest and a.digest == Int8Calibration.from_spec(tmp_path / "imgs", 128, 3).digest
 
 
+@pytest.mark.slow
 def test_int8_graph_keeps_the_head_fp32_and_stays_close(coco_mini: Path):
     torch.manual_seed(0)
     model = kapao_n(5).eval()
@@ -71,6 +72,7 @@ def test_int8_graph_keeps_the_head_fp32_and_stays_close(coco_mini: Path):
     assert 0 < float(d.max())
 
 
+@pytest.mark.slow
 def test_export_int8_cli(tmp_path: Path, coco_mini: Path):
     weights = tmp_path / "tiny.pt"
     torch.manual_seed(0)

@@ -82,7 +82,7 @@ class _Recording:
 def test_a_new_file_backend_needs_no_predictor_change(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch):
     made: list[_Recording] = []
 
-    def make(weights, device, half, fold_bn):  # noqa: ANN001, ANN202
+    def make(weights, device, half, fold_bn):
         made.append(_Recording(TorchBackend(model, device, half, fold_bn), str(weights)))
         return made[-1]
 

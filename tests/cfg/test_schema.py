@@ -167,6 +167,7 @@ def test_inference_settings():
         KeypointSchema(names=("a",), flip_index=(0,), sigmas=(0.1,), kp_bbox=0.0)
 
 
+@pytest.mark.slow
 def test_configs_ship_in_wheel(tmp_path: Path):
     """Built-in configs must be reachable from a non-editable install: they are package data."""
     repo = Path(__file__).resolve().parents[2]

@@ -124,15 +124,15 @@ def test_each_planted_problem_is_found(yolo_ds: Path, plant):
     plant(yolo_ds)
     severity, text = PLANTS[plant]
     report = check_dataset(yolo_ds, project=None)
-    assert report.problems, f"{plant.__name__}: nothing found"
-    for p in report.problems:
+    assert report.findings, f"{plant.__name__}: nothing found"
+    for p in report.findings:
         assert p.severity == severity and (text in p.what or text in p.where), str(p)
     assert (len(report.errors) > 0) == (severity == "error")
 
 
 def test_clean_yolo_data_has_no_problems_and_right_counts(yolo_ds: Path):
     report = check_dataset(yolo_ds, samples=2, project="runs/check")
-    assert report.problems == []
+    assert report.findings == []
     c = report.counts["val"]
     assert (c.images, c.persons, c.box_only, c.negatives, c.missing, c.corrupt, c.no_label_file) == (4, 14, 2, 0, 0, 0, 0)
     assert c.keypoints.shape == (17, 3) and c.keypoints.sum(1).tolist() == [14] * 17  # every person, every type
@@ -149,7 +149,7 @@ def test_counts_per_keypoint_and_visibility_match_the_json(coco_mini_yaml: Path,
 
 
 def test_clean_coco_data_has_no_problems(coco_mini_yaml: Path):
-    assert check_dataset(coco_mini_yaml, project=None).problems == []
+    assert check_dataset(coco_mini_yaml, project=None).findings == []
 
 
 def test_coco_problems_are_found(coco_mini: Path, tmp_path: Path):

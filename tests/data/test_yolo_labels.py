@@ -258,6 +258,7 @@ def test_val_cli_on_yolo_data(coco_mini: Path, tmp_path: Path):
     assert "Average Precision  (AP)" in res.output and f"OKS area = {BOX_AREA_FACTOR} x box area" in res.output
 
 
+@pytest.mark.slow
 def test_train_two_epochs_on_yolo_data(coco_mini: Path, tmp_path: Path):
     from kapao.train.run import TrainArgs
     from kapao.train.trainer import train

@@ -163,16 +163,17 @@ def _person_model():
     return model
 
 
-def _load_script(name: str):
+def _load_script(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # as `python scripts/<name>.py` has it: `import _common`
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_kp_calibration_script_on_tiny_inputs(coco_mini_yaml: Path, tmp_path: Path, capsys):
+def test_kp_calibration_script_on_tiny_inputs(coco_mini_yaml: Path, tmp_path: Path, capsys, monkeypatch):
     weights = save_checkpoint(tmp_path / "w.pt", _person_model())
-    script = _load_script("kp_calibration")
+    script = _load_script("kp_calibration", monkeypatch)
     save_dir = script.main(["--data", str(coco_mini_yaml), "--weights", str(weights), "--imgsz", "128",
                             "--batch", "4", "--conf", "0", "--match-oks", "0", "--project", str(tmp_path / "cal"),
                             "--no-progress"])
@@ -187,9 +188,9 @@ def test_kp_calibration_script_on_tiny_inputs(coco_mini_yaml: Path, tmp_path: Pa
     assert "ECE all" in capsys.readouterr().out
 
 
-def test_kp_confidence_auc_script_with_weights(coco_mini_yaml: Path, tmp_path: Path):
+def test_kp_confidence_auc_script_with_weights(coco_mini_yaml: Path, tmp_path: Path, monkeypatch):
     weights = save_checkpoint(tmp_path / "w.pt", _person_model())
-    script = _load_script("kp_confidence_auc")
+    script = _load_script("kp_confidence_auc", monkeypatch)
     result = script.main(["--weights", str(weights), "--data", str(coco_mini_yaml), "--imgsz", "128",
                           "--conf", "0", "--match-oks", "0", "--project", str(tmp_path / "auc")])
     assert result["matched_persons"] == 12 and result["labelled"] + result["unlabelled"] == 12 * 17

@@ -387,7 +387,7 @@ def test_coco_protocol_on_annotations_without_area(crowd_json: Path) -> None:
     assert m["AP"] == 1.0 and m["AR"] == 1.0
 
 
-def _corrupted(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
+def _corrupted(src: Path, dst: Path, edit) -> Path:
     data = json.loads(src.read_text())
     edit(data)
     dst.write_text(json.dumps(data))
@@ -407,7 +407,7 @@ def _corrupted(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
     (lambda d: d["annotations"][0].__setitem__("iscrowd", 2), "'iscrowd' must be 0 or 1"),
     (lambda d: d["annotations"][0].__setitem__("bbox", [0, 0, -5, 5]), "width and height must be >= 0"),
 ])
-def test_ground_truth_values_are_validated(coco_json: Path, tmp_path: Path, edit, phrase) -> None:  # noqa: ANN001
+def test_ground_truth_values_are_validated(coco_json: Path, tmp_path: Path, edit, phrase) -> None:
     """Both readers of a COCO JSON (evaluation and the training labels) refuse the same bad values,
     naming the file and the annotation/image id, instead of computing metrics from them."""
     from kapao.data.labels import read_coco

@@ -1,6 +1,6 @@
-"""The NMS of kapao.infer.postprocess before the early-stopping rewrite (issue 14), kept verbatim as the reference.
+"""The NMS of kapao.infer.postprocess before the early-stopping rewrite, kept verbatim as the reference.
 
-tests/test_postprocess.py proves the current kapao.infer.postprocess.nms identical to this on random and "hot"
+tests/infer/test_nms.py proves the current kapao.infer.postprocess.nms identical to this on random and "hot"
 inputs (it loads this file by path: tests never import scripts as a package), and scripts/benchmark.py
 times it next to the current one. Not used by the library.
 """
@@ -65,7 +65,7 @@ def set_hot_biases(model: torch.nn.Module, obj: float = 2.0, cls: float = 0.0) -
     """Make a KapaoModel "hot": every output conv's objectness bias = obj, class biases = cls (in place).
 
     With random weights nearly every anchor then passes low thresholds (sigmoid(2) = 0.88 x ~0.5),
-    the worst case for NMS (issue 14). The head's conv bias is laid out (anchors, HeadLayout outputs).
+    the worst case for NMS. The head's conv bias is laid out (anchors, HeadLayout outputs).
     """
     head, layout = model.head, model.layout
     with torch.no_grad():

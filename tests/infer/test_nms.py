@@ -125,7 +125,7 @@ def test_nms_empty_and_bad_shape():
 
 
 # ----------------------------------------------------------------------------------------------
-# Early-stopping NMS (issue 14) against the previous implementation, kept in tests/infer/reference_nms.py
+# Early-stopping NMS against the previous implementation, kept in tests/infer/reference_nms.py
 
 def _load_reference():
     from tests.infer import reference_nms

@@ -204,6 +204,7 @@ def test_predict_webcam_without_camera(eager_weights: Path, tmp_path: Path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_predict_very_large_image(tmp_path: Path):
     """8000x6000 works at a small input size: poses in original pixels, full-size drawing, sane memory."""
     import resource
@@ -348,6 +349,7 @@ def test_same_file_names_in_two_folders_stay_apart(eager_weights: Path, tmp_path
     assert {r["file"] for r in json.loads(run.json_path.read_text())} == {"a/im000.jpg", "b/im000.jpg"}
 
 
+@pytest.mark.slow
 def test_resume_skips_done_images_drops_a_cut_line_and_appends(eager_weights: Path, tmp_path: Path):
     src = _image_folder(tmp_path / "src", 5)
     api = KAPAO(eager_weights, device="cpu")
@@ -366,6 +368,7 @@ def test_resume_skips_done_images_drops_a_cut_line_and_appends(eager_weights: Pa
     assert again.frames == 0 and again.resumed == 5 and again.json_path.read_text() == full.json_path.read_text()
 
 
+@pytest.mark.slow
 def test_resume_video_goes_on_after_the_last_frame(eager_weights: Path, test_video: Path, tmp_path: Path):
     api = KAPAO(eager_weights, device="cpu")
     run = api.run(test_video, imgsz=128, project=tmp_path)
@@ -402,6 +405,7 @@ def test_resume_cli_uses_the_runs_options_and_refuses_others(eager_weights: Path
     assert len(_jsonl(tmp_path / "runs" / "exp")) == 3  # refused resumes changed nothing
 
 
+@pytest.mark.slow
 def test_sigkill_during_folder_predict_then_resume_gives_every_image_once(eager_weights: Path, tmp_path: Path):
     import signal
     import subprocess

@@ -1,6 +1,7 @@
 """Predict run folders and --resume (kapao.infer.resume): which run is continued, with which options."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -9,8 +10,18 @@ import pytest
 import yaml
 
 from kapao.data.sources import SourceSpec
-from kapao.errors import ConfigError
-from kapao.infer.resume import RUN_ARGS, check_resume, find_resume_run, open_run_dir, read_run_args, source_key
+from kapao.errors import ConfigError, DataError
+from kapao.infer.records import frame_record
+from kapao.infer.resume import (
+    RUN_ARGS,
+    check_resume,
+    find_resume_run,
+    load_progress,
+    open_run_dir,
+    read_run_args,
+    source_key,
+)
+from tests.infer.test_records import sample_frame, sample_poses, write_jsonl
 
 
 def _run_dir(project: Path, name: str, source: str, lines: int = 1, age: float = 0.0) -> Path:
@@ -68,3 +79,26 @@ def test_open_run_dir_new_and_resumed(tmp_path: Path):
     again, progress = open_run_dir(tmp_path / "runs", "exp", {}, {}, d, True)
     assert again == d and progress.images == {"a.jpg"} and (d / "predictions.jsonl").read_bytes().endswith(b"]}\n")
     assert source_key("0") == "0" and source_key("rtsp://cam") == "rtsp://cam"
+
+
+def test_load_progress_cuts_an_unfinished_line_and_knows_what_is_done(tmp_path: Path):
+    recs = [frame_record(sample_frame("/d/a.jpg"), "a.jpg", sample_poses(1)),
+            frame_record(sample_frame("/d/sub/a.jpg"), "sub/a.jpg", sample_poses(2)),
+            *(frame_record(sample_frame("/d/v.mp4", i, 25.0), "v.mp4", sample_poses(1)) for i in range(3))]
+    path = tmp_path / "predictions.jsonl"
+    write_jsonl(path, recs, tail=b'{"source": "b.jpg", "frame": null, "poses": [{"box": [1, 2')
+    size = len(path.read_bytes())
+    progress = load_progress(path)
+    assert progress.lines == 5 and progress.images == {"a.jpg", "sub/a.jpg"} and progress.frames == {"v.mp4": 2}
+    assert progress.done("a.jpg", None) and not progress.done("b.jpg", None)
+    assert progress.done("v.mp4", 2) and not progress.done("v.mp4", 3) and not progress.done("w.mp4", 0)
+    assert path.read_bytes().endswith(b"\n") and len(path.read_bytes()) < size  # the half line is gone
+    assert load_progress(path).lines == 5  # nothing more to cut
+    assert load_progress(tmp_path / "missing.jsonl").lines == 0
+    one = tmp_path / "one.jsonl"
+    one.write_bytes(b'{"source": "a.j')  # only an unfinished line
+    assert load_progress(one).lines == 0 and one.read_bytes() == b""
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, recs[:1], tail=b"garbage\n" + json.dumps(recs[1]).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not a kapao frame record"):
+        load_progress(bad)

@@ -1,72 +1,21 @@
-"""Where predictions go (kapao.infer.sinks): the JSONL record, its flushing, resume progress, COCO JSON from
-the stream, the sink fan-out, source names."""
+"""Where predictions go (kapao.infer.sinks): the JSONL sink's flushing, the sink fan-out."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 import kapao.infer.sinks as ks
 from kapao.cfg.schema import KeypointSchema
-from kapao.data.sources import Frame, SourceSpec
 from kapao.errors import DataError
-from kapao.infer.sinks import (
-    DrawOptions,
-    JsonlSink,
-    ResultWriter,
-    frame_record,
-    load_progress,
-    pose_records,
-    poses_from_records,
-    read_records,
-    source_name,
-    source_root,
-    write_coco_json,
-)
+from kapao.infer.options import DrawOptions
+from kapao.infer.records import read_records
+from kapao.infer.sinks import JsonlSink, ResultWriter
 from kapao.poses import Poses
+from tests.infer.test_records import sample_frame, sample_poses
 
 K = 5
-
-
-def _poses(n: int = 3, seed: int = 0, track: bool = False) -> Poses:
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(n, 2, generator=g) * 300
-    boxes = torch.cat((xy, xy + torch.rand(n, 2, generator=g) * 90 + 1), 1)
-    kp = torch.cat((torch.rand(n, K, 2, generator=g) * 400, torch.rand(n, K, 1, generator=g)), -1)
-    return Poses(boxes, torch.rand(n, generator=g), kp, fused=torch.rand(n, K, generator=g) < 0.5,
-                 track_ids=torch.arange(n, dtype=torch.int64) + 7 if track else None)
-
-
-def _frame(path: str = "/data/img/a.jpg", frame: int | None = None, fps: float | None = None) -> Frame:
-    return Frame(np.zeros((4, 4, 3), np.uint8), path, frame, fps)
-
-
-def test_pose_records_round_trip_exactly_and_name_every_field():
-    for track in (False, True):
-        p = _poses(track=track)
-        recs = json.loads(json.dumps(pose_records(p)))
-        assert len(recs) == 3 and set(recs[0]) == {"box", "score", "keypoints", "confidences", "fused", "track_id"}
-        assert len(recs[0]["keypoints"]) == K and len(recs[0]["keypoints"][0]) == 2 and len(recs[0]["confidences"]) == K
-        back = poses_from_records(recs, K)
-        assert torch.equal(back.boxes, p.boxes) and torch.equal(back.scores, p.scores)  # float32-exact
-        assert torch.equal(back.keypoints, p.keypoints) and torch.equal(back.fused, p.fused)
-        assert (back.track_ids is None) == (not track)
-        if track:
-            assert back.track_ids.tolist() == [7, 8, 9] and recs[2]["track_id"] == 9
-    assert pose_records(Poses.empty(K)) == [] and len(poses_from_records([], K)) == 0
-    # shortest decimals: no float64 noise such as 0.30000001192092896
-    assert all(len(repr(v)) <= 12 for v in pose_records(_poses())[0]["confidences"])
-
-
-def test_frame_record_image_and_video():
-    rec = frame_record(_frame("/data/img/0785.jpg"), "img/0785.jpg", _poses(1))
-    assert rec["source"] == "img/0785.jpg" and rec["frame"] is None and rec["time"] is None
-    assert rec["image_id"] == 785 and len(rec["poses"]) == 1
-    rec = frame_record(_frame("/v/clip.mp4", 45, 30.0), "clip.mp4", Poses.empty(K))
-    assert rec["frame"] == 45 and rec["time"] == 1.5 and rec["image_id"] == 45 and rec["poses"] == []
 
 
 def test_jsonl_sink_lines_are_on_disk_before_close_and_synced_every_second(tmp_path: Path, monkeypatch):
@@ -76,7 +25,7 @@ def test_jsonl_sink_lines_are_on_disk_before_close_and_synced_every_second(tmp_p
     sink = JsonlSink(root=Path("/data"))
     sink.open(tmp_path)
     for i in range(5):
-        sink.add(_frame(f"/data/img/{i}.jpg"), _poses(2, seed=i))
+        sink.add(sample_frame(f"/data/img/{i}.jpg"), sample_poses(2, seed=i))
         clock[0] += 0.25
         lines = (tmp_path / "predictions.jsonl").read_bytes().splitlines()  # read by another file object
         assert len(lines) == i + 1 and json.loads(lines[-1])["source"] == f"img/{i}.jpg"
@@ -84,50 +33,9 @@ def test_jsonl_sink_lines_are_on_disk_before_close_and_synced_every_second(tmp_p
     sink.close()
     assert synced == [101.0, 101.25]  # and one at close
     sink.open(tmp_path)  # a resumed run appends
-    sink.add(_frame("/data/img/9.jpg"), Poses.empty(K))
+    sink.add(sample_frame("/data/img/9.jpg"), Poses.empty(K))
     sink.close()
     assert [r["source"] for r in read_records(tmp_path / "predictions.jsonl")][-2:] == ["img/4.jpg", "img/9.jpg"]
-
-
-def _write_jsonl(path: Path, records: list[dict], tail: bytes = b"") -> None:
-    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + tail)
-
-
-def test_load_progress_cuts_an_unfinished_line_and_knows_what_is_done(tmp_path: Path):
-    recs = [frame_record(_frame("/d/a.jpg"), "a.jpg", _poses(1)), frame_record(_frame("/d/sub/a.jpg"), "sub/a.jpg", _poses(2)),
-            *(frame_record(_frame("/d/v.mp4", i, 25.0), "v.mp4", _poses(1)) for i in range(3))]
-    path = tmp_path / "predictions.jsonl"
-    _write_jsonl(path, recs, tail=b'{"source": "b.jpg", "frame": null, "poses": [{"box": [1, 2')
-    size = len(path.read_bytes())
-    progress = load_progress(path)
-    assert progress.lines == 5 and progress.images == {"a.jpg", "sub/a.jpg"} and progress.frames == {"v.mp4": 2}
-    assert progress.done("a.jpg", None) and not progress.done("b.jpg", None)
-    assert progress.done("v.mp4", 2) and not progress.done("v.mp4", 3) and not progress.done("w.mp4", 0)
-    assert path.read_bytes().endswith(b"\n") and len(path.read_bytes()) < size  # the half line is gone
-    assert load_progress(path).lines == 5  # nothing more to cut
-    assert load_progress(tmp_path / "missing.jsonl").lines == 0
-    one = tmp_path / "one.jsonl"
-    one.write_bytes(b'{"source": "a.j')  # only an unfinished line
-    assert load_progress(one).lines == 0 and one.read_bytes() == b""
-    bad = tmp_path / "bad.jsonl"
-    _write_jsonl(bad, recs[:1], tail=b"garbage\n" + json.dumps(recs[1]).encode() + b"\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not a kapao frame record"):
-        load_progress(bad)
-
-
-def test_coco_json_from_the_stream_equals_to_coco_of_the_poses(tmp_path: Path):
-    frames = [(_frame("/d/0001.jpg"), "0001.jpg", _poses(3, 1)), (_frame("/d/x/b.jpg"), "x/b.jpg", Poses.empty(K)),
-              (_frame("/d/v.mp4", 0, 30.0), "v.mp4", _poses(2, 2))]
-    path = tmp_path / "predictions.jsonl"
-    _write_jsonl(path, [frame_record(f, name, p) for f, name, p in frames])
-    out = write_coco_json(path, tmp_path / "predictions.json", K)
-    expected = []
-    for f, name, p in frames:
-        expected += [dict(r, file=name) for r in p.to_coco(ks.image_id_of(f))]
-    assert out.read_text() == json.dumps(expected)  # byte for byte what json.dump of the records gave
-    assert len(expected) == 5
-    (tmp_path / "empty.jsonl").write_bytes(b"")
-    assert json.loads(write_coco_json(tmp_path / "empty.jsonl", tmp_path / "e.json", K).read_text()) == []
 
 
 class _Recorder:
@@ -151,7 +59,7 @@ def test_result_writer_feeds_extra_sinks_and_closes_all_of_them(tmp_path: Path):
     log: list = []
     w = ResultWriter(tmp_path, schema, DrawOptions(), save_media=False, root=Path("/d"),
                      sinks=[_Recorder(log, "a", fail_close=True), _Recorder(log, "b")])
-    w.add(_frame("/d/1.jpg"), _poses(2))
+    w.add(sample_frame("/d/1.jpg"), sample_poses(2))
     with pytest.raises(OSError, match="disk full"):
         w.close()
     assert log == [("a", "open", tmp_path), ("b", "open", tmp_path), ("a", "add", "/d/1.jpg", 2),
@@ -167,16 +75,3 @@ def test_result_writer_feeds_extra_sinks_and_closes_all_of_them(tmp_path: Path):
         ResultWriter(tmp_path / "missing", schema, DrawOptions(), save_media=False)
 
 
-def test_source_names_keep_same_named_files_apart(tmp_path: Path):
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-        (tmp_path / d / "img.jpg").write_bytes(b"x")
-    items = [str(tmp_path / "a" / "img.jpg"), str(tmp_path / "b" / "img.jpg")]
-    root = source_root(SourceSpec("images", items, source=str(tmp_path / "*" / "img.jpg")))
-    assert root == tmp_path and [source_name(i, root) for i in items] == ["a/img.jpg", "b/img.jpg"]
-    folder = SourceSpec("images", items[:1], source=str(tmp_path / "a"))
-    assert source_name(items[0], source_root(folder)) == "img.jpg"
-    lone = SourceSpec("images", items[1:], source=items[1])
-    assert source_name(items[1], source_root(lone)) == "img.jpg"
-    stream = SourceSpec("stream", ["rtsp://cam/1"], source="rtsp://cam/1")
-    assert source_root(stream) is None and source_name("rtsp://cam/1", None) == "rtsp://cam/1"

@@ -298,6 +298,7 @@ def _image_and_targets(root: Path, size: int, k: int, kp_bbox: float) -> tuple[t
     return x, torch.tensor(rows, dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_overfit_one_image_drives_every_term_down(coco_mini: Path):
     torch.manual_seed(0)
     k, size, steps = 17, 256, 200

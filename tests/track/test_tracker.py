@@ -10,8 +10,8 @@ from kapao.errors import ConfigError
 from kapao.poses import Poses
 from kapao.track.tracker import (
     UNTRACKED,
-    Detections,
     PoseTracker,
+    TrackerInput,
     id_switches,
     load_tracker_config,
 )
@@ -166,7 +166,7 @@ def test_botsort_with_camera_motion_compensation_on_images():
 
 def test_detections_view_matches_poses():
     p = poses_of([[0, 0, 10, 20], [5, 5, 25, 45]])
-    d = Detections.from_poses(p)
+    d = TrackerInput.from_poses(p)
     np.testing.assert_allclose(d.xywh, [[5, 10, 10, 20], [15, 25, 20, 40]])
     sub = d[np.array([False, True])]
     assert len(sub) == 1 and sub.conf.tolist() == pytest.approx([0.9]) and sub.keypoints.shape == (1, K, 2)
@@ -320,6 +320,7 @@ def test_kapao_track_yields_frames_lazily_with_ids(eager_weights, test_video):
         assert torch.equal(a.track_ids, b.track_ids) and torch.allclose(a.keypoints, b.keypoints)
 
 
+@pytest.mark.slow
 def test_trackers_never_install_or_download_anything():
     """ultralytics pip-installs lap when it is missing and downloads ReID models: kapao must reach neither."""
     import subprocess
@@ -340,3 +341,22 @@ def test_trackers_never_install_or_download_anything():
                             check=False, capture_output=True, text=True, timeout=300)
     assert no_lap.returncode != 0 and "tracking needs the 'lap' package" in no_lap.stderr
     assert "tried to install" not in no_lap.stderr + no_lap.stdout
+
+
+def test_run_with_a_tracking_step_gives_what_track_yields(eager_weights, test_video):
+    """KAPAO.run and KAPAO.track share one frame loop: tracking as run's per-frame step gives the same poses,
+    ids and (smoothed) keypoints, bit for bit, as the track generator."""
+    from kapao.cfg.settings import PREDICT_SETTINGS
+    from kapao.infer.predictor import KAPAO
+
+    api = KAPAO(eager_weights, device="cpu", backend="torch")  # the loop is the same on every backend
+    settings = PREDICT_SETTINGS.replace(conf=0.5, max_det=5)
+    tracked = list(api.track(str(test_video), imgsz=128, settings=settings))  # smoothed: the default
+    step = PoseTracker("bytetrack", OneEuroSettings())
+    run = api.run(str(test_video), imgsz=128, settings=settings, save=False, save_json=False, keep_results=True,
+                  transforms=[step.update_frame])
+    assert run.save_dir is None and len(run.results) == len(tracked) == 5
+    assert sum(len(p) for p in tracked) > 0
+    for a, b in zip(run.results, tracked):
+        assert torch.equal(a.track_ids, b.track_ids) and torch.equal(a.keypoints, b.keypoints)
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)

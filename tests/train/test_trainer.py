@@ -103,6 +103,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 # Runs on coco-mini
 
 
+@pytest.mark.slow
 def test_two_epoch_run_writes_everything(coco_mini_yaml, tmp_path):
     run = train(_args(coco_mini_yaml, tmp_path, batch=1))  # 4 batches per epoch: 3 train_batch images
     assert run == tmp_path / "runs" / "exp"
@@ -126,6 +127,7 @@ def test_two_epoch_run_writes_everything(coco_mini_yaml, tmp_path):
     assert info["size"] == "n" and info["num_keypoints"] == 17
 
 
+@pytest.mark.slow
 def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
     """A run interrupted (Ctrl-C) at the start of its third epoch and resumed ends bit-identical to an
     uninterrupted one: epoch, lr position, optimizer, EMA and augmentation draws all continue."""
@@ -161,6 +163,7 @@ def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
     assert [r["train/box"] for r in _rows(full)] == [r["train/box"] for r in _rows(cut)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     """`kapao train` killed (SIGKILL) in the middle of an epoch after its first last.pt; `kapao train
     --resume RUN` finishes all epochs from the whole last.pt, and a second resume says it is done."""
@@ -196,6 +199,7 @@ def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     assert f"{last} has finished all 5 epochs; nothing to resume" in out.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
     """ENOSPC while writing epoch 1's last.pt: a one-line error, epoch 0's last.pt intact, no temp
     file left, and --resume continues from it once there is space."""
@@ -322,6 +326,7 @@ def test_resume_applies_more_epochs_and_a_lower_lr0(coco_mini_yaml, tmp_path, mo
     assert seen == {"epochs": 3, "lr0": 0.001, "initial": [0.001] * len(seen["initial"]), "start": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [17, 14])
 def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, caplog, k):
     """Weights for the data's keypoints transfer whole; weights for another keypoint count (a CrowdPose
@@ -343,6 +348,7 @@ def test_initial_weights_are_transferred_and_logged(coco_mini_yaml, tmp_path, ca
 # Learning
 
 
+@pytest.mark.slow
 def test_training_learns(coco_mini_yaml, tmp_path):
     """400 steps on the 4 coco-mini images (train = val), augmentation off (no mosaic, flips, colour,
     scale or translation: a memorisation test), lr0 0.05, size n at 192 px, ~1.5 min on one core.
@@ -413,10 +419,10 @@ def test_lr_momentum_and_ema_decay_follow_the_paper_schedule(coco_mini_yaml, tmp
     equal the schedule written from the paper's rules — warmup for the first epoch, then the cosine
     WITHOUT the official one-epoch lag (kapao uses lf(e) in epoch e; the lagged schedule is told apart)."""
     from kapao.train.optim import ModelEMA
-    from kapao.train.step import TrainStep
+    from kapao.train.update import BatchUpdater
 
     seen, decays = [], []
-    step, decay_at = TrainStep.step, ModelEMA.decay_at
+    step, decay_at = BatchUpdater.optimizer_step, ModelEMA.decay_at
 
     def record_step(self):
         seen.append(({g["name"]: g["lr"] for g in self.optimizer.param_groups},
@@ -427,7 +433,7 @@ def test_lr_momentum_and_ema_decay_follow_the_paper_schedule(coco_mini_yaml, tmp
         decays.append(decay_at(self, updates))
         return decays[-1]
 
-    monkeypatch.setattr(TrainStep, "step", record_step)
+    monkeypatch.setattr(BatchUpdater, "optimizer_step", record_step)
     monkeypatch.setattr(ModelEMA, "decay_at", record_decay)
     no_aug = {"mosaic": 0, "fliplr": 0, "scale": 0, "translate": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
     hyp_set = {"warmup_epochs": 1, "warmup_min_iters": 0, "nominal_batch": 2, **no_aug}

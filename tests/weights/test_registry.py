@@ -5,18 +5,21 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from kapao.cli.main import cli
 from kapao.cfg.schema import BUILTIN_DATASETS, KeypointSchema
+from kapao.cli.main import cli
+from kapao.errors import WeightsError
 from kapao.models.network import SIZES, KapaoModel
 from kapao.weights import registry
 from kapao.weights.checkpoint import save_checkpoint
 from kapao.weights.loader import load_weights
+from kapao.weights.registry import DIR_ENV, weights_dir, weights_path
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -64,6 +67,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.mark.slow
 def test_load_weights_and_kapao_take_the_native_imgsz_from_the_table(cache, monkeypatch):
     from kapao.infer.predictor import KAPAO
 
@@ -94,3 +98,20 @@ def test_cli_info_lists_names_and_describes_one_without_downloading(cache):
     assert list(cache.iterdir()) == []
     help_text = CliRunner().invoke(cli, ["predict", "--help"]).output
     assert "kapao_l_crowdpose" in " ".join(help_text.split())
+
+
+def test_weights_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv(DIR_ENV, str(tmp_path / "mine"))
+    assert weights_dir() == tmp_path / "mine"
+    assert weights_path("kapao_m_crowdpose.pt") == tmp_path / "mine" / "kapao_m_crowdpose.pt"
+    monkeypatch.delenv(DIR_ENV)
+    pkg = tmp_path / "checkout" / "kapao"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(registry, "_PACKAGE_DIR", pkg)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert weights_dir() == tmp_path / "xdg" / "kapao"  # installed package: user cache
+    (tmp_path / "checkout" / "weights").mkdir()
+    assert weights_dir() == tmp_path / "checkout" / "weights"  # source checkout: repo weights/
+    with pytest.raises(WeightsError, match="unknown weights name 'kapao_q_coco'"):
+        weights_path("kapao_q_coco")

@@ -228,7 +228,7 @@ class FileServer:
             def log_message(self, *args):
                 pass
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 seen.append(self.path)
                 super().do_GET()
 

@@ -1,5 +1,5 @@
-"""The work of one training batch: forward + loss under autocast, scaled backward, and (when the
-loop says so) the optimizer step and the EMA update."""
+"""The weight update of one training batch: forward + loss under autocast, scaled backward, and (when the
+loop says so) the optimizer step and the EMA update (:class:`BatchUpdater`)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,7 @@ class NonFiniteLoss(KapaoError):
     """The loss became NaN/inf: training diverged."""
 
 
-class TrainStep:
+class BatchUpdater:
     """The work of one batch: forward + loss (autocast), backward (scaled), and the optimizer step + EMA
     update once gradients of `accumulate` batches are in. The loop decides when to step."""
 
@@ -52,7 +52,7 @@ class TrainStep:
             raise NonFiniteLoss(f"the loss became {value:g}" if not math.isfinite(value)
                                 else "the loss became non-finite in another process")
 
-    def step(self) -> None:
+    def optimizer_step(self) -> None:
         """Optimizer step on the accumulated (scaled) gradients, zero them, update the EMA."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
