@@ -22,8 +22,8 @@ from kapao.data.sources import SourceSpec
 from kapao.distributed import DistEnv
 from kapao.errors import DataError
 from kapao.infer.predictor import KAPAO
+from kapao.infer.records import PREDICTIONS_JSON, PREDICTIONS_JSONL
 from kapao.infer.shard import PARTS, has_parts, merge_parts, plan_run, run_sharded, split_units, work_units
-from kapao.infer.sinks import PREDICTIONS_JSON, PREDICTIONS_JSONL
 from tests.infer.test_predictor import eager_weights  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parents[2]
