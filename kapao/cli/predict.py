@@ -156,7 +156,7 @@ def _sharded(ctx: click.Context, env: DistEnv, tracking: PoseTracker | None, spe
             error = e
         agree(error, env)
         options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
-        output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], progress=True,
+        output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], progress=True, keep_results=False,
                              resume=resume, draw=from_fields(DrawOptions, p))
         sinks = [CsvSink(api.schema.names)] if p["save_csv"] else []  # replayed from the merged JSONL
         return run_sharded(api, spec, env, options, output, transforms=[tracking.update_frame] if tracking else (),

@@ -21,6 +21,7 @@ from kapao.cli.main import cli
 from kapao.data.sources import SourceSpec
 from kapao.distributed import DistEnv
 from kapao.errors import DataError
+from kapao.infer.options import OutputOptions, PredictOptions
 from kapao.infer.predictor import KAPAO
 from kapao.infer.records import PREDICTIONS_JSON, PREDICTIONS_JSONL
 from kapao.infer.shard import PARTS, has_parts, merge_parts, plan_run, run_sharded, split_units, work_units
@@ -100,7 +101,7 @@ def test_one_process_through_the_sharded_path_writes_what_run_writes(eager_weigh
     src = str(coco_mini / "images")
     single = api.run(src, imgsz=64, project=tmp_path / "one", save=False)
     spec = SourceSpec("images", sorted(str(p) for p in (coco_mini / "images").iterdir()), 0, src)
-    res = run_sharded(api, spec, DistEnv(), imgsz=64, save=False, project=tmp_path / "two")
+    res = run_sharded(api, spec, DistEnv(), PredictOptions(imgsz=64), OutputOptions(save=False, project=tmp_path / "two"))
     assert res.frames == 4 and not has_parts(res.save_dir)
     for name in (PREDICTIONS_JSONL, PREDICTIONS_JSON):
         assert (res.save_dir / name).read_bytes() == (single.save_dir / name).read_bytes()
