@@ -18,6 +18,27 @@ if TYPE_CHECKING:
     import torch
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 arithmetic
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16(flags: "frozenset[str] | set[str] | None" = None) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512_BF16 or AMX); `flags` default: :func:`cpu_flags`."""
+    have = cpu_flags() if flags is None else flags
+    return any(f in have for f in BF16_CPU_FLAGS)
+
+
 def select_device(spec: str | int | None = None) -> "torch.device":
     """Parse `cpu`, `0`, `cuda:1`, `mps` or None (first GPU if any, else CPU) into a device.
 
@@ -46,7 +67,7 @@ def select_device(spec: str | int | None = None) -> "torch.device":
     return torch.device(f"cuda:{ids[0]}")
 
 
-def increment_run_dir(project: str | Path, name: str = "exp", exist_ok: bool = False) -> Path:
+def increment_run_dir(project: str | os.PathLike[str], name: str = "exp", exist_ok: bool = False) -> Path:
     """Create and return `project/name`, or `project/nameN` with the next free N (exp, exp2, exp3 …).
 
     Raises KapaoError naming the folder when it cannot be created (a file in the way, no permission,

@@ -46,11 +46,12 @@ def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1, sync: bool = Fa
     return 1000 * statistics.median(times)
 
 
-def matmul_gflops(device: torch.device, runs: int, warmup: int = 1) -> float:
-    """GFLOP/s of one MATMUL_N^3 fp32 matmul on `device` (2 N^3 FLOPs), median of `runs`: what the machine can do."""
+def matmul_gflops(device: torch.device, runs: int, warmup: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of one MATMUL_N^3 matmul in `dtype` (default fp32) on `device` (2 N^3 FLOPs), median of `runs`:
+    what the machine can do."""
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
-    b = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g)
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g).to(dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=device, generator=g).to(dtype)
     ms = median_ms(lambda: torch.mm(a, b), runs, warmup, device.type == "cuda")
     return 2 * MATMUL_N**3 / (ms / 1000) / 1e9
 

@@ -2,12 +2,15 @@
 
     python scripts/benchmark.py [--sizes n s m] [--imgsz 640 1280] [--device cpu] [--half] [--weights FILE]
                                 [--video PATH] [--frames 10] [--runs 5] [--peers yolo11 yolo26]
-                                [--pairing 1280 640] [--hot-size s] [--hot-imgsz 1280] [--quick]
+                                [--pairing 1280 640] [--hot-size s] [--hot-imgsz 256 640 1280] [--hot-conf 0.001]
+                                [--no-startup] [--quick]
 
-First the machine's matmul figure: GFLOP/s of a 2048^3 fp32 matmul on the device, measured in this run.
+First the machine's matmul figure: GFLOP/s of a 2048^3 fp32 matmul on the device, measured in this run (and
+in bf16 on a CPU with native bf16).
 Then, for every size and image size, one row per backend -- kapao torch eager, kapao onnxruntime (the
 file `kapao export` writes: static imgsz x imgsz; and --dynamic), on the CPU the other runtimes of
-`kapao predict --backend` (FAST_ROWS: torch channels_last, OpenVINO, fixed-shape caches, int8), and
+`kapao predict --backend` (FAST_ROWS: torch channels_last, torch bf16 = --half on a CPU with native bf16,
+OpenVINO, fixed-shape caches, int8 = --int8), and
 each peer (--peers: YOLO11-pose, YOLO26-pose) of the same size (built from its model YAML: random
 weights, nothing downloaded) -- with:
 
@@ -30,6 +33,7 @@ Then the published-accuracy pairing (--pairing: kapao-s at 1280 and yolo26s-pose
 at 63.0 COCO val2017 AP, measured by different tools), the hot post-processing check (kapao
 with its output biases set to objectness 2.0, classes 0.0, so nearly every anchor passes the
 thresholds; NMS + fusion vs forward, now and with the previous NMS in tests/infer/reference_nms.py), and
+the start-up (fresh processes: `kapao --help`, `kapao predict` of one image with the cache warm) and
 the target ratios. --quick: size n at 256 on 2 frames, dynamic ONNX only (a CI smoke run).
 The video is --video, else $KAPAO_TEST_DATA/videos/posetrack-000001.mp4 (../shared/data by default),
 cut or looped to --frames frames.
@@ -77,7 +81,7 @@ _block_network()
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import MATMUL_N, matmul_gflops, median_ms, reference_nms, test_data  # noqa: E402
+from _common import MATMUL_N, REPO, matmul_gflops, median_ms, reference_nms, test_data  # noqa: E402
 
 from kapao.backends.runtimes import Backend as KapaoBackend  # noqa: E402
 from kapao.backends.runtimes import OnnxBackend  # noqa: E402
@@ -90,7 +94,7 @@ from kapao.infer import postprocess as pp  # noqa: E402
 from kapao.infer.postprocess import postprocess  # noqa: E402
 from kapao.infer.predictor import KAPAO, Predictor, prepare_batch  # noqa: E402
 from kapao.models.network import build_model, count_flops  # noqa: E402
-from kapao.runtime import cpu_count, select_device  # noqa: E402
+from kapao.runtime import cpu_bf16, cpu_count, select_device  # noqa: E402
 
 # Person boxes (x1, y1, x2, y2) of ultralytics' bus.jpg (810x1080), for the synthetic crowd.
 BUS_PEOPLE = ((50, 400, 245, 905), (670, 380, 810, 875), (220, 405, 345, 860), (0, 550, 63, 873))
@@ -281,21 +285,25 @@ class Context:
     tmp: Path
     project: Path
     matmul: float = float("nan")  # GFLOP/s of the machine figure
+    matmul_bf16: float = float("nan")  # the same in bf16 (CPUs with native bf16)
     notes: list[str] = field(default_factory=list)
 
 
 Backend = tuple[str, Callable[[torch.Tensor], torch.Tensor], "KapaoBackend | None", "Path | None"]
 # The runtimes `kapao predict --backend` chooses from on the CPU (kapao.backends.dispatch):
-# (label, --backend, shapes, int8). Their exports go to a cache folder under the run's temp dir, not timed.
-# scripts/benchmark_backends.py measures the same rows without the end-to-end runs.
+# (label, --backend, shapes, precision: fp32, int8 or bf16 = --half on a CPU with native bf16). Their exports go
+# to a cache folder under the run's temp dir, not timed. scripts/benchmark_backends.py measures the same rows
+# without the end-to-end runs.
 FAST_ROWS = (
-    ("torch channels_last", "torch-cl", "dynamic", False),
-    ("openvino dynamic", "openvino", "dynamic", False),
-    ("openvino fixed-shape cache", "openvino", "fixed", False),
-    ("onnxruntime fixed-shape cache", "onnxruntime", "fixed", False),
-    ("onnxruntime int8 dynamic", "onnxruntime", "dynamic", True),
-    ("onnxruntime int8 fixed-shape cache", "onnxruntime", "fixed", True),
+    ("torch channels_last", "torch-cl", "dynamic", "fp32"),
+    ("torch bf16 (--half)", "auto", "dynamic", "bf16"),
+    ("openvino dynamic", "openvino", "dynamic", "fp32"),
+    ("openvino fixed-shape cache", "openvino", "fixed", "fp32"),
+    ("onnxruntime fixed-shape cache", "onnxruntime", "fixed", "fp32"),
+    ("onnxruntime int8 dynamic (--int8)", "onnxruntime", "dynamic", "int8"),
+    ("onnxruntime int8 fixed-shape cache", "onnxruntime", "fixed", "int8"),
 )
+STARTUP_RUNS = 3  # fresh processes per start-up timing (median)
 INT8_CALIB_IMAGES = 4  # coco-mini's four images, as in the issue's int8 measurement
 
 
@@ -316,9 +324,13 @@ def fast_backends(ctx: Context, model: torch.nn.Module, imgsz: int) -> list[Back
     os.environ.setdefault("KAPAO_CACHE_DIR", str(ctx.tmp / "kapao-cache"))
     calib = Int8Calibration.from_spec(test_data() / "coco-mini" / "images", imgsz, INT8_CALIB_IMAGES)
     rows: list[Backend] = []
-    for label, name, shapes, int8 in FAST_ROWS:
+    for label, name, shapes, precision in FAST_ROWS:
+        if precision == "bf16" and not cpu_bf16():
+            ctx.notes.append(f"{label} skipped: this CPU has no native bf16")
+            continue
         try:
-            be = load_backend(model, RuntimeSpec("cpu", backend=name, int8=calib if int8 else None), shapes=shapes)
+            spec = RuntimeSpec("cpu", half=precision == "bf16", backend=name, int8=calib if precision == "int8" else None)
+            be = load_backend(model, spec, shapes=shapes)
         except KapaoError as e:
             ctx.notes.append(f"{label} skipped: {e}")
             continue
@@ -511,6 +523,35 @@ def hot_postprocessing(ctx: Context, size: str, imgsz: int) -> list[str]:
     return lines
 
 
+def startup_lines(ctx: Context) -> list[str]:
+    """Wall seconds of `kapao --help` and of `kapao predict <one coco-mini image>` (kapao-s checkpoint, default
+    backend, cache warmed by one untimed run) in fresh processes: markdown table lines."""
+    import subprocess
+    import sys
+
+    from kapao.weights.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    weights = ctx.tmp / "kapao_s_startup.pt"
+    save_checkpoint(weights, build_model("s"))
+    image = sorted((test_data() / "coco-mini" / "images").glob("*.jpg"))[0]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KAPAO_CACHE_DIR": str(ctx.tmp / "kapao-cache")}
+    cmds = {"kapao --help": ["--help"],
+            f"kapao predict {image.name} (default backend)": ["predict", str(image), "--weights", str(weights),
+                                                             "--project", str(ctx.tmp / "startup")]}
+    lines = ["| command | wall s |", "|---|---:|"]
+    for label, argv in cmds.items():
+        cmd = [sys.executable, "-m", "kapao", *argv]
+        subprocess.run(cmd, env=env, capture_output=True, check=True)  # warms the exported-model cache
+        walls = []
+        for _ in range(STARTUP_RUNS):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, capture_output=True, check=True)
+            walls.append(time.perf_counter() - t0)
+        lines.append(f"| {label} | {statistics.median(walls):.2f} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
@@ -608,16 +649,18 @@ def main() -> None:
     ap.add_argument("--no-pairing", action="store_true", help="skip the published-accuracy pairing")
     ap.add_argument("--hot-size", default="s", choices=["n", "s", "m", "l", "x"],
                     help="kapao size of the hot post-processing check (default s)")
-    ap.add_argument("--hot-imgsz", type=int, default=1280, help="image size of the hot check (default 1280)")
+    ap.add_argument("--hot-imgsz", type=int, nargs="+", default=[1280],
+                    help="image sizes of the hot check (default 1280)")
     ap.add_argument("--hot-conf", type=float, default=0.3, help="conf and conf-kp of the hot check (default 0.3)")
     ap.add_argument("--no-hot", action="store_true", help="skip the hot post-processing check")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
     ap.add_argument("--project", type=Path, default=None, help="folder for the run outputs (default: a temp dir)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: size n, imgsz 256, 2 frames, 2 runs, no pairing, hot check n @256")
+                    help="smoke run: size n, imgsz 256, 2 frames, 2 runs, no pairing, no start-up, hot check n @256")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.imgsz, args.frames, args.runs, args.warmup = ["n"], [256], 2, 2, 1
-        args.no_pairing, args.hot_size, args.hot_imgsz = True, "n", 256
+        args.no_pairing, args.hot_size, args.hot_imgsz, args.no_startup = True, "n", [256], True
     if args.no_yolo:
         args.peers = []
     if args.weights:
@@ -635,6 +678,8 @@ def main() -> None:
         clip = make_clip(frames, args.frames, fps, tmp / f"{video.stem}.mp4")
         ctx = Context(args, device, frames, clip, crowded_image(), tmp, project)
         ctx.matmul = matmul_gflops(device, args.runs, args.warmup)
+        if device.type == "cpu" and cpu_bf16():
+            ctx.matmul_bf16 = matmul_gflops(device, args.runs, args.warmup, torch.bfloat16)
         rows: list[Row] = []
         for imgsz in args.imgsz:
             for size in args.sizes:
@@ -649,13 +694,16 @@ def main() -> None:
             if not any(r.model == "yolo26s-pose" and r.imgsz == y_imgsz for r in rows):
                 rows.append(yolo_row(ctx, "yolo26", "s", y_imgsz))
             print("done: pairing", flush=True)
-        hot = [] if args.no_hot else hot_postprocessing(ctx, args.hot_size, args.hot_imgsz)
+        hot = {} if args.no_hot else {i: hot_postprocessing(ctx, args.hot_size, i) for i in args.hot_imgsz}
+        startup = [] if args.no_startup else startup_lines(ctx)
     cpu = platform.processor() or platform.machine()
     load = ", load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else ""
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n## kapao inference benchmark — {device}{gpu} ({cpu}, {threads} threads, OMP_WAIT_POLICY="
           f"{os.environ['OMP_WAIT_POLICY']}{load}), torch {torch.__version__}\n")
-    print(f"machine figure: {MATMUL_N}^3 fp32 matmul = {ctx.matmul:.0f} GFLOP/s on {device} (median of {args.runs})\n")
+    bf16_line = f"; bf16 matmul = {ctx.matmul_bf16:.0f} GFLOP/s" if ctx.matmul_bf16 == ctx.matmul_bf16 else ""
+    print(f"machine figure: {MATMUL_N}^3 fp32 matmul = {ctx.matmul:.0f} GFLOP/s on {device} (median of "
+          f"{args.runs}){bf16_line}\n")
     print(f"video: {video.name} {frames[0].shape[1]}x{frames[0].shape[0]}, {args.frames} frames; forward: median of "
           f"{args.runs} after {args.warmup} warm-up; crowded image: 2x2 bus.jpg (16 people)"
           + ("; fp16" if args.half else "") + "\n")
@@ -682,14 +730,18 @@ def main() -> None:
         print("\nPublished-accuracy pairing:")
         for line in pairing(rows, *args.pairing):
             print(line)
-    if hot:
-        print(f"\nHot post-processing (kapao-{args.hot_size} @{args.hot_imgsz}, output biases objectness 2.0 / "
+    for hot_imgsz, lines in hot.items():
+        print(f"\nHot post-processing (kapao-{args.hot_size} @{hot_imgsz}, output biases objectness 2.0 / "
               f"classes 0.0, random weights, first video frame; medians of {max(args.runs, HOT_RUNS)} runs; "
-              "target: NMS + fusion <= 10 % of forward at conf 0.3):\n")
-        print("\n".join(hot))
+              "target: NMS + fusion <= 25 % of the default forward at the val thresholds):\n")
+        print("\n".join(lines))
         print("\n'same poses': boxes, scores and fused keypoints bitwise equal to the previous NMS; 'equal scores "
               "reordered': same score sequence, exactly equal scores in input order instead of torchvision's "
               "unstable-sort order")
+    if startup:
+        print(f"\nStart-up (wall seconds of a fresh process, median of {STARTUP_RUNS}; the exported-model cache "
+              "warm; kapao-s, random weights):\n")
+        print("\n".join(startup))
     print("\nTargets (ratios from this run):")
     for line in targets(rows, args.peers):
         print(line)

@@ -1,16 +1,17 @@
-"""How far int8 moves kapao's poses: OKS AP of int8 poses against the fp32 poses taken as ground truth.
+"""How far int8 and bf16 move kapao's poses: OKS AP of their poses against the fp32 poses taken as ground truth.
 
     python scripts/int8_agreement.py --weights runs/train/expN/weights/last.pt [--imgsz 640]
     python scripts/int8_agreement.py [--train-epochs 800] [--imgsz 192]     # memorise size n on coco-mini first
 
 On coco-mini (4 images, $KAPAO_TEST_DATA): a model trained on those images (so that it finds the
 people; --weights, or trained here with --train-epochs) is run through onnxruntime in fp32 and as the
-int8 model calibrated on the same images (--calib-images), both at --imgsz with the val settings. The
-fp32 poses above --gt-conf become the ground truth (every keypoint labelled, area = box area), and the
-int8 poses are evaluated against them with kapao.eval.metrics (COCO protocol, the schema's OKS sigmas).
-Printed: that AP/AP50/AP75, the same for torch-vs-onnxruntime fp32 as a control (should be 1.0),
-and the largest raw-output differences int8 vs fp32 (coordinates in network-input pixels, scores).
-The number goes into the README section 'int8' and the --int8 help.
+int8 model calibrated on the same images (--calib-images), and (on a CPU with native bf16) by torch in
+bfloat16 as `--half` runs it, all at --imgsz with the val settings. The fp32 poses above --gt-conf become
+the ground truth (every keypoint labelled, area = box area), and the int8 (bf16) poses are evaluated
+against the onnxruntime (torch) fp32 poses with kapao.eval.metrics (COCO protocol, the schema's OKS
+sigmas). Printed: that AP/AP50/AP75, the same for torch-vs-onnxruntime fp32 as a control (should be
+1.0), and the largest raw-output differences vs fp32 (coordinates in network-input pixels, scores).
+The numbers go into the README sections 'int8' and 'bf16' and the --int8 / --half help.
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     from kapao.cfg.settings import VAL_SETTINGS
     from kapao.data.sources import load_image
     from kapao.infer.predictor import KAPAO, prepare_batch
+    from kapao.runtime import cpu_bf16
 
     folder = TEST_DATA / "coco-mini" / "images"
     weights = args.weights
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"torch": KAPAO(weights, "cpu", backend="torch"), "fp32": KAPAO(weights, "cpu", backend="onnxruntime"),
             "int8": KAPAO(weights, "cpu", backend="onnxruntime",
                           int8=Int8Calibration.from_spec(folder, args.imgsz, args.calib_images))}
+    if cpu_bf16():
+        runs["bf16"] = KAPAO(weights, "cpu", half=True)
+    pairs = [("onnxruntime fp32 vs torch", "torch", "fp32"), ("int8 vs fp32", "fp32", "int8")]
+    pairs += [("bf16 vs torch fp32", "torch", "bf16")] if "bf16" in runs else []
     files = sorted(folder.glob("*.jpg"))
     arrays = [load_image(f) for f in files]
     images = [(int(f.stem), a.shape[:2]) for f, a in zip(files, arrays)]
@@ -89,20 +95,21 @@ def main(argv: list[str] | None = None) -> None:
              for k, api in runs.items()}
     n_gt = sum(int((p.scores >= args.gt_conf).sum()) for p in poses["fp32"].values())
     print(f"weights {weights}, imgsz {args.imgsz}, {len(files)} images, {n_gt} fp32 poses >= {args.gt_conf} as GT")
-    for name, ref, other in (("onnxruntime fp32 vs torch", "torch", "fp32"), ("int8 vs fp32", "fp32", "int8")):
+    for name, ref, other in pairs:
         m = agreement(poses[ref], poses[other], images, runs["fp32"].schema, args.gt_conf)
         print(f"{name}: OKS AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  AR {m['AR']:.4f}")
     layout = HeadLayout(runs["fp32"].schema.num_keypoints)
-    coords = scores = 0.0
-    with torch.inference_mode():
-        for a in arrays:
-            x, _ = prepare_batch([a], args.imgsz)
-            x = x.float() / 255.0
-            d = (runs["int8"].backend(x) - runs["fp32"].backend(x)).abs()
-            coords = max(coords, float(torch.cat((d[..., layout.box], d[..., layout.kpt]), -1).max()))
-            scores = max(scores, float(d[..., layout.obj:layout.cls.stop].max()))
-    print(f"largest raw-output difference int8 vs fp32: coordinates {coords:.3f} px (network input), scores {scores:.4f}")
-
+    for _, ref, other in pairs[1:]:
+        coords = scores = 0.0
+        with torch.inference_mode():
+            for a in arrays:
+                x, _ = prepare_batch([a], args.imgsz)
+                x = x.float() / 255.0
+                d = (runs[other].backend(x) - runs[ref].backend(x)).abs()
+                coords = max(coords, float(torch.cat((d[..., layout.box], d[..., layout.kpt]), -1).max()))
+                scores = max(scores, float(d[..., layout.obj:layout.cls.stop].max()))
+        print(f"largest raw-output difference {other} vs {ref}: coordinates {coords:.3f} px (network input), "
+              f"scores {scores:.4f}")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,20 @@ import pytest
 import torch
 
 from kapao.errors import ConfigError
-from kapao.runtime import atomic_write, check_writable, cpu_count, increment_run_dir, select_device
+from kapao.runtime import (
+    atomic_write,
+    check_writable,
+    cpu_bf16,
+    cpu_count,
+    cpu_flags,
+    increment_run_dir,
+    select_device,
+)
+
+
+def test_bf16_read_from_the_cpu_flags():
+    assert cpu_bf16({"avx512f", "avx512_bf16"}) and cpu_bf16({"amx_bf16"}) and not cpu_bf16({"avx512f", "avx2"})
+    assert isinstance(cpu_flags(), frozenset) and cpu_bf16() == cpu_bf16(cpu_flags())
 
 
 def test_select_device_cpu_and_auto():

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kapao.backends.cache import cached_onnx
+from kapao.backends.cache import cache_dir, cached_onnx, optimized_path
 from kapao.backends.int8 import Int8Calibration
-from kapao.backends.precision import check_precision
+from kapao.backends.precision import PrecisionError, check_precision, half_precision
 from kapao.backends.runtimes import (
     Backend,
     BackendInfo,
@@ -107,15 +107,19 @@ class Runtime:
 
 def _torch(channels_last: bool) -> Callable[..., Backend]:
     def build(weights: Any, device: torch.device, half: bool, fold_bn: bool) -> Backend:
+        bf16 = half and half_precision(device) == "bf16"  # --half on a CPU with native bf16
+        half = half and not bf16
         if isinstance(weights, nn.Module):
-            return TorchBackend(weights, device, half, fold_bn, channels_last=channels_last)
-        return TorchBackend.from_weights(weights, device, half, fold_bn, channels_last=channels_last)
+            return TorchBackend(weights, device, half, fold_bn, channels_last=channels_last, bf16=bf16)
+        return TorchBackend.from_weights(weights, device, half, fold_bn, channels_last=channels_last, bf16=bf16)
 
     return build
 
 
 def _onnxruntime(path: Any, device: torch.device, half: bool = False, fold_bn: bool = True) -> Backend:
-    return OnnxBackend(path, device=device)  # an exported file is already folded and has its own precision
+    # an exported file is already folded and has its own precision; a cached one keeps its optimised graph
+    cached = isinstance(path, Path) and path.parent == cache_dir() and device.type == "cpu"
+    return OnnxBackend(path, device=device, optimized=optimized_path(path) if cached else None)
 
 
 def _openvino(path: Any, device: torch.device, half: bool = False, fold_bn: bool = True) -> Backend:
@@ -123,9 +127,9 @@ def _openvino(path: Any, device: torch.device, half: bool = False, fold_bn: bool
 
 
 RUNTIMES: tuple[Runtime, ...] = (
-    Runtime("torch", files=(), cached=False, precisions=("fp32", "fp16"), devices=(), packages=(),
+    Runtime("torch", files=(), cached=False, precisions=("fp32", "fp16", "bf16"), devices=(), packages=(),
             build=_torch(channels_last=False)),
-    Runtime("torch-cl", files=(), cached=False, precisions=("fp32", "fp16"), devices=(), packages=(),
+    Runtime("torch-cl", files=(), cached=False, precisions=("fp32", "fp16", "bf16"), devices=(), packages=(),
             build=_torch(channels_last=True)),  # torch with the channels_last (NHWC) memory layout
     Runtime("onnxruntime", files=(".onnx",), cached=True, precisions=("fp32", "int8"), devices=(),
             packages=("onnx", "onnxruntime"), build=_onnxruntime),
@@ -195,8 +199,10 @@ def load_backend(weights: str | os.PathLike | nn.Module, spec: RuntimeSpec = Run
     dev = spec.device if isinstance(spec.device, torch.device) else select_device(spec.device)
     if shapes not in SHAPE_POLICIES:
         raise ConfigError(f"shapes={shapes!r}: choose one of {', '.join(SHAPE_POLICIES)}")
-    half = "fp16" if spec.half else "fp32"
+    half = half_precision(dev) if spec.half else "fp32"
     check_precision(half, dev)
+    if half == "bf16":
+        return _bf16_backend(weights, spec, dev, fold_bn)
     row = choose_runtime(spec.backend, dev, weights, spec.int8 is not None)
     if not row.files:  # torch: runs the weights themselves
         return row.build(weights, dev, spec.half, fold_bn)
@@ -212,6 +218,22 @@ def load_backend(weights: str | os.PathLike | nn.Module, spec: RuntimeSpec = Run
         raise ConfigError(f"--backend {row.name} runs exported {'/'.join(row.files)} files; export the weights first")
     check_precision(half, dev, row.name, supported=row.precisions)
     return _cached_backend(weights, row, dev, spec.int8, shapes)
+
+
+def _bf16_backend(weights: str | os.PathLike | nn.Module, spec: RuntimeSpec, dev: torch.device,
+                  fold_bn: bool) -> Backend:
+    """``--half`` on a CPU with native bf16: torch autocast bf16 with channels_last (measured faster than
+    OpenVINO's bf16 hint, README 'bf16') and one line saying so; int8, exported files and the other
+    runtimes are refused."""
+    if spec.int8 is not None:
+        raise PrecisionError("--int8 and --half", "exclude each other (int8 or bf16 on the CPU); choose one")
+    if exported_runtime(weights) is not None:
+        raise ConfigError(f"--half on the CPU runs torch in bf16 and needs .pt weights; {weights} is an exported model")
+    row = runtime("torch-cl" if spec.backend == AUTO else spec.backend)
+    check_precision("bf16", dev, row.name, supported=row.precisions)
+    LOGGER.info("--half: running the network in bfloat16 on the CPU (torch autocast, channels_last); "
+                "decoding, NMS and fusion in fp32")
+    return row.build(weights, dev, True, fold_bn)
 
 
 def _cached_backend(weights: str | os.PathLike | nn.Module, row: Runtime, dev: torch.device,
@@ -286,7 +308,8 @@ class OpenVinoBackend(FixedShapeRunner):
         dims = self.compiled.input(0).get_partial_shape()
         static = [d.get_length() if d.is_static else None for d in dims]
         self.batch: int | None = static[0]
-        self.fixed_shape = (static[2], static[3]) if None not in static[2:] else None
+        h, w = static[2], static[3]  # NCHW
+        self.fixed_shape = (h, w) if h is not None and w is not None else None
         self.schema, self.device, self.half = self.meta.schema, torch.device("cpu"), False
         self.info = onnx_info(self.meta, "openvino", self.device, str(path), self.fixed_shape)
 

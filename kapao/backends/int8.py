@@ -1,7 +1,11 @@
 """Static int8 quantisation of an exported KAPAO graph, calibrated on real images (onnxruntime QDQ).
 
-The backbone and neck convolutions get int8 weights (per output channel, symmetric) and int8
-activations whose ranges are measured (min/max) on calibration images letterboxed as predict does;
+The graph is first pre-processed as onnxruntime advises (shape inference and its basic graph
+optimisations, ``quant_pre_process``); then the backbone and neck convolutions get int8 weights (per
+output channel, symmetric) and unsigned 8-bit activations whose ranges are measured (min/max) on
+calibration images letterboxed as predict does. Unsigned activations because x86 VNNI multiplies
+u8 x s8: with signed activations onnxruntime falls back to slower kernels and int8 is slower than
+fp32 (:data:`INT8_RECIPE` is the whole recipe; changing it changes the exported-model cache key);
 the head's 1x1 output convolutions and the decoding after them stay fp32, because they produce the
 box and keypoint coordinates. The result is an ordinary kapao ONNX file (same input, output and
 metadata, plus ``int8``: what it was calibrated on) for onnxruntime. (OpenVINO runs such a file
@@ -35,7 +39,13 @@ from kapao.errors import ConfigError, DataError
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CALIB_IMAGES = 32  # enough for stable min/max ranges; the issue's 4 already gave a usable model
-INT8_METADATA = "int8"  # metadata key: JSON {images, imgsz, digest} of the calibration
+INT8_METADATA = "int8"  # metadata key: JSON {images, imgsz, digest, recipe} of the calibration
+# The quantisation recipe, a part of the exported-model cache key. Its alternatives (per-tensor weights,
+# reduce_range, signed activations, more layers in fp32, OpenVINO/NNCF) were measured no better in speed
+# or agreement with fp32: README, section 'int8'.
+INT8_RECIPE: dict[str, Any] = {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8", "per_channel": True,
+                               "reduce_range": False, "calibration": "MinMax", "pre_process": True,
+                               "fp32": "head and after"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,9 @@ def _reader(images: Sequence[Path], shape: tuple[int, int]) -> Any:
     """An onnxruntime CalibrationDataReader over the letterboxed images (read one at a time)."""
     quant = require("onnxruntime.quantization", "int8 quantisation")
 
-    class Reader(quant.CalibrationDataReader):
+    base: Any = quant.CalibrationDataReader  # a class of a module imported at run time
+
+    class Reader(base):
         def __init__(self) -> None:
             self.todo = list(images)
 
@@ -101,7 +113,8 @@ def _reader(images: Sequence[Path], shape: tuple[int, int]) -> Any:
 
 def quantize_int8(model: bytes, calib: Int8Calibration, keep_fp32_prefix: str,
                   shape: tuple[int, int] | None = None) -> bytes:
-    """A statically quantised copy (QDQ, per-channel int8) of the serialized kapao graph `model`.
+    """A statically quantised copy (:data:`INT8_RECIPE`: QDQ, u8 activations, per-channel s8 weights)
+    of the serialized kapao graph `model`.
 
     Activation ranges are the min/max over `calib`'s images letterboxed to `shape` (a fixed-shape
     model's input; None: calib.imgsz square); nodes whose name starts with
@@ -115,16 +128,32 @@ def quantize_int8(model: bytes, calib: Int8Calibration, keep_fp32_prefix: str,
     LOGGER.debug("int8: calibrating on %d images at %d; %d nodes stay fp32", len(calib.images), calib.imgsz, len(keep))
     reader = _reader(calib.images, shape or (calib.imgsz, calib.imgsz))
     with tempfile.TemporaryDirectory(prefix="kapao-int8-") as tmp, _quiet_root_logger():
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
-        quant.quantize_static(str(src), str(dst), reader, quant_format=quant.QuantFormat.QDQ, per_channel=True,
-                              activation_type=quant.QuantType.QInt8, weight_type=quant.QuantType.QInt8,
-                              nodes_to_exclude=sorted(keep), calibrate_method=quant.CalibrationMethod.MinMax)
+        if INT8_RECIPE["pre_process"]:
+            # symbolic shape inference cannot resolve the dynamic graph's decoding; onnx's own inference suffices
+            require("onnxruntime.quantization.shape_inference", "int8 quantisation").quant_pre_process(
+                str(src), str(pre), skip_symbolic_shape=True)
+        else:
+            pre = src
+        quant.quantize_static(str(pre), str(dst), reader,
+                              quant_format=getattr(quant.QuantFormat, INT8_RECIPE["format"]),
+                              per_channel=INT8_RECIPE["per_channel"], reduce_range=INT8_RECIPE["reduce_range"],
+                              activation_type=getattr(quant.QuantType, INT8_RECIPE["activations"]),
+                              weight_type=getattr(quant.QuantType, INT8_RECIPE["weights"]),
+                              nodes_to_exclude=sorted(keep),
+                              calibrate_method=getattr(quant.CalibrationMethod, INT8_RECIPE["calibration"]))
         out = onnx.load(str(dst))
     meta = {p.key: p.value for p in proto.metadata_props}
-    meta[INT8_METADATA] = json.dumps({"images": len(calib.images), "imgsz": calib.imgsz, "digest": calib.digest})
+    meta[INT8_METADATA] = json.dumps({"images": len(calib.images), "imgsz": calib.imgsz, "digest": calib.digest,
+                                      "recipe": recipe_digest()})
     set_metadata(out, meta)
     return out.SerializeToString()
+
+
+def recipe_digest() -> str:
+    """A short hash of :data:`INT8_RECIPE`: part of the exported-model cache key and the int8 metadata."""
+    return hashlib.sha256(json.dumps(INT8_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from kapao.backends.precision import check_precision
 from kapao.cfg.schema import MAX_STRIDE, PAD_VALUE, HeadLayout, KeypointSchema
 from kapao.errors import ConfigError, WeightsError
+from kapao.models.network import decode
 from kapao.runtime import cpu_count, select_device
 from kapao.weights.loader import load_model
 
@@ -51,7 +52,7 @@ class BackendInfo:
     """What a backend runs, as records, messages and ``KAPAO.info`` read it.
 
     ``runtime``: its row in :data:`kapao.backends.dispatch.RUNTIMES` (torch, torch-cl, onnxruntime,
-    openvino); ``precision``: fp32, fp16 or int8; ``device``: where it computes (an onnxruntime session
+    openvino); ``precision``: fp32, fp16, bf16 or int8; ``device``: where it computes (an onnxruntime session
     without CUDA says cpu); ``path``: the weights named (a checkpoint or .onnx file; None for an in-memory
     model); ``name``: the registry name (``kapao_s_coco``) of named weights; ``format``: the file's format
     (``kapao``, ``official``, ``state_dict``, ``kapao-onnx``, ...); ``exported``: the exported file run
@@ -119,46 +120,56 @@ class Backend(Protocol):
 class TorchBackend:
     """A KapaoModel run by torch: eval mode, Conv+BN folded on a copy (``fold_bn``), fp16 on CUDA if asked,
     NHWC (``channels_last``) memory layout if asked: the same numbers, convolutions laid out differently.
+    ``bf16`` (a CPU with native bf16, what ``--half`` runs there): the network under
+    ``torch.autocast("cpu", torch.bfloat16)`` with channels_last; inputs, decoding and outputs fp32.
 
     The caller's model is never changed (a copy is folded); without ``fold_bn`` the model itself is
     moved to ``device`` and put in eval mode, as before the copy existed.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | None = None, half: bool = False,
-                 fold_bn: bool = True, info: Mapping[str, Any] | None = None, channels_last: bool = False) -> None:
+                 fold_bn: bool = True, info: Mapping[str, Any] | None = None, channels_last: bool = False,
+                 bf16: bool = False) -> None:
         device = device or torch.device("cpu")
-        check_precision("fp16" if half else "fp32", device)
+        precision = "bf16" if bf16 else "fp16" if half else "fp32"
+        check_precision(precision, device)
         if fold_bn:
             model = copy.deepcopy(model).fold_bn()
         model = model.to(device).eval()
         self.model = model.half() if half else model.float()
-        self.channels_last = channels_last
-        if channels_last:
+        self.bf16 = bf16
+        self.channels_last = channels_last or bf16  # oneDNN's bf16 convolutions are fastest in NHWC
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schema: KeypointSchema = model.schema
         self.device, self.half = device, half
         self.fixed_shape: tuple[int, int] | None = None
         info = info or {}
-        self.info = BackendInfo("torch-cl" if channels_last else "torch", "fp16" if half else "fp32", device,
+        self.info = BackendInfo("torch-cl" if self.channels_last else "torch", precision, device,
                                 path=_str_or_none(info.get("path")), name=info.get("name"), format=info.get("format"),
                                 details=info)
 
     @classmethod
     def from_weights(cls, weights: str | os.PathLike, device: torch.device | None = None, half: bool = False,
-                     fold_bn: bool = True, channels_last: bool = False) -> "TorchBackend":
+                     fold_bn: bool = True, channels_last: bool = False, bf16: bool = False) -> "TorchBackend":
         """A checkpoint path or model name (as for :func:`kapao.weights.load_model`), loaded on the CPU first."""
         model, info = load_model(weights, device="cpu")
-        return cls(model, device, half, fold_bn, info, channels_last)
+        return cls(model, device, half, fold_bn, info, channels_last, bf16)
 
     def __repr__(self) -> str:
         layout = ", channels_last" if self.channels_last else ""
-        return f"TorchBackend(K={self.schema.num_keypoints}, {self.device}, {'fp16' if self.half else 'fp32'}{layout})"
+        return f"TorchBackend(K={self.schema.num_keypoints}, {self.device}, {self.info.precision}{layout})"
 
     def __call__(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, 6 + 3K): the decoded first output of the eval forward."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)[0]
+        if not self.bf16:
+            return self.model(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            raw = self.model.forward_raw(x)
+        # decoding in fp32: bf16's 8-bit mantissa would move coordinates by pixels at 1280
+        return decode([r.float() for r in raw], self.model.anchors, self.model.strides, self.model.layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,18 +332,42 @@ def _ort_providers(ort: Any, dev: torch.device) -> tuple[list[Any], torch.device
     return providers, dev
 
 
-def _ort_session(ort: Any, model: str | bytes, providers: list[Any], threads: int | None, where: str) -> Any:
+def _ort_session(ort: Any, model: str | bytes, providers: list[Any], threads: int | None, where: str,
+                 optimized: Path | None = None) -> Any:
+    """An onnxruntime session of `model` (all graph optimisations). With `optimized` (a file path): the
+    optimised graph is kept there on the first creation (written aside, then renamed) and loaded without
+    optimising again afterwards -- the caller puts what the graph depends on (source file, onnxruntime
+    version, CPU) in its name."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or cpu_count(physical=True)
     opts.inter_op_num_threads = 1
     # no busy-waiting between runs: predict does NMS, drawing and video writing on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3  # errors only
+    opts.log_severity_level = 3  # errors only (saving an optimised graph warns that it is hardware-specific)
+    if optimized is not None and optimized.is_file():
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(optimized), opts, providers=providers)
+        except Exception:  # noqa: BLE001 - a damaged optimised file: optimise the model again
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    tmp = None if optimized is None else optimized.with_name(f".{optimized.name}.{os.getpid()}.tmp")
+    if tmp is not None:
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            opts.optimized_model_filepath = str(tmp)
+        except OSError:  # an unwritable cache folder: optimise every time, as without the cache
+            tmp = None
     try:
-        return ort.InferenceSession(model, opts, providers=providers)
+        session = ort.InferenceSession(model, opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad model
         raise _corrupt(where, e) from None
+    if tmp is not None and optimized is not None:
+        try:
+            os.replace(tmp, optimized)
+        except OSError:  # the optimised copy is a saving, not a need
+            tmp.unlink(missing_ok=True)
+    return session
 
 
 class OnnxBackend(FixedShapeRunner):
@@ -341,7 +376,8 @@ class OnnxBackend(FixedShapeRunner):
     ``path``: the .onnx file (bytes of a model are accepted too); ``device``: 'cpu', a GPU index, or a
     torch.device -- CUDA uses onnxruntime's CUDAExecutionProvider when available (onnxruntime-gpu),
     else falls back to CPU with a warning; ``providers`` overrides the choice; ``threads``: intra-op
-    threads (default: physical cores).
+    threads (default: physical cores); ``optimized``: a file to keep onnxruntime's optimised graph in
+    and load it from next time (the exported-model cache: :func:`kapao.backends.cache.optimized_path`).
 
     Attributes: ``schema``, ``layout``, ``imgsz`` (h, w) exported at, ``dynamic``, ``half`` (= ``fp16``),
     ``fixed_shape`` ((h, w) every input must be padded to, None when dynamic), ``batch`` (fixed
@@ -350,7 +386,8 @@ class OnnxBackend(FixedShapeRunner):
     """
 
     def __init__(self, path: str | os.PathLike | bytes, device: str | torch.device = "cpu",
-                 providers: list[Any] | None = None, threads: int | None = None) -> None:
+                 providers: list[Any] | None = None, threads: int | None = None,
+                 optimized: str | os.PathLike | None = None) -> None:
         ort = _require_onnxruntime()
         where = "ONNX model (bytes)" if isinstance(path, bytes) else str(path)
         if not isinstance(path, bytes):
@@ -359,7 +396,8 @@ class OnnxBackend(FixedShapeRunner):
         dev = device if isinstance(device, torch.device) else select_device(device)
         if providers is None:
             providers, dev = _ort_providers(ort, dev)
-        self.session = _ort_session(ort, path if isinstance(path, bytes) else str(path), providers, threads, where)
+        self.session = _ort_session(ort, path if isinstance(path, bytes) else str(path), providers, threads, where,
+                                    Path(optimized) if optimized is not None else None)
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, where)
         self.schema: KeypointSchema = self.meta.schema
         self.layout = HeadLayout(self.schema.num_keypoints)

@@ -17,11 +17,9 @@ BUILTIN_HYPS = {"default": "hyp-kapao.yaml"}
 
 
 def builtin_config_file(name: str) -> Path:
-    """Path of a YAML that ships inside the package (works from a wheel as well as a checkout)."""
-    try:
-        return Path(str(resources.files("kapao.configs") / name))
-    except ModuleNotFoundError:  # imported from a source tree that is not installed: read ../data
-        return Path(__file__).resolve().parents[2] / "data" / name
+    """Path of a YAML that ships inside the package: the repository's top-level data/ folder, which a checkout
+    sees through the kapao/configs link and a wheel holds as the kapao.configs package data."""
+    return Path(str(resources.files("kapao.configs") / name))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

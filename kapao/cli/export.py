@@ -86,7 +86,7 @@ def export(ctx: click.Context, **params: Any) -> None:
     p = params
     if p["int8"] and p["half"]:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
-    check_half(ctx, p["half"], p["device"])
+    check_half(ctx, p["half"], p["device"], bf16=False)
     from kapao.backends.runtimes import read_metadata
     from kapao.export import describe_check, export_onnx
 

@@ -132,6 +132,7 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str,
         (f", {len(run.unreadable)} unreadable files skipped" if run.unreadable else "") + \
         (f", {run.resumed} already done" if run.resumed else "")
     tracks = f", {tracking.tracks_total} tracks" if tracking is not None else ""
+    assert run.timing is not None  # KAPAO.run always times its predictor
     click.echo(f"{run.frames} frames, {run.poses} poses{tracks} in {run.seconds:.1f} s "
                f"({run.frames / max(run.seconds, 1e-9):.1f} fps; {run.timing.summary()}){skipped}")
     click.echo(f"Results saved to {run.save_dir}")

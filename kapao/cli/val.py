@@ -8,6 +8,7 @@ import click
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.cli.evaluate import evaluation_options
 from kapao.cli.options import (
+    HALF_HELP,
     ImgSize,
     announce_tta,
     backend_options,
@@ -37,7 +38,7 @@ from kapao.runtime import setup_logging
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
 @click.option("--device", default=None, callback=check_devices,
               help="cpu, 0, 1, … or a GPU list 0,1 (one process each, the split shared). [default: first GPU, else cpu]")
-@click.option("--half", is_flag=True, help="FP16 inference (CUDA only).")
+@click.option("--half", is_flag=True, help=HALF_HELP)
 @backend_options
 @inference_options(VAL_SETTINGS)
 @click.option("--project", default="runs/val", show_default=True, help="Parent folder of run folders.")

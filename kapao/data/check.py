@@ -354,6 +354,7 @@ def render_samples(cfg: DatasetConfig, loaded: dict[str, tuple[Labels, Path]], s
 def format_report(report: CheckReport) -> str:
     """Counts per split, keypoints per type and visibility, then every problem."""
     cfg, lines = report.cfg, []
+    assert cfg is not None  # check_dataset always sets it
     lines.append(f"dataset {cfg.name} ({cfg.format} format, {cfg.source}); K={cfg.schema.num_keypoints}")
     for split, c in report.counts.items():
         extra = f", {c.no_label_file} without a label file" if cfg.format == "yolo" else ""

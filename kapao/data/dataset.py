@@ -194,7 +194,9 @@ class PoseDataset(Dataset):
 
     def _load_letterboxed(self, i: int, j: int) -> tuple[np.ndarray, Instances, dict]:
         img, inst, (r0w, r0h) = self._load(j)
-        shape = tuple(self.batch_shapes[i // self.batch_size]) if self.rect else (self.imgsz, self.imgsz)
+        assert self.batch_shapes is not None or not self.rect  # set in __init__ whenever rect
+        shape = (tuple(self.batch_shapes[i // self.batch_size]) if self.rect and self.batch_shapes is not None
+                 else (self.imgsz, self.imgsz))
         img, (rw, rh), (pw, ph) = letterbox(img, shape, scaleup=self.augment)
         inst = inst.scaled(rw, rh, pw, ph)
         if self.augment:

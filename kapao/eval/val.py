@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, cast
 
 import torch
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from kapao.weights.checkpoint import check_compatible
 LOGGER = logging.getLogger(__name__)
 
 
-def protocol_for(dataset: PoseDataset) -> str:
+def protocol_for(dataset: PoseDataset) -> Literal["coco", "crowdpose"]:
     """CrowdPose protocol when every ground-truth image has a `crowdIndex`, else COCO."""
     images = dataset.coco.dataset.get("images", [])
     return "crowdpose" if images and all("crowdIndex" in im for im in images) else "coco"
@@ -68,7 +68,8 @@ def make_val_loader(cfg: DatasetConfig, split: str, imgsz: int, batch: int, work
     return build_dataloader(dataset, batch, workers, shuffle=False, sampler=sampler)
 
 
-def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, protocol: str | None = None,
+def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *,
+             protocol: Literal["coco", "crowdpose"] | None = None,
              save_dir: Path | None = None, progress: bool = True, keep: int = 0,
              env: DistEnv | None = None) -> ValResult | None:
     """Run `predictor` over every batch of `loader` and evaluate the poses against the split's GT.
@@ -78,7 +79,7 @@ def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *, proto
     evaluated on rank 0, which returns the ValResult; the other ranks return None.
     """
     env = env or DistEnv()
-    dataset: PoseDataset = loader.dataset
+    dataset = cast(PoseDataset, loader.dataset)  # DataLoader types its dataset as any Dataset
     protocol = protocol or protocol_for(dataset)
     results: list[dict[str, Any]] = []
     kept: list[tuple[dict[str, Any], Poses]] = []
@@ -107,7 +108,7 @@ def _predict_split(predictor: Predictor, loader: torch.utils.data.DataLoader, re
                    kept: list[tuple[dict[str, Any], Poses]], keep: int, progress: bool, env: DistEnv) -> int:
     """COCO results of every batch of `loader` appended to `results` (and up to `keep` drawn samples to
     `kept`); the number of images. Stops when another rank has failed."""
-    dataset: PoseDataset = loader.dataset
+    dataset = cast(PoseDataset, loader.dataset)
     bar = tqdm(loader, desc=f"val {dataset.cfg.name}/{dataset.split}", unit="batch", disable=not progress,
                dynamic_ncols=True, leave=False)
     images = 0

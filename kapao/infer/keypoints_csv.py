@@ -60,6 +60,7 @@ class CsvSink:
     def _write(self, rows: Sequence[Sequence[Any]]) -> None:
         buf = io.StringIO()
         csv.writer(buf).writerows(rows)
+        assert self._file is not None, "CsvSink.open() comes first"
         try:
             self._file.write(buf.getvalue())
             self._file.flush()

@@ -6,12 +6,16 @@ kapao/postprocess.py (the post-processing module that calls this one).
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import math
-from typing import NamedTuple
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 
 from kapao.cfg.schema import HeadLayout
@@ -46,9 +50,30 @@ def check_pred(pred: Tensor, layout: HeadLayout) -> None:
 # torchvision.ops.batched_nms runs one NMS per class ("vanilla") above this many box coordinates,
 # else one NMS over class-shifted boxes ("coordinate trick"); torchvision >= 0.22 (pytorch/vision#8925),
 # earlier releases used 20 000 on CUDA. The early-stopping NMS below follows the same choice.
-_TV_VERSION = tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2])
+_TV_VERSION = tuple(int(v) for v in metadata.version("torchvision").split("+")[0].split(".")[:2])
 _TV_VANILLA_NUMEL = {"cpu": 4000, "cuda": 100_000 if _TV_VERSION >= (0, 22) else 20_000}
 NMS_FIRST_PREFIX = 1024  # candidates in the first early-stopping NMS round (at least 4 max_det)
+
+
+@lru_cache(maxsize=None)
+def _nms_kernel() -> Callable[[Tensor, Tensor, float], Tensor]:
+    """torchvision's compiled NMS (``torch.ops.torchvision.nms``, what ``torchvision.ops.nms`` calls),
+    loading only its extension library: the torchvision package import pulls torchvision.models and
+    torch._dynamo (about 2 s of start-up). Falls back to importing the package where the library is
+    not found or does not load on its own (it then registers the op)."""
+    spec = importlib.util.find_spec("torchvision")
+    folder = Path(spec.origin).parent if spec and spec.origin else None
+    candidates = [folder / f"{stem}{suffix}" for stem in ("_C_stable", "_C")
+                  for suffix in importlib.machinery.EXTENSION_SUFFIXES] if folder else []
+    for path in (p for p in candidates if p.is_file()):
+        try:
+            torch.ops.load_library(str(path))
+            return torch.ops.torchvision.nms
+        except (OSError, RuntimeError, AttributeError):
+            break
+    import torchvision  # noqa: F401 - registers torch.ops.torchvision.nms
+
+    return torch.ops.torchvision.nms
 
 
 def _tv_uses_vanilla(boxes: Tensor) -> bool:
@@ -65,11 +90,11 @@ def _nms_subset(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, vani
     shifted by bitwise the same amount as in the full call; kept indices in nms's (stable) order.
     """
     if not vanilla:
-        return torchvision.ops.nms(boxes + (classes.to(boxes) * shift)[:, None], scores, iou)
+        return _nms_kernel()(boxes + (classes.to(boxes) * shift)[:, None], scores, iou)
     kept = torch.zeros_like(scores, dtype=torch.bool)
     for c in torch.unique(classes):
         idx = torch.where(classes == c)[0]
-        kept[idx[torchvision.ops.nms(boxes[idx], scores[idx], iou)]] = True
+        kept[idx[_nms_kernel()(boxes[idx], scores[idx], iou)]] = True
     keep = torch.where(kept)[0]
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
@@ -93,7 +118,11 @@ def batched_nms_top(boxes: Tensor, scores: Tensor, classes: Tensor, iou: float, 
     other path does), which also decides which of them fill the last places at max_det.
     """
     n = scores.numel()
-    if n == 0 or torch.jit.is_tracing():
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)  # what batched_nms returns
+    if torch.jit.is_tracing():
+        import torchvision  # only a traced graph needs the package's traceable batched_nms
+
         return torchvision.ops.batched_nms(boxes, scores, classes, iou)[:max_det]
     vanilla = _tv_uses_vanilla(boxes)
     shift = boxes.max() + torch.tensor(1).to(boxes)  # as torchvision's coordinate trick computes it

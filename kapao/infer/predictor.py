@@ -137,7 +137,7 @@ class Predictor:
         x = images.to(self.device, non_blocking=True)
         x = (x.half() if self.half else x.float()) / 255.0
         with self._timed("infer"):
-            if self.scales:
+            if self.scales and self.flips is not None:  # flips is set whenever scales are
                 pred = tta_forward(self.forward, x, self.scales, self.flips, self.layout, self.schema.flip_index)
             else:
                 pred = self.forward(x)
@@ -266,6 +266,8 @@ class KAPAO:
         if isinstance(source, np.ndarray) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray)):
             arrays = [source] if isinstance(source, np.ndarray) else list(source)
             return self.predictor(settings, **kwargs).predict_images(arrays, self.check_imgsz(imgsz))
+        if isinstance(source, Sequence) and not isinstance(source, str):  # empty or not arrays: run() rejects it by its text
+            source = str(source)
         return self.run(source, imgsz=imgsz, settings=settings, save=False, keep_results=True, **kwargs).results
 
     def run(self, source: str | Path | int | SourceSpec | None = None, *, options: PredictOptions | None = None,
@@ -297,7 +299,7 @@ class KAPAO:
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
         args = self.run_args(spec, opts)
-        if resume_dir is not None:
+        if resume_dir is not None and stored is not None:  # read together above
             check_resume(resume_dir, spec, stored, args)
         if out.show and (why := _display_available()):
             raise KapaoError(f"--show: cannot open a window: {why}; drop --show (results are saved to files)")
@@ -307,6 +309,7 @@ class KAPAO:
     def _run(self, spec: SourceSpec, opts: PredictOptions, out: OutputOptions, args: dict[str, Any],
              resume_dir: Path | None, sinks: Sequence[Sink], transforms: Sequence[FrameTransform]) -> PredictRun:
         """The checked run: open the readers and the run folder, feed the frame loop to the writer, clean up."""
+        assert out.draw is not None  # run() fills it in
         predictor = self.predictor(opts.settings, opts.scales, opts.flips, return_kp_objects=out.draw.show_kp_objects)
         readers: dict[str, VideoReader] = {}
         if len(spec) == 1 and spec.is_video(spec.items[0]):  # a lone video/webcam fails before any output exists

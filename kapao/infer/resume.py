@@ -67,6 +67,7 @@ def find_resume_run(resume: bool | str | Path, project: str | Path, name: str, s
             raise ConfigError(f"--resume: no predict run{of} to resume under {project} (a run folder with "
                               f"{PREDICTIONS_JSONL}); pass the run folder: --resume {project}/expN")
         return found[0]
+    assert resume is not False  # callers only call this when resuming
     path = Path(resume).expanduser()
     run_dir = path.parent if path.name == PREDICTIONS_JSONL else path
     if not (run_dir / PREDICTIONS_JSONL).is_file():

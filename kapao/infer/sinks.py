@@ -176,6 +176,7 @@ class MediaSink:
             cv2.waitKey(1)
         if not self.save:
             return
+        assert self.save_dir is not None  # self.save is only true with a save_dir (see open)
         if frame.frame is None:
             out = self.save_dir / self.drawn_name(frame.path)
             if not cv2.imwrite(str(out), img):
@@ -195,9 +196,10 @@ class MediaSink:
         key = frame.path
         if key not in self._videos:
             name = Path(key).stem if not key.isdigit() else f"webcam{key}"
+            assert self.save_dir is not None  # only called when saving
             out = _unused(self.save_dir / f"{name}.mp4")
             h, w = frame.image.shape[:2]
-            writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps or 30.0, (w, h))
+            writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*"mp4v"), frame.fps or 30.0, (w, h))
             if not writer.isOpened():
                 raise DataError(f"cannot write video {out}; check that the output folder is writable")
             self._videos[key] = _VideoSink(writer, out)
@@ -250,7 +252,7 @@ class ResultWriter:
                 error = error or e
         if error is not None:
             raise error
-        if not self.save_json or self.jsonl != PREDICTIONS_JSONL:
+        if not self.save_json or self.save_dir is None or self.jsonl != PREDICTIONS_JSONL:
             return None
         return write_coco_json(self.save_dir / PREDICTIONS_JSONL, self.save_dir / PREDICTIONS_JSON,
                                self.schema.num_keypoints)

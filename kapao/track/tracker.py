@@ -178,6 +178,7 @@ class PoseTracker:
         kp = poses.keypoints.detach().cpu()
         boxes = poses.boxes.detach().float().cpu().numpy()[tracked]
         heights = boxes[:, 3] - boxes[:, 1]
+        assert self.smoother is not None  # checked by the caller
         xy = self.smoother(ids[tracked], kp[tracked, :, :2].double().numpy(), time, heights)
         out = kp.clone()
         out[tracked, :, :2] = torch.from_numpy(xy).to(out.dtype)

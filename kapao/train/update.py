@@ -35,7 +35,9 @@ class BatchUpdater:
         Gradients are accumulated; under DDP they are all-reduced only when `sync` (a step follows).
         Raises NonFiniteLoss (on every rank together) before a NaN/inf loss reaches the gradients.
         """
-        with self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext():
+        model = self.model  # narrowed to DDP (as self.ddp says) for the type checker
+        with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not sync \
+                else contextlib.nullcontext():
             x = imgs.to(self.device, non_blocking=True).float() / 255
             with torch.autocast(self.device.type, enabled=self.amp):
                 loss, items = self.loss_fn(self.model(x), targets.to(self.device))

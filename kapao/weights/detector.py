@@ -51,6 +51,8 @@ def read_detector(ckpt: Mapping[str, Any], path: Path) -> tuple[dict[str, Tensor
     The ``model`` entry is read, as the official ``train.py`` does (release files hold no ``ema``).
     """
     root = ckpt.get("model") if isinstance(ckpt.get("model"), StandIn) else ckpt.get("ema")
+    if not isinstance(root, StandIn):
+        raise WeightsError(f"{path}: holds no pickled model (neither 'model' nor 'ema'); not a YOLOv5 detector file")
     raw: dict[str, Tensor] = {}
     module_state_dict(root, "", raw, path)
     detect, _ = detect_layer(root, path)

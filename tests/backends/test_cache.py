@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kapao.backends.cache as mc
+import kapao.backends.int8 as int8_mod
 from kapao.backends.int8 import Int8Calibration
 from kapao.models.network import kapao_n
 
@@ -44,6 +45,9 @@ def test_key_follows_weights_shape_calibration_and_versions(model: torch.nn.Modu
     base = mc.cache_key(digest, None)
     monkeypatch.setattr(mc, "_version", lambda p: "9.9" if p == "onnxruntime" else "1")
     assert mc.cache_key(digest, None) != base
+    int8_key = mc.cache_key(digest, None, calib)
+    monkeypatch.setitem(int8_mod.INT8_RECIPE, "per_channel", False)  # another quantisation recipe: another file
+    assert mc.cache_key(digest, None, calib) != int8_key and mc.cache_key(digest, None) == mc.cache_key(digest, None)
     names = {mc.cache_path("w", None, None, base).name, mc.cache_path("w", None, None, mc.cache_key(digest, None)).name}
     assert len(names) == 2 and all(n.startswith("w-dynamic-") and n.endswith(".onnx") for n in names)
     assert mc.cache_path("w", (128, 192), calib, base).name.startswith("w-128x192-int8-")

@@ -80,6 +80,7 @@ def test_auto_picks_the_table_choice(weights: Path, monkeypatch: pytest.MonkeyPa
         fb.choose_runtime("torch-cl", CPU, "m.onnx")
     with pytest.raises(ConfigError, match="choose one of auto, torch"):
         fb.choose_runtime("tensorrt", CPU, str(weights))
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # a CPU without bf16
     with pytest.raises(ConfigError, match="--half needs a CUDA device"):
         fb.load_backend(str(weights), fb.RuntimeSpec("cpu", half=True))
     monkeypatch.setattr(fb, "installed", lambda backend: False)  # `pip install kapao` without the [onnx] extra
@@ -142,7 +143,8 @@ def test_the_default_cpu_choice_falls_back_when_not_installed(weights: Path, mon
      "--half runs torch (or an fp16 .onnx export) on CUDA; use --backend torch, not onnxruntime"),
     ({"shapes": "static"}, "shapes='static': choose one of dynamic, fixed"),
 ])
-def test_the_loading_errors_are_as_before(kwargs: dict, message: str, weights: Path):
+def test_the_loading_errors_are_as_before(kwargs: dict, message: str, weights: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("kapao.runtime.cpu_flags", frozenset)  # a CPU without bf16: --half there is fp16, refused
     kwargs = {"device": "cpu", **kwargs}
     if kwargs.get("int8") == "calib":
         kwargs["int8"] = Int8Calibration((), 128)
@@ -256,3 +258,64 @@ def test_cli_backend_and_int8_options(weights: Path, coco_mini: Path, tmp_path: 
     res = CliRunner().invoke(cli, [*args, "--backend", "onnxruntime", "--nosave"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "kapao-cache").glob("tiny-*.onnx"))) == 1
+
+
+def test_half_on_a_bf16_cpu_runs_torch_bf16_with_fp32_decoding(weights: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture):
+    """--half where the CPU flags name AVX512_BF16: torch autocast bf16, channels_last, a notice; outputs
+    fp32 and within bf16 rounding of fp32; the cached runtimes, exported files and int8 are refused."""
+    import logging
+
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    with caplog.at_level(logging.INFO, logger="kapao"):
+        bf16 = fb.load_backend(str(weights), fb.RuntimeSpec("cpu", half=True))
+    assert isinstance(bf16, TorchBackend) and bf16.bf16 and bf16.channels_last and not bf16.half
+    assert bf16.info.precision == "bf16" and bf16.info.runtime == "torch-cl"
+    assert any("bfloat16" in r.getMessage() for r in caplog.records)
+    fp32 = fb.load_backend(str(weights), fb.RuntimeSpec("cpu", backend="torch"))
+    x = torch.rand(1, 3, 128, 192)
+    with torch.inference_mode():
+        a, b = fp32(x), bf16(x)
+    layout = HeadLayout(a.shape[-1] // 3 - 2)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    d = (a - b).abs()
+    assert 0 < float(d.max())  # it did run in bf16
+    assert float(d[..., layout.kpt].max()) < 16 and float(d[..., layout.obj].max()) < 0.05
+    with pytest.raises(ConfigError, match=r"^--half on the CPU runs torch in bf16; use --backend auto or torch"):
+        fb.load_backend(str(weights), fb.RuntimeSpec("cpu", half=True, backend="onnxruntime"))
+    with pytest.raises(ConfigError, match="^--int8 and --half exclude each other"):
+        fb.load_backend(str(weights), fb.RuntimeSpec("cpu", half=True, int8=Int8Calibration((), 128)))
+    with pytest.raises(ConfigError, match="needs .pt weights; m.onnx is an exported model"):
+        fb.load_backend("m.onnx", fb.RuntimeSpec("cpu", half=True))
+
+
+def test_cli_half_on_the_cpu_follows_the_cpu_flags(weights: Path, coco_mini: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """`predict --half --device cpu`: bf16 with a notice where the flags say bf16, a usage error saying why
+    where they do not; `export --half` stays CUDA only."""
+    image = str(sorted((coco_mini / "images").glob("*.jpg"))[0])
+    args = ["predict", image, "--weights", str(weights), "--imgsz", "128", "--device", "cpu", "--project",
+            str(tmp_path), "--half", "--nosave"]
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "1 frames" in res.output, res.output
+    assert any("running the network in bfloat16 on the CPU" in r.getMessage() for r in caplog.records)
+    res = CliRunner().invoke(cli, ["export", "--weights", str(weights), "--half", "--device", "cpu"])
+    assert res.exit_code == 2 and "needs a CUDA device (fp16 is for GPUs)" in res.output and "bf16" not in res.output
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx512f"}))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and "or a CPU with native bf16 (AVX512_BF16 or AMX; this CPU has neither)" in res.output
+
+
+def test_the_cached_model_keeps_onnxruntimes_optimised_graph(weights: Path):
+    """The first session of a cached export writes the optimised graph beside it; later sessions load it
+    (same outputs); a damaged copy is optimised again, not an error."""
+    first = fb.load_backend(str(weights), fb.RuntimeSpec("cpu", backend="onnxruntime"))
+    optimised = list((cache_dir() / "ort-optimized").glob("*.onnx"))
+    assert len(optimised) == 1 and not list((cache_dir() / "ort-optimized").glob(".*.tmp"))
+    x = torch.rand(1, 3, 128, 192)
+    again = fb.load_backend(str(weights), fb.RuntimeSpec("cpu", backend="onnxruntime"))
+    assert torch.equal(first(x), again(x)) and again.info.precision == "fp32"
+    optimised[0].write_bytes(b"damaged")
+    repaired = fb.load_backend(str(weights), fb.RuntimeSpec("cpu", backend="onnxruntime"))
+    assert torch.equal(first(x), repaired(x))

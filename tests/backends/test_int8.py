@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from kapao.backends.cache import build_onnx
-from kapao.backends.int8 import INT8_METADATA, Int8Calibration, calibration_images, quantize_int8
+from kapao.backends.int8 import INT8_METADATA, Int8Calibration, calibration_images, quantize_int8, recipe_digest
 from kapao.backends.onnx_graph import head_scope
 from kapao.backends.runtimes import OnnxBackend, read_metadata
 from kapao.backends.runtimes import parse_metadata as read_metadata_dict
@@ -62,7 +62,12 @@ def test_int8_graph_keeps_the_head_fp32_and_stays_close(coco_mini: Path):
     int8_weights = [n for n in convs if n.input[1].endswith("DequantizeLinear_Output")]
     assert len(int8_weights) == len(convs) - 4 and not {n.name for n in head} & {n.name for n in int8_weights}
     meta = {p.key: p.value for p in int8.metadata_props}
-    assert json.loads(meta[INT8_METADATA]) == {"images": 4, "imgsz": 128, "digest": calib.digest}
+    assert json.loads(meta[INT8_METADATA]) == {"images": 4, "imgsz": 128, "digest": calib.digest,
+                                               "recipe": recipe_digest()}
+    # activations unsigned (x86 VNNI multiplies u8 x s8), weights signed
+    zero_points = {i.name: i.data_type for i in int8.graph.initializer if i.name.endswith("_zero_point")}
+    acts = [zero_points[n.input[2]] for n in nodes if n.op_type == "QuantizeLinear" and n.input[2] in zero_points]
+    assert acts and set(acts) == {onnx.TensorProto.UINT8}
     assert meta["cache_key"] == "k" and read_metadata_dict(meta).schema == model.schema
     x = torch.rand(1, 3, 128, 128)
     a, b = OnnxBackend(fp32)(x), OnnxBackend(int8.SerializeToString())(x)

@@ -25,7 +25,8 @@ def _raises(cls: type[Exception], message: str) -> pytest.RaisesContext:
 
 def test_what_runs():
     for precision in PRECISIONS:
-        check_precision(precision, GPU)
+        if precision != "bf16":  # the CPU's half precision
+            check_precision(precision, GPU)
     check_precision("fp32", CPU, "openvino", supported=("fp32",))
     check_precision("int8", CPU, "onnxruntime", supported=("fp32", "int8"))
     check_precision("fp16", GPU, "torch", supported=("fp32", "fp16"))
@@ -53,8 +54,8 @@ def test_a_precision_the_runtime_does_not_run():
         check_precision("fp16", GPU, "onnxruntime", supported=("fp32", "int8"))
     with _raises(PrecisionError, "--int8 runs on onnxruntime; use --backend onnxruntime or auto (not openvino)"):
         check_precision("int8", CPU, "openvino", supported=("fp32",))
-    with _raises(ConfigError, "precision 'bf16': choose one of fp32, fp16, int8"):
-        check_precision("bf16", GPU)
+    with _raises(ConfigError, "precision 'fp8': choose one of fp32, fp16, bf16, int8"):
+        check_precision("fp8", GPU)
 
 
 def test_an_exported_file_runs_at_its_own_precision():
@@ -69,3 +70,19 @@ def test_precision_of_the_flags():
     assert [precision_of(h, i) for h, i in [(False, False), (True, False), (False, True)]] == ["fp32", "fp16", "int8"]
     with _raises(PrecisionError, "--int8 and --half exclude each other (int8 is for CPUs, fp16 for GPUs); choose one"):
         precision_of(True, True)
+
+
+def test_bf16_where_the_cpu_flags_say_so(monkeypatch: pytest.MonkeyPatch):
+    """--half is bf16 on a CPU with AVX512_BF16 or AMX (read from the CPU flags, injected here), else fp16."""
+    from kapao.backends.precision import half_precision
+
+    assert half_precision(CPU, {"avx512_bf16"}) == "bf16" and half_precision(CPU, {"amx_bf16"}) == "bf16"
+    assert half_precision(CPU, {"avx512f"}) == "fp16" and half_precision(GPU, {"avx512_bf16"}) == "fp16"
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    check_precision("bf16", CPU, "torch-cl", supported=("fp32", "fp16", "bf16"))
+    with _raises(PrecisionError, "--half on the CPU runs torch in bf16; use --backend auto or torch (not onnxruntime)"):
+        check_precision("bf16", CPU, "onnxruntime", supported=("fp32", "int8"))
+    monkeypatch.setattr("kapao.runtime.cpu_flags", lambda: frozenset({"avx2"}))
+    with _raises(PrecisionError, "--half needs a CUDA device (fp16) or a CPU with native bf16 (AVX512_BF16 or AMX; "
+                                 "this CPU has neither); drop --half or use --device 0"):
+        check_precision("bf16", CPU)

@@ -364,3 +364,17 @@ def test_top_candidates_is_the_stable_sort_prefix(dtype):
         scores[:: 17] = float("-inf")
         got = top_candidates(scores, k)
         assert torch.equal(got, _stable_top(scores, k)) and len(got) == min(n, k)
+
+
+def test_the_inference_path_does_not_import_the_torchvision_package():
+    """NMS loads only torchvision's compiled kernel: the package import (torchvision.models, torch._dynamo)
+    costs seconds of start-up. Checked in a fresh interpreter, after one NMS call."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from kapao.infer.predictor import KAPAO; from kapao.infer.nms import batched_nms_top; "
+            "b = torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]); "
+            "k = batched_nms_top(b, torch.tensor([.9, .8, .7]), torch.zeros(3, dtype=torch.long), .5, 10); "
+            "print(k.tolist(), 'torchvision' in sys.modules, 'torchvision.ops' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[0,", "2]", "False", "False"]
