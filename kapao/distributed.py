@@ -90,6 +90,7 @@ def start(device: str | None, env: DistEnv) -> torch.device:
     except ConfigError as e:
         error = e
     agree(error, env)
+    assert dev is not None  # agree() raised otherwise
     return dev
 
 

@@ -88,7 +88,7 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str,
     from kapao.distributed import DistEnv
     from kapao.errors import DataError
 
-    launch_if_listed(ctx.info_name, params["device"])  # --device 0,1,2,3: one process per GPU, this one waits
+    launch_if_listed(ctx.info_name or "predict", params["device"])  # --device 0,1,2,3: one process per GPU, this one waits
     env = DistEnv.from_environ()
     if not env.main:
         setup_logging(ctx.obj.get("verbose", False), main_process=False)
@@ -156,6 +156,7 @@ def _sharded(ctx: click.Context, env: DistEnv, tracking: PoseTracker | None, spe
         except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
             error = e
         agree(error, env)
+        assert api is not None  # agree() raised otherwise
         options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
         output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], progress=True, keep_results=False,
                              resume=resume, draw=from_fields(DrawOptions, p))

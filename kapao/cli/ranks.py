@@ -13,7 +13,7 @@ T = TypeVar("T")
 def launch_if_listed(verb: str, device: str | None) -> None:
     """With a GPU list (``--device 0,1,2,3``) outside torchrun: run `verb` on one process per GPU and exit
     with the launcher's code; otherwise return at once."""
-    if should_launch(device):
+    if device is not None and should_launch(device):
         sys.exit(launch(verb, verb_argv(verb), device))
 
 

@@ -65,7 +65,7 @@ def make_val_loader(cfg: DatasetConfig, split: str, imgsz: int, batch: int, work
     if env is not None and env.distributed:
         share = split_units([1] * -(-len(dataset) // batch), env.world_size)[env.rank]
         sampler = range(share.start * batch, min(share.stop * batch, len(dataset)))
-    return build_dataloader(dataset, batch, workers, shuffle=False, sampler=sampler)
+    return build_dataloader(dataset, batch, workers, shuffle=False, sampler=cast(Any, sampler))  # a range samples in order
 
 
 def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *,
@@ -96,6 +96,7 @@ def validate(predictor: Predictor, loader: torch.utils.data.DataLoader, *,
     if not env.main:
         return None
     if env.distributed:
+        assert parts is not None  # rank 0 gathers every rank's part
         results = [r for part in parts for r in part[0]]
         images = sum(part[1] for part in parts)
         t = Timing(*(sum(part[2][i] for part in parts) for i in range(4)))
@@ -148,6 +149,7 @@ def run_val(weights: str | Path | torch.nn.Module, cfg: DatasetConfig, *, split:
     except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
         error = e
     agree(error, env)
+    assert api is not None and loader is not None  # agree() raised otherwise
     save_dir = increment_run_dir(project, name) if project is not None and env.main else None
     try:
         return validate(api.predictor(settings, scales, flips), loader, save_dir=save_dir, progress=progress, env=env)

@@ -158,6 +158,7 @@ def plan_run(spec: SourceSpec, args: dict[str, Any], world: int, *, project: str
     todo = [(u, w) for u, w in zip(units, weights) if w]
     ranges = split_units([w for _, w in todo], world)
     run_dir, _ = open_run_dir(project, name, {}, args, resume_dir, True)
+    assert run_dir is not None  # wanted=True: a folder is always made or resumed
     session = 1 + max((int(p.name[:3]) for p in (run_dir / PARTS).glob("*.jsonl") if p.name[:3].isdigit()), default=-1)
     (run_dir / PARTS).mkdir(exist_ok=True)
     (run_dir / PREDICTIONS_JSONL).touch()  # what marks a predict run that --resume can find, before any merge
@@ -307,6 +308,7 @@ def run_sharded(api: KAPAO, spec: SourceSpec, env: DistEnv, options: PredictOpti
             signal_error(env)
         error = e
     agree(error, env)
+    assert run is not None  # agree() raised otherwise
     counts = gather((run.frames, run.poses, run.unreadable, run.seconds), env)
     return _finish(plan, spec, api, env, counts, sinks)
 
@@ -316,6 +318,7 @@ def _finish(plan: ShardPlan, spec: SourceSpec, api: KAPAO, env: DistEnv, counts:
     """Rank 0 merges the parts (every rank waits for it, and raises with it when it fails)."""
     result, error = None, None
     if env.main:
+        assert counts is not None  # rank 0 gathers every rank's counts
         try:
             frames = sum(c[0] for c in counts)
             unreadable = [u for c in counts for u in c[2]]
