@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from kapao.errors import ConfigError, UsageError, WeightsError
 from kapao.runtime import atomic_write, check_writable, os_error_reason, select_device
 from kapao.weights.loader import load_model
 
+if TYPE_CHECKING:
+    from kapao.models.network import KapaoModel
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -70,13 +73,13 @@ def image_size(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         raise ConfigError(f"--imgsz {imgsz}: height and width must be positive multiples of {MAX_STRIDE}") from None
 
 
-def _resolve_model(weights_or_model: Any) -> tuple[nn.Module, Path | None, str]:
+def _resolve_model(weights_or_model: Any) -> tuple[KapaoModel, Path | None, str]:
     """(model on CPU, weights file or None, source description)."""
     if isinstance(weights_or_model, nn.Module):
         model = weights_or_model
         if not isinstance(getattr(model, "schema", None), KeypointSchema) or not hasattr(model, "size"):
             raise ConfigError("export needs a kapao model (with .schema and .size) or a weights file/name")
-        return model, None, f"kapao-{model.size} (in memory)"
+        return cast("KapaoModel", model), None, f"kapao-{model.size} (in memory)"
     model, info = load_model(weights_or_model, device="cpu")
     path = Path(info["path"])
     return model, path, info.get("name") or path.name

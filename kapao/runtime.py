@@ -39,8 +39,8 @@ def cpu_bf16(flags: "frozenset[str] | set[str] | None" = None) -> bool:
     return any(f in have for f in BF16_CPU_FLAGS)
 
 
-def select_device(spec: str | int | None = None) -> "torch.device":
-    """Parse `cpu`, `0`, `cuda:1`, `mps` or None (first GPU if any, else CPU) into a device.
+def select_device(spec: str | int | torch.device | None = None) -> "torch.device":
+    """Parse `cpu`, `0`, `cuda:1`, `mps`, a torch.device or None (first GPU if any, else CPU) into a device.
 
     A GPU list such as `0,1` selects its first entry; multi-GPU launching is train's business.
     """

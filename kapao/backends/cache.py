@@ -22,6 +22,7 @@ import os
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from torch import nn
 from kapao.backends.int8 import Int8Calibration, quantize_int8, recipe_digest
 from kapao.backends.onnx_graph import DEFAULT_OPSET, export_metadata, head_scope, inference_copy, set_metadata, trace
 from kapao.backends.runtimes import ONNX_FORMAT_VERSION, require
+from kapao.cfg.schema import KeypointSchema
 from kapao.errors import WeightsError
 from kapao.runtime import atomic_write, cpu_flags, os_error_reason
 from kapao.version import __version__
@@ -52,7 +54,7 @@ def cache_dir() -> Path:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of a KapaoModel's weights: every state-dict entry (name, dtype, shape, bytes), its size and schema."""
-    h = hashlib.sha256(f"{getattr(model, 'size', '?')}|{json.dumps(model.schema.to_dict())}".encode())
+    h = hashlib.sha256(f"{getattr(model, 'size', '?')}|{json.dumps(cast(KeypointSchema, model.schema).to_dict())}".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())

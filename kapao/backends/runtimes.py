@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from kapao.errors import ConfigError, WeightsError
 from kapao.models.network import decode
 from kapao.runtime import cpu_count, select_device
 from kapao.weights.loader import load_model
+
+if TYPE_CHECKING:
+    from kapao.models.network import KapaoModel
 
 LOGGER = logging.getLogger(__name__)
 
@@ -134,14 +137,14 @@ class TorchBackend:
         precision = "bf16" if bf16 else "fp16" if half else "fp32"
         check_precision(precision, device)
         if fold_bn:
-            model = copy.deepcopy(model).fold_bn()
+            model = cast("KapaoModel", copy.deepcopy(model)).fold_bn()
         model = model.to(device).eval()
         self.model = model.half() if half else model.float()
         self.bf16 = bf16
         self.channels_last = channels_last or bf16  # oneDNN's bf16 convolutions are fastest in NHWC
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.schema: KeypointSchema = model.schema
+        self.schema = cast(KeypointSchema, model.schema)
         self.device, self.half = device, half
         self.fixed_shape: tuple[int, int] | None = None
         info = info or {}
@@ -166,10 +169,11 @@ class TorchBackend:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.bf16:
             return self.model(x)[0]
+        net = cast("KapaoModel", self.model)  # bf16 runs the KapaoModel's raw forward and decoding apart
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            raw = self.model.forward_raw(x)
+            raw = net.forward_raw(x)
         # decoding in fp32: bf16's 8-bit mantissa would move coordinates by pixels at 1280
-        return decode([r.float() for r in raw], self.model.anchors, self.model.strides, self.model.layout)
+        return decode([r.float() for r in raw], net.anchors, net.strides, net.layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +295,7 @@ class FixedShapeRunner:
         return y.to(device)
 
     def _pad_to_shape(self, x: Tensor) -> Tensor:
+        assert self.fixed_shape is not None  # called for fixed-shape models only
         (h, w), (fh, fw) = x.shape[-2:], self.fixed_shape
         if h > fh or w > fw:
             raise ConfigError(f"input {h}x{w} does not fit the ONNX model's fixed input {fh}x{fw}; use --imgsz "
@@ -301,6 +306,7 @@ class FixedShapeRunner:
 
     def _run_padded_batch(self, x: Tensor) -> Tensor:
         n = x.shape[0]
+        assert self.batch is not None  # called for fixed-batch models only
         if n < self.batch:
             x = torch.cat((x, x.new_full((self.batch - n, *x.shape[1:]), INPUT_PAD)))
         return self._run(x)[:n]
@@ -426,7 +432,7 @@ class OnnxBackend(FixedShapeRunner):
         return self.fp16
 
     def __repr__(self) -> str:
-        shape = "dynamic" if self.dynamic else f"{self.fixed_shape[0]}x{self.fixed_shape[1]}"
+        shape = "dynamic" if self.fixed_shape is None else f"{self.fixed_shape[0]}x{self.fixed_shape[1]}"
         return (f"OnnxBackend(kapao-{self.meta.size}, {shape}, {'fp16' if self.fp16 else 'fp32'}, "
                 f"{self.provider}, K={self.schema.num_keypoints})")
 

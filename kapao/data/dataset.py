@@ -250,7 +250,7 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.reseed(seed)
 
 
-def build_dataloader(dataset: PoseDataset, batch_size: int, workers: int, shuffle: bool,
+def build_dataloader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool,
                      sampler: Sampler | None = None, seed: int = 0) -> DataLoader:
     """A DataLoader with `collate`, seeded shuffling and per-worker augmentation seeds.
 
@@ -259,7 +259,7 @@ def build_dataloader(dataset: PoseDataset, batch_size: int, workers: int, shuffl
     Rectangular datasets need shuffle=False and the batch size they were built with.
     """
     workers = min(workers, cpu_count())
-    if getattr(dataset, "rect", False) and (shuffle or batch_size != dataset.batch_size):
+    if isinstance(dataset, PoseDataset) and dataset.rect and (shuffle or batch_size != dataset.batch_size):
         raise ConfigError(f"rectangular batches need shuffle=False and batch_size={dataset.batch_size} "
                           f"(the dataset's), got shuffle={shuffle}, batch_size={batch_size}")
     g = torch.Generator()

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, overload
 
 import yaml
 
@@ -106,6 +106,10 @@ def default_epochs(cfg: DatasetConfig) -> int:
     return DEFAULT_EPOCHS.get(cfg.name, FALLBACK_EPOCHS)
 
 
+@overload
+def absolute_if_file(spec: str) -> str: ...
+@overload
+def absolute_if_file(spec: None) -> None: ...
 def absolute_if_file(spec: str | None) -> str | None:
     """An existing file's absolute path; names (coco, default, kapao_s_coco) and None unchanged."""
     return str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().is_file() else spec

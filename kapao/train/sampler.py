@@ -20,7 +20,7 @@ class EpochSampler(DistributedSampler):
     Yields (epoch, index) keys for :class:`SeededItems`; call ``set_epoch`` before every epoch.
     """
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((self.epoch, i) for i in super().__iter__())
 
 

@@ -28,14 +28,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.data.dataset import PoseDataset
 from kapao.distributed import DistEnv, broadcast, close
 from kapao.errors import ConfigError, KapaoError
 from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS
@@ -106,6 +107,7 @@ class Trainer:
     fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
     """
+    model: nn.Module  # the KapaoModel; in DistributedDataParallel under torchrun
 
     def __init__(self, args: TrainArgs, run_dir: Path, device: torch.device, env: DistEnv,
                  ckpt: Mapping[str, Any] | None = None) -> None:
@@ -121,11 +123,12 @@ class Trainer:
         self.state = RunState()
         self._setup_model()
         if self.args.batch is None:  # the paper's batch where the GPUs allow, decided once (rank 0)
-            batch, note = default_batch(self.model.size, args.imgsz, device, env.world_size)
+            batch, note = default_batch(self.args.size or DEFAULT_SIZE, args.imgsz, device, env.world_size)
             if env.main:
                 LOGGER.info("%s", note)
             self.args = dataclasses.replace(self.args, batch=int(broadcast(batch, env)))
         args = self.args
+        assert args.batch is not None  # resolved just above
         if args.batch < env.world_size or args.batch % env.world_size:
             raise ConfigError(f"--batch {args.batch} must be a positive multiple of the number of processes "
                               f"({env.world_size})")
@@ -152,11 +155,11 @@ class Trainer:
         init_sd, info = load_weights(args.weights) if args.weights and not args.resume else (None, {})
         if info.get("format") == DETECTOR_FORMAT:
             check_detector_size(info, args.size)
-        self.model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
+        self.model = model = build_model(args.size or info.get("size") or DEFAULT_SIZE, self.cfg.schema).to(self.device)
         if init_sd is not None:
             self._transfer(init_sd, info)
         self.args = dataclasses.replace(  # as resolved, so that a resume finds the same run anywhere
-            args, size=self.model.size, epochs=self.epochs, data=absolute_if_file(args.data),
+            args, size=model.size, epochs=self.epochs, data=absolute_if_file(args.data),
             hyp=absolute_if_file(args.hyp), weights=absolute_if_file(args.weights))
         self.ema = ModelEMA(self.model, self.hyp.ema_decay, self.hyp.ema_tau) if self.env.main else None
         # the other ranks validate rank 0's EMA weights, received into a copy of the model
@@ -166,6 +169,7 @@ class Trainer:
     def _setup_optimization(self) -> None:
         """Accumulation, warmup length, lr schedule, SyncBatchNorm, optimizer and grad scaler."""
         hyp, batch = self.hyp, self.args.batch
+        assert batch is not None  # resolved in __init__
         self.accumulate = accumulate_steps(hyp, batch, self.nb)
         if self.accumulate < accumulate_steps(hyp, batch):
             LOGGER.warning("only %d batches per epoch: accumulating %d instead of %d batches per step (nominal "
@@ -200,7 +204,8 @@ class Trainer:
         return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers, self.env)
 
     def _metric_names(self) -> tuple[str, ...]:
-        return CROWDPOSE_METRICS if protocol_for(self.val_loader.dataset) == "crowdpose" else COCO_METRICS
+        assert self.val_loader is not None  # every rank builds it, on a PoseDataset
+        return CROWDPOSE_METRICS if protocol_for(cast(PoseDataset, self.val_loader.dataset)) == "crowdpose" else COCO_METRICS
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         """Continue from a checkpoint: raw model, EMA, optimizer, scaler, epoch counters."""
@@ -283,6 +288,7 @@ class Trainer:
 
     def warmup(self, ni: int, epoch: int) -> int:
         """Set warmup iteration `ni`'s lrs and momentum; returns its accumulate."""
+        assert self.args.batch is not None  # resolved in __init__
         lrs, momentum, accumulate = warmup_values(ni, self.nw, self.hyp.lr0 * self.lf(epoch), self.hyp,
                                                   self.args.batch, self.accumulate)
         set_warmup(self.optimizer, lrs, momentum)
@@ -323,7 +329,7 @@ class Trainer:
         final = epoch + 1 == self.epochs
         fi = fitness(metrics) if metrics else None
         improved = fi is not None and fi >= self.state.best_fitness
-        if improved:
+        if improved and fi is not None:
             self.state.best_fitness, self.state.best_epoch = fi, epoch
         self.log_epoch(epoch, losses, metrics, fi)
         patience = self.args.patience
@@ -341,7 +347,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """COCO/CrowdPose metrics of the EMA model on the val split (and val_pred.jpg) on rank 0; every rank
         predicts its share of the batches with rank 0's EMA weights, the others return {}."""
-        model = self.ema.module if self.env.main else self.val_copy
+        model = self.ema.module if self.ema is not None else self.val_copy
+        assert model is not None  # the EMA on rank 0, its copy elsewhere
         broadcast_weights(model, self.env)
         predictor = Predictor.from_model(model, self.device, half=self.device.type == "cuda", fold_bn=True,
                                          settings=VAL_SETTINGS)  # folding works on a copy: the EMA is untouched
@@ -357,11 +364,13 @@ class Trainer:
 
     def log_epoch(self, epoch: int, losses: list[float], metrics: Mapping[str, float], fi: float | None) -> None:
         """Append the epoch to results.csv (and redraw results.png)."""
+        assert self.results is not None  # rank 0 only
         self.results.append(epoch, losses, metrics, fi, {g["name"]: g["lr"] for g in self.optimizer.param_groups})
         if self.args.plots:
             safe_plot(plot_results, self.results.path, self.run_dir / "results.png")
 
     def checkpoint_extra(self, epoch: int, metrics: Mapping[str, float], fi: float | None) -> dict[str, Any]:
+        assert self.ema is not None  # rank 0 only
         return {"epoch": epoch, "best_fitness": self.state.best_fitness, "best_epoch": self.state.best_epoch,
                 "fitness": fi, "metrics": dict(metrics), "ema_updates": self.ema.updates,
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -370,6 +379,7 @@ class Trainer:
 
     def save(self, path: Path, epoch: int, metrics: Mapping[str, float], fi: float | None) -> None:
         """Write a checkpoint (EMA weights + resume state); refuses NaN/inf weights, keeping the old file."""
+        assert self.ema is not None  # rank 0 only
         for name, m in (("model", unwrap(self.model)), ("EMA model", self.ema.module)):
             if not all(bool(torch.isfinite(t).all()) for t in m.state_dict().values() if t.is_floating_point()):
                 raise NonFiniteLoss(f"the {name} weights became NaN/inf in epoch {epoch + 1} ({path} was not "

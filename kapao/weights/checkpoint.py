@@ -17,7 +17,7 @@ import re
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from kapao.errors import ConfigError, WeightsError
 from kapao.runtime import atomic_write, plain_data, select_device
 from kapao.version import __version__
 from kapao.weights.registry import PathLike, check_file
+
+if TYPE_CHECKING:
+    from kapao.models.network import KapaoModel
 
 CHECKPOINT_FORMAT = "kapao-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -190,7 +193,7 @@ def _torch_load_weights_only(path: Path) -> Any:
 # Building a network for a state_dict, and what a state_dict describes
 
 
-def build_and_load(state_dict: dict[str, Tensor], info: dict[str, Any], path: Path, device: Any) -> nn.Module:
+def build_and_load(state_dict: dict[str, Tensor], info: dict[str, Any], path: Path, device: Any) -> KapaoModel:
     """A :class:`kapao.models.network.KapaoModel` for ``info`` (size, schema, optional config and bn_eps) with
     ``state_dict`` loaded strictly; WeightsError naming ``path`` and the keys that do not fit."""
     from kapao.models.network import KapaoModel  # the network module is heavy; weights files need not be

@@ -2,9 +2,9 @@
 model summary, the file and its format, what it was trained on, its metrics)."""
 from __future__ import annotations
 
-from typing import Any, Iterator, cast
+from typing import Any, Iterator
 
-from kapao.models.network import KapaoModel, format_model_info, model_info
+from kapao.models.network import format_model_info, model_info
 from kapao.weights.loader import load_model
 from kapao.weights.registry import DETECTORS, REGISTRY, PathLike, check_weights_spec
 
@@ -32,7 +32,7 @@ def describe_weights(spec: PathLike, imgsz: int) -> Iterator[str]:
             yield "not downloaded yet: `kapao predict/val --weights NAME` downloads it"
             return
     model, meta = load_model(spec)
-    yield format_model_info(model_info(cast(KapaoModel, model), imgsz))  # load_model builds a KapaoModel
+    yield format_model_info(model_info(model, imgsz))
     yield from checkpoint_lines(meta)
 
 

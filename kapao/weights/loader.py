@@ -4,9 +4,9 @@ registered name — into a float32 state_dict, its keypoint schema and a model."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from kapao.cfg.schema import KeypointSchema
 from kapao.errors import WeightsError
@@ -15,6 +15,9 @@ from kapao.weights.detector import DETECTOR_FORMAT
 from kapao.weights.download import resolve_weights
 from kapao.weights.reader import read_weights_file
 from kapao.weights.registry import DEFAULT_WEIGHTS, DETECTORS, REGISTRY, PathLike, check_weights_spec
+
+if TYPE_CHECKING:
+    from kapao.models.network import KapaoModel
 
 
 def load_weights(spec: PathLike, *, schema: KeypointSchema | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -43,7 +46,7 @@ def load_weights(spec: PathLike, *, schema: KeypointSchema | None = None) -> tup
 
 
 def load_model(spec: PathLike = DEFAULT_WEIGHTS, device: Any = "cpu", *,
-               schema: KeypointSchema | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               schema: KeypointSchema | None = None) -> tuple[KapaoModel, dict[str, Any]]:
     """Build the network for any weights spec and load them: the one entry point for weights.
 
     ``spec``: a kapao checkpoint, an official KAPAO checkpoint (recognised by content), a plain
