@@ -17,8 +17,7 @@ finishes, optimizer/scaler/raw model are stripped from both files. Ctrl-C saves 
 last.pt under the last completed epoch (resume redoes the interrupted epoch); a NaN/inf loss stops the
 run without touching last.pt.
 
-Multi-GPU: every torchrun process calls :func:`train`; every rank validates its share of the val split;
-rank 0 alone computes the metrics, logs, plots and saves.
+Multi-GPU: every torchrun process calls :func:`train` and validates its share; rank 0 alone logs, plots and saves.
 """
 from __future__ import annotations
 
@@ -101,8 +100,7 @@ class RunState:
 
 
 class Trainer:
-    """One training run: set-up in __init__, then :meth:`fit`. Every rank validates its share; rank 0
-    alone computes the metrics, logs and writes.
+    """One training run: set-up in __init__, then :meth:`fit`. Every rank validates; rank 0 alone logs and writes.
 
     fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
