@@ -399,7 +399,8 @@ def cpu_count(physical: bool = False) -> int:
     threads that mostly wait (data loading, :func:`kapao.data.dataset.build_dataloader`, the training sampler).
     ``physical=True`` caps that at the machine's physical cores (psutil; without it every allowed CPU
     counts): the thread count of the CPU runtimes (onnxruntime intra-op, OpenVINO), whose convolutions a
-    second hyper-thread on the same core does not speed up.
+    second hyper-thread on the same core does not speed up. Under torchrun that count is shared by the
+    processes of this machine (LOCAL_WORLD_SIZE): each gets cores / processes, so none oversubscribes.
     """
     try:
         allowed = len(os.sched_getaffinity(0))
@@ -414,4 +415,5 @@ def cpu_count(physical: bool = False) -> int:
         cores = psutil.cpu_count(logical=False) or allowed
     except ImportError:
         cores = allowed
-    return max(1, min(allowed, cores))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if "LOCAL_RANK" in os.environ else 1
+    return max(1, min(allowed, cores) // max(1, local))

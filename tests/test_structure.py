@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "kapao"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
     ("runtime",),
+    ("distributed",),
     ("cfg",),
     ("poses", "draw"),
     ("data",),

@@ -86,6 +86,18 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def check_devices(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Like :func:`check_device`, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
+    if value and "," in value:
+        ids = [d.strip() for d in value.split(",")]
+        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
+            raise click.BadParameter(f"{value!r}: expected cpu, mps, a GPU index or distinct GPU indices such as 0,1", ctx, param)
+        for d in ids:
+            check_device(ctx, param, d)
+        return value
+    return check_device(ctx, param, value)
+
+
 def bad_parameter(e: Exception, ctx: click.Context, param: click.Parameter | str) -> click.BadParameter:
     """A library error about one option's value as a usage error (exit 2) naming that option."""
     if isinstance(param, str):
@@ -273,7 +285,9 @@ def predict_options(project: str) -> Callable:
                          help=f"kapao checkpoint, official KAPAO checkpoint, exported .onnx file, or a name: {weights_help()}."),
             click.option("--imgsz", type=ImgSize(), default=None,
                          help="Inference size (long side). [default: 1280; a fixed-shape ONNX file's own size]"),
-            click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]"),
+            click.option("--device", default=None, callback=check_devices,
+                         help="cpu, 0, 1, … or a GPU list 0,1,2,3 (one process each, work split between them). "
+                              "[default: first GPU, else cpu]"),
             click.option("--half", is_flag=True, help=HALF_HELP),
             backend_options,
             click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per batch (folders)."),

@@ -2,6 +2,7 @@
 own run folder), added to the `kapao` group by :mod:`kapao.cli.main`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,8 +21,12 @@ from kapao.cli.options import (
     tta_passes,
 )
 from kapao.errors import ConfigError
+from kapao.runtime import setup_logging
 
 if TYPE_CHECKING:
+    from kapao.backends.int8 import Int8Calibration
+    from kapao.data.sources import SourceSpec
+    from kapao.distributed import DistEnv
     from kapao.track.tracker import PoseTracker
 
 
@@ -78,9 +83,15 @@ def _tracking(options: TrackingOptions, smooth: bool) -> PoseTracker:
 
 def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str, Any], resume: str | None = None) -> None:
     """predict and track: build the run's options from the parameters (by field name), run, print the summary."""
+    from kapao.cli.ranks import launch_if_listed
     from kapao.data.sources import resolve_source  # OpenCV only: a bad SOURCE fails before torch is imported
+    from kapao.distributed import DistEnv
     from kapao.errors import DataError
 
+    launch_if_listed(ctx.info_name or "predict", params["device"])  # --device 0,1,2,3: one process per GPU, this one waits
+    env = DistEnv.from_environ()
+    if not env.main:
+        setup_logging(ctx.obj.get("verbose", False), main_process=False)
     p = dict(params)
     if p["save_conf"] and not p["save_txt"]:
         raise click.UsageError("--save-conf adds scores to the --save-txt label rows; add --save-txt")
@@ -99,8 +110,18 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str,
     from kapao.infer.keypoints_csv import CsvSink
     from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
     from kapao.infer.predictor import KAPAO
+    from kapao.infer.shard import has_parts
 
-    announce_tta(p["scales"], p["flips"])
+    if env.main:
+        announce_tta(p["scales"], p["flips"])
+    if env.distributed or (resume and has_parts(Path(resume))):
+        if p["show"]:
+            raise click.UsageError("--show opens one window; it cannot be shared by processes: drop --show")
+        if p["save_txt"] or p["save_crop"]:
+            raise click.UsageError("--save-txt/--save-crop run in one process for now: drop them, or run without "
+                                   "several --device indices / torchrun")
+        _sharded(ctx, env, tracking, spec, p, int8_calib, base, resume)
+        return
     api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
     options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
     output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], keep_results=False,
@@ -132,6 +153,47 @@ def _dataset_sinks(spec: Any, save_txt: bool, save_conf: bool, save_crop: bool) 
 
     root = source_root(spec)
     return ([LabelSink(root, save_conf)] if save_txt else []) + ([CropSink(root)] if save_crop else [])
+
+
+def _sharded(ctx: click.Context, env: DistEnv, tracking: PoseTracker | None, spec: SourceSpec, p: dict[str, Any],
+             int8: Int8Calibration | None, base: InferenceSettings, resume: str | None) -> None:
+    """predict/track as one rank of a torchrun job (:mod:`kapao.infer.shard`): bring the rank up, run its
+    share, rank 0 merges and prints the summary. A rank stopped because another failed exits 1 quietly."""
+    from kapao.cli.ranks import as_rank
+    from kapao.distributed import agree
+    from kapao.infer.keypoints_csv import CsvSink
+    from kapao.infer.options import DrawOptions, OutputOptions, PredictOptions
+    from kapao.infer.predictor import KAPAO
+    from kapao.infer.shard import run_sharded
+
+    def body(dev: str | None):  # noqa: ANN202
+        api, error = None, None
+        try:
+            api = KAPAO(p["weights"], device=dev, half=p["half"], backend=p["backend"], int8=int8)
+        except Exception as e:  # noqa: BLE001 - every rank learns of it in agree()
+            error = e
+        agree(error, env)
+        assert api is not None  # agree() raised otherwise
+        options = from_fields(PredictOptions, p, imgsz=p["imgsz"] or api.default_imgsz, settings=settings_from(base, p))
+        output = from_fields(OutputOptions, p, keep=("save_json",), save=not p["nosave"], progress=True, keep_results=False,
+                             resume=resume, draw=from_fields(DrawOptions, p))
+        sinks = [CsvSink(api.schema.names)] if p["save_csv"] else []  # replayed from the merged JSONL
+        return run_sharded(api, spec, env, options, output, transforms=[tracking.update_frame] if tracking else (),
+                           sinks=sinks, track=tracking is not None)
+
+    try:
+        res = as_rank(env, p["device"], body)
+    except ConfigError as e:
+        if env.main and str(e).startswith("--resume"):
+            raise bad_parameter(e, ctx, "resume") from None
+        raise
+    if res is None:
+        return
+    extra = (f", {len(res.unreadable)} unreadable files skipped" if res.unreadable else "") + \
+        (f", {res.resumed} already done" if res.resumed else "")
+    click.echo(f"{res.frames} frames, {res.poses} poses on {env.world_size} processes in {res.seconds:.1f} s "
+               f"({res.frames / max(res.seconds, 1e-9):.1f} fps){extra}")
+    click.echo(f"Results saved to {res.save_dir}")
 
 
 def _resume_defaults(ctx: click.Context, resume: str, p: dict[str, Any]) -> tuple[InferenceSettings, str]:

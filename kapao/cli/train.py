@@ -1,7 +1,6 @@
 """The `train` command (and resuming a run), added to the `kapao` group by :mod:`kapao.cli.main`."""
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -9,7 +8,7 @@ import click
 
 from kapao.cfg.fields import from_fields
 from kapao.cfg.settings import Hyp
-from kapao.cli.options import MODEL_SIZES, ImgSize, bad_parameter, check_device, dataset_config, given, must_exist
+from kapao.cli.options import MODEL_SIZES, ImgSize, bad_parameter, check_devices, dataset_config, given, must_exist
 from kapao.errors import ConfigError, DataError, KapaoError
 
 RESUME_OPTIONS = ("resume", "epochs", "hyp_set", "device", "workers", "project")  # what a resume may set
@@ -33,18 +32,6 @@ def _hyp_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return out
 
 
-def _check_train_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Like --device, but a GPU list (0,1,2,3) is allowed: it launches one process per GPU."""
-    if value and "," in value:
-        ids = [d.strip() for d in value.split(",")]
-        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids):
-            raise click.BadParameter(f"{value!r}: a device list names distinct GPU indices, e.g. 0,1", ctx, param)
-        for d in ids:
-            check_device(ctx, param, d)
-        return value
-    return check_device(ctx, param, value)
-
-
 def _check_start_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Like must_exist("weights"), but '' (random initialisation) is allowed."""
     return value if value == "" else must_exist("weights")(ctx, param, value)
@@ -58,7 +45,7 @@ def _check_start_weights(ctx: click.Context, param: click.Parameter, value: str 
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Total batch size (all GPUs). [default: the paper's 128/72/48 for s/m/l where the GPUs hold it "
                    "(4 x 32 GB at 1280), else 16 accumulated to 64]")
-@click.option("--device", default=None, callback=_check_train_device,
+@click.option("--device", default=None, callback=check_devices,
               help="cpu, 0, or a GPU list 0,1,2,3 (one DDP process each). [default: first GPU, else cpu]")
 @click.option("--workers", type=click.IntRange(min=0), default=8, show_default=True, help="Data-loading processes per GPU.")
 @click.option("--weights", default=None, callback=_check_start_weights,
@@ -105,13 +92,11 @@ def train(ctx: click.Context, **params: Any) -> None:
             load_hyp(params["hyp"])
         except ConfigError as e:
             raise bad_parameter(e, ctx, "hyp") from None
-    from kapao.train.distributed import launch_distributed, should_launch
+    from kapao.cli.ranks import launch_if_listed
     from kapao.train.run import TrainArgs
     from kapao.train.trainer import train as run_training
 
-    if should_launch(params["device"]):
-        argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
-        sys.exit(launch_distributed(argv, params["device"]))
+    launch_if_listed("train", params["device"])
     args = from_fields(TrainArgs, params, device=params["device"] or "", hyp_overrides=params["hyp_set"],
                        weights="" if params["scratch"] else params["weights"], amp=not params["no_amp"],
                        plots=not params["no_plots"], tensorboard=not params["no_tensorboard"],

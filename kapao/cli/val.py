@@ -14,7 +14,7 @@ from kapao.cli.options import (
     backend_options,
     bad_parameter,
     calibration,
-    check_device,
+    check_devices,
     check_half,
     dataset_config,
     inference_options,
@@ -23,6 +23,7 @@ from kapao.cli.options import (
     tta_passes,
 )
 from kapao.errors import ConfigError, DataError
+from kapao.runtime import setup_logging
 
 
 @click.command()
@@ -35,7 +36,8 @@ from kapao.errors import ConfigError, DataError
 @click.option("--imgsz", type=ImgSize(), default=1280, show_default=True, help="Inference size (long side).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per batch.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes.")
-@click.option("--device", default=None, callback=check_device, help="cpu, 0, 1, … [default: first GPU, else cpu]")
+@click.option("--device", default=None, callback=check_devices,
+              help="cpu, 0, 1, … or a GPU list 0,1 (one process each, the split shared). [default: first GPU, else cpu]")
 @click.option("--half", is_flag=True, help=HALF_HELP)
 @backend_options
 @inference_options(VAL_SETTINGS)
@@ -44,8 +46,18 @@ from kapao.errors import ConfigError, DataError
 @evaluation_options
 @click.pass_context
 def val(ctx: click.Context, **params: Any) -> None:
-    """Evaluate weights or a results file (--predictions) on a dataset split: COCO keypoint AP, or CrowdPose AP."""
+    """Evaluate weights or a results file (--predictions) on a dataset split: COCO keypoint AP, or CrowdPose AP.
+
+    Many processes: --device 0,1,2,3, or torchrun --nproc-per-node N -m kapao val … (each predicts a
+    share of the batches, rank 0 computes the metrics: the same as one process)."""
+    from kapao.cli.ranks import as_rank, launch_if_listed
+    from kapao.distributed import DistEnv
+
     p = params
+    launch_if_listed("val", p["device"])
+    env = DistEnv.from_environ()
+    if not env.main:
+        setup_logging(ctx.obj.get("verbose", False), main_process=False)
     data, split, weights = _target(p["data"], p["split"], p["weights"], p["crowdpose"])
     scales, flips = tta_passes(p["scales"], p["flips"], p["tta"])
     settings = settings_from(VAL_SETTINGS, p)
@@ -58,10 +70,14 @@ def val(ctx: click.Context, **params: Any) -> None:
     check_half(ctx, p["half"], p["device"])
     from kapao.eval.val import run_val
 
-    announce_tta(scales, flips)
-    res = run_val(weights, cfg, split=split, imgsz=p["imgsz"], batch=p["batch"], workers=p["workers"],
-                  device=p["device"], half=p["half"], settings=settings, scales=scales, flips=flips,
-                  project=p["project"], name=p["name"], backend=p["backend"], int8=int8_calib)
+    if env.main:
+        announce_tta(scales, flips)
+    res = as_rank(env, p["device"], lambda dev: run_val(
+        weights, cfg, split=split, imgsz=p["imgsz"], batch=p["batch"], workers=p["workers"], device=dev,
+        half=p["half"], settings=settings, scales=scales, flips=flips, project=p["project"], name=p["name"],
+        backend=p["backend"], int8=int8_calib, env=env, progress=env.main))
+    if res is None:  # another rank than 0: rank 0 reports
+        return
     assert res.json_path is not None  # a project was given: predictions.json was written
     click.echo(f"{cfg.name} {split} ({res.protocol} protocol): {res.images} images, {res.poses} poses")
     click.echo(res.table())

@@ -226,7 +226,7 @@ class KAPAO:
             source = stored["source"] if source is None else source
         spec = source if isinstance(source, SourceSpec) else resolve_source(source)
         draw = out.draw or DrawOptions()
-        args = {**self._run_args(spec, opts), "save": out.save, "draw": dataclasses.asdict(draw),
+        args = {**self.run_args(spec, opts), "save": out.save, "draw": dataclasses.asdict(draw),
                 "sinks": sorted(type(s).__name__ for s in sinks)}  # what shapes the outputs: a resume keeps it
         if resume_dir is not None and stored is not None:  # read together above
             check_resume(resume_dir, spec, stored, args)
@@ -310,7 +310,7 @@ class KAPAO:
             for r in readers.values():
                 r.close()
 
-    def _run_args(self, spec: SourceSpec, opts: PredictOptions) -> dict[str, Any]:
+    def run_args(self, spec: SourceSpec, opts: PredictOptions) -> dict[str, Any]:
         """What a run folder's args.yaml records: the options a resumed run must share."""
         return {"source": source_key(spec.source), "weights": self.info.path, "imgsz": opts.imgsz,
                 "int8": self.info.int8, **dataclasses.asdict(opts.settings),

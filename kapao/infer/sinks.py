@@ -51,8 +51,8 @@ class Sink(Protocol):
 class JsonlSink:
     """Appends one JSON line per frame to ``save_dir/predictions.jsonl`` (see :func:`frame_record`)."""
 
-    def __init__(self, root: Path | None = None, run: str | None = None) -> None:
-        self.root, self.run = root, run
+    def __init__(self, root: Path | None = None, run: str | None = None, name: str = PREDICTIONS_JSONL) -> None:
+        self.root, self.run, self.name = root, run, name  # name: a path inside the run folder (a rank's part: parts/…)
         self.path: Path | None = None
         self._file: Any = None
         self._synced = 0.0
@@ -60,7 +60,7 @@ class JsonlSink:
     def open(self, save_dir: Path | None) -> None:
         if save_dir is None:
             raise ValueError("JsonlSink needs a run folder")
-        self.path = save_dir / PREDICTIONS_JSONL
+        self.path = save_dir / self.name
         try:
             self._file = open(self.path, "ab")  # closed in close()
         except OSError as e:
@@ -229,14 +229,16 @@ class ResultWriter:
     """Feeds every frame's poses to the run's sinks: drawn media (when `save_media` or `show`), `sinks`,
     and last predictions.jsonl (when `save_json`): a frame's JSONL line is its commit record -- once it is
     there, the frame's drawn image and extra outputs were made, so --resume may skip it. At close,
-    predictions.json is built from the JSONL."""
+    predictions.json is built from the JSONL -- unless `jsonl` names a rank's part of a sharded run
+    (:mod:`kapao.infer.shard` merges the parts and writes it then)."""
 
     def __init__(self, save_dir: Path | None, schema: KeypointSchema, draw: DrawOptions, save_media: bool = True,
                  show: bool = False, save_json: bool = True, root: Path | None = None,
-                 sinks: Sequence[Sink] = (), run: str | None = None) -> None:
+                 sinks: Sequence[Sink] = (), run: str | None = None, jsonl: str = PREDICTIONS_JSONL) -> None:
         self.save_dir, self.schema, self.save_json = save_dir, schema, save_json and save_dir is not None
+        self.jsonl = jsonl
         self.sinks: list[Sink] = [*([MediaSink(schema, draw, save_media, show)] if save_media or show else []), *sinks,
-                                  *([JsonlSink(root, run)] if self.save_json else [])]
+                                  *([JsonlSink(root, run, jsonl)] if self.save_json else [])]
         opened: list[Sink] = []
         try:
             for s in self.sinks:
@@ -261,7 +263,7 @@ class ResultWriter:
                 error = error or e
         if error is not None:
             raise error
-        if not self.save_json or self.save_dir is None:
+        if not self.save_json or self.save_dir is None or self.jsonl != PREDICTIONS_JSONL:
             return None
         return write_coco_json(self.save_dir / PREDICTIONS_JSONL, self.save_dir / PREDICTIONS_JSON,
                                self.schema.num_keypoints)

@@ -17,10 +17,10 @@ import yaml
 
 from kapao.cfg.schema import DatasetConfig
 from kapao.cfg.settings import Hyp, load_hyp
+from kapao.distributed import DistEnv, broadcast
 from kapao.errors import ConfigError, DataError, KapaoError, UsageError, WeightsError
 from kapao.models.network import KapaoModel
 from kapao.runtime import atomic_write, increment_run_dir
-from kapao.train.distributed import DistEnv, broadcast
 from kapao.weights.checkpoint import load_checkpoint, save_checkpoint
 from kapao.weights.download import resolve_weights
 from kapao.weights.registry import DETECTOR_FOR_SIZE, DETECTOR_RELEASE
@@ -40,7 +40,7 @@ class TrainArgs:
     imgsz: int = 1280  # square train/val input size, a multiple of 64
     epochs: int | None = None  # default: 500 for coco, 300 for crowdpose and custom data
     batch: int | None = None  # total batch over all processes; None: default_batch()
-    device: str = ""  # '', 'cpu', '0' (single process); several GPUs via launch_distributed/torchrun
+    device: str = ""  # '', 'cpu', '0' (single process); several GPUs via kapao.distributed.launch/torchrun
     workers: int = 8  # data-loader workers per process (capped at CPU count / processes)
     weights: str | None = None  # initial weights: a file or name; None: the size's YOLOv5 detector; '': random
     hyp: str | None = None  # hyperparameter YAML or built-in name (default: the official recipe)

@@ -8,15 +8,18 @@ fittest epoch. A step never mixes two epochs (the step counter restarts each epo
 zeroes the gradients anyway). Every deliberate difference from the official train.py, with why: docs/DESIGN.md, "Training
 deviations".
 
-Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the EMA weights as the
-model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the last completed one), best fitness/epoch,
-metrics, plain train args, hyp and dataset config. When a run finishes, optimizer/scaler/raw model are stripped from both
-files. Ctrl-C saves the current weights as last.pt under the last completed epoch (resume redoes the interrupted epoch); a
-NaN/inf loss stops the run without touching last.pt. Multi-GPU: every torchrun process calls :func:`train`; rank 0 alone
-validates, logs, plots and saves.
+Checkpoints (``weights/last.pt``, ``weights/best.pt``, via :func:`kapao.weights.save_checkpoint`): the
+EMA weights as the model; in ``extra`` the raw model, optimizer, scaler, EMA update count, epoch (the
+last completed one), best fitness/epoch, metrics, plain train args, hyp and dataset config. When a run
+finishes, optimizer/scaler/raw model are stripped from both files. Ctrl-C saves the current weights as
+last.pt under the last completed epoch (resume redoes the interrupted epoch); a NaN/inf loss stops the
+run without touching last.pt.
+
+Multi-GPU: every torchrun process calls :func:`train` and validates its share; rank 0 alone logs, plots and saves.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -30,6 +33,7 @@ from tqdm import tqdm
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import Hyp
 from kapao.data.dataset import PoseDataset
+from kapao.distributed import DistEnv, broadcast, close
 from kapao.errors import ConfigError, KapaoError
 from kapao.eval.metrics import COCO_METRICS, CROWDPOSE_METRICS
 from kapao.eval.val import make_val_loader, protocol_for
@@ -37,17 +41,7 @@ from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.runtime import RunLock, cpu_count, remove_if_empty, setup_logging
 from kapao.train.callbacks import Callbacks, build_callbacks
-from kapao.train.distributed import (
-    DistEnv,
-    broadcast,
-    close,
-    init_device,
-    launch_distributed,
-    should_launch,
-    sync_batchnorm,
-    unwrap,
-    wrap_ddp,
-)
+from kapao.train.distributed import broadcast_weights, init_device, sync_batchnorm, unwrap, wrap_ddp
 from kapao.train.log import ResultsLog, progress_text
 from kapao.train.optim import (
     ModelEMA,
@@ -81,7 +75,7 @@ from kapao.weights.checkpoint import save_checkpoint, transfer_weights
 from kapao.weights.detector import DETECTOR_FORMAT, check_detector_size, describe_transfer, detector_transfer
 from kapao.weights.loader import load_weights
 
-__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "launch_distributed", "resolve_resume", "should_launch", "train"]
+__all__ = ["RunState", "TrainArgs", "Trainer", "fitness", "resolve_resume", "train"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,7 +84,7 @@ VAL_PLOT_IMAGES = 4  # validation images drawn into val_pred.jpg
 
 
 class Trainer:
-    """One training run: set-up in __init__, then :meth:`fit`. Rank 0 alone validates, logs and writes.
+    """One training run: set-up in __init__, then :meth:`fit`. Every rank validates; rank 0 alone logs and writes.
 
     fit: before_train, then per epoch train_epoch (before_epoch, train_batch per batch) and after_epoch
     (validate, log_epoch, save), then after_train.
@@ -103,7 +97,7 @@ class Trainer:
         self.callbacks = Callbacks([*build_callbacks(args.tensorboard, args.loggers), *callbacks] if env.main else ())
         self.wdir = run_dir / "weights"
         self.cfg = load_dataset_config(args.data, single_cls=args.single_cls)
-        for split in ("train", "val") if env.main else ("train",):  # fail before building anything
+        for split in ("train", "val"):  # fail before building anything (every rank validates its share)
             self.cfg.require(split)
         # a resume keeps the run's hyperparameters, with the few it may change (load_resume) applied
         self.hyp = Hyp.from_dict({**ckpt["extra"]["hyp"], **args.hyp_overrides}) if ckpt is not None else build_hyp(args)
@@ -132,7 +126,7 @@ class Trainer:
             self.model = wrap_ddp(self.model, device)
         self.updater = BatchUpdater(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, device, self.amp,
                                  env.world_size)
-        self.val_loader = self._val_loader() if env.main else None
+        self.val_loader = self._val_loader()
         self.results = ResultsLog(run_dir / "results.csv", self._metric_names(), self.state.start_epoch) \
             if env.main else None
 
@@ -151,6 +145,8 @@ class Trainer:
             args, size=model.size, epochs=self.epochs, data=absolute_if_file(args.data),
             hyp=absolute_if_file(args.hyp), weights=absolute_if_file(args.weights))
         self.ema = ModelEMA(self.model, self.hyp.ema_decay, self.hyp.ema_tau) if self.env.main else None
+        # the other ranks validate rank 0's EMA weights, received into a copy of the model
+        self.val_copy = copy.deepcopy(self.model).eval() if not self.env.main else None
         self.loss_fn = KapaoLoss(self.model, self.hyp, args.imgsz)
 
     def _setup_optimization(self) -> None:
@@ -188,10 +184,10 @@ class Trainer:
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
         workers = min(self.args.workers, cpu_count())
-        return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers)
+        return make_val_loader(self.cfg, "val", self.args.imgsz, self.batch, workers, self.env)
 
     def _metric_names(self) -> tuple[str, ...]:
-        assert self.val_loader is not None  # rank 0 only; make_val_loader builds it on a PoseDataset
+        assert self.val_loader is not None  # every rank builds it, on a PoseDataset
         return CROWDPOSE_METRICS if protocol_for(cast(PoseDataset, self.val_loader.dataset)) == "crowdpose" else COCO_METRICS
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
@@ -305,14 +301,16 @@ class Trainer:
 
     # -- end of epoch: validation, results, checkpoints ------------------------------------------------
     def after_epoch(self, epoch: int, losses: list[float]) -> bool:
-        """Validate, log and save (rank 0); returns True when training should stop (on every rank)."""
-        stop = self._evaluate_and_save(epoch, losses) if self.env.main else False
-        return bool(broadcast(stop, self.env))
-
-    def _evaluate_and_save(self, epoch: int, losses: list[float]) -> bool:
-        """Rank 0's end of an epoch; returns True to stop early (patience exhausted)."""
+        """Validate (every rank its share), log and save (rank 0); returns True when training should stop
+        (on every rank)."""
         final = epoch + 1 == self.epochs
         metrics = self.validate() if (not self.args.noval or final) else {}
+        stop = self._evaluate_and_save(epoch, losses, metrics) if self.env.main else False
+        return bool(broadcast(stop, self.env))
+
+    def _evaluate_and_save(self, epoch: int, losses: list[float], metrics: dict[str, float]) -> bool:
+        """Rank 0's end of an epoch; returns True to stop early (patience exhausted)."""
+        final = epoch + 1 == self.epochs
         fi = fitness(metrics) if metrics else None
         if metrics:
             self.callbacks.fire("on_val_end", self, epoch, metrics)
@@ -333,10 +331,15 @@ class Trainer:
         return stop
 
     def validate(self) -> dict[str, float]:
-        """COCO/CrowdPose metrics and the losses of the EMA model on the val split (and its figures)."""
-        assert self.ema is not None and self.val_loader is not None  # rank 0 only
-        loss = ValLoss(self.ema.module, self.loss_fn, self.device, self.device.type == "cuda")
-        result, self.val_losses = loss.validate(self.val_loader, VAL_PLOT_IMAGES if self.args.plots else 0)
+        """COCO/CrowdPose metrics and the losses of the EMA model on the val split (and its figures) on rank 0;
+        every rank predicts its share of the batches with rank 0's EMA weights, the others return {}."""
+        model = self.ema.module if self.ema is not None else self.val_copy
+        assert model is not None and self.val_loader is not None  # the EMA on rank 0, its copy elsewhere
+        broadcast_weights(model, self.env)
+        loss = ValLoss(model, self.loss_fn, self.device, self.device.type == "cuda")
+        result, self.val_losses = loss.validate(self.val_loader, VAL_PLOT_IMAGES if self.args.plots else 0, env=self.env)
+        if result is None:
+            return {}
         LOGGER.info("val: AP %.4f, AP50 %.4f (%d images, %d poses)", result.metrics.get("AP", 0.0),
                     result.metrics.get("AP50", 0.0), result.images, result.poses)
         if self.args.plots:

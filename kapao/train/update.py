@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from kapao.backends.runtimes import TorchBackend
 from kapao.cfg.settings import VAL_SETTINGS
+from kapao.distributed import DistEnv
 from kapao.errors import KapaoError
 from kapao.eval.val import validate
 from kapao.infer.engine import Predictor
@@ -93,10 +94,13 @@ class ValLoss:
         self.sums += items.double().cpu()
         self.batches += 1
 
-    def validate(self, loader: Any, keep: int = 0) -> tuple[Any, list[float]]:
-        """(:class:`kapao.eval.val.ValResult` of the model on `loader` at VAL_SETTINGS, the mean losses)."""
+    def validate(self, loader: Any, keep: int = 0, env: DistEnv | None = None) -> tuple[Any, list[float]]:
+        """(:class:`kapao.eval.val.ValResult` of the model on `loader` at VAL_SETTINGS, the mean losses); under
+        torchrun (`env`) each rank runs its share and only rank 0 gets the result (the others None), with the
+        losses of its own share."""
         predictor = Predictor(self.forward, self.backend.schema, self.backend.device, VAL_SETTINGS, self.backend.half)
-        return validate(predictor, loader, progress=True, keep=keep, batch_hook=self.add), self.mean()
+        progress = env is None or env.main
+        return validate(predictor, loader, progress=progress, keep=keep, batch_hook=self.add, env=env), self.mean()
 
     def mean(self) -> list[float]:
         """Mean box, obj, cls, kp losses over the batches seen (as the training columns)."""

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,9 @@ from kapao.eval.val import make_val_loader, protocol_for, validate
 from kapao.infer.engine import Predictor
 from kapao.models.network import kapao_n
 from kapao.weights.checkpoint import save_checkpoint
+from tests.infer.test_predictor import eager_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def targets_as_predictions(targets: torch.Tensor, batch: int, hw: tuple[int, int], k: int) -> torch.Tensor:
@@ -181,3 +188,73 @@ def test_a_run_that_fails_before_writing_leaves_no_run_folder(coco_mini_yaml: Pa
     with pytest.raises(KeyboardInterrupt):
         kv.run_val(kapao_n(17), load_dataset_config(coco_mini_yaml), imgsz=128, batch=2, project=project, progress=False)
     assert (project / "exp" / "keep.txt").is_file()  # never removes a folder that holds something
+
+
+# ----------------------------------------------------------------------------------------------
+# Many processes (torchrun, CPU/gloo): the metrics of one process, to the last printed digit
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _run(*args: str, nproc: int = 0, rdzv: tuple[str, ...] = ("--standalone",), wait: bool = True):
+    """`python ARGS` alone (nproc 0) or under torchrun with `nproc` processes."""
+    run = ["-m", "torch.distributed.run", *rdzv, "--nproc-per-node", str(nproc)] if nproc else []
+    cmd = [sys.executable, *run, *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _table(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if " = " in line or "protocol): " in line or line.endswith(" poses")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("yaml_fixture", ["coco_mini_yaml", "crowdpose_mini_yaml"])
+def test_sharded_validate_gives_the_metrics_of_one_process(request, yaml_fixture: str):
+    """Ground truth moved by noise (AP between 0 and 1): 2 ranks and 1 process print the same table."""
+    yaml = str(request.getfixturevalue(yaml_fixture))
+    script = str(REPO / "tests" / "eval" / "sharded_val.py")
+    one, two = _run(script, yaml, "val"), _run(script, yaml, "val", nproc=2)
+    assert _table(one) == _table(two) and len(_table(one)) > 5
+    ap = float(_table(one)[1].rsplit("=", 1)[1])
+    assert 0 < ap < 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("yaml_fixture, tta", [("coco_mini_yaml", False), ("coco_mini_yaml", True),
+                                               ("crowdpose_mini_yaml", False), ("crowdpose_mini_yaml", True)])
+def test_val_cli_on_two_processes_equals_one(request, yaml_fixture: str, tta: bool, tmp_path: Path):
+    yaml = request.getfixturevalue(yaml_fixture)
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, eager_model(load_dataset_config(yaml).schema.num_keypoints), extra={"epoch": 0})
+    common = ["-m", "kapao", "val", "--weights", str(weights), "--data", str(yaml), "--imgsz", "128", "--batch", "1",
+              "--workers", "0", "--device", "cpu", *(["--tta"] if tta else [])]
+    one = _run(*common, "--project", str(tmp_path / "one"))
+    two = _run(*common, "--project", str(tmp_path / "two"), nproc=2)
+    assert _table(one) == _table(two) and two.count("Results saved") == 1
+    a, b = (tmp_path / d / "exp" / "predictions.json" for d in ("one", "two"))
+    assert a.read_bytes() == b.read_bytes() and len(json.loads(a.read_text())) > 0
+
+
+@pytest.mark.slow
+def test_val_on_two_nodes_on_localhost(coco_mini_yaml: Path, tmp_path: Path):
+    weights = tmp_path / "n.pt"
+    save_checkpoint(weights, eager_model(), extra={"epoch": 0})
+    common = ["-m", "kapao", "val", "--weights", str(weights), "--data", str(coco_mini_yaml), "--imgsz", "128",
+              "--batch", "1", "--workers", "0", "--device", "cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [_run(*common, "--project", str(tmp_path / "two"), nproc=1, wait=False,
+                  rdzv=("--nnodes", "2", "--node-rank", str(i), "--master-addr", "127.0.0.1", "--master-port", str(port)))
+             for i in (0, 1)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs
+    one = _run(*common, "--project", str(tmp_path / "one"))
+    assert _table(one) == _table(logs[0]) and "Results saved" not in logs[1]
+    assert (tmp_path / "one" / "exp" / "predictions.json").read_bytes() == \
+        (tmp_path / "two" / "exp" / "predictions.json").read_bytes()

@@ -12,9 +12,9 @@ import yaml
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import Hyp
+from kapao.distributed import DistEnv
 from kapao.errors import ConfigError, DataError, KapaoError, UsageError
 from kapao.models.network import build_model
-from kapao.train.distributed import DistEnv
 from kapao.train.run import (
     RESUME_ONLY,
     TrainArgs,

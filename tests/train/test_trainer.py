@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from kapao.cfg.dataset import load_dataset_config
 from kapao.cfg.settings import VAL_SETTINGS, Hyp
+from kapao.cli.main import cli
 from kapao.errors import DataError, KapaoError
+from kapao.eval.metrics import format_metrics
 from kapao.models.loss import KapaoLoss
 from kapao.models.network import build_model
 from kapao.train.optim import cosine_lf, warmup_iterations, warmup_values
@@ -215,10 +219,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(coco_mini_yaml, tm
 
 
 def test_unwritable_run_folder_is_one_line(coco_mini_yaml, tmp_path):
-    from click.testing import CliRunner
-
-    from kapao.cli.main import cli
-
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = CliRunner().invoke(cli, ["train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
@@ -263,6 +263,16 @@ def test_ddp_two_processes_gloo(coco_mini_yaml, tmp_path):
     assert sum(not torch.equal(w0[k], init[k]) for k in init) > len(init) // 2  # it trained
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], msg=k)
+    # validation was sharded over both ranks: its metrics and pose count are those of one `kapao val` process
+    last = tmp_path / "runs" / "exp" / "weights" / "last.pt"
+    res = CliRunner().invoke(cli, ["val", "--weights", str(last), "--data", str(coco_mini_yaml), "--imgsz", "128",
+                                   "--batch", "1", "--workers", "0", "--device", "cpu", "--backend", "torch",
+                                   "--project", str(tmp_path / "val")])
+    assert res.exit_code == 0, res.output
+    poses = re.search(r"val: AP [0-9.]+, AP50 [0-9.]+ \(4 images, (\d+) poses\)", log).group(1)
+    assert f"4 images, {poses} poses" in res.output
+    metrics = _load(last)["extra"]["metrics"]
+    assert len(metrics) >= 10 and format_metrics(metrics) in res.output  # to the last printed digit
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(coco_mini_yaml, tmp_path, monkeypatch):
