@@ -115,11 +115,7 @@ def _predict(ctx: click.Context, tracking: PoseTracker | None, params: dict[str,
     if env.main:
         announce_tta(p["scales"], p["flips"])
     if env.distributed or (resume and has_parts(Path(resume))):
-        if p["show"]:
-            raise click.UsageError("--show opens one window; it cannot be shared by processes: drop --show")
-        if p["save_txt"] or p["save_crop"]:
-            raise click.UsageError("--save-txt/--save-crop run in one process for now: drop them, or run without "
-                                   "several --device indices / torchrun")
+        _check_shareable(p)
         _sharded(ctx, env, tracking, spec, p, int8_calib, base, resume)
         return
     api = KAPAO(p["weights"], device=p["device"], half=p["half"], backend=p["backend"], int8=int8_calib)
@@ -153,6 +149,15 @@ def _dataset_sinks(spec: Any, save_txt: bool, save_conf: bool, save_crop: bool) 
 
     root = source_root(spec)
     return ([LabelSink(root, save_conf)] if save_txt else []) + ([CropSink(root)] if save_crop else [])
+
+
+def _check_shareable(p: dict[str, Any]) -> None:
+    """Usage errors for the options that one process alone can serve."""
+    if p["show"]:
+        raise click.UsageError("--show opens one window; it cannot be shared by processes: drop --show")
+    if p["save_txt"] or p["save_crop"]:
+        raise click.UsageError("--save-txt/--save-crop run in one process for now: drop them, or run without "
+                               "several --device indices / torchrun")
 
 
 def _sharded(ctx: click.Context, env: DistEnv, tracking: PoseTracker | None, spec: SourceSpec, p: dict[str, Any],

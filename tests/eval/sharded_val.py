@@ -14,7 +14,7 @@ from kapao.cfg.schema import HeadLayout
 from kapao.cfg.settings import VAL_SETTINGS
 from kapao.distributed import DistEnv, close, join
 from kapao.eval.val import make_val_loader, validate
-from kapao.infer.predictor import Predictor
+from kapao.infer.engine import Predictor
 from tests.eval.test_val import targets_as_predictions
 
 
