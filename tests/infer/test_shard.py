@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from kapao.cli.main import cli
@@ -104,7 +106,7 @@ def test_one_process_through_the_sharded_path_writes_what_run_writes(eager_weigh
     res = run_sharded(api, spec, DistEnv(), PredictOptions(imgsz=64), OutputOptions(save=False, project=tmp_path / "two"))
     assert res.frames == 4 and not has_parts(res.save_dir)
     for name in (PREDICTIONS_JSONL, PREDICTIONS_JSON):
-        assert (res.save_dir / name).read_bytes() == (single.save_dir / name).read_bytes()
+        assert _run_bytes(res.save_dir, name) == _run_bytes(single.save_dir, name)
 
 
 def test_missing_gpu_index_is_a_usage_error(eager_weights: Path, coco_mini: Path):  # noqa: F811
@@ -144,9 +146,22 @@ def _kapao(*args: str, nproc: int = 0, rdzv: tuple[str, ...] = ("--standalone",)
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+RUN_ID = re.compile(rb'"run":"([0-9a-f]{12})"')
+
+
+def _run_bytes(folder: Path, name: str) -> bytes:
+    """A run file's bytes with its run id (different in every run, one per run) blanked; the id itself must be
+    the one in the run's args.yaml on every line."""
+    data = (folder / name).read_bytes()
+    ids = set(RUN_ID.findall(data))
+    if name == PREDICTIONS_JSONL and data:
+        assert ids == {yaml.safe_load((folder / "args.yaml").read_text())["run"].encode()}, (folder, ids)
+    return RUN_ID.sub(b'"run":"-"', data)
+
+
 def _same_outputs(a: Path, b: Path, names=OUTPUTS) -> None:
     for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        assert _run_bytes(a, name) == _run_bytes(b, name), name
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())  # drawn media too
 
 
