@@ -89,6 +89,7 @@ def export(ctx: click.Context, **params: Any) -> None:
     p = params
     if p["int8"] and p["half"]:  # contradicting options: a usage error, before the CUDA check
         raise click.UsageError("--int8 and --half exclude each other: int8 runs on the CPU (onnxruntime); drop one")
+    _check_format_options(p)
     int8_calib = calibration(p["int8"], p["calib"], p["calib_images"], max(p["imgsz"]), p["data"])  # before torch
     check_half(ctx, p["half"], p["device"], bf16=False)
     if p["fmt"] != "onnx":
@@ -108,17 +109,22 @@ def export(ctx: click.Context, **params: Any) -> None:
     click.echo(f"Run it: kapao predict SOURCE --weights {path}")
 
 
+def _check_format_options(p: dict[str, Any]) -> None:
+    """The options ONNX alone has are usage errors with another --format (checked before anything is read)."""
+    fmt = p["fmt"]
+    wrong = [o for o, on in (("--simplify", p["simplify"]), ("--int8", p["int8"]),
+                             ("--dynamic", p["dynamic"] and fmt == "torchscript"), ("--half", p["half"] and fmt == "openvino"))
+             if on and fmt != "onnx"]
+    if wrong:
+        raise click.UsageError(f"{wrong[0]} is not available with --format {fmt}")
+
+
 def _export_other(p: dict[str, Any]) -> None:
-    """export --format torchscript|openvino: the options ONNX alone has are usage errors."""
+    """export --format torchscript|openvino (its options checked by :func:`_check_format_options`)."""
     from kapao.backends.dispatch import load_backend
     from kapao.export import describe_check, export_openvino, export_torchscript
 
     fmt = p["fmt"]
-    wrong = [o for o, on in (("--simplify", p["simplify"]), ("--int8", p["int8"]),
-                             ("--dynamic", p["dynamic"] and fmt == "torchscript"), ("--half", p["half"] and fmt == "openvino"))
-             if on]
-    if wrong:
-        raise click.UsageError(f"{wrong[0]} is not available with --format {fmt}")
     if fmt == "torchscript":
         path = export_torchscript(p["weights"], p["output"], p["imgsz"], batch=p["batch"], half=p["half"], device=p["device"],
                                   check_image=p["check_image"], check=not p["no_check"], exist_ok=p["exist_ok"])

@@ -184,7 +184,7 @@ def test_configs_ship_in_wheel(tmp_path: Path):
 def test_require_names_missing_data_and_how_to_get_it(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("KAPAO_DATASETS", str(tmp_path))
     cfg = load_dataset_config("crowdpose")
-    with pytest.raises(DataError, match=r"crowdpose_test.json|images.*not found.*scripts/get_crowdpose.sh"):
+    with pytest.raises(DataError, match=r"crowdpose_test.json|images.*not found.*kapao download crowdpose"):
         cfg.require("test")
     (tmp_path / "datasets" / "crowdpose" / "images").mkdir(parents=True)
     (tmp_path / "datasets" / "crowdpose" / "crowdpose_test.json").write_text("{}")
