@@ -14,7 +14,6 @@ from kapao.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from kapao.eval.report import Extras
-from kapao.runtime import setup_logging
 
 MODEL_ONLY = ("weights", "imgsz", "batch", "workers", "device", "half", "backend", "int8", "calib", "conf", "iou",
               "conf_kp", "iou_kp", "conf_kp_person", "tolerance", "max_det", "no_fuse", "scales", "flips", "tta")
@@ -56,8 +55,7 @@ def evaluation_options(f: Callable) -> Callable:
         ev = Evaluation(**{k: kwargs.pop(k) for k in ("predictions", "analyze", "metric", "alpha", "images")})
         if ev.predictions is None:
             return f(*args, **kwargs, evaluation=ev)
-        ctx = click.get_current_context()
-        setup_logging(ctx.obj.get("verbose", False))
+        ctx = click.get_current_context()  # logging: set up once by the group
         return ev.run(ctx, *(kwargs[k] for k in ("data", "split", "single_cls", "crowdpose", "project", "name")))
 
     for opt in reversed([

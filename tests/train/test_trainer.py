@@ -158,15 +158,20 @@ def test_resume_is_exact(coco_mini_yaml, tmp_path, monkeypatch):
     assert [r["train/box"] for r in _rows(full)] == [r["train/box"] for r in _rows(cut)]
 
 
+def _five_epoch_cli_run(coco_mini_yaml, tmp_path) -> list[str]:
+    """`kapao train` of size n for 5 tiny epochs on coco-mini, as a subprocess command (the kill/signal tests)."""
+    return [sys.executable, "-m", "kapao", "train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
+            "--epochs", "5", "--batch", "2", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
+            "--no-plots", *(a for k, v in TINY.items() for a in ("--hyp-set", f"{k}={v}"))]
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill(coco_mini_yaml, tmp_path):
     """`kapao train` killed (SIGKILL) in the middle of an epoch after its first last.pt; `kapao train
     --resume RUN` finishes all epochs from the whole last.pt, and a second resume says it is done."""
     run = tmp_path / "runs" / "exp"
     last = run / "weights" / "last.pt"
-    cmd = [sys.executable, "-m", "kapao", "train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
-           "--epochs", "5", "--batch", "2", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
-           "--no-plots", *(a for k, v in TINY.items() for a in ("--hyp-set", f"{k}={v}"))]
+    cmd = _five_epoch_cli_run(coco_mini_yaml, tmp_path)
     log_file = tmp_path / "log.txt"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONUNBUFFERED": "1"})
@@ -379,9 +384,7 @@ def test_sigterm_saves_and_says_how_to_resume(coco_mini_yaml, tmp_path):
     """SIGTERM (how schedulers stop a job) in the middle of an epoch is handled like Ctrl-C: last.pt saved
     (whole: it loads), the command to resume printed, no temp file or lock left, exit 143 with one line."""
     run = tmp_path / "runs" / "exp"
-    cmd = [sys.executable, "-m", "kapao", "train", "--data", str(coco_mini_yaml), "--size", "n", "--imgsz", "128",
-           "--epochs", "5", "--batch", "2", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
-           "--no-plots", *(a for k, v in TINY.items() for a in ("--hyp-set", f"{k}={v}"))]
+    cmd = _five_epoch_cli_run(coco_mini_yaml, tmp_path)
     log_file = tmp_path / "log.txt"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "PYTHONUNBUFFERED": "1"})
